@@ -1,0 +1,50 @@
+# Every target creates what it needs: the virtualenv and the generated code.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/worker/expbuild-worker.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test protos check-protos lint unit bench venv docker clean
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/activate
+
+venv: $(BIN)/activate
+
+## protos: regenerate expbuild_worker/api/v1 from proto/ with the pinned generator
+protos: venv
+	$(BIN)/python scripts/gen_protos.py
+
+## check-protos: fail when the committed generated code differs from a fresh generation
+check-protos: venv
+	$(BIN)/python scripts/check_protos.py
+
+## run: start the worker with the host executor on 127.0.0.1:50051
+run: venv
+	$(BIN)/expbuild-worker serve --config $(CONFIG)
+
+## lint: ruff and mypy --strict on our package
+lint: venv
+	$(BIN)/ruff check expbuild_worker tests benchmarks scripts examples
+	$(BIN)/ruff format --check expbuild_worker tests benchmarks scripts examples
+	$(BIN)/mypy
+
+## test: the whole suite (protos fresh, lint, unit, integration, Docker when an engine answers)
+test: venv check-protos lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## docker: make a local Docker engine answer (installs docker.io when missing; needs root)
+docker:
+	bash scripts/ensure-docker.sh
+
+## bench: benchmarks printing numbers and ratios measured in one run
+bench: venv
+	$(BIN)/python benchmarks/bench_host.py
+	$(BIN)/python benchmarks/bench_docker.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,283 @@
+"""Typed configuration, parsed once from TOML; every error names the file, the key and what was expected."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from expbuild_worker.errors import ConfigError
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+PullPolicy = Literal["always", "if-not-present", "never"]
+IoMode = Literal["auto", "bind", "archive"]
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """[server]: where the gRPC server listens and how it shuts down."""
+
+    address: str = "127.0.0.1"
+    port: int = 50051
+    log_level: LogLevel = "info"
+    max_request_bytes: int = 64 * MiB
+    shutdown_grace_seconds: float = 10.0
+    worker_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionConfig:
+    """[execution]: admission, timeouts and per-action caps, for every executor."""
+
+    default_executor: str = ""
+    max_concurrent_executions: int = 4
+    max_queued_executions: int = 64
+    default_timeout_seconds: float = 3600.0
+    max_timeout_seconds: float = 86400.0
+    max_inline_input_bytes: int = 16 * MiB
+    max_log_bytes_per_stream: int = 64 * MiB
+    max_output_bytes: int = 4 * GiB
+    work_root: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """[storage]: the content-addressed store of uploaded blobs and collected outputs."""
+
+    path: str = ""
+    max_bytes: int = 10 * GiB
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """Resource limits in a config table; 0 means unset (no default, or no maximum)."""
+
+    cpu_cores: float = 0.0
+    memory_bytes: int = 0
+    max_processes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostExecutorConfig:
+    """[executor.NAME] with type = "host": a plain process in a private directory."""
+
+    type: Literal["host"] = "host"
+    max_concurrency: int = 0
+    kill_grace_seconds: float = 2.0
+    refuse_unenforceable_limits: bool = True
+    default_limits: LimitsConfig = field(default_factory=LimitsConfig)
+    max_limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DockerExecutorConfig:
+    """[executor.NAME] with type = "docker": a hardened container per action."""
+
+    type: Literal["docker"] = "docker"
+    docker_host: str = ""
+    image: str = ""
+    pull_policy: PullPolicy = "if-not-present"
+    always_pull: bool | None = None
+    allowed_images: tuple[str, ...] = ()
+    warmup_images: tuple[str, ...] = ()
+    network_mode: str = "none"
+    network_mode_when_enabled: str = ""
+    readonly_rootfs: bool = True
+    mount_tmpfs: bool = True
+    tmpfs_size_bytes: int = 256 * MiB
+    security_opts: tuple[str, ...] = ("no-new-privileges",)
+    seccomp_profile: str = ""
+    drop_all_capabilities: bool = True
+    user: str = "65534:65534"
+    init: bool = True
+    runtime: str = ""
+    io_mode: IoMode = "auto"
+    max_concurrency: int = 0
+    kill_grace_seconds: float = 1.0
+    cgroup_parent: str = "expbuild"
+    orphan_sweep_interval_seconds: float = 60.0
+    default_limits: LimitsConfig = field(
+        default_factory=lambda: LimitsConfig(cpu_cores=1.0, memory_bytes=2 * GiB, max_processes=1024)
+    )
+    max_limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @property
+    def effective_pull_policy(self) -> PullPolicy:
+        """``always_pull`` (the older spelling) maps onto the pull policy when set."""
+        if self.always_pull is None:
+            return self.pull_policy
+        return "always" if self.always_pull else self.pull_policy
+
+
+ExecutorConfig = HostExecutorConfig | DockerExecutorConfig
+
+_EXECUTOR_TYPES: dict[str, type[HostExecutorConfig] | type[DockerExecutorConfig]] = {
+    "host": HostExecutorConfig,
+    "docker": DockerExecutorConfig,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """The whole configuration. ``executors`` keeps file order; the first is the default."""
+
+    source: str = "<defaults>"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    executors: Mapping[str, ExecutorConfig] = field(
+        default_factory=lambda: {"host": HostExecutorConfig()}
+    )
+
+    @property
+    def default_executor(self) -> str:
+        return self.execution.default_executor or next(iter(self.executors))
+
+
+def load_config(path: str | Path) -> WorkerConfig:
+    """Read and validate a TOML config file; raises ConfigError naming file and key."""
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{source}: file not found") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    return parse_config(raw, source=source)
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerConfig:
+    """Validate an already-decoded TOML document."""
+    known = {"server", "execution", "storage", "executor"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(known)}")
+    server = _parse_table(ServerConfig, raw.get("server", {}), source, "server")
+    execution = _parse_table(ExecutionConfig, raw.get("execution", {}), source, "execution")
+    storage = _parse_table(StorageConfig, raw.get("storage", {}), source, "storage")
+    executors_raw = raw.get("executor", {"host": {"type": "host"}})
+    if not isinstance(executors_raw, Mapping) or not executors_raw:
+        raise ConfigError(f"{source}: [executor] must hold at least one [executor.NAME] table")
+    executors: dict[str, ExecutorConfig] = {}
+    for name, table in executors_raw.items():
+        where = f"executor.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: {where}: expected a table")
+        kind = table.get("type")
+        if kind not in _EXECUTOR_TYPES:
+            raise ConfigError(f"{source}: {where}.type: expected one of {sorted(_EXECUTOR_TYPES)}, got {kind!r}")
+        executors[name] = _parse_table(_EXECUTOR_TYPES[kind], table, source, where)
+    config = WorkerConfig(
+        source=source, server=server, execution=execution, storage=storage, executors=executors
+    )
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: WorkerConfig) -> None:
+    src = config.source
+    if config.execution.default_executor and config.execution.default_executor not in config.executors:
+        raise ConfigError(
+            f"{src}: execution.default_executor: expected one of {sorted(config.executors)}, "
+            f"got {config.execution.default_executor!r}"
+        )
+    positive: list[tuple[str, float]] = [
+        ("server.max_request_bytes", config.server.max_request_bytes),
+        ("execution.max_concurrent_executions", config.execution.max_concurrent_executions),
+        ("execution.default_timeout_seconds", config.execution.default_timeout_seconds),
+        ("execution.max_timeout_seconds", config.execution.max_timeout_seconds),
+        ("execution.max_log_bytes_per_stream", config.execution.max_log_bytes_per_stream),
+        ("execution.max_output_bytes", config.execution.max_output_bytes),
+        ("storage.max_bytes", config.storage.max_bytes),
+    ]
+    non_negative: list[tuple[str, float]] = [
+        ("server.shutdown_grace_seconds", config.server.shutdown_grace_seconds),
+        ("execution.max_queued_executions", config.execution.max_queued_executions),
+        ("execution.max_inline_input_bytes", config.execution.max_inline_input_bytes),
+    ]
+    for name, ex in config.executors.items():
+        for table in ("default_limits", "max_limits"):
+            limits: LimitsConfig = getattr(ex, table)
+            for key in ("cpu_cores", "memory_bytes", "max_processes"):
+                non_negative.append((f"executor.{name}.{table}.{key}", getattr(limits, key)))
+        non_negative.append((f"executor.{name}.max_concurrency", ex.max_concurrency))
+        positive.append((f"executor.{name}.kill_grace_seconds", ex.kill_grace_seconds))
+    for key, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{src}: {key}: expected a positive number, got {value!r}")
+    for key, value in non_negative:
+        if value < 0:
+            raise ConfigError(f"{src}: {key}: expected zero or a positive number, got {value!r}")
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"{src}: server.port: expected 0-65535, got {config.server.port}")
+    if config.execution.default_timeout_seconds > config.execution.max_timeout_seconds:
+        raise ConfigError(
+            f"{src}: execution.default_timeout_seconds: expected at most max_timeout_seconds "
+            f"({config.execution.max_timeout_seconds}), got {config.execution.default_timeout_seconds}"
+        )
+
+
+def _parse_table(cls: type[Any], table: Any, source: str, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: {where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: {where}: unknown key {key!r}; expected one of {sorted(fields)}")
+        values[key] = _coerce(hints[key], value, source, f"{where}.{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in candidates:
+            try:
+                return _coerce(candidate, value, source, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _parse_table(hint, value, source, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported setting type {hint!r}")  # pragma: no cover

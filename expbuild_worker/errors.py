@@ -1,0 +1,39 @@
+"""The worker's one error hierarchy; front doors map it to their wire statuses in one place."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker raises on purpose. The message is shown to clients."""
+
+
+class InvalidRequestError(WorkerError):
+    """The request is malformed; the message names the field and the problem."""
+
+
+class AlreadyExistsError(WorkerError):
+    """An action with this execution id is already queued or running."""
+
+
+class NotFoundError(WorkerError):
+    """The named execution or blob is unknown."""
+
+
+class ResourceExhaustedError(WorkerError):
+    """A queue or a cap is full (concurrency queue, output bytes, store space)."""
+
+
+class PreconditionError(WorkerError):
+    """The worker cannot run this action as asked (image missing, executor not ready)."""
+
+
+class UnavailableError(WorkerError):
+    """The worker is shutting down or an engine it needs does not answer."""
+
+
+class ConfigError(WorkerError):
+    """The configuration is invalid; the message names the file, the key and what was expected."""
+
+
+class InternalError(WorkerError):
+    """A fault inside the worker."""

@@ -1,0 +1,1 @@
+"""Running actions: the executor protocol, its implementations and its decorators."""

@@ -1,0 +1,102 @@
+"""The one small interface every executor implements, and what it is given to run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from expbuild_worker.model import (
+    ExecutionStatus,
+    ExecutorCapabilities,
+    ExecutorEvent,
+    IsolationLevel,
+    Readiness,
+    ResourceLimits,
+    WarmupReport,
+)
+
+
+class StopSignal:
+    """Asks a running command to stop, with the reason its result must carry.
+
+    The first request wins: a timeout that fires after a cancellation does not turn a
+    CANCELLED result into TIMED_OUT.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._reason: ExecutionStatus | None = None
+
+    def request(self, reason: ExecutionStatus) -> None:
+        if self._reason is None:
+            self._reason = reason
+            self._event.set()
+
+    @property
+    def reason(self) -> ExecutionStatus | None:
+        """TIMED_OUT or CANCELLED once requested, else None."""
+        return self._reason
+
+    async def wait(self) -> ExecutionStatus:
+        await self._event.wait()
+        assert self._reason is not None
+        return self._reason
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """What an executor runs.
+
+    ``root`` is a host directory the engine created and staged with the inputs; the
+    executor runs ``argv`` with ``root / working_directory`` as its working directory and,
+    when it returns its outcome, every path in ``output_paths`` that the command created must
+    be present under ``root`` (an executor that runs elsewhere copies them back).
+    ``environment`` is complete: nothing of the worker's own environment is added.
+    ``limits`` already carry the executor's defaults.
+    """
+
+    execution_id: str
+    argv: Sequence[str]
+    environment: Mapping[str, str]
+    root: Path
+    working_directory: str
+    stdin: bytes
+    limits: ResourceLimits
+    output_paths: Sequence[str] = ()
+    image: str | None = None
+    platform_properties: Mapping[str, str] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs commands with one kind of isolation.
+
+    ``execute`` yields a ``Started`` event, then ``LogChunk`` events as the command writes
+    (each stream's chunks contiguous, in order, batched up to about 64 KiB), then exactly one
+    ``RunOutcome``. When ``stop`` is requested the executor kills the command (every process
+    it started) and ends with an outcome whose status is ``stop.reason`` (OOM_KILLED wins if
+    the kernel already killed something for memory). If the consumer closes the iterator
+    early, the executor kills the command and releases everything before returning.
+    A non-zero exit is an outcome, never an exception; exceptions mean the infrastructure
+    failed (they should be ``WorkerError`` subclasses with a clear message).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def isolation(self) -> IsolationLevel: ...
+
+    async def readiness(self) -> Readiness: ...
+
+    async def capabilities(self) -> ExecutorCapabilities: ...
+
+    async def warmup(self, images: Sequence[str]) -> WarmupReport: ...
+
+    def execute(self, command: Command, stop: StopSignal) -> AsyncIterator[ExecutorEvent]: ...
+
+    async def close(self) -> None:
+        """Release engine connections and remove anything still running; idempotent."""
+        ...

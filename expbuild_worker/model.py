@@ -1,0 +1,272 @@
+"""The engine's value types: actions in, events out. No protobuf here, by design."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class IsolationLevel(enum.IntEnum):
+    """An ordered scale: a higher value isolates at least as much as a lower one."""
+
+    HOST = 1
+    NAMESPACE_SANDBOX = 2
+    CONTAINER = 3
+    VIRTUALIZED = 4
+
+
+class ExecutionStatus(enum.Enum):
+    """How an action ended. Only COMPLETED means the command reached its own end."""
+
+    COMPLETED = "completed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    OOM_KILLED = "oom_killed"
+    FAILED_TO_START = "failed_to_start"
+    INTERNAL = "internal"
+
+
+class LogStream(enum.Enum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class ResourceLimit(enum.Enum):
+    """A kind of limit an executor may or may not enforce."""
+
+    CPU = "cpu"
+    MEMORY = "memory"
+    PROCESSES = "processes"
+    NETWORK = "network"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A blob's identity: lower-case hex SHA-256 and size in bytes."""
+
+    sha256: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.sha256}/{self.size}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """Limits for one action; ``None`` means "the executor's default" (or none)."""
+
+    cpu_cores: float | None = None
+    memory_bytes: int | None = None
+    max_processes: int | None = None
+    network: bool | None = None  # True = allowed, False = no network, None = executor default
+
+    def with_defaults(self, defaults: ResourceLimits) -> ResourceLimits:
+        """Fill every unset limit from ``defaults``."""
+        return ResourceLimits(
+            cpu_cores=self.cpu_cores if self.cpu_cores is not None else defaults.cpu_cores,
+            memory_bytes=self.memory_bytes if self.memory_bytes is not None else defaults.memory_bytes,
+            max_processes=self.max_processes if self.max_processes is not None else defaults.max_processes,
+            network=self.network if self.network is not None else defaults.network,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """A file to materialise: exactly one of ``content`` and ``digest`` is set."""
+
+    path: str
+    content: bytes | None = None
+    digest: Digest | None = None
+    executable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InputSymlink:
+    path: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSelector:
+    """Pick an executor by name, or the weakest ready one at ``min_isolation`` or above."""
+
+    name: str | None = None
+    min_isolation: IsolationLevel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One validated action. Every path is relative to the action root and normalised."""
+
+    execution_id: str
+    argv: tuple[str, ...]
+    environment: Mapping[str, str]
+    working_directory: str = ""
+    input_files: tuple[InputFile, ...] = ()
+    input_directories: tuple[str, ...] = ()
+    input_symlinks: tuple[InputSymlink, ...] = ()
+    output_files: tuple[str, ...] = ()
+    output_directories: tuple[str, ...] = ()
+    stdin: bytes = b""
+    timeout_seconds: float | None = None
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    executor: ExecutorSelector = field(default_factory=ExecutorSelector)
+    image: str | None = None
+    platform_properties: Mapping[str, str] = field(default_factory=dict)
+    stream_output_contents: bool = True
+
+
+# ---- events an action's stream carries -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    execution_id: str
+    executor: str
+    isolation: IsolationLevel
+    queue_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The command is being launched; ``at`` is wall-clock seconds since the epoch."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """Contiguous bytes of one stream; ``offset`` is the position of ``data[0]`` in it."""
+
+    stream: LogStream
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    path: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceUsage:
+    """CPU seconds and peak memory of the command; ``None`` where unknown."""
+
+    user_cpu_seconds: float | None = None
+    system_cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What an executor reports when the command is over (always its last event).
+
+    ``status`` is COMPLETED when the command ended by itself (``exit_code`` or ``signal``
+    set), TIMED_OUT or CANCELLED when the executor stopped it on request, OOM_KILLED when the
+    kernel killed something for memory, FAILED_TO_START when it never ran.
+    Times are wall-clock seconds since the epoch.
+    """
+
+    status: ExecutionStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = ""
+    usage: ResourceUsage = field(default_factory=ResourceUsage)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    path: str
+    digest: Digest
+    executable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSymlink:
+    path: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputManifest:
+    files: tuple[OutputFile, ...] = ()
+    symlinks: tuple[OutputSymlink, ...] = ()
+    directories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogSummary:
+    size_bytes: int = 0
+    streamed_bytes: int = 0
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimes:
+    """Wall-clock seconds since the epoch for each stage an action passed (None = never)."""
+
+    queued: float | None = None
+    worker_start: float | None = None
+    inputs_staged: float | None = None
+    command_start: float | None = None
+    command_end: float | None = None
+    outputs_collected: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    execution_id: str
+    status: ExecutionStatus
+    message: str
+    exit_code: int | None
+    signal: int | None
+    outputs: OutputManifest
+    stdout: LogSummary
+    stderr: LogSummary
+    usage: ResourceUsage
+    times: StageTimes
+    executor: str
+    isolation: IsolationLevel
+
+
+ExecutorEvent = Started | LogChunk | RunOutcome
+"""What an executor yields: Started, then LogChunks, then exactly one RunOutcome."""
+
+ActionEvent = Accepted | Started | LogChunk | OutputChunk | ActionResult
+"""What the engine yields to a front door: Accepted first, ActionResult last."""
+
+
+# ---- capabilities ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorCapabilities:
+    name: str
+    isolation: IsolationLevel
+    readiness: Readiness
+    enforced_limits: frozenset[ResourceLimit]
+    unenforced_limits: frozenset[ResourceLimit]
+    max_limits: ResourceLimits = field(default_factory=ResourceLimits)
+    default_limits: ResourceLimits = field(default_factory=ResourceLimits)
+    details: Mapping[str, str] = field(default_factory=dict)
+    images_present: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupReport:
+    name: str
+    ready: bool
+    message: str = ""
+    images_present: tuple[str, ...] = ()
