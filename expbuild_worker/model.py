@@ -25,6 +25,7 @@ class ExecutionStatus(enum.Enum):
     OOM_KILLED = "oom_killed"
     FAILED_TO_START = "failed_to_start"
     INTERNAL = "internal"
+    OUTPUT_LIMIT_EXCEEDED = "output_limit_exceeded"
 
 
 class LogStream(enum.Enum):
@@ -162,6 +163,15 @@ class ResourceUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSummary:
+    """Bytes a stream carried: all the command wrote, how many were streamed, whether a cap cut it."""
+
+    size_bytes: int = 0
+    streamed_bytes: int = 0
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RunOutcome:
     """What an executor reports when the command is over (always its last event).
 
@@ -178,6 +188,8 @@ class RunOutcome:
     usage: ResourceUsage = field(default_factory=ResourceUsage)
     started_at: float | None = None
     ended_at: float | None = None
+    stdout: LogSummary | None = None  # set by the log-limiting decorator; None = count the chunks
+    stderr: LogSummary | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +210,6 @@ class OutputManifest:
     files: tuple[OutputFile, ...] = ()
     symlinks: tuple[OutputSymlink, ...] = ()
     directories: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LogSummary:
-    size_bytes: int = 0
-    streamed_bytes: int = 0
-    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,8 @@ class Command:
     when it returns its outcome, every path in ``output_paths`` that the command created must
     be present under ``root`` (an executor that runs elsewhere copies them back).
     ``environment`` is complete: nothing of the worker's own environment is added.
-    ``limits`` already carry the executor's defaults.
+    ``limits`` already carry the executor's defaults. ``timeout_seconds`` is enforced by the
+    deadline decorator through ``stop``; executors need not read it.
     """
 
     execution_id: str
@@ -68,6 +69,7 @@ class Command:
     output_paths: Sequence[str] = ()
     image: str | None = None
     platform_properties: Mapping[str, str] = field(default_factory=dict)
+    timeout_seconds: float | None = None
 
 
 class Executor(Protocol):

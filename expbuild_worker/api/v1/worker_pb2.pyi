@@ -50,6 +50,7 @@ class ExecutionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTION_STATUS_OOM_KILLED: _ClassVar[ExecutionStatus]
     EXECUTION_STATUS_FAILED_TO_START: _ClassVar[ExecutionStatus]
     EXECUTION_STATUS_INTERNAL: _ClassVar[ExecutionStatus]
+    EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED: _ClassVar[ExecutionStatus]
 ISOLATION_LEVEL_UNSPECIFIED: IsolationLevel
 ISOLATION_LEVEL_HOST: IsolationLevel
 ISOLATION_LEVEL_NAMESPACE_SANDBOX: IsolationLevel
@@ -74,6 +75,7 @@ EXECUTION_STATUS_CANCELLED: ExecutionStatus
 EXECUTION_STATUS_OOM_KILLED: ExecutionStatus
 EXECUTION_STATUS_FAILED_TO_START: ExecutionStatus
 EXECUTION_STATUS_INTERNAL: ExecutionStatus
+EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED: ExecutionStatus
 
 class Digest(_message.Message):
     __slots__ = ("sha256", "size_bytes")
