@@ -262,7 +262,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__}")
         return tuple(_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value))
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _parse_table(hint, value, source, key)
     if hint is bool:
         if not isinstance(value, bool):

@@ -1,10 +1,76 @@
-"""Placeholder until the subcommands land."""
+"""``expbuild-worker serve``: run a worker until SIGTERM or SIGINT, then shut down gracefully."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
 from typing import Any
+
+from expbuild_worker.config import WorkerConfig, load_config
+from expbuild_worker.errors import WorkerError
+
+_log = logging.getLogger("expbuild_worker")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add this module's subcommands."""
+    parser = subparsers.add_parser("serve", help="run a worker", description=__doc__)
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
+    parser.add_argument("--address", help="listen address (overrides server.address; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any free port)")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides server.log_level"
+    )
+    parser.set_defaults(handler=serve_main)
+
+
+def _apply_overrides(config: WorkerConfig, args: argparse.Namespace) -> WorkerConfig:
+    server = config.server
+    if args.address is not None:
+        server = dataclasses.replace(server, address=args.address)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise WorkerError(f"--port: expected 0-65535, got {args.port}")
+        server = dataclasses.replace(server, port=args.port)
+    if args.log_level is not None:
+        server = dataclasses.replace(server, log_level=args.log_level)
+    return dataclasses.replace(config, server=server)
+
+
+async def _serve(config: WorkerConfig) -> None:
+    from expbuild_worker.server import start_server
+
+    running = await start_server(config)
+    # One parseable line: scripts and tests that start the worker on port 0 read the port here.
+    print(f"expbuild-worker listening on {running.target}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    _log.info("shutting down: %d actions running", running.worker.engine.active_count)
+    await running.stop()
+    _log.info("stopped")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    try:
+        config = WorkerConfig() if args.config is None else load_config(args.config)
+        config = _apply_overrides(config, args)
+    except WorkerError as err:
+        print(f"expbuild-worker: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(config))
+    except WorkerError as err:
+        print(f"expbuild-worker: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -97,7 +97,7 @@ class Executor(Protocol):
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport: ...
 
-    def execute(self, command: Command, stop: StopSignal) -> AsyncIterator[ExecutorEvent]: ...
+    def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]: ...
 
     async def close(self) -> None:
         """Release engine connections and remove anything still running; idempotent."""

@@ -1,0 +1,363 @@
+"""The execution engine: admission, staging, execution, collection, report, clean-up — for every front door."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from expbuild_worker.engine._admission import Admission, Ticket
+from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
+from expbuild_worker.engine._staging import stage_inputs
+from expbuild_worker.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+    WorkerError,
+)
+from expbuild_worker.execution.executor import Command, Executor, StopSignal
+from expbuild_worker.model import (
+    Accepted,
+    Action,
+    ActionEvent,
+    ActionResult,
+    ExecutionStatus,
+    ExecutorCapabilities,
+    ExecutorSelector,
+    LogChunk,
+    LogStream,
+    LogSummary,
+    OutputChunk,
+    OutputManifest,
+    ResourceUsage,
+    RunOutcome,
+    StageTimes,
+    WarmupReport,
+)
+from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.validation import validate_action
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineLimits:
+    """Worker-wide caps applied to every action, whatever the front door."""
+
+    max_inline_input_bytes: int
+    max_log_bytes_per_stream: int
+    max_output_bytes: int
+    default_timeout_seconds: float
+    max_timeout_seconds: float
+
+
+@dataclass(eq=False)
+class _Execution:
+    action: Action
+    stop: StopSignal
+    done: asyncio.Event
+
+
+class ExecutionEngine:
+    """Runs actions through: validate → admit → stage → execute → collect → report → clean up.
+
+    Knows nothing of any wire protocol. ``execute`` either raises a WorkerError before its
+    first event (the action was refused) or yields ``Accepted`` first and exactly one
+    ``ActionResult`` last; the action directory is removed on every path, including a
+    consumer that stops iterating (the client went away), which kills the command.
+    """
+
+    def __init__(
+        self,
+        *,
+        executors: Mapping[str, Executor],
+        default_executor: str,
+        store: ContentAddressedStore,
+        work_root: Path,
+        limits: EngineLimits,
+        admission: Admission,
+    ) -> None:
+        if default_executor not in executors:
+            raise ValueError(f"default executor {default_executor!r} is not among {sorted(executors)}")
+        self._executors = dict(executors)
+        self._default = default_executor
+        self.store = store
+        self._actions_dir = work_root / "actions"
+        self.limits = limits
+        self.admission = admission
+        self._caps: dict[str, ExecutorCapabilities] = {}
+        self._active: dict[str, _Execution] = {}
+        self._accepting = True
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Clear action directories a previous run left behind and learn each executor's limits."""
+        if self._actions_dir.exists():
+            await asyncio.to_thread(shutil.rmtree, self._actions_dir, True)
+        self._actions_dir.mkdir(parents=True, exist_ok=True)
+        for name, executor in self._executors.items():
+            self._caps[name] = await executor.capabilities()
+
+    @property
+    def executor_names(self) -> list[str]:
+        return list(self._executors)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def stop_accepting(self) -> None:
+        """Refuse new actions from now on (UNAVAILABLE); running ones continue."""
+        self._accepting = False
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Stop accepting, give running actions ``grace_seconds``, cancel the rest, close executors."""
+        self.stop_accepting()
+        deadline = time.monotonic() + grace_seconds
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for execution in list(self._active.values()):
+            execution.stop.request(ExecutionStatus.CANCELLED)
+        waits = [e.done.wait() for e in self._active.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
+        for executor in self._executors.values():
+            try:
+                await executor.close()
+            except Exception:
+                _log.exception("closing executor %s failed", executor.name)
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    async def capabilities(self) -> list[ExecutorCapabilities]:
+        caps = [await ex.capabilities() for ex in self._executors.values()]
+        self._caps.update({c.name: c for c in caps})
+        return caps
+
+    async def warmup(self, executors: Sequence[str], images: Sequence[str]) -> list[WarmupReport]:
+        names = list(executors) or list(self._executors)
+        for i, name in enumerate(names):
+            if name not in self._executors:
+                raise InvalidRequestError(f"executors[{i}]: unknown executor {name!r}; have {sorted(self._executors)}")
+        return [await self._executors[name].warmup(images) for name in names]
+
+    def cancel(self, execution_id: str) -> None:
+        """Ask a queued or running action to stop with CANCELLED; NotFoundError when unknown."""
+        execution = self._active.get(execution_id)
+        if execution is None:
+            raise NotFoundError(f"execution {execution_id!r} is not queued or running on this worker")
+        execution.stop.request(ExecutionStatus.CANCELLED)
+
+    # ---- the path of an action ---------------------------------------------------------------
+
+    def _select(self, selector: ExecutorSelector) -> str:
+        if selector.name:
+            if selector.name not in self._executors:
+                raise InvalidRequestError(
+                    f"executor.name: unknown executor {selector.name!r}; available: {list(self._executors)}"
+                )
+            chosen = self._executors[selector.name]
+            if selector.min_isolation is not None and chosen.isolation < selector.min_isolation:
+                raise PreconditionError(
+                    f"executor {selector.name!r} provides isolation {chosen.isolation.name}, below the "
+                    f"requested minimum {selector.min_isolation.name}"
+                )
+            return selector.name
+        if selector.min_isolation is not None:
+            fits = [ex for ex in self._executors.values() if ex.isolation >= selector.min_isolation]
+            if not fits:
+                raise PreconditionError(
+                    f"no executor provides isolation {selector.min_isolation.name} or stronger; available: "
+                    + ", ".join(f"{ex.name} ({ex.isolation.name})" for ex in self._executors.values())
+                )
+            return min(fits, key=lambda ex: ex.isolation).name
+        return self._default
+
+    def _admit(self, action: Action) -> tuple[Action, str, Ticket, _Execution]:
+        """Everything that may refuse an action happens here, before its first event."""
+        if not self._accepting:
+            raise UnavailableError("worker is shutting down and accepts no new actions")
+        if not action.execution_id:
+            action = dataclasses.replace(action, execution_id=uuid.uuid4().hex)
+        name = self._select(action.executor)
+        caps = self._caps[name]
+        validate_action(
+            action,
+            max_inline_input_bytes=self.limits.max_inline_input_bytes,
+            max_timeout_seconds=self.limits.max_timeout_seconds,
+            max_limits=caps.max_limits,
+            executor=name,
+        )
+        for i, f in enumerate(action.input_files):
+            if f.digest is not None and not self.store.contains(f.digest):
+                raise PreconditionError(
+                    f"input_files[{i}].digest: blob {f.digest} is not in the worker's store; "
+                    "upload it with UploadBlobs first"
+                )
+        if action.execution_id in self._active:
+            raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
+        ticket = self.admission.reserve(name)
+        execution = _Execution(action=action, stop=StopSignal(), done=asyncio.Event())
+        self._active[action.execution_id] = execution
+        return action, name, ticket, execution
+
+    async def execute(self, action: Action) -> AsyncGenerator[ActionEvent, None]:
+        action, name, ticket, execution = self._admit(action)
+        try:
+            executor = self._executors[name]
+            yield Accepted(action.execution_id, name, executor.isolation, ticket.queue_position)
+            async for event in self._run(action, executor, ticket, execution.stop):
+                yield event
+        finally:
+            self.admission.release(ticket)
+            del self._active[action.execution_id]
+            execution.done.set()
+
+    async def _run(
+        self, action: Action, executor: Executor, ticket: Ticket, stop: StopSignal
+    ) -> AsyncGenerator[ActionEvent, None]:
+        queued = time.time()
+        if not ticket.running:
+            stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+            waits: set[asyncio.Future[object]] = {ticket.granted, stop_wait}  # type: ignore[arg-type]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_wait.cancel()
+            if not ticket.running:
+                yield self._result(
+                    action, executor, ExecutionStatus.CANCELLED, "cancelled while queued",
+                    times=StageTimes(queued=queued),
+                )
+                return
+        worker_start = time.time()
+        root = self._actions_dir / f"{action.execution_id}-{uuid.uuid4().hex[:8]}"
+        os.mkdir(root, 0o755)
+        try:
+            if action.input_files or action.input_symlinks or action.input_directories or action.working_directory:
+                await asyncio.to_thread(stage_inputs, action, root, self.store)
+            times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
+            async for event in self._run_staged(action, executor, root, stop, times):
+                yield event
+        finally:
+            await _remove_tree(root)
+
+    async def _run_staged(
+        self, action: Action, executor: Executor, root: Path, stop: StopSignal, times: StageTimes
+    ) -> AsyncGenerator[ActionEvent, None]:
+        caps = self._caps[executor.name]
+        command = Command(
+            execution_id=action.execution_id,
+            argv=action.argv,
+            environment=action.environment,
+            root=root,
+            working_directory=action.working_directory,
+            stdin=action.stdin,
+            limits=action.limits.with_defaults(caps.default_limits),
+            output_paths=(*action.output_files, *action.output_directories),
+            image=action.image,
+            platform_properties=action.platform_properties,
+            timeout_seconds=action.timeout_seconds or self.limits.default_timeout_seconds,
+        )
+        outcome: RunOutcome | None = None
+        counted = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
+        events = executor.execute(command, stop)
+        try:
+            async for event in events:
+                if isinstance(event, RunOutcome):
+                    outcome = event
+                    break
+                if isinstance(event, LogChunk):
+                    counted[event.stream] += len(event.data)
+                yield event
+        except WorkerError:
+            raise
+        except Exception as err:
+            _log.exception("executor %s failed on %s", executor.name, action.execution_id)
+            outcome = RunOutcome(status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}")
+        finally:
+            await events.aclose()
+        if outcome is None:
+            outcome = RunOutcome(
+                status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} ended without an outcome"
+            )
+        times = dataclasses.replace(times, command_start=outcome.started_at, command_end=outcome.ended_at)
+
+        manifest = OutputManifest()
+        status, message = outcome.status, outcome.message
+        if command.output_paths and status is not ExecutionStatus.FAILED_TO_START:
+            try:
+                manifest = await asyncio.to_thread(
+                    collect_outputs,
+                    root,
+                    output_files=action.output_files,
+                    output_directories=action.output_directories,
+                    store=self.store,
+                    max_bytes=self.limits.max_output_bytes,
+                )
+            except OutputLimitExceeded as err:
+                status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
+        times = dataclasses.replace(times, outputs_collected=time.time())
+
+        if action.stream_output_contents:
+            for f in manifest.files:
+                offset = 0
+                for chunk in self.store.open_blob(f.digest):
+                    yield OutputChunk(f.path, offset, chunk)
+                    offset += len(chunk)
+        yield ActionResult(
+            execution_id=action.execution_id,
+            status=status,
+            message=message,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            outputs=manifest,
+            stdout=outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT]),
+            stderr=outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR]),
+            usage=outcome.usage,
+            times=times,
+            executor=executor.name,
+            isolation=executor.isolation,
+        )
+
+    @staticmethod
+    def _result(
+        action: Action, executor: Executor, status: ExecutionStatus, message: str, *, times: StageTimes
+    ) -> ActionResult:
+        return ActionResult(
+            execution_id=action.execution_id,
+            status=status,
+            message=message,
+            exit_code=None,
+            signal=None,
+            outputs=OutputManifest(),
+            stdout=LogSummary(),
+            stderr=LogSummary(),
+            usage=ResourceUsage(),
+            times=times,
+            executor=executor.name,
+            isolation=executor.isolation,
+        )
+
+
+async def _remove_tree(root: Path) -> None:
+    """Remove an action directory; an empty one (the common case) without a thread hop."""
+    try:
+        os.rmdir(root)
+    except FileNotFoundError:
+        return
+    except OSError:
+        await asyncio.to_thread(shutil.rmtree, root, True)
+

@@ -1,0 +1,116 @@
+"""Collect declared outputs into the store without ever following a symlink out of the action root."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from expbuild_worker.model import OutputFile, OutputManifest, OutputSymlink
+from expbuild_worker.storage import ContentAddressedStore
+
+
+class OutputLimitExceeded(Exception):
+    """The outputs add up to more than the configured cap."""
+
+
+@dataclass
+class _Collector:
+    root: Path
+    store: ContentAddressedStore
+    max_bytes: int
+    total: int = 0
+    files: dict[str, OutputFile] = field(default_factory=dict)
+    symlinks: dict[str, OutputSymlink] = field(default_factory=dict)
+    directories: set[str] = field(default_factory=set)
+
+    def _open_parent(self, rel: str) -> int | None:
+        """Open the directory holding ``rel`` by walking with O_NOFOLLOW; None if any part is missing
+        or is not a real directory (a symlinked parent is never traversed)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        for part in rel.split("/")[:-1]:
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = nxt
+        return fd
+
+    def add_path(self, rel: str, *, want_directory: bool) -> None:
+        parent = self._open_parent(rel)
+        if parent is None:
+            return
+        try:
+            name = rel.rsplit("/", 1)[-1]
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISLNK(st.st_mode):
+                self.symlinks[rel] = OutputSymlink(rel, os.readlink(name, dir_fd=parent))
+            elif stat.S_ISREG(st.st_mode) and not want_directory:
+                self._add_file(rel, parent, name, st)
+            elif stat.S_ISDIR(st.st_mode) and want_directory:
+                dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+                try:
+                    self._walk(rel, dfd)
+                finally:
+                    os.close(dfd)
+        finally:
+            os.close(parent)
+
+    def _walk(self, rel: str, dfd: int) -> None:
+        self.directories.add(rel)
+        for entry in sorted(os.listdir(dfd)):
+            child = f"{rel}/{entry}"
+            st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                self.symlinks[child] = OutputSymlink(child, os.readlink(entry, dir_fd=dfd))
+            elif stat.S_ISREG(st.st_mode):
+                self._add_file(child, dfd, entry, st)
+            elif stat.S_ISDIR(st.st_mode):
+                sub = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                try:
+                    self._walk(child, sub)
+                finally:
+                    os.close(sub)
+            # sockets, fifos and devices are not outputs
+
+    def _add_file(self, rel: str, dfd: int, name: str, st: os.stat_result) -> None:
+        self.total += st.st_size
+        if self.total > self.max_bytes:
+            raise OutputLimitExceeded(
+                f"outputs exceed execution.max_output_bytes ({self.max_bytes} bytes) at {rel!r}"
+            )
+        # Re-open by name without following links, then adopt through /proc/self/fd so the
+        # file taken is the one just checked, even if the name were swapped meanwhile.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            digest = self.store.adopt_file(Path(f"/proc/self/fd/{fd}"))
+        finally:
+            os.close(fd)
+        self.files[rel] = OutputFile(rel, digest, bool(st.st_mode & 0o111))
+
+
+def collect_outputs(
+    root: Path,
+    *,
+    output_files: tuple[str, ...],
+    output_directories: tuple[str, ...],
+    store: ContentAddressedStore,
+    max_bytes: int,
+) -> OutputManifest:
+    """Return the manifest of every declared output that exists; raise OutputLimitExceeded past the cap."""
+    collector = _Collector(root=root, store=store, max_bytes=max_bytes)
+    for rel in output_files:
+        collector.add_path(rel, want_directory=False)
+    for rel in output_directories:
+        collector.add_path(rel, want_directory=True)
+    return OutputManifest(
+        files=tuple(collector.files[k] for k in sorted(collector.files)),
+        symlinks=tuple(collector.symlinks[k] for k in sorted(collector.symlinks)),
+        directories=tuple(sorted(collector.directories)),
+    )

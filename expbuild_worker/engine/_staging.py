@@ -1,0 +1,57 @@
+"""Materialise an action's inputs in a fresh private directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from expbuild_worker.model import Action
+from expbuild_worker.storage import ContentAddressedStore
+
+
+def stage_inputs(action: Action, root: Path, store: ContentAddressedStore) -> None:
+    """Create directories, files (copied out of the store or written inline) and symlinks.
+
+    Paths were validated (relative, normalised, no file under a file); creating each file
+    with O_EXCL|O_NOFOLLOW means an input symlink declared earlier can never redirect a
+    later write outside ``root``.
+    """
+    for d in action.input_directories:
+        _mkdirs(root, d)
+    if action.working_directory:
+        _mkdirs(root, action.working_directory)
+    for f in action.input_files:
+        parent = os.path.dirname(f.path)
+        if parent:
+            _mkdirs(root, parent)
+        dest = root / f.path
+        if f.digest is not None:
+            store.copy_to(f.digest, dest, executable=f.executable)
+        else:
+            assert f.content is not None
+            mode = 0o755 if f.executable else 0o644
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            try:
+                view = memoryview(f.content)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.chmod(dest, mode)  # the umask must not strip the execute bit
+    for link in action.input_symlinks:
+        parent = os.path.dirname(link.path)
+        if parent:
+            _mkdirs(root, parent)
+        os.symlink(link.target, root / link.path)
+
+
+def _mkdirs(root: Path, rel: str) -> None:
+    """Create ``root/rel`` one component at a time, refusing to pass through a symlink."""
+    current = root
+    for part in rel.split("/"):
+        current = current / part
+        try:
+            os.mkdir(current, 0o755)
+        except FileExistsError:
+            if current.is_symlink() or not current.is_dir():
+                raise NotADirectoryError(f"input path component {current.relative_to(root)} is not a directory")

@@ -1,0 +1,7 @@
+"""Cross-cutting concerns, each an Executor that wraps another Executor."""
+
+from expbuild_worker.execution.decorators._base import ExecutorDecorator
+from expbuild_worker.execution.decorators._deadline import DeadlineExecutor
+from expbuild_worker.execution.decorators._log_limit import LogLimitingExecutor
+
+__all__ = ["DeadlineExecutor", "ExecutorDecorator", "LogLimitingExecutor"]

@@ -1,0 +1,106 @@
+"""The gRPC server factory: builds the worker, registers the services, binds, and shuts down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from expbuild_worker.api.v1 import worker_pb2 as pb
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+from expbuild_worker.composition import Worker, build_worker
+from expbuild_worker.config import WorkerConfig
+from expbuild_worker.errors import UnavailableError
+from expbuild_worker.server import _translate as tr
+from expbuild_worker.server._servicer import WorkerServicer
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
+
+
+@dataclass(eq=False)
+class RunningServer:
+    """A started worker. ``stop`` is the graceful shutdown; safe to call more than once."""
+
+    port: int
+    address: str
+    worker: Worker
+    config: WorkerConfig
+    _server: grpc.aio.Server
+    _health: health.aio.HealthServicer
+    _stopped: asyncio.Event
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health goes NOT_SERVING, new actions get UNAVAILABLE, running ones get ``grace`` seconds
+        (default: the configured shutdown grace) and are then cancelled; executors are closed last."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        engine = self.worker.engine
+        engine.stop_accepting()
+        await engine.shutdown(grace)
+        await self._server.stop(grace=1.0)
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def start_server(config: WorkerConfig) -> RunningServer:
+    """Build the worker from ``config`` and serve it; port 0 binds a free port (see ``.port``)."""
+    worker = await build_worker(config)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.server.max_request_bytes),
+            ("grpc.max_send_message_length", 16 << 20),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    limits = pb.WorkerLimits(
+        max_request_bytes=config.server.max_request_bytes,
+        max_inline_input_bytes=config.execution.max_inline_input_bytes,
+        max_log_bytes_per_stream=config.execution.max_log_bytes_per_stream,
+        max_output_bytes=config.execution.max_output_bytes,
+        default_timeout=tr.duration_to_pb(config.execution.default_timeout_seconds),
+        max_timeout=tr.duration_to_pb(config.execution.max_timeout_seconds),
+    )
+    pb_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(engine=worker.engine, worker_id=worker.worker_id, limits=limits), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = config.server.address
+    host = f"[{address}]" if ":" in address else address
+    try:
+        port = server.add_insecure_port(f"{host}:{config.server.port}")
+    except RuntimeError as err:
+        await worker.engine.shutdown(0)
+        raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    _log.info("worker %s serving on %s:%d", worker.worker_id, host, port)
+    return RunningServer(
+        port=port,
+        address=address,
+        worker=worker,
+        config=config,
+        _server=server,
+        _health=health_servicer,
+        _stopped=asyncio.Event(),
+    )

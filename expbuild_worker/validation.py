@@ -1,0 +1,158 @@
+"""The one place that owns path, identifier and size rules for incoming actions."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable
+
+from expbuild_worker.errors import InvalidRequestError
+from expbuild_worker.model import Action, ResourceLimits
+from expbuild_worker.storage._cas import check_digest
+
+_EXECUTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ENV_NAME = re.compile(r"[^=\x00]+")
+MAX_PATH_BYTES = 4096
+
+
+def check_execution_id(value: str, field: str = "execution_id") -> None:
+    if not _EXECUTION_ID.fullmatch(value):
+        raise InvalidRequestError(
+            f"{field}: expected 1-128 characters of [A-Za-z0-9._:-], got {value[:140]!r}"
+        )
+
+
+def check_relative_path(value: str, field: str, *, allow_empty: bool = False) -> None:
+    """Refuse anything but a normalised relative path that stays inside the action root."""
+    if value == "":
+        if allow_empty:
+            return
+        raise InvalidRequestError(f"{field}: must not be empty")
+    if "\x00" in value:
+        raise InvalidRequestError(f"{field}: contains a NUL byte")
+    if len(value.encode()) > MAX_PATH_BYTES:
+        raise InvalidRequestError(f"{field}: longer than {MAX_PATH_BYTES} bytes")
+    if value.startswith("/"):
+        raise InvalidRequestError(f"{field}: must be relative to the action root, got absolute {value!r}")
+    parts = value.split("/")
+    if any(p == ".." for p in parts):
+        raise InvalidRequestError(f"{field}: must not contain '..' components, got {value!r}")
+    if any(p in ("", ".") for p in parts):
+        raise InvalidRequestError(
+            f"{field}: must be normalised (no empty, '.' or trailing '/' components), got {value!r}"
+        )
+
+
+def _check_symlink_target(path: str, target: str, field: str) -> None:
+    if target == "" or "\x00" in target:
+        raise InvalidRequestError(f"{field}: must be a non-empty target without NUL bytes")
+    if target.startswith("/"):
+        raise InvalidRequestError(f"{field}: must be relative, got absolute {target!r}")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise InvalidRequestError(f"{field}: {target!r} from {path!r} points outside the action root")
+
+
+def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str) -> None:
+    pairs: list[tuple[str, float | None, float | None]] = [
+        ("cpu_cores", limits.cpu_cores, maxima.cpu_cores),
+        ("memory_bytes", limits.memory_bytes, maxima.memory_bytes),
+        ("max_processes", limits.max_processes, maxima.max_processes),
+    ]
+    for name, value, maximum in pairs:
+        if value is None:
+            continue
+        if value <= 0:
+            raise InvalidRequestError(f"limits.{name}: expected a positive number, got {value}")
+        if maximum is not None and value > maximum:
+            raise InvalidRequestError(
+                f"limits.{name}: {value} is above executor {executor!r}'s maximum of {maximum}"
+            )
+
+
+def _check_unique(paths: Iterable[tuple[str, str]]) -> None:
+    """No path may be declared twice, nor under a path declared as a file or symlink."""
+    seen: dict[str, str] = {}
+    for field, path in paths:
+        if path in seen:
+            raise InvalidRequestError(f"{field}: path {path!r} is already declared by {seen[path]}")
+        seen[path] = field
+
+
+def validate_action(
+    action: Action,
+    *,
+    max_inline_input_bytes: int,
+    max_timeout_seconds: float,
+    max_limits: ResourceLimits,
+    executor: str,
+) -> None:
+    """Raise InvalidRequestError naming the first offending field; return quietly when valid."""
+    check_execution_id(action.execution_id)
+    if not action.argv:
+        raise InvalidRequestError("argv: must hold at least the program to run")
+    for i, arg in enumerate(action.argv):
+        if "\x00" in arg:
+            raise InvalidRequestError(f"argv[{i}]: contains a NUL byte")
+    if action.argv[0] == "":
+        raise InvalidRequestError("argv[0]: must not be empty")
+    for name, value in action.environment.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise InvalidRequestError(f"environment: invalid variable name {name!r} (empty, '=' or NUL)")
+        if "\x00" in value:
+            raise InvalidRequestError(f"environment[{name!r}]: value contains a NUL byte")
+    check_relative_path(action.working_directory, "working_directory", allow_empty=True)
+
+    inline = 0
+    files: list[str] = []
+    leaves: list[tuple[str, str]] = []
+    for i, f in enumerate(action.input_files):
+        field = f"input_files[{i}]"
+        check_relative_path(f.path, f"{field}.path")
+        if (f.content is None) == (f.digest is None):
+            raise InvalidRequestError(f"{field}: set exactly one of content and digest")
+        if f.digest is not None:
+            check_digest(f.digest, f"{field}.digest")
+        else:
+            assert f.content is not None
+            inline += len(f.content)
+        files.append(f.path)
+        leaves.append((f"{field}.path", f.path))
+    if inline > max_inline_input_bytes:
+        raise InvalidRequestError(
+            f"input_files: {inline} bytes of inline content exceed the cap of {max_inline_input_bytes} "
+            "(upload large inputs with UploadBlobs and reference them by digest)"
+        )
+    for i, d in enumerate(action.input_directories):
+        check_relative_path(d, f"input_directories[{i}]")
+    for i, link in enumerate(action.input_symlinks):
+        field = f"input_symlinks[{i}]"
+        check_relative_path(link.path, f"{field}.path")
+        _check_symlink_target(link.path, link.target, f"{field}.target")
+        leaves.append((f"{field}.path", link.path))
+    _check_unique(leaves)
+    leaf_set = {p for _, p in leaves}
+    for field, path in [
+        *((f"input_files[{i}].path", f.path) for i, f in enumerate(action.input_files)),
+        *((f"input_symlinks[{i}].path", s.path) for i, s in enumerate(action.input_symlinks)),
+        *((f"input_directories[{i}]", d) for i, d in enumerate(action.input_directories)),
+        *([("working_directory", action.working_directory)] if action.working_directory else []),
+    ]:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in leaf_set:
+                raise InvalidRequestError(f"{field}: {path!r} lies under {parent!r}, which is a file or symlink")
+            parent = posixpath.dirname(parent)
+    for i, out in enumerate(action.output_files):
+        check_relative_path(out, f"output_files[{i}]")
+    for i, out in enumerate(action.output_directories):
+        check_relative_path(out, f"output_directories[{i}]")
+
+    if action.timeout_seconds is not None:
+        if action.timeout_seconds <= 0:
+            raise InvalidRequestError(f"timeout: expected a positive duration, got {action.timeout_seconds}s")
+        if action.timeout_seconds > max_timeout_seconds:
+            raise InvalidRequestError(
+                f"timeout: {action.timeout_seconds}s is above the maximum of {max_timeout_seconds}s"
+            )
+    _check_limits(action.limits, max_limits, executor)
