@@ -1,0 +1,366 @@
+"""Execute through a real server and channel: streams, statuses, outputs, limits, concurrency."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from _support import BASE_ENV, execute, request, wait_gone
+from google.protobuf.duration_pb2 import Duration
+
+from expbuild_worker.api.v1 import worker_pb2 as pb
+
+SH = "/bin/sh"
+
+
+def test_stdout_and_stderr_arrive_separately_and_byte_exact(stub):
+    """Binary data and a missing trailing newline must survive unchanged, each on its own stream."""
+    script = "printf 'out\\000\\377\\n'; printf 'err-no-newline' >&2; printf tail"
+    run = execute(stub, request([SH, "-c", script]))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED
+    assert bytes(run.stdout) == b"out\x00\xff\ntail"
+    assert bytes(run.stderr) == b"err-no-newline"
+    assert run.result.stdout.size_bytes == len(run.stdout)
+    assert run.result.stdout.truncated is False
+
+
+def test_all_byte_values_pass_through_stdin_and_stdout(stub):
+    """stdin bytes reach the command and come back unchanged."""
+    data = bytes(range(256)) * 64
+    run = execute(stub, request(["/bin/cat"], stdin=data))
+    assert bytes(run.stdout) == data
+
+
+def test_first_chunk_arrives_while_the_command_still_runs(stub):
+    """Logs stream live: the first chunk is received well before the command ends."""
+    run = execute(stub, request([SH, "-c", "echo first; sleep 2; echo second"]))
+    end = run.result.stats.command_end_time.ToNanoseconds() / 1e9
+    assert run.first_log_at is not None and run.first_log_at < end - 1.0
+    assert bytes(run.stdout) == b"first\nsecond\n"
+
+
+def test_event_order_is_accepted_started_logs_result(stub):
+    """Clients rely on the order: acknowledgement, start, logs, result last."""
+    run = execute(stub, request([SH, "-c", "echo hi"], execution_id="order-1"))
+    assert run.events[0] == "accepted" and run.events[1] == "started" and run.events[-1] == "result"
+    assert run.accepted.execution_id == "order-1" and run.accepted.executor == "host"
+    assert run.accepted.isolation_level == pb.ISOLATION_LEVEL_HOST
+    assert run.result.execution_id == "order-1" and run.result.executor == "host"
+
+
+@pytest.mark.parametrize("code", [0, 1, 255], ids=["zero", "one", "max"])
+def test_exit_code_is_a_completed_result(stub, code):
+    """A non-zero exit is a result, not an RPC error."""
+    run = execute(stub, request([SH, "-c", f"exit {code}"]))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED
+    assert run.result.exit_code == code and run.result.signal == 0
+
+
+def test_death_by_signal_reports_the_signal(stub):
+    """A command killed by a signal reports that signal, not an exit code."""
+    run = execute(stub, request([SH, "-c", "kill -9 $$"]))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED
+    assert run.result.signal == 9
+
+
+def test_missing_program_fails_to_start(stub):
+    """argv[0] that does not exist is FAILED_TO_START with a message naming it."""
+    run = execute(stub, request(["/nonexistent/tool", "x"]))
+    assert run.status == pb.EXECUTION_STATUS_FAILED_TO_START
+    assert "/nonexistent/tool" in run.result.message
+
+
+def test_timeout_kills_command_and_grandchild(stub):
+    """TIMED_OUT within a few seconds, and no process of the action survives it."""
+    started = time.monotonic()
+    run = execute(
+        stub,
+        request([SH, "-c", "sleep 600 & echo $!; sleep 600"], timeout=Duration(seconds=1)),
+    )
+    assert run.status == pb.EXECUTION_STATUS_TIMED_OUT
+    assert time.monotonic() - started < 10
+    grandchild = int(run.stdout.split()[0])
+    assert wait_gone(grandchild)
+
+
+def test_cancel_execution_kills_the_action(stub):
+    """CancelExecution ends the stream with CANCELLED and kills the process."""
+    responses = stub.Execute(request([SH, "-c", "echo $$; exec sleep 600"], execution_id="to-cancel"), timeout=30)
+    pid = None
+    events = []
+    for resp in responses:
+        events.append(resp)
+        if resp.WhichOneof("event") == "log":
+            pid = int(resp.log.data.split()[0])
+            stub.CancelExecution(pb.CancelExecutionRequest(execution_id="to-cancel"))
+    assert events[-1].result.status == pb.EXECUTION_STATUS_CANCELLED
+    assert pid is not None and wait_gone(pid)
+
+
+def test_cancel_unknown_execution_is_not_found(stub):
+    """Cancelling an id the worker does not know is NOT_FOUND, naming it."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CancelExecution(pb.CancelExecutionRequest(execution_id="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in info.value.details()
+
+
+def test_client_disconnect_kills_the_action(stub, worker):
+    """A client that goes away mid-stream gets its action killed within about a second."""
+    responses = stub.Execute(request([SH, "-c", "echo $$; exec sleep 600"]), timeout=30)
+    pid = None
+    for resp in responses:
+        if resp.WhichOneof("event") == "log":
+            pid = int(resp.log.data.split()[0])
+            break
+    responses.cancel()
+    assert pid is not None and wait_gone(pid, timeout=3)
+    deadline = time.monotonic() + 3
+    while worker.server.worker.engine.active_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.server.worker.engine.active_count == 0
+    assert os.listdir(os.path.join(worker.config.execution.work_root, "actions")) == []
+
+
+def test_duplicate_running_execution_id_is_already_exists(stub):
+    """Two live actions can never share an id."""
+    first = stub.Execute(request([SH, "-c", "echo go; sleep 30"], execution_id="dup"), timeout=30)
+    for resp in first:
+        if resp.WhichOneof("event") == "log":
+            break
+    with pytest.raises(grpc.RpcError) as info:
+        execute(stub, request(["/bin/true"], execution_id="dup"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    first.cancel()
+
+
+def test_worker_environment_is_invisible(stub, monkeypatch):
+    """An action sees exactly the environment it asked for, none of the worker's."""
+    os.environ["EXPBUILD_SECRET_FOR_TEST"] = "leak"
+    try:
+        run = execute(stub, request(["/usr/bin/env"], environment={"ONLY": "this"}))
+    finally:
+        del os.environ["EXPBUILD_SECRET_FOR_TEST"]
+    assert bytes(run.stdout) == b"ONLY=this\n"
+
+
+def test_outputs_nested_executable_empty_and_symlink(stub):
+    """Outputs arrive byte-exact with exec bits, empty files, nested dirs and symlinks as symlinks."""
+    script = (
+        "mkdir -p out/a/b && printf hello > out/a/b/f.txt && : > out/empty && "
+        "printf '#!/bin/sh\\n' > out/tool && chmod +x out/tool && ln -s a/b/f.txt out/link && "
+        "mkdir out/emptydir && printf single > single.txt"
+    )
+    run = execute(
+        stub,
+        request([SH, "-c", script], output_files=["single.txt", "absent.txt"], output_directories=["out"]),
+    )
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED
+    files = {f.path: f for f in run.result.output_files}
+    assert sorted(files) == ["out/a/b/f.txt", "out/empty", "out/tool", "single.txt"]
+    assert bytes(run.outputs["out/a/b/f.txt"]) == b"hello"
+    assert bytes(run.outputs["out/empty"]) == b"" and files["out/empty"].digest.size_bytes == 0
+    assert files["out/tool"].is_executable and not files["single.txt"].is_executable
+    assert files["single.txt"].digest.sha256 == hashlib.sha256(b"single").hexdigest()
+    assert [(s.path, s.target) for s in run.result.output_symlinks] == [("out/link", "a/b/f.txt")]
+    assert [d.path for d in run.result.output_directories] == ["out", "out/a", "out/a/b", "out/emptydir"]
+
+
+def test_output_symlink_pointing_outside_is_not_followed(stub):
+    """A command can plant out -> /etc/passwd; the worker reports the link and never reads the file."""
+    run = execute(
+        stub,
+        request(
+            [SH, "-c", "ln -s /etc/passwd leak && mkdir d && ln -s /etc d/etc && ln -s /etc dirlink"],
+            output_files=["leak", "dirlink/passwd"],
+            output_directories=["d"],
+        ),
+    )
+    assert {(s.path, s.target) for s in run.result.output_symlinks} == {("leak", "/etc/passwd"), ("d/etc", "/etc")}
+    assert run.result.output_files == [] and run.outputs == {}
+
+
+def test_omit_output_contents_then_read_blob(stub):
+    """With omit_output_contents only digests stream; ReadBlob serves the bytes afterwards."""
+    run = execute(stub, request([SH, "-c", "printf payload > o"], output_files=["o"], omit_output_contents=True))
+    assert "output_chunk" not in run.events
+    digest = run.result.output_files[0].digest
+    data = b"".join(r.data for r in stub.ReadBlob(pb.ReadBlobRequest(digest=digest)))
+    assert data == b"payload"
+
+
+def _upload(stub, data: bytes, chunk: int = 1 << 16) -> pb.Digest:
+    digest = pb.Digest(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    pieces = [
+        pb.UploadBlobsRequest(digest=digest, offset=i, data=data[i : i + chunk]) for i in range(0, len(data), chunk)
+    ] or [pb.UploadBlobsRequest(digest=digest)]
+    resp = stub.UploadBlobs(iter(pieces))
+    assert list(resp.stored) == [digest]
+    return digest
+
+
+def test_blob_uploaded_once_serves_two_actions(stub):
+    """A blob referenced by digest is staged for every action that names it, each with its own bit."""
+    data = os.urandom(300_000)
+    digest = _upload(stub, data)
+    assert list(stub.FindMissingBlobs(pb.FindMissingBlobsRequest(digests=[digest])).missing_digests) == []
+    for executable in (False, True):
+        run = execute(
+            stub,
+            request(
+                [SH, "-c", "sha256sum in/blob | cut -d' ' -f1; test -x in/blob && echo x || echo -"],
+                input_files=[pb.InputFile(path="in/blob", digest=digest, is_executable=executable)],
+            ),
+        )
+        lines = bytes(run.stdout).split()
+        assert lines[0].decode() == digest.sha256
+        assert lines[1] == (b"x" if executable else b"-")
+
+
+def test_upload_with_wrong_digest_is_refused(stub):
+    """Every uploaded blob is verified; a mismatch is INVALID_ARGUMENT and nothing is stored."""
+    digest = pb.Digest(sha256=hashlib.sha256(b"right").hexdigest(), size_bytes=5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UploadBlobs(iter([pb.UploadBlobsRequest(digest=digest, data=b"wrong")]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(stub.FindMissingBlobs(pb.FindMissingBlobsRequest(digests=[digest])).missing_digests) == [digest]
+
+
+def test_missing_input_blob_is_failed_precondition(stub):
+    """An input naming a blob the store lacks is refused before anything runs."""
+    digest = pb.Digest(sha256="ab" * 32, size_bytes=3)
+    with pytest.raises(grpc.RpcError) as info:
+        execute(stub, request(["/bin/true"], input_files=[pb.InputFile(path="x", digest=digest)]))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "input_files[0].digest" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("input_files[0].path", {"input_files": [pb.InputFile(path="../x", content=b"")]}),
+        ("input_files[0].path", {"input_files": [pb.InputFile(path="/etc/passwd", content=b"")]}),
+        ("input_files[0].path", {"input_files": [pb.InputFile(path="a/../../x", content=b"")]}),
+        ("input_files[0].path", {"input_files": [pb.InputFile(path="a\x00b", content=b"")]}),
+        ("output_files[0]", {"output_files": ["../escape"]}),
+        ("output_directories[0]", {"output_directories": ["/tmp"]}),
+        ("working_directory", {"working_directory": "../up"}),
+        ("input_symlinks[0].target", {"input_symlinks": [pb.InputSymlink(path="l", target="../../etc")]}),
+        ("input_symlinks[0].target", {"input_symlinks": [pb.InputSymlink(path="l", target="/etc/passwd")]}),
+        ("argv", {"argv": []}),
+        ("execution_id", {"execution_id": "bad id/"}),
+        ("limits.memory_bytes", {"limits": pb.ResourceLimits(memory_bytes=-1)}),
+        ("executor.name", {"executor": pb.ExecutorSelector(name="warp-drive")}),
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "dotdot-inside",
+        "nul",
+        "output-dotdot",
+        "output-dir-absolute",
+        "workdir-dotdot",
+        "symlink-escape",
+        "symlink-absolute",
+        "empty-argv",
+        "bad-id",
+        "negative-memory",
+        "unknown-executor",
+    ],
+)
+def test_bad_requests_are_invalid_argument_naming_the_field(stub, field, kwargs):
+    """Path escapes and malformed fields are refused up front with the field named."""
+    argv = kwargs.pop("argv", ["/bin/true"])
+    req = pb.ExecuteRequest(argv=argv, environment=BASE_ENV, **kwargs)
+    with pytest.raises(grpc.RpcError) as info:
+        execute(stub, req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field), info.value.details()
+
+
+def test_log_cap_truncates_and_says_so(start_worker):
+    """Beyond the per-stream cap bytes are counted, not sent, and the result flags it."""
+    worker = start_worker({"execution": {"max_log_bytes_per_stream": 1000}})
+    with grpc.insecure_channel(worker.target) as ch:
+        from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+        run = execute(pb_grpc.WorkerServiceStub(ch), request([SH, "-c", "head -c 5000 /dev/zero"]))
+    assert len(run.stdout) == 1000
+    assert run.result.stdout.size_bytes == 5000 and run.result.stdout.streamed_bytes == 1000
+    assert run.result.stdout.truncated
+
+
+def test_output_cap_is_an_honest_status(start_worker):
+    """Outputs over the cap end with OUTPUT_LIMIT_EXCEEDED, the exit code still reported."""
+    worker = start_worker({"execution": {"max_output_bytes": 1000}})
+    with grpc.insecure_channel(worker.target) as ch:
+        from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+        run = execute(
+            pb_grpc.WorkerServiceStub(ch),
+            request([SH, "-c", "head -c 5000 /dev/zero > big; exit 3"], output_files=["big"]),
+        )
+    assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED
+    assert run.result.exit_code == 3 and "max_output_bytes" in run.result.message
+    assert run.result.output_files == []
+
+
+def test_twenty_concurrent_actions_are_all_correct(start_worker):
+    """Concurrent actions never mix their logs or outputs."""
+    worker = start_worker({"execution": {"max_concurrent_executions": 8, "max_queued_executions": 32}})
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            with grpc.insecure_channel(worker.target) as ch:
+                from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+                results[i] = execute(
+                    pb_grpc.WorkerServiceStub(ch),
+                    request(
+                        [SH, "-c", f"printf 'n={i}'; printf 'e={i}' >&2; printf {i} > o; exit {i}"],
+                        output_files=["o"],
+                    ),
+                )
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    for i in range(20):
+        run = results[i]
+        assert bytes(run.stdout) == f"n={i}".encode() and bytes(run.stderr) == f"e={i}".encode()
+        assert bytes(run.outputs["o"]) == str(i).encode() and run.result.exit_code == i
+
+
+def test_full_queue_is_resource_exhausted(start_worker):
+    """Past the running slots and the queue, Execute answers RESOURCE_EXHAUSTED at once."""
+    worker = start_worker({"execution": {"max_concurrent_executions": 1, "max_queued_executions": 1}})
+    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(worker.target) as ch:
+        s = pb_grpc.WorkerServiceStub(ch)
+        running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
+        for resp in running:
+            if resp.WhichOneof("event") == "log":
+                break
+        queued = s.Execute(request(["/bin/true"]), timeout=30)
+        first = next(queued)
+        assert first.accepted.queue_position == 1
+        with pytest.raises(grpc.RpcError) as info:
+            execute(s, request(["/bin/true"]))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_executions" in info.value.details()
+        running.cancel()
+        rest = list(queued)
+        result = rest[-1].result
+        assert result.status == pb.EXECUTION_STATUS_COMPLETED
+        assert result.stats.queue_time.ToNanoseconds() > 0

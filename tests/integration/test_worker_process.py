@@ -1,0 +1,166 @@
+"""The worker as operators run it: a separate process, health, reflection, SIGTERM, memory."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from _support import consume, request, wait_gone
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from expbuild_worker.api.v1 import worker_pb2 as pb
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+
+class WorkerProcess:
+    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+        self.work_root = tmp_path / "work"
+        config = tmp_path / "worker.toml"
+        config.write_text(
+            f"""
+[server]
+address = "127.0.0.1"
+port = 0
+shutdown_grace_seconds = 1.0
+[execution]
+work_root = "{self.work_root}"
+{extra}
+[executor.host]
+type = "host"
+kill_grace_seconds = 0.5
+"""
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("expbuild-worker listening on "), line + self.proc.stderr.read(4000).decode()
+        self.target = line.rsplit(" ", 1)[1].strip()
+
+    def vm_hwm_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def worker_process(tmp_path):
+    wp = WorkerProcess(tmp_path)
+    yield wp
+    wp.stop()
+
+
+def test_health_serving_and_reflection_lists_the_api(worker_process):
+    """Operators and grpcurl rely on the standard health service and server reflection."""
+    with grpc.insecure_channel(worker_process.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "expbuild.worker.v1.WorkerService"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answer = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"expbuild.worker.v1.WorkerService", "grpc.health.v1.Health"} <= names
+
+
+def test_capabilities_are_honest_about_the_host_executor(worker_process):
+    """A plain process gets no network or CPU isolation, and capabilities say so."""
+    with grpc.insecure_channel(worker_process.target) as ch:
+        caps = pb_grpc.WorkerServiceStub(ch).GetCapabilities(pb.GetCapabilitiesRequest(), timeout=5)
+    host = caps.executors[0]
+    assert host.name == "host" and host.isolation_level == pb.ISOLATION_LEVEL_HOST and host.ready
+    assert pb.RESOURCE_LIMIT_NETWORK in host.unenforced_limits
+    assert pb.RESOURCE_LIMIT_CPU in host.unenforced_limits
+    assert pb.RESOURCE_LIMIT_TIMEOUT in host.enforced_limits
+    assert caps.platform.cpu_count >= 1 and caps.platform.memory_bytes > 0
+    assert caps.versions.api == "expbuild.worker.v1" and caps.max_concurrent_executions == 4
+
+
+def test_sigterm_during_an_action_leaves_nothing_behind(worker_process):
+    """Graceful shutdown: the running action is cancelled after the grace, its processes and
+    directory are gone, and the worker exits 0."""
+    with grpc.insecure_channel(worker_process.target) as ch:
+        stub = pb_grpc.WorkerServiceStub(ch)
+        responses = stub.Execute(request(["/bin/sh", "-c", "sleep 600 & echo $!; echo $$; wait"]), timeout=30)
+        pids: list[int] = []
+        events = []
+        for resp in responses:
+            events.append(resp)
+            if resp.WhichOneof("event") == "log":
+                pids += [int(x) for x in resp.log.data.split()]
+                if len(pids) == 2:
+                    worker_process.proc.send_signal(signal.SIGTERM)
+                    break
+        rest = list(responses)
+        assert rest[-1].result.status == pb.EXECUTION_STATUS_CANCELLED
+    assert worker_process.proc.wait(20) == 0
+    for pid in pids:
+        assert wait_gone(pid)
+    assert list((worker_process.work_root / "actions").iterdir()) == []
+
+
+def test_new_work_during_shutdown_is_unavailable(tmp_path):
+    """While draining, the worker refuses new actions with UNAVAILABLE and health says NOT_SERVING."""
+    wp = WorkerProcess(tmp_path, extra="")
+    try:
+        with grpc.insecure_channel(wp.target) as ch:
+            stub = pb_grpc.WorkerServiceStub(ch)
+            long = stub.Execute(request(["/bin/sh", "-c", "echo go; sleep 600"]), timeout=30)
+            for resp in long:
+                if resp.WhichOneof("event") == "log":
+                    break
+            wp.proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 5
+            status = None
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.02)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Execute(request(["/bin/true"]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            list(long)
+    finally:
+        wp.stop()
+
+
+def test_100_mb_output_arrives_intact_without_growing_worker_memory(worker_process):
+    """Outputs stream from disk in chunks: 100 MB arrive byte-exact while the worker's peak RSS
+    grows by no more than a few tens of MB."""
+    with grpc.insecure_channel(worker_process.target, options=[("grpc.max_receive_message_length", 8 << 20)]) as ch:
+        stub = pb_grpc.WorkerServiceStub(ch)
+        consume(stub.Execute(request(["/bin/sh", "-c", "head -c 1000000 /dev/urandom > o"], output_files=["o"])))
+        before = worker_process.vm_hwm_kib()
+        script = "head -c 104857600 /dev/urandom > big && sha256sum big | cut -d' ' -f1 >&2"
+        run = consume(
+            stub.Execute(request(["/bin/sh", "-c", script], output_files=["big"]), timeout=120),
+            keep_outputs=False,
+        )
+        after = worker_process.vm_hwm_kib()
+    expected = bytes(run.stderr).strip().decode()
+    assert run.result.output_files[0].digest.size_bytes == 100 * 1024 * 1024
+    assert run.output_sha256["big"] == expected == run.result.output_files[0].digest.sha256
+    print(f"worker peak RSS grew by {(after - before) / 1024:.1f} MiB")
+    assert (after - before) < 40 * 1024, f"worker peak RSS grew by {(after - before) // 1024} MiB"
+
