@@ -43,7 +43,7 @@ def limits_from_config(limits: LimitsConfig) -> ResourceLimits:
 
 def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Executor:
     if isinstance(config, HostExecutorConfig):
-        from expbuild_worker.execution.host import HostExecutor
+        from expbuild_worker.execution.host import HostExecutor  # noqa: PLC0415 - import only what is configured
 
         return HostExecutor(
             name=name,
@@ -53,7 +53,7 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
             max_limits=limits_from_config(config.max_limits),
         )
     assert isinstance(config, DockerExecutorConfig)
-    from expbuild_worker.execution.docker import build_docker_executor
+    from expbuild_worker.execution.docker import build_docker_executor  # noqa: PLC0415 - loads the Docker SDK
 
     return build_docker_executor(name=name, config=config, worker_id=worker_id)
 

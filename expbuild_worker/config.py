@@ -133,9 +133,7 @@ class WorkerConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    executors: Mapping[str, ExecutorConfig] = field(
-        default_factory=lambda: {"host": HostExecutorConfig()}
-    )
+    executors: Mapping[str, ExecutorConfig] = field(default_factory=lambda: {"host": HostExecutorConfig()})
 
     @property
     def default_executor(self) -> str:
@@ -174,7 +172,9 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
             raise ConfigError(f"{source}: {where}: expected a table")
         kind = table.get("type")
         if kind not in _EXECUTOR_TYPES:
-            raise ConfigError(f"{source}: {where}.type: expected one of {sorted(_EXECUTOR_TYPES)}, got {kind!r}")
+            raise ConfigError(
+                f"{source}: {where}.type: expected one of {sorted(_EXECUTOR_TYPES)}, got {kind!r}"
+            )
         executors[name] = _parse_table(_EXECUTOR_TYPES[kind], table, source, where)
     config = WorkerConfig(
         source=source, server=server, execution=execution, storage=storage, executors=executors

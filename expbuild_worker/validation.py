@@ -141,7 +141,9 @@ def validate_action(
         parent = posixpath.dirname(path)
         while parent:
             if parent in leaf_set:
-                raise InvalidRequestError(f"{field}: {path!r} lies under {parent!r}, which is a file or symlink")
+                raise InvalidRequestError(
+                    f"{field}: {path!r} lies under {parent!r}, which is a file or symlink"
+                )
             parent = posixpath.dirname(parent)
     for i, out in enumerate(action.output_files):
         check_relative_path(out, f"output_files[{i}]")

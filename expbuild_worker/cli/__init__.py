@@ -1,4 +1,4 @@
-"""The ``expbuild-worker`` command: ``serve`` runs a worker; ``exec``, ``capabilities`` and ``health`` talk to one."""
+"""The ``expbuild-worker`` command: ``serve`` runs a worker; the other subcommands talk to one."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
+from expbuild_worker.server import start_server
 
 _log = logging.getLogger("expbuild_worker")
 
@@ -41,8 +42,6 @@ def _apply_overrides(config: WorkerConfig, args: argparse.Namespace) -> WorkerCo
 
 
 async def _serve(config: WorkerConfig) -> None:
-    from expbuild_worker.server import start_server
-
     running = await start_server(config)
     # One parseable line: scripts and tests that start the worker on port 0 read the port here.
     print(f"expbuild-worker listening on {running.target}", flush=True)

@@ -1,4 +1,4 @@
-"""The execution engine: admission, staging, execution, collection, report, clean-up — for every front door."""
+"""The execution engine: admit, stage, execute, collect, report, clean up — for every front door."""
 
 from __future__ import annotations
 
@@ -150,7 +150,9 @@ class ExecutionEngine:
         names = list(executors) or list(self._executors)
         for i, name in enumerate(names):
             if name not in self._executors:
-                raise InvalidRequestError(f"executors[{i}]: unknown executor {name!r}; have {sorted(self._executors)}")
+                raise InvalidRequestError(
+                    f"executors[{i}]: unknown executor {name!r}; have {sorted(self._executors)}"
+                )
         return [await self._executors[name].warmup(images) for name in names]
 
     def cancel(self, execution_id: str) -> None:
@@ -238,7 +240,10 @@ class ExecutionEngine:
                 stop_wait.cancel()
             if not ticket.running:
                 yield self._result(
-                    action, executor, ExecutionStatus.CANCELLED, "cancelled while queued",
+                    action,
+                    executor,
+                    ExecutionStatus.CANCELLED,
+                    "cancelled while queued",
                     times=StageTimes(queued=queued),
                 )
                 return
@@ -246,7 +251,12 @@ class ExecutionEngine:
         root = self._actions_dir / f"{action.execution_id}-{uuid.uuid4().hex[:8]}"
         os.mkdir(root, 0o755)
         try:
-            if action.input_files or action.input_symlinks or action.input_directories or action.working_directory:
+            if (
+                action.input_files
+                or action.input_symlinks
+                or action.input_directories
+                or action.working_directory
+            ):
                 await asyncio.to_thread(stage_inputs, action, root, self.store)
             times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
             async for event in self._run_staged(action, executor, root, stop, times):
@@ -286,7 +296,9 @@ class ExecutionEngine:
             raise
         except Exception as err:
             _log.exception("executor %s failed on %s", executor.name, action.execution_id)
-            outcome = RunOutcome(status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}")
+            outcome = RunOutcome(
+                status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}"
+            )
         finally:
             await events.aclose()
         if outcome is None:
@@ -360,4 +372,3 @@ async def _remove_tree(root: Path) -> None:
         return
     except OSError:
         await asyncio.to_thread(shutil.rmtree, root, True)
-

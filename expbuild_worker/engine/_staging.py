@@ -52,6 +52,8 @@ def _mkdirs(root: Path, rel: str) -> None:
         current = current / part
         try:
             os.mkdir(current, 0o755)
-        except FileExistsError:
+        except FileExistsError as err:
             if current.is_symlink() or not current.is_dir():
-                raise NotADirectoryError(f"input path component {current.relative_to(root)} is not a directory")
+                raise NotADirectoryError(
+                    f"input path component {current.relative_to(root)} is not a directory"
+                ) from err

@@ -45,7 +45,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._limits = limits
 
     @streaming
-    async def Execute(self, request: pb.ExecuteRequest, context: Context) -> AsyncIterator[pb.ExecuteResponse]:
+    async def Execute(
+        self, request: pb.ExecuteRequest, context: Context
+    ) -> AsyncIterator[pb.ExecuteResponse]:
         action = tr.action_from_pb(request)
         async for event in self._engine.execute(action):
             yield tr.event_to_pb(event)
@@ -102,7 +104,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 if writer is None:
                     check_digest(digest, f"requests[{index}].digest")
                     if piece.offset != 0:
-                        raise InvalidRequestError(f"blob {digest}: first piece must start at offset 0, got {piece.offset}")
+                        raise InvalidRequestError(
+                            f"blob {digest}: first piece must start at offset 0, got {piece.offset}"
+                        )
                     writer = store.writer(digest)
                 elif piece.offset != writer.received:
                     raise InvalidRequestError(
@@ -135,7 +139,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         )
 
     @streaming
-    async def ReadBlob(self, request: pb.ReadBlobRequest, context: Context) -> AsyncIterator[pb.ReadBlobResponse]:
+    async def ReadBlob(
+        self, request: pb.ReadBlobRequest, context: Context
+    ) -> AsyncIterator[pb.ReadBlobResponse]:
         digest = tr.digest_from_pb(request.digest)
         check_digest(digest, "digest")
         offset = 0

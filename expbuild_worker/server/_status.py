@@ -69,7 +69,9 @@ def streaming(
     """Wrap a server-streaming handler the same way."""
 
     @functools.wraps(method)
-    async def wrapper(self: _Self, request: _Req, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[_Resp]:
+    async def wrapper(
+        self: _Self, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[_Resp]:
         try:
             async for item in method(self, request, context):
                 yield item

@@ -153,7 +153,9 @@ def event_to_pb(event: ActionEvent) -> pb.ExecuteResponse:
             log=pb.LogChunk(stream=_STREAM_TO_PB[event.stream], offset=event.offset, data=event.data)
         )
     if isinstance(event, OutputChunk):
-        return pb.ExecuteResponse(output_chunk=pb.OutputFileChunk(path=event.path, offset=event.offset, data=event.data))
+        return pb.ExecuteResponse(
+            output_chunk=pb.OutputFileChunk(path=event.path, offset=event.offset, data=event.data)
+        )
     if isinstance(event, Started):
         return pb.ExecuteResponse(started=pb.ExecutionStarted(start_time=_timestamp(event.at)))
     if isinstance(event, Accepted):
@@ -241,7 +243,9 @@ def capabilities_to_pb(c: ExecutorCapabilities) -> pb.ExecutorCapabilities:
 
 
 def warmup_to_pb(w: WarmupReport) -> pb.ExecutorWarmup:
-    return pb.ExecutorWarmup(name=w.name, ready=w.ready, message=w.message, images_present=list(w.images_present))
+    return pb.ExecutorWarmup(
+        name=w.name, ready=w.ready, message=w.message, images_present=list(w.images_present)
+    )
 
 
 def duration_to_pb(seconds: float) -> Duration:

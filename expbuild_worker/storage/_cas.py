@@ -36,7 +36,9 @@ def sha256_file(path: Path) -> Digest:
 def check_digest(digest: Digest, field: str) -> None:
     """Raise InvalidRequestError naming ``field`` unless ``digest`` is well formed."""
     if len(digest.sha256) != 64 or any(c not in "0123456789abcdef" for c in digest.sha256):
-        raise InvalidRequestError(f"{field}.sha256: expected 64 lower-case hex characters, got {digest.sha256!r}")
+        raise InvalidRequestError(
+            f"{field}.sha256: expected 64 lower-case hex characters, got {digest.sha256!r}"
+        )
     if digest.size < 0:
         raise InvalidRequestError(f"{field}.size_bytes: expected zero or more, got {digest.size}")
 

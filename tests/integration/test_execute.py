@@ -89,7 +89,9 @@ def test_timeout_kills_command_and_grandchild(stub):
 
 def test_cancel_execution_kills_the_action(stub):
     """CancelExecution ends the stream with CANCELLED and kills the process."""
-    responses = stub.Execute(request([SH, "-c", "echo $$; exec sleep 600"], execution_id="to-cancel"), timeout=30)
+    responses = stub.Execute(
+        request([SH, "-c", "echo $$; exec sleep 600"], execution_id="to-cancel"), timeout=30
+    )
     pid = None
     events = []
     for resp in responses:
@@ -179,13 +181,18 @@ def test_output_symlink_pointing_outside_is_not_followed(stub):
             output_directories=["d"],
         ),
     )
-    assert {(s.path, s.target) for s in run.result.output_symlinks} == {("leak", "/etc/passwd"), ("d/etc", "/etc")}
+    assert {(s.path, s.target) for s in run.result.output_symlinks} == {
+        ("leak", "/etc/passwd"),
+        ("d/etc", "/etc"),
+    }
     assert run.result.output_files == [] and run.outputs == {}
 
 
 def test_omit_output_contents_then_read_blob(stub):
     """With omit_output_contents only digests stream; ReadBlob serves the bytes afterwards."""
-    run = execute(stub, request([SH, "-c", "printf payload > o"], output_files=["o"], omit_output_contents=True))
+    run = execute(
+        stub, request([SH, "-c", "printf payload > o"], output_files=["o"], omit_output_contents=True)
+    )
     assert "output_chunk" not in run.events
     digest = run.result.output_files[0].digest
     data = b"".join(r.data for r in stub.ReadBlob(pb.ReadBlobRequest(digest=digest)))
@@ -195,7 +202,8 @@ def test_omit_output_contents_then_read_blob(stub):
 def _upload(stub, data: bytes, chunk: int = 1 << 16) -> pb.Digest:
     digest = pb.Digest(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
     pieces = [
-        pb.UploadBlobsRequest(digest=digest, offset=i, data=data[i : i + chunk]) for i in range(0, len(data), chunk)
+        pb.UploadBlobsRequest(digest=digest, offset=i, data=data[i : i + chunk])
+        for i in range(0, len(data), chunk)
     ] or [pb.UploadBlobsRequest(digest=digest)]
     resp = stub.UploadBlobs(iter(pieces))
     assert list(resp.stored) == [digest]
@@ -226,7 +234,9 @@ def test_upload_with_wrong_digest_is_refused(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.UploadBlobs(iter([pb.UploadBlobsRequest(digest=digest, data=b"wrong")]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert list(stub.FindMissingBlobs(pb.FindMissingBlobsRequest(digests=[digest])).missing_digests) == [digest]
+    assert list(stub.FindMissingBlobs(pb.FindMissingBlobsRequest(digests=[digest])).missing_digests) == [
+        digest
+    ]
 
 
 def test_missing_input_blob_is_failed_precondition(stub):

@@ -76,7 +76,9 @@ def test_health_serving_and_reflection_lists_the_api(worker_process):
             resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        answer = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        answer = next(
+            iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert {"expbuild.worker.v1.WorkerService", "grpc.health.v1.Health"} <= names
 
@@ -148,9 +150,13 @@ def test_new_work_during_shutdown_is_unavailable(tmp_path):
 def test_100_mb_output_arrives_intact_without_growing_worker_memory(worker_process):
     """Outputs stream from disk in chunks: 100 MB arrive byte-exact while the worker's peak RSS
     grows by no more than a few tens of MB."""
-    with grpc.insecure_channel(worker_process.target, options=[("grpc.max_receive_message_length", 8 << 20)]) as ch:
+    with grpc.insecure_channel(
+        worker_process.target, options=[("grpc.max_receive_message_length", 8 << 20)]
+    ) as ch:
         stub = pb_grpc.WorkerServiceStub(ch)
-        consume(stub.Execute(request(["/bin/sh", "-c", "head -c 1000000 /dev/urandom > o"], output_files=["o"])))
+        consume(
+            stub.Execute(request(["/bin/sh", "-c", "head -c 1000000 /dev/urandom > o"], output_files=["o"]))
+        )
         before = worker_process.vm_hwm_kib()
         script = "head -c 104857600 /dev/urandom > big && sha256sum big | cut -d' ' -f1 >&2"
         run = consume(
@@ -163,4 +169,3 @@ def test_100_mb_output_arrives_intact_without_growing_worker_memory(worker_proce
     assert run.output_sha256["big"] == expected == run.result.output_files[0].digest.sha256
     print(f"worker peak RSS grew by {(after - before) / 1024:.1f} MiB")
     assert (after - before) < 40 * 1024, f"worker peak RSS grew by {(after - before) // 1024} MiB"
-

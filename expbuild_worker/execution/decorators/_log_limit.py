@@ -34,16 +34,17 @@ class LogLimitingExecutor(ExecutorDecorator):
                     room = self.max_bytes - streamed[event.stream]
                     if room <= 0:
                         continue
-                    if len(event.data) > room:
-                        event = dataclasses.replace(event, data=event.data[:room])
-                    streamed[event.stream] += len(event.data)
+                    data = event.data[:room]
+                    streamed[event.stream] += len(data)
+                    yield event if len(data) == len(event.data) else dataclasses.replace(event, data=data)
                 elif isinstance(event, RunOutcome):
-                    event = dataclasses.replace(
+                    yield dataclasses.replace(
                         event,
                         stdout=_summary(written[LogStream.STDOUT], streamed[LogStream.STDOUT]),
                         stderr=_summary(written[LogStream.STDERR], streamed[LogStream.STDERR]),
                     )
-                yield event
+                else:
+                    yield event
         finally:
             with contextlib.suppress(RuntimeError):
                 await events.aclose()
