@@ -46,6 +46,8 @@ Every code other than the command's own is explained in one line on stderr.
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""PATH sent when --env sets none, so ``exec -- make`` finds make; nothing else is defaulted."""
 
 
 def parse_memory(text: str) -> int:
@@ -81,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ex = subparsers.add_parser(
         "exec",
         help="run a command on a worker, streaming its output and downloading its outputs",
-        description="Run ARGV on a worker. Nothing of the local environment is sent: pass --env. "
+        description="Run ARGV on a worker. Nothing of the local environment is sent: the command gets "
+        f"the --env variables only, plus PATH={DEFAULT_PATH} unless --env sets PATH. "
         "Remote stdout/stderr stream live to local stdout/stderr, byte for byte.",
         epilog=_EXEC_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -149,7 +152,7 @@ def _rpc_failure(command: str, target: str, err: grpc.RpcError) -> int:
 def build_request(args: argparse.Namespace, argv: Sequence[str]) -> pb.ExecuteRequest:
     """The ExecuteRequest the ``exec`` flags describe (inputs are added separately)."""
     request = pb.ExecuteRequest(argv=argv, working_directory=args.workdir, container_image=args.image)
-    request.environment.update(dict(args.env))
+    request.environment.update({"PATH": DEFAULT_PATH, **dict(args.env)})
     if args.executor:
         request.executor.name = args.executor
     if args.timeout is not None:

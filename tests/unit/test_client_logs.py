@@ -9,6 +9,7 @@ import pytest
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.cli import build_parser
 from expbuild_worker.cli._client import (
+    DEFAULT_PATH,
     EXIT_CANCELLED,
     EXIT_FAILED_TO_START,
     EXIT_INFRASTRUCTURE,
@@ -72,6 +73,12 @@ def test_bad_memory_sizes(text: str) -> None:
         parse_memory(text)
 
 
+def test_explicit_path_replaces_the_default() -> None:
+    """--env PATH=... is the whole PATH: the default never mixes in."""
+    args = build_parser().parse_args(["exec", "--target", "t:1", "--env", "PATH=/opt/bin", "--", "x"])
+    assert dict(build_request(args, ["x"]).environment) == {"PATH": "/opt/bin"}
+
+
 def test_flags_become_the_request() -> None:
     """Every exec flag lands in its ExecuteRequest field; the command is taken after --."""
     args = build_parser().parse_args(
@@ -85,7 +92,7 @@ def test_flags_become_the_request() -> None:
     assert argv == ["sh", "-c", "echo --env"]
     req = build_request(args, argv)
     assert list(req.argv) == argv
-    assert dict(req.environment) == {"A": "1", "B": "x=y"}
+    assert dict(req.environment) == {"PATH": DEFAULT_PATH, "A": "1", "B": "x=y"}
     assert req.executor.name == "docker" and req.container_image == "busybox:local"
     assert req.timeout.ToNanoseconds() == 2_500_000_000
     assert req.limits.cpu_cores == 1.5 and req.limits.memory_bytes == 512 << 20

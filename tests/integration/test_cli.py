@@ -1,0 +1,292 @@
+"""The ``exec``, ``capabilities`` and ``health`` commands against a real worker, as an operator runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from _support import wait_gone
+
+import expbuild_worker
+from expbuild_worker.cli import main
+from expbuild_worker.cli._client import DEFAULT_PATH, EXIT_CANCELLED, EXIT_FAILED_TO_START, EXIT_TIMED_OUT
+
+PATH_ENV = "PATH=/usr/local/bin:/usr/bin:/bin"
+SOURCE_ROOT = Path(expbuild_worker.__file__).resolve().parents[1]
+
+
+def _cli_env() -> dict[str, str]:
+    """The test's own environment, with this source tree first so the child runs the code under test."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m expbuild_worker ARGS`` and capture stdout and stderr apart, as bytes."""
+    return subprocess.run(
+        [sys.executable, "-m", "expbuild_worker", *args],
+        capture_output=True,
+        cwd=cwd,
+        env=_cli_env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli_popen(*args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "expbuild_worker", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=_cli_env(),
+    )
+
+
+def exec_args(target: str, *argv: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["exec", "--target", target, "--env", PATH_ENV, *extra, "--", *argv]
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_stdout_and_stderr_are_byte_exact_and_separate(worker_target: str) -> None:
+    """Binary bytes, NULs and a missing trailing newline reach the right local stream unchanged."""
+    script = r"printf 'out\000\377\n'; printf 'err\001' >&2; printf 'tail-no-newline'; printf 'E2' >&2"
+    proc = cli(*exec_args(worker_target, "/bin/sh", "-c", script))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"out\x00\xff\ntail-no-newline"
+    assert proc.stderr == b"err\x01E2"
+
+
+def test_large_binary_stdout_is_intact(worker_target: str) -> None:
+    """Several MiB of binary stdout arrive byte for byte (many chunks, reassembled in order)."""
+    proc = cli(*exec_args(worker_target, "/bin/sh", "-c", "head -c 5000000 /dev/urandom | tee /dev/stderr"))
+    assert proc.returncode == 0
+    assert len(proc.stdout) == 5_000_000
+    assert proc.stdout == proc.stderr
+
+
+@pytest.mark.parametrize("code", [0, 1, 255], ids=["zero", "one", "max"])
+def test_exit_code_is_the_remote_exit_code(worker_target: str, code: int) -> None:
+    """Scripts see the remote command's own exit code, with nothing added on stderr."""
+    proc = cli(*exec_args(worker_target, "/bin/sh", "-c", f"exit {code}"))
+    assert proc.returncode == code
+    assert proc.stderr == b""
+
+
+def test_death_by_signal_is_128_plus_n(worker_target: str) -> None:
+    """A command killed by SIGTERM exits 143 locally, like a shell reports it, explained on stderr."""
+    proc = cli(*exec_args(worker_target, "/bin/sh", "-c", "kill -TERM $$"))
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert b"signal 15 (SIGTERM)" in proc.stderr
+    assert proc.stderr.count(b"\n") == 1
+
+
+def test_timeout_has_its_own_code(worker_target: str) -> None:
+    """A command past --timeout is killed and reported as TIMED_OUT with the documented code."""
+    proc = cli(*exec_args(worker_target, "/bin/sleep", "600", extra=("--timeout", "1")), timeout=30)
+    assert proc.returncode == EXIT_TIMED_OUT
+    assert b"TIMED_OUT" in proc.stderr
+
+
+def test_missing_program_is_failed_to_start(worker_target: str) -> None:
+    """A program that does not exist is FAILED_TO_START, not an exit code the program never returned."""
+    proc = cli(*exec_args(worker_target, "/nonexistent/program"))
+    assert proc.returncode == EXIT_FAILED_TO_START
+    assert b"FAILED_TO_START" in proc.stderr
+
+
+def test_output_streams_while_the_command_runs(worker_target: str) -> None:
+    """The first line reaches local stdout while the remote command is still sleeping."""
+    proc = cli_popen(*exec_args(worker_target, "/bin/sh", "-c", "echo first; sleep 2; echo second"))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"first\n"
+        assert proc.poll() is None, "the CLI ended before the remote command did"
+        assert proc.stdout.read() == b"second\n"
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_ctrl_c_cancels_the_remote_action(worker_target: str) -> None:
+    """Ctrl-C exits 130 and the remote process is killed, not left running on the worker."""
+    proc = cli_popen(*exec_args(worker_target, "/bin/sh", "-c", "echo $$; exec sleep 600"))
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        remote_pid = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == EXIT_CANCELLED
+        assert b"CANCELLED" in proc.stderr.read()
+        assert wait_gone(remote_pid, timeout=10), f"remote process {remote_pid} survived the cancel"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_inputs_up_and_outputs_down(worker_target: str, tmp_path: Path) -> None:
+    """A file and a directory go up; outputs come back with bytes, sha256 and exec bits intact."""
+    local = tmp_path / "local"
+    (local / "data" / "sub").mkdir(parents=True)
+    (local / "data" / "a.txt").write_bytes(b"alpha\n")
+    (local / "data" / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    big = os.urandom(3 * 1024 * 1024 + 17)  # several upload pieces and output chunks
+    (local / "big.bin").write_bytes(big)
+    tool = local / "tool.sh"
+    tool.write_bytes(b"#!/bin/sh\necho tool ran\n")
+    tool.chmod(0o755)
+    script = (
+        "set -e; ./bin/tool.sh; mkdir -p out/nested/empty; "
+        "cat data/a.txt data/sub/b.bin > out/nested/joined; cp bin/tool.sh out/tool.sh; "
+        "cp big.bin out/big.bin; : > out/empty; ln -s tool.sh out/link"
+    )
+    dest = tmp_path / "dest"
+    proc = cli(
+        *exec_args(
+            worker_target,
+            "/bin/sh",
+            "-c",
+            script,
+            extra=("--input", "data", "--input", "tool.sh:bin/tool.sh", "--input", str(local / "big.bin"),
+                   "--output", "out", "--output-dir", str(dest)),
+        ),
+        cwd=local,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"tool ran\n"
+    out = dest / "out"
+    assert (out / "nested" / "joined").read_bytes() == b"alpha\n" + bytes(range(256))
+    assert hashlib.sha256((out / "big.bin").read_bytes()).hexdigest() == hashlib.sha256(big).hexdigest()
+    assert (out / "tool.sh").read_bytes() == tool.read_bytes()
+    assert stat.S_IMODE((out / "tool.sh").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "big.bin").stat().st_mode) == 0o644
+    assert (out / "empty").read_bytes() == b""
+    assert (out / "nested" / "empty").is_dir()
+    assert os.readlink(out / "link") == "tool.sh"
+
+
+def test_single_output_file_lands_in_the_current_directory(worker_target: str, tmp_path: Path) -> None:
+    """Without --output-dir, outputs are written under the current directory at their remote path."""
+    proc = cli(
+        *exec_args(worker_target, "/bin/sh", "-c", "printf result > r.txt", extra=("--output", "r.txt")),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r.txt").read_bytes() == b"result"
+
+
+def test_outputs_are_downloaded_even_when_the_command_fails(worker_target: str, tmp_path: Path) -> None:
+    """A failing build's logs and reports are what a user needs most; they come back with its code."""
+    proc = cli(
+        *exec_args(
+            worker_target, "/bin/sh", "-c", "echo report > log.txt; exit 3", extra=("--output", "log.txt")
+        ),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3
+    assert (tmp_path / "log.txt").read_bytes() == b"report\n"
+
+
+def test_workdir_and_environment(worker_target: str) -> None:
+    """--workdir sets the directory; the environment is --env plus the default PATH, nothing local."""
+    proc = cli(
+        "exec", "--target", worker_target, "--workdir", "w/d", "--env", "ONLY=this",
+        "--", "/bin/sh", "-c", 'pwd | grep -q "/w/d$" && env | sort | grep -v "^PWD=\\|^SHLVL=\\|^_="',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"ONLY=this\nPATH={DEFAULT_PATH}\n".encode()
+
+
+def test_program_is_found_on_the_default_path(worker_target: str) -> None:
+    """``exec -- echo hi`` just works: PATH defaults to the standard directories."""
+    proc = cli("exec", "--target", worker_target, "--", "echo", "hi")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"hi\n", b"")
+
+
+def test_unreadable_input_is_a_usage_error(worker_target: str, tmp_path: Path) -> None:
+    """A typo in --input fails before anything runs, naming the path."""
+    proc = cli(*exec_args(worker_target, "/bin/true", extra=("--input", "no-such-file")), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert b"no-such-file" in proc.stderr
+
+
+def test_exec_against_a_dead_port_is_an_infrastructure_failure(tmp_path: Path) -> None:
+    """No worker answering is told apart from any remote exit code, in one line."""
+    proc = cli(*exec_args(f"127.0.0.1:{free_port()}", "/bin/true"), timeout=30)
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"expbuild-worker exec: cannot reach worker")
+    assert proc.stderr.count(b"\n") == 1
+
+
+def test_refused_request_is_an_infrastructure_failure(
+    worker_target: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A request the worker refuses (INVALID_ARGUMENT) names the status and the field."""
+    code = main(["exec", "--target", worker_target, "--workdir", "../escape", "--", "/bin/true"])
+    assert code == 125
+    err = capfd.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "working_directory" in err
+
+
+def test_health_serving(worker_target: str) -> None:
+    """A running worker reports SERVING and the command exits 0, so it fits a probe script."""
+    proc = cli("health", "--target", worker_target)
+    assert (proc.returncode, proc.stdout) == (0, b"SERVING\n")
+
+
+def test_health_of_a_named_service(worker_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The worker's own service has its health status too."""
+    assert main(["health", "--target", worker_target, "--service", "expbuild.worker.v1.WorkerService"]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
+
+
+def test_health_of_a_stopped_worker_is_not_serving(start_worker: Callable[..., object]) -> None:
+    """A worker shutting down says NOT_SERVING and the probe fails."""
+    worker = start_worker()
+    target = worker.target  # type: ignore[attr-defined]
+    health_server = worker.server._health  # type: ignore[attr-defined]
+    worker.call(health_server.enter_graceful_shutdown())  # type: ignore[attr-defined]
+    proc = cli("health", "--target", target)
+    assert (proc.returncode, proc.stdout) == (1, b"NOT_SERVING\n")
+
+
+def test_health_against_a_dead_port_fails_cleanly() -> None:
+    """No worker: one clear line on stderr, no traceback, a non-zero exit, within a few seconds."""
+    proc = cli("health", "--target", f"127.0.0.1:{free_port()}", timeout=30)
+    assert proc.returncode != 0
+    assert proc.stdout == b""
+    assert proc.stderr.startswith(b"expbuild-worker health: cannot reach worker at 127.0.0.1:")
+    assert b"Traceback" not in proc.stderr
+
+
+def test_capabilities_lists_the_host_executor(worker_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Operators see the host executor, its isolation and what it cannot enforce."""
+    assert main(["capabilities", "--target", worker_target]) == 0
+    out = capsys.readouterr().out
+    assert "  host (default): isolation host, ready" in out
+    assert "cannot enforce:" in out and "network" in out
+
+
+def test_capabilities_as_json(worker_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json prints the response in the protobuf JSON mapping, for scripts."""
+    assert main(["capabilities", "--target", worker_target, "--json"]) == 0
+    caps = json.loads(capsys.readouterr().out)
+    assert caps["executors"][0]["name"] == "host"
+    assert caps["executors"][0]["isolationLevel"] == "ISOLATION_LEVEL_HOST"
