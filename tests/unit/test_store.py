@@ -1,0 +1,101 @@
+"""The content-addressed store: verified writes, safe concurrency, bounded size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from expbuild_worker.errors import InvalidRequestError, NotFoundError
+from expbuild_worker.model import Digest
+from expbuild_worker.storage import ContentAddressedStore
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_write_verifies_and_publishes(tmp_path):
+    """Only content that matches its digest becomes visible."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1 << 30)
+    d = _digest(b"hello")
+    w = store.writer(d)
+    w.write(b"hel")
+    w.write(b"lo")
+    assert not store.contains(d)
+    w.commit()
+    assert store.contains(d) and b"".join(store.open_blob(d)) == b"hello"
+
+
+def test_mismatch_and_overflow_are_refused(tmp_path):
+    """Wrong content or too many bytes never reach the store, and leave no temporary file."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1 << 30)
+    d = _digest(b"hello")
+    w = store.writer(d)
+    w.write(b"HELLO")
+    with pytest.raises(InvalidRequestError, match="does not match"):
+        w.commit()
+    w2 = store.writer(d)
+    with pytest.raises(InvalidRequestError, match="more than"):
+        w2.write(b"hello!")
+    assert not store.contains(d) and os.listdir(tmp_path / "tmp") == []
+
+
+def test_concurrent_writers_of_one_blob(tmp_path):
+    """Many writers of the same digest all succeed and the blob is intact."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1 << 30)
+    data = os.urandom(1 << 20)
+    d = _digest(data)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            w = store.writer(d)
+            for i in range(0, len(data), 65536):
+                w.write(data[i : i + 65536])
+            w.commit()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert b"".join(store.open_blob(d)) == data and store.total_bytes == len(data)
+
+
+def test_least_recently_used_blobs_are_evicted(tmp_path):
+    """Past the bound the oldest blobs go and the newest stays."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=3000)
+    digests = []
+    for i in range(5):
+        d = store.put_bytes(bytes([i]) * 1000)
+        os.utime(store.path_of(d), (1000 + i, 1000 + i))
+        digests.append(d)
+    assert store.contains(digests[-1])
+    assert not store.contains(digests[0])
+    assert store.total_bytes <= 3000
+
+
+def test_copies_are_independent_of_the_store(tmp_path):
+    """A staged input is a copy: changing it cannot change the stored blob."""
+    store = ContentAddressedStore(root=tmp_path / "cas", max_bytes=1 << 30)
+    d = store.put_bytes(b"original")
+    dest = tmp_path / "staged"
+    store.copy_to(d, dest, executable=True)
+    assert os.access(dest, os.X_OK)
+    dest.write_bytes(b"changed!")
+    assert b"".join(store.open_blob(d)) == b"original"
+
+
+def test_unknown_blob_is_not_found(tmp_path):
+    """Reading an absent blob is NotFoundError naming it."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1 << 30)
+    d = _digest(b"absent")
+    with pytest.raises(NotFoundError, match=d.sha256):
+        store.open_blob(d)
+    assert store.find_missing([d, _digest(b"")]) == [d]
