@@ -1,0 +1,352 @@
+"""One running command on the event loop: pipe readers, stdin writer, exit watcher and kill logic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import select
+import signal
+import time
+
+from expbuild_worker.execution.host._spawn import Child
+from expbuild_worker.model import ExecutionStatus, LogChunk, LogStream, ResourceUsage, RunOutcome
+
+READ_SIZE = 64 * 1024
+"""Bytes per read and at most per LogChunk: one pipe buffer, one comfortable gRPC message."""
+
+HIGH_WATER = 256 * 1024
+"""Unsent bytes per stream at which reading pauses, so a slow consumer blocks the command, not our memory."""
+
+DRAIN_SECONDS = 1.0
+"""How long to wait for end-of-file after the process group is dead (only an escaped process delays it)."""
+
+FINAL_DRAIN_BYTES = 1 << 20
+"""At most this much is read per stream once the drain deadline has passed."""
+
+REAP_SECONDS = 5.0
+"""How long an abort may block waiting for a SIGKILLed process to die before reaping it in the background."""
+
+
+class _Pipe:
+    """One output pipe: the bytes read but not yet emitted, and whether reading is paused."""
+
+    __slots__ = ("fd", "offset", "paused", "pending", "stream")
+
+    def __init__(self, fd: int, stream: LogStream) -> None:
+        self.fd = fd
+        self.stream = stream
+        self.offset = 0
+        self.pending = bytearray()
+        self.paused = False
+
+
+class Run:
+    """The loop-side state of one child process; every method is called on the loop thread.
+
+    The kill rule: the process group is signalled only while its leader is unreaped (a zombie
+    still holds the pid), so the group id can never belong to someone else by then.
+    """
+
+    def __init__(self, *, child: Child, stdin: bytes, kill_grace_seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._child = child
+        self._pid = child.pid
+        self._pidfd = child.pidfd
+        self._grace = kill_grace_seconds
+        self.pipes = (_Pipe(child.stdout_fd, LogStream.STDOUT), _Pipe(child.stderr_fd, LogStream.STDERR))
+        self._stdin_fd = child.stdin_fd if child.stdin_fd is not None else -1
+        self._stdin = memoryview(stdin)
+        self._stdin_pos = 0
+        self._writer_registered = False
+        self.wake = asyncio.Event()
+        self.started_at = time.time()
+        # exec records the spawning process's high-water RSS as the child's (vfork shares our
+        # memory), so a peak at or below ours cannot be told apart from ours.
+        self._worker_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.ended_at: float | None = None
+        self._status: int | None = None  # wait status
+        self._usage: resource.struct_rusage | None = None
+        self._reaped = False
+        self._stop_reason: ExecutionStatus | None = None
+        self._escalated = False
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_deadline: float | None = None
+        self._notes: list[str] = []
+        self.released = False
+
+    # ---- starting -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch the pipes and the exit, and begin feeding stdin."""
+        for pipe in self.pipes:
+            self._loop.add_reader(pipe.fd, self._on_output, pipe)
+        self._loop.add_reader(self._pidfd, self._on_exit)
+        if self._stdin_fd >= 0:
+            self._write_stdin()
+
+    # ---- callbacks ------------------------------------------------------------------------
+
+    def _on_output(self, pipe: _Pipe) -> None:
+        try:
+            data = os.read(pipe.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            pipe.pending += data
+            if len(pipe.pending) >= HIGH_WATER:
+                self._loop.remove_reader(pipe.fd)
+                pipe.paused = True
+        else:
+            self._close_pipe(pipe)
+        self.wake.set()
+
+    def _write_stdin(self) -> None:
+        try:
+            self._stdin_pos += os.write(self._stdin_fd, self._stdin[self._stdin_pos :])
+        except BlockingIOError:
+            pass
+        except OSError:  # EPIPE: the command closed stdin or ended without reading it all
+            self._close_stdin()
+            return
+        if self._stdin_pos >= len(self._stdin):
+            self._close_stdin()
+        elif not self._writer_registered:
+            self._loop.add_writer(self._stdin_fd, self._write_stdin)
+            self._writer_registered = True
+
+    def _on_exit(self) -> None:
+        self._kill_group(signal.SIGKILL)  # whatever the leader left behind goes with it
+        if not self._reap():
+            return
+        self._drain_deadline = self._loop.time() + DRAIN_SECONDS
+        self._drain_timer = self._loop.call_at(self._drain_deadline, self.wake.set)
+        self.wake.set()
+
+    # ---- stopping -------------------------------------------------------------------------
+
+    def request_stop(self, reason: ExecutionStatus) -> None:
+        """SIGTERM the group now and SIGKILL it after the grace period; no-op once the leader exited."""
+        if self._reaped or self._stop_reason is not None:
+            return
+        self._stop_reason = reason
+        self._kill_group(signal.SIGTERM)
+        self._kill_timer = self._loop.call_later(self._grace, self._escalate)
+
+    def _escalate(self) -> None:
+        self._kill_timer = None
+        if not self._reaped:
+            self._escalated = True
+            self._kill_group(signal.SIGKILL)
+
+    def abort(self, reason: ExecutionStatus, note: str) -> None:
+        """Stop at once (SIGKILL), as when the executor closes; the outcome carries ``reason``."""
+        if not self._reaped and self._stop_reason is None:
+            self._stop_reason = reason
+            self._notes.append(note)
+        self.release()
+
+    def _kill_group(self, sig: signal.Signals) -> None:
+        if self._reaped:
+            return
+        try:
+            os.killpg(self._pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # a member switched to another user (setuid); nothing more we can do
+            pass
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def take_chunk(self, pipe: _Pipe) -> LogChunk | None:
+        """The next at most READ_SIZE unsent bytes of ``pipe``; resumes reading below the high water."""
+        if not pipe.pending:
+            return None
+        data = bytes(pipe.pending[:READ_SIZE])
+        del pipe.pending[:READ_SIZE]
+        chunk = LogChunk(stream=pipe.stream, offset=pipe.offset, data=data)
+        pipe.offset += len(data)
+        if pipe.paused and pipe.fd >= 0 and len(pipe.pending) < HIGH_WATER:
+            pipe.paused = False
+            self._loop.add_reader(pipe.fd, self._on_output, pipe)
+        return chunk
+
+    @property
+    def exited(self) -> bool:
+        return self._reaped
+
+    @property
+    def pipes_closed(self) -> bool:
+        return all(pipe.fd < 0 for pipe in self.pipes)
+
+    def drain_expired(self) -> bool:
+        return self._drain_deadline is not None and self._loop.time() >= self._drain_deadline
+
+    def final_drain(self) -> None:
+        """Read what is already in the pipes (bounded) and close them; used when end-of-file is late."""
+        for pipe in self.pipes:
+            budget = FINAL_DRAIN_BYTES
+            while pipe.fd >= 0 and budget > 0:
+                try:
+                    data = os.read(pipe.fd, min(READ_SIZE, budget))
+                except BlockingIOError:
+                    self._notes.append(
+                        f"stopped reading {pipe.stream.value}: still open {DRAIN_SECONDS:g}s after the "
+                        "process group was killed (held by a process that left the group?)"
+                    )
+                    self._close_pipe(pipe)
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close_pipe(pipe)
+                    break
+                pipe.pending += data
+                budget -= len(data)
+            if pipe.fd >= 0:
+                self._notes.append(
+                    f"stopped reading {pipe.stream.value} after {FINAL_DRAIN_BYTES} more bytes"
+                )
+                self._close_pipe(pipe)
+
+    # ---- the end --------------------------------------------------------------------------
+
+    def outcome(self) -> RunOutcome:
+        """The RunOutcome for what happened: the stop reason when stopped before the exit, else COMPLETED.
+
+        Peak memory is None (unknown) unless it exceeded the worker's own peak RSS: the kernel
+        hands the exec'ing child our high-water mark, so smaller peaks are indistinguishable.
+        """
+        notes = list(self._notes)
+        exit_code: int | None = None
+        sig: int | None = None
+        if self._status is not None:
+            if os.WIFEXITED(self._status):
+                exit_code = os.WEXITSTATUS(self._status)
+            elif os.WIFSIGNALED(self._status):
+                sig = os.WTERMSIG(self._status)
+        usage = ResourceUsage()
+        if self._usage is not None:
+            usage = ResourceUsage(
+                user_cpu_seconds=self._usage.ru_utime,
+                system_cpu_seconds=self._usage.ru_stime,
+                peak_memory_bytes=self._usage.ru_maxrss * 1024
+                if self._usage.ru_maxrss > self._worker_peak_kib
+                else None,
+            )
+        if self._stop_reason is not None:
+            status = self._stop_reason
+            how = "SIGTERM, then SIGKILL" if self._escalated else "SIGTERM"
+            notes.insert(0, f"stopped ({status.value}): the process group got {how}")
+        elif self._status is None:
+            status = ExecutionStatus.INTERNAL
+        else:
+            status = ExecutionStatus.COMPLETED
+            if sig is not None:
+                notes.insert(0, f"killed by {_signal_name(sig)}")
+        return RunOutcome(
+            status=status,
+            exit_code=exit_code,
+            signal=sig,
+            message="; ".join(notes),
+            usage=usage,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+        )
+
+    def release(self) -> None:
+        """Kill what still runs, reap it, close every descriptor and unregister every callback. Idempotent.
+
+        Safe from a ``finally`` that must not await (generator close, cancellation): a SIGKILLed
+        process is waited for synchronously, at most REAP_SECONDS, then reaped in the background.
+        """
+        if self.released:
+            return
+        self.released = True
+        for timer in (self._kill_timer, self._drain_timer):
+            if timer is not None:
+                timer.cancel()
+        if not self._reaped:
+            self._kill_group(signal.SIGKILL)
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            poller.poll(int(REAP_SECONDS * 1000))
+            if not self._reap():
+                self._reap_later()
+        self._close_stdin()
+        for pipe in self.pipes:
+            self._close_pipe(pipe)
+        self.wake.set()
+
+    def _reap(self) -> bool:
+        """wait4 the leader if it has exited; True once reaped (or lost to another reaper)."""
+        try:
+            pid, status, usage = os.wait4(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            self._notes.append(f"process {self._pid} was reaped by someone else; its exit status is lost")
+            pid, status, usage = self._pid, -1, None
+        if pid == 0:
+            return False
+        self._reaped = True
+        self.ended_at = time.time()
+        if usage is not None:
+            self._status, self._usage = status, usage
+            self._child.popen.returncode = os.waitstatus_to_exitcode(status)
+        else:
+            self._child.popen.returncode = -1
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        self._close_pidfd()
+        self._close_stdin()
+        return True
+
+    def _reap_later(self) -> None:
+        """Hand the pidfd to a callback that reaps the process whenever it finally dies."""
+        pidfd, pid, popen = self._pidfd, self._pid, self._child.popen
+        self._pidfd = -1
+        self._notes.append(f"process {pid} did not die within {REAP_SECONDS:g}s of SIGKILL; reaping it later")
+        loop = self._loop
+
+        def reap() -> None:
+            with contextlib.suppress(ChildProcessError):
+                if os.wait4(pid, os.WNOHANG)[0] == 0:
+                    return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            popen.returncode = -1
+
+        loop.add_reader(pidfd, reap)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _close_stdin(self) -> None:
+        if self._stdin_fd >= 0:
+            if self._writer_registered:
+                self._loop.remove_writer(self._stdin_fd)
+                self._writer_registered = False
+            os.close(self._stdin_fd)
+            self._stdin_fd = -1
+            self._stdin.release()
+
+    def _close_pipe(self, pipe: _Pipe) -> None:
+        if pipe.fd >= 0:
+            self._loop.remove_reader(pipe.fd)
+            os.close(pipe.fd)
+            pipe.fd = -1
+            pipe.paused = False
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,629 @@
+"""The host executor, driven directly on an event loop: bytes, statuses and what is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
+from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.host import HostExecutor
+from expbuild_worker.model import (
+    ExecutionStatus,
+    ExecutorEvent,
+    LogChunk,
+    LogStream,
+    ResourceLimit,
+    ResourceLimits,
+    RunOutcome,
+    Started,
+)
+
+T = TypeVar("T")
+ENV = {"PATH": "/usr/bin:/bin"}
+GRACE = 0.2
+IS_ROOT = os.geteuid() == 0
+
+
+def make_executor(
+    *,
+    refuse: bool = True,
+    default_limits: ResourceLimits | None = None,
+    max_limits: ResourceLimits | None = None,
+) -> HostExecutor:
+    return HostExecutor(
+        kill_grace_seconds=GRACE,
+        refuse_unenforceable_limits=refuse,
+        default_limits=default_limits or ResourceLimits(),
+        max_limits=max_limits or ResourceLimits(),
+    )
+
+
+def command(
+    root: Path,
+    *argv: str,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    limits: ResourceLimits | None = None,
+    working_directory: str = "",
+) -> Command:
+    return Command(
+        execution_id="test-action",
+        argv=argv,
+        environment=ENV if env is None else env,
+        root=root,
+        working_directory=working_directory,
+        stdin=stdin,
+        limits=limits or ResourceLimits(),
+    )
+
+
+def sh(root: Path, script: str, **kwargs: Any) -> Command:
+    return command(root, "/bin/sh", "-c", script, **kwargs)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one test coroutine; the generous timeout turns a hang into a failure."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, 60)
+
+    return asyncio.run(bounded())
+
+
+@dataclass
+class Result:
+    events: list[ExecutorEvent] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> RunOutcome:
+        last = self.events[-1]
+        assert isinstance(last, RunOutcome)
+        return last
+
+    def chunks(self, stream: LogStream) -> list[LogChunk]:
+        return [e for e in self.events if isinstance(e, LogChunk) and e.stream is stream]
+
+    @property
+    def stdout(self) -> bytes:
+        return b"".join(c.data for c in self.chunks(LogStream.STDOUT))
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(c.data for c in self.chunks(LogStream.STDERR))
+
+
+def check_shape(events: list[ExecutorEvent]) -> None:
+    """Started first (unless it never started), one RunOutcome last, contiguous bounded chunks."""
+    assert isinstance(events[-1], RunOutcome)
+    assert sum(isinstance(e, RunOutcome) for e in events) == 1
+    if events[-1].started_at is None:
+        assert not any(isinstance(e, Started) for e in events)
+    else:
+        assert isinstance(events[0], Started)
+        assert events[0].at == events[-1].started_at
+    offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
+    for event in events:
+        if isinstance(event, LogChunk):
+            assert event.offset == offsets[event.stream]
+            assert 0 < len(event.data) <= 64 * 1024
+            offsets[event.stream] += len(event.data)
+
+
+async def collect(
+    events: AsyncGenerator[ExecutorEvent, None], seen: list[ExecutorEvent] | None = None
+) -> Result:
+    """Consume the rest of ``events`` after ``seen`` (those already taken) and check the whole stream."""
+    result = Result(list(seen or []))
+    async for event in events:
+        result.events.append(event)
+    check_shape(result.events)
+    return result
+
+
+async def execute(
+    cmd: Command, *, executor: HostExecutor | None = None, stop: StopSignal | None = None
+) -> Result:
+    return await collect((executor or make_executor()).execute(cmd, stop or StopSignal()))
+
+
+async def until_stdout(
+    events: AsyncGenerator[ExecutorEvent, None], marker: bytes, seen: list[ExecutorEvent]
+) -> None:
+    """Consume events until ``marker`` has appeared on stdout."""
+    out = b""
+    async for event in events:
+        seen.append(event)
+        if isinstance(event, LogChunk) and event.stream is LogStream.STDOUT:
+            out += event.data
+            if marker in out:
+                return
+    raise AssertionError(f"{marker!r} never appeared on stdout")
+
+
+async def until_exists(path: Path) -> None:
+    for _ in range(1000):
+        if path.exists() and path.read_text().strip():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path.name} never appeared")
+
+
+def is_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (absent, or a zombie some other parent has not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def gone_within(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not is_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def reaped(pid: int) -> bool:
+    """True when ``pid`` was fully reaped: no process, not even a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def registered_callbacks() -> int:
+    """How many descriptors the running loop watches (readers and writers)."""
+    return len(asyncio.get_running_loop()._selector.get_map())  # type: ignore[attr-defined]
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def test_stdout_and_stderr_are_separate_and_byte_exact(tmp_path: Path) -> None:
+    """Every byte value reaches the right stream unchanged, with no newline added at the end."""
+    out = bytes(range(256)) * 3 + b"\r\n\x00end-of-stdout"
+    err = bytes(reversed(range(256))) + b"end-of-stderr"
+    (tmp_path / "out.bin").write_bytes(out)
+    (tmp_path / "err.bin").write_bytes(err)
+    result = run(execute(sh(tmp_path, "cat out.bin; cat err.bin >&2")))
+    assert result.stdout == out
+    assert result.stderr == err
+    assert result.outcome.status is ExecutionStatus.COMPLETED
+    assert result.outcome.exit_code == 0
+
+
+def test_output_arrives_while_the_command_still_runs(tmp_path: Path) -> None:
+    """The first line is streamed before the command ends: it only goes on once it is seen."""
+    script = (
+        "echo first; i=0; "
+        "while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; "
+        "if [ -e go ]; then echo second; else echo never-saw-go; fi"
+    )
+
+    async def scenario() -> Result:
+        result = Result()
+        async for event in make_executor().execute(sh(tmp_path, script), StopSignal()):
+            result.events.append(event)
+            if isinstance(event, LogChunk) and event.data.startswith(b"first"):
+                (tmp_path / "go").touch()
+        check_shape(result.events)
+        return result
+
+    result = run(scenario())
+    assert result.stdout == b"first\nsecond\n"
+
+
+def test_large_output_arrives_intact_in_bounded_contiguous_chunks(tmp_path: Path) -> None:
+    """5 MB of random bytes come through exactly, in order, at most 64 KiB per chunk."""
+    data = os.urandom(5_000_000)
+    (tmp_path / "big.bin").write_bytes(data)
+    result = run(execute(command(tmp_path, "cat", "big.bin")))
+    assert result.stdout == data
+    assert len(result.chunks(LogStream.STDOUT)) < 200
+
+
+def test_many_tiny_writes_are_batched_into_few_chunks(tmp_path: Path) -> None:
+    """Writes already buffered when the consumer asks are sent together, not one message each."""
+    script = "i=0; while [ $i -lt 2000 ]; do echo x; i=$((i+1)); done; echo 1 > done; sleep 600"
+
+    async def scenario() -> Result:
+        stop = StopSignal()
+        events = make_executor().execute(sh(tmp_path, script), stop)
+        first = await anext(events)
+        await until_exists(tmp_path / "done")
+        stop.request(ExecutionStatus.CANCELLED)
+        return await collect(events, [first])
+
+    result = run(scenario())
+    assert result.stdout == b"x\n" * 2000
+    assert len(result.chunks(LogStream.STDOUT)) <= 3
+
+
+def test_slow_consumer_blocks_the_command_instead_of_buffering(tmp_path: Path) -> None:
+    """While nobody takes events, the command waits on a full pipe; memory stays bounded."""
+    size = 8 << 20
+
+    async def scenario() -> tuple[bool, Result]:
+        events = make_executor().execute(
+            sh(tmp_path, f"head -c {size} /dev/zero; echo 1 > written"), StopSignal()
+        )
+        seen = [await anext(events), await anext(events)]
+        await asyncio.sleep(0.5)
+        finished_while_idle = (tmp_path / "written").exists()
+        return finished_while_idle, await collect(events, seen)
+
+    finished_while_idle, result = run(scenario())
+    assert not finished_while_idle
+    assert result.stdout == b"\0" * size
+    assert (tmp_path / "written").exists()
+
+
+# ---- exit statuses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 1, 255], ids=["zero", "one", "max"])
+def test_exit_code_is_reported_as_a_completed_result(tmp_path: Path, code: int) -> None:
+    """A non-zero exit is a result, not an error: COMPLETED with the exact code."""
+    outcome = run(execute(sh(tmp_path, f"exit {code}"))).outcome
+    assert outcome.status is ExecutionStatus.COMPLETED
+    assert outcome.exit_code == code
+    assert outcome.signal is None
+    assert outcome.started_at is not None and outcome.ended_at is not None
+    assert outcome.started_at <= outcome.ended_at
+
+
+def test_death_by_signal_reports_the_signal_and_no_exit_code(tmp_path: Path) -> None:
+    """A command killed by a signal it did not get from us ended by itself: COMPLETED, signal 9."""
+    outcome = run(execute(sh(tmp_path, "kill -9 $$"))).outcome
+    assert outcome.status is ExecutionStatus.COMPLETED
+    assert outcome.signal == 9
+    assert outcome.exit_code is None
+    assert "SIGKILL" in outcome.message
+
+
+# ---- starting --------------------------------------------------------------------------------
+
+
+def test_missing_program_fails_to_start_naming_it(tmp_path: Path) -> None:
+    """A missing argv[0] is FAILED_TO_START with a message naming it, not an exception."""
+    result = run(execute(command(tmp_path, "/no/such/program", "arg")))
+    assert [type(e) for e in result.events] == [RunOutcome]
+    assert result.outcome.status is ExecutionStatus.FAILED_TO_START
+    assert "/no/such/program" in result.outcome.message
+
+
+@pytest.mark.parametrize(
+    ("argv0", "env", "expected"),
+    [
+        ("no-such-tool", ENV, "not found"),
+        ("sh", {}, "no PATH"),
+        ("./not-executable", ENV, "ermission denied"),
+        ("not-executable", {"PATH": "."}, "ermission denied"),
+    ],
+    ids=["not-on-path", "bare-name-without-path", "not-executable-path", "not-executable-on-path"],
+)
+def test_unrunnable_program_fails_to_start(
+    tmp_path: Path, argv0: str, env: dict[str, str], expected: str
+) -> None:
+    """Lookup follows the command's own PATH; what cannot run is reported with the reason."""
+    (tmp_path / "not-executable").write_text("#!/bin/sh\necho hi\n")
+    outcome = run(execute(command(tmp_path, argv0, env=env))).outcome
+    assert outcome.status is ExecutionStatus.FAILED_TO_START
+    assert argv0 in outcome.message
+    assert expected in outcome.message
+
+
+def test_missing_working_directory_fails_to_start(tmp_path: Path) -> None:
+    """A working directory that does not exist is named in the FAILED_TO_START message."""
+    outcome = run(execute(command(tmp_path, "/bin/true", working_directory="sub/dir"))).outcome
+    assert outcome.status is ExecutionStatus.FAILED_TO_START
+    assert "sub/dir" in outcome.message
+
+
+def test_program_is_found_on_the_command_path_and_runs_in_its_directory(tmp_path: Path) -> None:
+    """A bare name resolves against the command's PATH (not the worker's); cwd is root/working_directory."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    tool = tools / "where-am-i"
+    tool.write_text("#!/bin/sh\npwd\n")
+    tool.chmod(0o755)
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    env = {"PATH": f"{tools}:/bin"}
+    result = run(execute(command(tmp_path, "where-am-i", env=env, working_directory="work/sub")))
+    assert result.outcome.exit_code == 0
+    assert result.stdout == f"{tmp_path / 'work' / 'sub'}\n".encode()
+
+
+def test_relative_program_path_is_relative_to_the_working_directory(tmp_path: Path) -> None:
+    """``./tool`` means the tool in the command's working directory."""
+    (tmp_path / "wd").mkdir()
+    tool = tmp_path / "wd" / "tool"
+    tool.write_text("#!/bin/sh\necho from-wd\n")
+    tool.chmod(0o755)
+    result = run(execute(command(tmp_path, "./tool", env={}, working_directory="wd")))
+    assert result.stdout == b"from-wd\n"
+
+
+def test_environment_is_exactly_the_given_one(tmp_path: Path) -> None:
+    """Nothing of the worker's environment leaks into the command."""
+    env = {"ONE": "1", "SPACED": "two words", "EMPTY": ""}
+    result = run(execute(command(tmp_path, "/usr/bin/env", env=env)))
+    assert sorted(result.stdout.decode().splitlines()) == sorted(f"{k}={v}" for k, v in env.items())
+
+
+def test_stdin_bytes_reach_the_command(tmp_path: Path) -> None:
+    """Stdin larger than a pipe buffer arrives whole and unchanged."""
+    data = os.urandom(1 << 20)
+    result = run(execute(command(tmp_path, "cat", stdin=data)))
+    assert result.stdout == data
+
+
+def test_stdin_the_command_ignores_does_not_hang(tmp_path: Path) -> None:
+    """A command that exits without reading its stdin ends normally (the broken pipe is ours to absorb)."""
+    outcome = run(execute(sh(tmp_path, "exit 3", stdin=os.urandom(4 << 20)))).outcome
+    assert outcome.status is ExecutionStatus.COMPLETED
+    assert outcome.exit_code == 3
+
+
+def test_empty_stdin_is_end_of_file(tmp_path: Path) -> None:
+    """Without stdin bytes, a reading command sees end-of-file at once instead of waiting forever."""
+    result = run(execute(command(tmp_path, "cat")))
+    assert result.outcome.exit_code == 0
+    assert result.stdout == b""
+
+
+# ---- stopping and cleaning up ----------------------------------------------------------------
+
+SPAWNS_GRANDCHILD = "echo $$ > leader; sleep 600 & echo $! > grandchild; echo ready; sleep 600"
+
+
+def test_stop_kills_the_command_and_its_grandchildren(tmp_path: Path) -> None:
+    """A timeout ends as TIMED_OUT within seconds, and no process of the action survives."""
+
+    async def scenario() -> Result:
+        stop = StopSignal()
+        seen: list[ExecutorEvent] = []
+        events = make_executor().execute(sh(tmp_path, SPAWNS_GRANDCHILD), stop)
+        await until_stdout(events, b"ready", seen)
+        stop.request(ExecutionStatus.TIMED_OUT)
+        return await collect(events, seen)
+
+    began = time.monotonic()
+    result = run(scenario())
+    assert time.monotonic() - began < 5
+    assert result.outcome.status is ExecutionStatus.TIMED_OUT
+    assert reaped(int((tmp_path / "leader").read_text()))
+    assert gone_within(int((tmp_path / "grandchild").read_text()))
+
+
+def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> None:
+    """A command deaf to SIGTERM is SIGKILLed after the grace period and ends with the stop reason."""
+
+    async def scenario() -> Result:
+        stop = StopSignal()
+        seen: list[ExecutorEvent] = []
+        events = make_executor().execute(sh(tmp_path, "trap '' TERM; echo ready; sleep 600"), stop)
+        await until_stdout(events, b"ready", seen)
+        stop.request(ExecutionStatus.CANCELLED)
+        stop.request(ExecutionStatus.TIMED_OUT)
+        return await collect(events, seen)
+
+    outcome = run(scenario()).outcome
+    assert outcome.status is ExecutionStatus.CANCELLED
+    assert outcome.signal == 9
+    assert "SIGKILL" in outcome.message
+
+
+def test_stop_requested_before_start_runs_nothing(tmp_path: Path) -> None:
+    """A command stopped before it started is not started at all."""
+    stop = StopSignal()
+    stop.request(ExecutionStatus.CANCELLED)
+    result = run(execute(sh(tmp_path, "touch ran"), stop=stop))
+    assert result.outcome.status is ExecutionStatus.CANCELLED
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    "redirect", ["", " >/dev/null 2>&1"], ids=["holding-the-pipes", "detached-from-pipes"]
+)
+def test_background_grandchild_dies_with_the_command(tmp_path: Path, redirect: str) -> None:
+    """What the command leaves running in its process group is killed when the command exits."""
+    script = f"sleep 600{redirect} & echo $! > grandchild; echo done"
+    result = run(execute(sh(tmp_path, script)))
+    assert result.outcome.status is ExecutionStatus.COMPLETED
+    assert result.outcome.exit_code == 0
+    assert result.stdout == b"done\n"
+    assert gone_within(int((tmp_path / "grandchild").read_text()))
+
+
+def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    """aclose() kills and reaps everything, and releases every descriptor and loop callback."""
+
+    async def scenario() -> tuple[int, int, int, int]:
+        fds, callbacks = open_fds(), registered_callbacks()
+        events = make_executor().execute(sh(tmp_path, SPAWNS_GRANDCHILD), StopSignal())
+        await until_stdout(events, b"ready", [])
+        await events.aclose()
+        return fds, open_fds(), callbacks, registered_callbacks()
+
+    fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
+    assert reaped(int((tmp_path / "leader").read_text()))
+    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert fds_after == fds_before
+    assert callbacks_after == callbacks_before
+
+
+def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Cancelling the task that reads the stream kills and reaps the command and frees its descriptors."""
+
+    async def scenario() -> tuple[int, int, int, int]:
+        fds, callbacks = open_fds(), registered_callbacks()
+        task = asyncio.ensure_future(execute(sh(tmp_path, SPAWNS_GRANDCHILD)))
+        await until_exists(tmp_path / "grandchild")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return fds, open_fds(), callbacks, registered_callbacks()
+
+    fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
+    assert reaped(int((tmp_path / "leader").read_text()))
+    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert fds_after == fds_before
+    assert callbacks_after == callbacks_before
+
+
+def test_close_kills_running_commands_and_refuses_new_ones(tmp_path: Path) -> None:
+    """Closing the executor stops what it runs (reported CANCELLED) and it accepts nothing after."""
+
+    async def scenario() -> Result:
+        executor = make_executor()
+        task = asyncio.ensure_future(execute(sh(tmp_path, SPAWNS_GRANDCHILD), executor=executor))
+        await until_exists(tmp_path / "grandchild")
+        await executor.close()
+        assert reaped(int((tmp_path / "leader").read_text()))
+        result = await task
+        await executor.close()
+        with pytest.raises(UnavailableError):
+            await anext(executor.execute(sh(tmp_path, "true"), StopSignal()))
+        return result
+
+    result = run(scenario())
+    assert result.outcome.status is ExecutionStatus.CANCELLED
+    assert gone_within(int((tmp_path / "grandchild").read_text()))
+
+
+# ---- limits and usage ------------------------------------------------------------------------
+
+PYTHON = sys.executable
+
+
+def test_memory_limit_makes_a_big_allocation_fail(tmp_path: Path) -> None:
+    """RLIMIT_AS turns an allocation past the limit into a failure the command sees (a normal exit)."""
+    code = "print('started', flush=True); b = bytearray(1 << 30)"
+    limits = ResourceLimits(memory_bytes=512 << 20)
+    result = run(execute(command(tmp_path, PYTHON, "-c", code, env={}, limits=limits)))
+    assert result.stdout == b"started\n"
+    assert result.outcome.status is ExecutionStatus.COMPLETED
+    assert result.outcome.exit_code == 1
+    assert b"MemoryError" in result.stderr
+
+
+def test_unset_memory_limit_takes_the_default_then_the_maximum(tmp_path: Path) -> None:
+    """An action without a memory limit gets the default; without a default, the maximum still caps it."""
+    script = "ulimit -v"
+    with_default = make_executor(default_limits=ResourceLimits(memory_bytes=300 << 20))
+    with_max = make_executor(max_limits=ResourceLimits(memory_bytes=400 << 20))
+    assert run(execute(sh(tmp_path, script), executor=with_default)).stdout == b"307200\n"
+    assert run(execute(sh(tmp_path, script), executor=with_max)).stdout == b"409600\n"
+
+
+def test_limit_above_the_maximum_is_refused(tmp_path: Path) -> None:
+    """An action asking for more than the executor allows is refused before anything runs."""
+    executor = make_executor(max_limits=ResourceLimits(memory_bytes=1 << 30))
+    cmd = sh(tmp_path, "touch ran", limits=ResourceLimits(memory_bytes=2 << 30))
+    with pytest.raises(PreconditionError, match="memory_bytes"):
+        run(execute(cmd, executor=executor))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_usage_reports_cpu_time_and_peak_memory(tmp_path: Path) -> None:
+    """User CPU of a busy loop and the peak RSS of a 300 MB allocation are reported, plausibly."""
+    code = "x = 0\nfor i in range(4_000_000): x += i\nb = b'x' * (300 << 20)\n"
+    outcome = run(execute(command(tmp_path, PYTHON, "-c", code, env={}))).outcome
+    assert outcome.exit_code == 0
+    assert outcome.usage.user_cpu_seconds is not None
+    assert 0.05 < outcome.usage.user_cpu_seconds < 60
+    assert outcome.usage.system_cpu_seconds is not None
+    assert outcome.usage.peak_memory_bytes is not None
+    assert 300 << 20 < outcome.usage.peak_memory_bytes < 4 << 30
+
+
+def test_small_command_is_not_charged_the_worker_memory(tmp_path: Path) -> None:
+    """A tiny command's peak is unknown rather than the worker's own RSS, which exec would report."""
+    worker_peak = (300 << 20) * 2
+    ballast = b"x" * worker_peak  # make the worker's peak clearly larger than the command's
+    outcome = run(execute(command(tmp_path, "/bin/true"))).outcome
+    del ballast
+    peak = outcome.usage.peak_memory_bytes
+    assert peak is None or peak < worker_peak
+
+
+@pytest.mark.parametrize(
+    ("limits", "field_name"),
+    [
+        (ResourceLimits(cpu_cores=1.0), "cpu_cores"),
+        (ResourceLimits(network=False), "network"),
+        pytest.param(
+            ResourceLimits(max_processes=64),
+            "max_processes",
+            marks=pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC binds non-root users"),
+        ),
+    ],
+    ids=["cpu", "no-network", "processes-as-root"],
+)
+def test_unenforceable_limits_are_refused_or_ignored_as_configured(
+    tmp_path: Path, limits: ResourceLimits, field_name: str
+) -> None:
+    """A limit a plain process cannot honour is refused when so configured, never silently pretended."""
+    cmd = sh(tmp_path, "echo 1 > ran", limits=limits)
+    with pytest.raises(PreconditionError, match=rf"host executor cannot enforce limits\.{field_name}"):
+        run(execute(cmd, executor=make_executor(refuse=True)))
+    assert not (tmp_path / "ran").exists()
+    outcome = run(execute(cmd, executor=make_executor(refuse=False))).outcome
+    assert outcome.exit_code == 0
+    assert (tmp_path / "ran").exists()
+
+
+def test_network_allowed_or_unset_is_fine(tmp_path: Path) -> None:
+    """A plain process always has the host network, so asking for it (or not saying) is honest."""
+    executor = make_executor(refuse=True)
+    for network in (True, None):
+        outcome = run(
+            execute(sh(tmp_path, "true", limits=ResourceLimits(network=network)), executor=executor)
+        )
+        assert outcome.outcome.exit_code == 0
+
+
+def test_unenforceable_default_is_a_configuration_error() -> None:
+    """A default the executor would refuse on every action is caught when the executor is built."""
+    with pytest.raises(ConfigError, match="cpu_cores"):
+        make_executor(refuse=True, default_limits=ResourceLimits(cpu_cores=2.0))
+
+
+def test_capabilities_are_truthful_for_this_user() -> None:
+    """Process limits count as enforced only when RLIMIT_NPROC binds this user; CPU and network never."""
+
+    async def scenario() -> Any:
+        executor = make_executor()
+        return await executor.capabilities(), await executor.readiness(), await executor.warmup(["img"])
+
+    caps, readiness, warmup = run(scenario())
+    assert readiness.ready and warmup.ready
+    assert caps.readiness.ready
+    assert {ResourceLimit.CPU, ResourceLimit.NETWORK} <= caps.unenforced_limits
+    assert {ResourceLimit.MEMORY, ResourceLimit.TIMEOUT} <= caps.enforced_limits
+    assert (ResourceLimit.PROCESSES in caps.unenforced_limits) == IS_ROOT
+    assert (ResourceLimit.PROCESSES in caps.enforced_limits) != IS_ROOT
+    assert not caps.enforced_limits & caps.unenforced_limits
+    assert caps.details["euid"] == str(os.geteuid())
