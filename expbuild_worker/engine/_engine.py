@@ -220,8 +220,9 @@ class ExecutionEngine:
         try:
             executor = self._executors[name]
             yield Accepted(action.execution_id, name, executor.isolation, ticket.queue_position)
-            async for event in self._run(action, executor, ticket, execution.stop):
-                yield event
+            async with contextlib.aclosing(self._run(action, executor, ticket, execution.stop)) as events:
+                async for event in events:
+                    yield event
         finally:
             self.admission.release(ticket)
             del self._active[action.execution_id]
@@ -259,8 +260,9 @@ class ExecutionEngine:
             ):
                 await asyncio.to_thread(stage_inputs, action, root, self.store)
             times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
-            async for event in self._run_staged(action, executor, root, stop, times):
-                yield event
+            async with contextlib.aclosing(self._run_staged(action, executor, root, stop, times)) as events:
+                async for event in events:
+                    yield event
         finally:
             await _remove_tree(root)
 

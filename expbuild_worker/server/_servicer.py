@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -49,8 +50,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.ExecuteRequest, context: Context
     ) -> AsyncIterator[pb.ExecuteResponse]:
         action = tr.action_from_pb(request)
-        async for event in self._engine.execute(action):
-            yield tr.event_to_pb(event)
+        # aclosing: when the client goes away the RPC task is cancelled while suspended here,
+        # and the engine must be closed now (killing the command), not when garbage is collected.
+        async with contextlib.aclosing(self._engine.execute(action)) as events:
+            async for event in events:
+                yield tr.event_to_pb(event)
 
     @unary
     async def CancelExecution(

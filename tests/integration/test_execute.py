@@ -374,3 +374,95 @@ def test_full_queue_is_resource_exhausted(start_worker):
         result = rest[-1].result
         assert result.status == pb.EXECUTION_STATUS_COMPLETED
         assert result.stats.queue_time.ToNanoseconds() > 0
+
+
+def test_cancel_while_queued_never_runs(start_worker):
+    """A queued action cancelled before its slot ends CANCELLED without starting."""
+    worker = start_worker({"execution": {"max_concurrent_executions": 1}})
+    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(worker.target) as ch:
+        s = pb_grpc.WorkerServiceStub(ch)
+        running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
+        for resp in running:
+            if resp.WhichOneof("event") == "log":
+                break
+        queued = s.Execute(request([SH, "-c", "echo ran"], execution_id="waiting"), timeout=30)
+        assert next(queued).accepted.queue_position == 1
+        s.CancelExecution(pb.CancelExecutionRequest(execution_id="waiting"))
+        rest = list(queued)
+        assert [r.WhichOneof("event") for r in rest] == ["result"]
+        assert rest[0].result.status == pb.EXECUTION_STATUS_CANCELLED
+        running.cancel()
+
+
+def test_inputs_inline_dirs_symlinks_and_workdir(stub):
+    """Inputs are materialised as declared and the command runs in its working directory."""
+    run = execute(
+        stub,
+        request(
+            [SH, "-c", "pwd; cat ../data/f; ls -d ../empty; cat ../link; test -x ../data/f && echo x"],
+            working_directory="sub/dir",
+            input_files=[pb.InputFile(path="sub/data/f", content=b"inline\n", is_executable=True)],
+            input_directories=[pb.InputDirectory(path="sub/empty")],
+            input_symlinks=[pb.InputSymlink(path="sub/link", target="data/f")],
+        ),
+    )
+    lines = bytes(run.stdout).decode().splitlines()
+    assert lines[0].endswith("/sub/dir") and lines[1:] == ["inline", "../empty", "inline", "x"]
+
+
+def test_inline_input_cap_is_invalid_argument(start_worker):
+    """Inline content beyond the cap is refused with a pointer to UploadBlobs."""
+    worker = start_worker({"execution": {"max_inline_input_bytes": 10}})
+    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(worker.target) as ch, pytest.raises(grpc.RpcError) as info:
+        execute(
+            pb_grpc.WorkerServiceStub(ch),
+            request(["/bin/true"], input_files=[pb.InputFile(path="f", content=b"x" * 11)]),
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UploadBlobs" in info.value.details()
+
+
+def test_oversized_request_is_refused_and_worker_survives(start_worker):
+    """A request above max_request_bytes is RESOURCE_EXHAUSTED and the worker keeps serving."""
+    worker = start_worker({"server": {"max_request_bytes": 100_000}})
+    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(worker.target) as ch:
+        s = pb_grpc.WorkerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            execute(s, request(["/bin/true"], stdin=b"x" * 200_000))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert execute(s, request(["/bin/true"])).status == pb.EXECUTION_STATUS_COMPLETED
+
+
+def test_warmup_and_capabilities_name_the_host_executor(stub):
+    """Warmup reports each executor ready; capabilities list limits and caps."""
+    warm = stub.Warmup(pb.WarmupRequest())
+    assert [(e.name, e.ready) for e in warm.executors] == [("host", True)]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Warmup(pb.WarmupRequest(executors=["nope"]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "executors[0]" in info.value.details()
+    caps = stub.GetCapabilities(pb.GetCapabilitiesRequest())
+    assert caps.limits.max_log_bytes_per_stream > 0 and caps.worker_id
+
+
+def test_stats_report_cpu_memory_and_stage_times(stub):
+    """Results carry CPU time, peak memory and ordered stage timestamps."""
+    run = execute(stub, request([SH, "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"]))
+    s = run.result.stats
+    assert s.user_cpu_time.ToNanoseconds() > 0 and s.peak_memory_bytes > 0
+    stamps = [
+        s.queued_time,
+        s.worker_start_time,
+        s.inputs_staged_time,
+        s.command_start_time,
+        s.command_end_time,
+        s.outputs_collected_time,
+    ]
+    ns = [t.ToNanoseconds() for t in stamps]
+    assert all(n > 0 for n in ns) and ns == sorted(ns)
+    assert s.wall_time.ToNanoseconds() > 0
