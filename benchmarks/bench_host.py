@@ -1,0 +1,355 @@
+"""Host executor overhead, streaming throughput and concurrency, each beside its raw baseline, in one run.
+
+Prints, measured in this run on this machine:
+
+1. raw spawn of /bin/true (subprocess.run), median and p90;
+2. a gRPC echo round trip (a trivial unary echo server built with a generic handler, same grpc
+   aio stack, same topology as the worker);
+3. end-to-end Execute of /bin/true through the worker, and the ratio 3 / (1 + 2) (target <= 1.5);
+4. 1 GiB of stdout streamed through Execute against a raw gRPC server stream of 64 KiB chunks
+   (target ratio >= 0.5);
+5. actions per second with 16 concurrent clients.
+
+Topology: with ``--topology inprocess`` (default) the worker, the baseline servers and the
+clients share one process and one event loop; with ``--topology subprocess`` the worker and
+the baseline servers each run in a child process, so client and server use both cores. Each
+baseline runs in the same topology as the worker, so the ratios compare like with like.
+Everything binds 127.0.0.1 on a free port and is stopped at the end. Exit status is 0 whether
+or not a target is met: this is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from expbuild_worker.api.v1 import worker_pb2 as pb
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+
+STREAM_CHUNK = 64 * 1024
+ECHO_METHOD = "/bench.Echo/Echo"
+STREAM_METHOD = "/bench.Echo/Stream"
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency samples in seconds."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p90(self) -> float:
+        return statistics.quantiles(self.samples, n=10)[-1]
+
+    def row(self, name: str) -> str:
+        return f"  {name:<50} median {self.median * 1e3:7.3f} ms   p90 {self.p90 * 1e3:7.3f} ms"
+
+
+# ---- baseline servers ---------------------------------------------------------------------------
+
+
+def _baseline_handler() -> grpc.GenericRpcHandler:
+    """Echo (unary, bytes in = bytes out) and Stream (request = 8-byte total, answer = 64 KiB chunks)."""
+    chunk = b"\0" * STREAM_CHUNK
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        remaining = int.from_bytes(request, "big")
+        while remaining > 0:
+            piece = chunk if remaining >= STREAM_CHUNK else chunk[:remaining]
+            remaining -= len(piece)
+            yield piece
+
+    return grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        },
+    )
+
+
+async def _start_baseline_server() -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((_baseline_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def _serve_baseline_forever() -> None:
+    """Child-process mode: serve the baselines until stdin closes (the parent went away)."""
+    server, port = await _start_baseline_server()
+    print(f"baseline listening on 127.0.0.1:{port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(0)
+
+
+@asynccontextmanager
+async def _child(argv: list[str], marker: str) -> AsyncIterator[str]:
+    """Start a child that prints "<marker> HOST:PORT"; yield the target; stop it by its pid at the end."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if marker not in line:
+            raise RuntimeError(f"child {argv[:4]} did not start: {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@asynccontextmanager
+async def baseline_target(topology: str) -> AsyncIterator[str]:
+    if topology == "subprocess":
+        async with _child([sys.executable, __file__, "--serve-baseline"], "baseline listening on") as target:
+            yield target
+        return
+    server, port = await _start_baseline_server()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+def _worker_config(work: Path, concurrency: int, stream_bytes: int) -> dict[str, Any]:
+    return {
+        "server": {"address": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 0.0, "log_level": "warning"},
+        "execution": {
+            "work_root": str(work / "work"),
+            "max_concurrent_executions": concurrency,
+            "max_queued_executions": 4 * concurrency,
+            "max_log_bytes_per_stream": max(stream_bytes, 1 << 20),
+        },
+        "storage": {"path": str(work / "cas")},
+        "executor": {"host": {"type": "host"}},
+    }
+
+
+def _toml(config: dict[str, Any]) -> str:
+    """The config as TOML; strings as JSON strings, which TOML reads the same."""
+    lines = []
+    for table in ("server", "execution", "storage"):
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in config[table].items()]
+    lines += ["[executor.host]", 'type = "host"']
+    return "\n".join(lines) + "\n"
+
+
+@asynccontextmanager
+async def worker_target(topology: str, concurrency: int, stream_bytes: int) -> AsyncIterator[str]:
+    work = Path(tempfile.mkdtemp(prefix="expbuild-bench-"))
+    config = _worker_config(work, concurrency, stream_bytes)
+    try:
+        if topology == "subprocess":
+            path = work / "worker.toml"
+            path.write_text(_toml(config))
+            argv = [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(path)]
+            async with _child(argv, "expbuild-worker listening on") as target:
+                yield target
+            return
+        from expbuild_worker.config import parse_config
+        from expbuild_worker.server import start_server
+
+        running = await start_server(parse_config(config, source="<bench>"))
+        try:
+            yield running.target
+        finally:
+            await running.stop(0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+
+async def _timed(n: int, warmup: int, once: Callable[[], Awaitable[object]]) -> Timing:
+    for _ in range(warmup):
+        await once()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await once()
+        samples.append(time.perf_counter() - start)
+    return Timing(samples)
+
+
+def raw_spawn(n: int) -> Timing:
+    samples = []
+    for i in range(n + 10):
+        start = time.perf_counter()
+        subprocess.run(["/bin/true"], check=True, env=ENV)
+        if i >= 10:
+            samples.append(time.perf_counter() - start)
+    return Timing(samples)
+
+
+async def asyncio_spawn(n: int) -> Timing:
+    async def once() -> None:
+        proc = await asyncio.create_subprocess_exec("/bin/true", env=ENV)
+        await proc.wait()
+
+    return await _timed(n, 10, once)
+
+
+def true_request() -> pb.ExecuteRequest:
+    return pb.ExecuteRequest(argv=["/bin/true"], environment=ENV)
+
+
+async def run_action(stub: pb_grpc.WorkerServiceAsyncStub, request: pb.ExecuteRequest) -> pb.ExecutionResult:
+    result = None
+    async for response in stub.Execute(request):
+        if response.WhichOneof("event") == "result":
+            result = response.result
+    if result is None or result.status != pb.EXECUTION_STATUS_COMPLETED or result.exit_code != 0:
+        raise RuntimeError(f"benchmark action failed: {result}")
+    return result
+
+
+async def stream_through_worker(stub: pb_grpc.WorkerServiceAsyncStub, total: int) -> tuple[float, int]:
+    """Seconds to receive ``total`` bytes of stdout through Execute, and the bytes counted."""
+    request = pb.ExecuteRequest(argv=["head", "-c", str(total), "/dev/zero"], environment=ENV)
+    received = 0
+    start = time.perf_counter()
+    result = None
+    async for response in stub.Execute(request):
+        kind = response.WhichOneof("event")
+        if kind == "log":
+            received += len(response.log.data)
+        elif kind == "result":
+            result = response.result
+    elapsed = time.perf_counter() - start
+    if result is None or result.stdout.truncated or received != total:
+        raise RuntimeError(f"streamed {received} of {total} bytes; result: {result}")
+    return elapsed, received
+
+
+async def stream_raw(channel: grpc.aio.Channel, total: int) -> tuple[float, int]:
+    call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(STREAM_METHOD)
+    received = 0
+    start = time.perf_counter()
+    async for piece in call(total.to_bytes(8, "big")):
+        received += len(piece)
+    return time.perf_counter() - start, received
+
+
+async def concurrent_actions(target: str, clients: int, per_client: int) -> tuple[float, int]:
+    """Each client has its own channel and runs /bin/true ``per_client`` times back to back."""
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
+    try:
+        stubs = [pb_grpc.WorkerServiceStub(ch) for ch in channels]
+        for stub in stubs:
+            await run_action(stub, true_request())
+
+        async def client(stub: pb_grpc.WorkerServiceAsyncStub) -> None:
+            for _ in range(per_client):
+                await run_action(stub, true_request())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(s) for s in stubs))
+        return time.perf_counter() - start, clients * per_client
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+def _mb_s(elapsed: float, n: int) -> str:
+    return f"{n / elapsed / 1e6:8.1f} MB/s ({n / (1 << 20):.0f} MiB in {elapsed:.2f} s)"
+
+
+async def bench(args: argparse.Namespace) -> None:
+    print(f"expbuild-worker host benchmark: topology {args.topology}, {os.cpu_count()} CPUs, "
+          f"python {sys.version.split()[0]}, grpc {grpc.__version__}")  # fmt: skip
+    print(f"\nper-action overhead ({args.runs} runs each):")
+    spawn = raw_spawn(args.runs)
+    print(spawn.row("1. raw spawn of /bin/true (subprocess.run)"))
+    aspawn = await asyncio_spawn(args.runs)
+    print(aspawn.row("   (for reference: asyncio subprocess spawn)"))
+
+    async with AsyncExitStack() as stack:
+        base = await stack.enter_async_context(baseline_target(args.topology))
+        target = await stack.enter_async_context(
+            worker_target(args.topology, args.clients, args.stream_bytes)
+        )
+        base_ch = grpc.aio.insecure_channel(base, options=CHANNEL_OPTIONS)
+        stack.push_async_callback(base_ch.close)
+        ch = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        stack.push_async_callback(ch.close)
+        stub = pb_grpc.WorkerServiceStub(ch)
+
+        echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = base_ch.unary_unary(ECHO_METHOD)
+        payload = true_request().SerializeToString()
+        echo = await _timed(args.runs, 20, lambda: echo_call(payload))
+        print(echo.row("2. gRPC echo round trip (unary, generic handler)"))
+        e2e = await _timed(args.runs, 20, lambda: run_action(stub, true_request()))
+        print(e2e.row("3. Execute /bin/true end to end"))
+        ratio = e2e.median / (spawn.median + echo.median)
+        ratio90 = e2e.p90 / (spawn.p90 + echo.p90)
+        print(f"  ratio 3 / (1 + 2): median {ratio:.3f}, p90 {ratio90:.3f}   (target <= 1.5: "
+              f"{'met' if ratio <= 1.5 else 'NOT met'})")  # fmt: skip
+
+        print(f"\nstreaming {args.stream_bytes / (1 << 30):g} GiB of stdout:")
+        raw_s, raw_n = await stream_raw(base_ch, args.stream_bytes)
+        print(f"  raw gRPC server stream, 64 KiB chunks            {_mb_s(raw_s, raw_n)}")
+        wk_s, wk_n = await stream_through_worker(stub, args.stream_bytes)
+        print(f"  Execute: head -c N /dev/zero                   {_mb_s(wk_s, wk_n)}")
+        tratio = (wk_n / wk_s) / (raw_n / raw_s)
+        print(
+            f"  ratio worker / raw: {tratio:.3f}   (target >= 0.5: {'met' if tratio >= 0.5 else 'NOT met'})"
+        )
+
+        print(f"\nconcurrency: {args.clients} clients, {args.per_client} actions each, /bin/true:")
+        elapsed, n = await concurrent_actions(target, args.clients, args.per_client)
+        print(f"  {n / elapsed:8.1f} actions/s ({n} actions in {elapsed:.2f} s, "
+              f"max_concurrent_executions = {args.clients})")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--topology", choices=["inprocess", "subprocess"], default="inprocess")
+    parser.add_argument("--runs", type=int, default=300, help="samples per latency measurement (>= 200)")
+    parser.add_argument("--stream-bytes", type=int, default=1 << 30, help="bytes streamed (default 1 GiB)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--per-client", type=int, default=50, help="actions per concurrent client")
+    parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_baseline:
+        asyncio.run(_serve_baseline_forever())
+        return 0
+    asyncio.run(bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
