@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import time
 
@@ -452,9 +453,11 @@ def test_warmup_and_capabilities_name_the_host_executor(stub):
 
 def test_stats_report_cpu_memory_and_stage_times(stub):
     """Results carry CPU time, peak memory and ordered stage timestamps."""
-    run = execute(stub, request([SH, "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"]))
+    script = "b = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nsum(range(3_000_000))"
+    run = execute(stub, request([sys.executable, "-c", script]))
     s = run.result.stats
-    assert s.user_cpu_time.ToNanoseconds() > 0 and s.peak_memory_bytes > 0
+    assert s.user_cpu_time.ToNanoseconds() > 0
+    assert s.peak_memory_bytes >= 300 << 20
     stamps = [
         s.queued_time,
         s.worker_start_time,
