@@ -279,6 +279,25 @@ def test_slow_consumer_blocks_the_command_instead_of_buffering(tmp_path: Path) -
     assert (tmp_path / "written").exists()
 
 
+def test_concurrent_commands_keep_their_output_apart(tmp_path: Path) -> None:
+    """Many commands on one loop each get exactly their own bytes and exit code."""
+    executor = make_executor()
+
+    async def scenario() -> list[Result]:
+        script = "i=0; while [ $i -lt 200 ]; do echo line-$0-$i; i=$((i+1)); done; echo err-$0 >&2; exit $0"
+        return await asyncio.gather(
+            *(
+                execute(command(tmp_path, "/bin/sh", "-c", script, str(n)), executor=executor)
+                for n in range(20)
+            )
+        )
+
+    for n, result in enumerate(run(scenario())):
+        assert result.stdout == b"".join(f"line-{n}-{i}\n".encode() for i in range(200))
+        assert result.stderr == f"err-{n}\n".encode()
+        assert result.outcome.exit_code == n
+
+
 # ---- exit statuses ---------------------------------------------------------------------------
 
 
