@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -10,15 +11,19 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _support import wait_gone
+from _support import BASE_ENV, wait_gone
 
 import expbuild_worker
+from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.cli import main
 from expbuild_worker.cli._client import DEFAULT_PATH, EXIT_CANCELLED, EXIT_FAILED_TO_START, EXIT_TIMED_OUT
+from expbuild_worker.client import WorkerClient
 
 PATH_ENV = "PATH=/usr/local/bin:/usr/bin:/bin"
 SOURCE_ROOT = Path(expbuild_worker.__file__).resolve().parents[1]
@@ -257,14 +262,26 @@ def test_health_of_a_named_service(worker_target: str, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == "SERVING\n"
 
 
-def test_health_of_a_stopped_worker_is_not_serving(start_worker: Callable[..., object]) -> None:
-    """A worker shutting down says NOT_SERVING and the probe fails."""
-    worker = start_worker()
-    target = worker.target  # type: ignore[attr-defined]
-    health_server = worker.server._health  # type: ignore[attr-defined]
-    worker.call(health_server.enter_graceful_shutdown())  # type: ignore[attr-defined]
-    proc = cli("health", "--target", target)
-    assert (proc.returncode, proc.stdout) == (1, b"NOT_SERVING\n")
+def test_health_of_a_draining_worker_is_not_serving(start_worker: Callable[..., Any]) -> None:
+    """A worker shutting down (still draining an action) says NOT_SERVING and the probe fails."""
+    worker = start_worker({"server": {"shutdown_grace_seconds": 60.0}})
+    with (
+        WorkerClient(worker.target) as client,
+        client.execute(pb.ExecuteRequest(argv=["/bin/sleep", "600"], environment=BASE_ENV)) as execution,
+    ):
+        events = iter(execution)
+        while next(events).WhichOneof("event") != "started":
+            pass
+        stopping = asyncio.run_coroutine_threadsafe(worker.server.stop(), worker.loop)
+        try:
+            deadline = time.monotonic() + 10
+            proc = cli("health", "--target", worker.target)
+            while proc.stdout != b"NOT_SERVING\n" and time.monotonic() < deadline:
+                proc = cli("health", "--target", worker.target)
+            assert (proc.returncode, proc.stdout) == (1, b"NOT_SERVING\n")
+        finally:
+            client.cancel_execution(execution.execution_id)
+            stopping.result(30)
 
 
 def test_health_against_a_dead_port_fails_cleanly() -> None:
