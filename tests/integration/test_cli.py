@@ -307,3 +307,15 @@ def test_capabilities_as_json(worker_target: str, capsys: pytest.CaptureFixture[
     caps = json.loads(capsys.readouterr().out)
     assert caps["executors"][0]["name"] == "host"
     assert caps["executors"][0]["isolationLevel"] == "ISOLATION_LEVEL_HOST"
+
+
+def test_truncated_log_is_flagged_on_stderr(start_worker: Callable[..., Any]) -> None:
+    """When the worker's log cap cuts stdout, the user is told how much was shown, never silently."""
+    worker = start_worker({"execution": {"max_log_bytes_per_stream": 1000}})
+    proc = cli(*exec_args(worker.target, "/bin/sh", "-c", "head -c 5000 /dev/zero"))
+    assert proc.returncode == 0
+    assert proc.stdout == b"\0" * 1000
+    assert (
+        proc.stderr
+        == b"expbuild-worker exec: stdout truncated by the worker's cap: 1000 of 5000 bytes shown\n"
+    )
