@@ -1,0 +1,180 @@
+"""Archive I/O for engines that do not share our filesystem: pack the action root, unpack outputs safely."""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from expbuild_worker.errors import InternalError
+
+_COPY_CHUNK = 1 << 20
+
+
+class UnsafeArchiveError(InternalError):
+    """A tar member from the engine would land outside the action root or through a symlink."""
+
+
+def pack_root(root: Path, *, arcname: str, dir_owner: tuple[int, int] | None) -> IO[bytes]:
+    """A tar of ``root`` (as ``arcname``) in a temporary file, positioned at its start.
+
+    Symlinks are packed as symlinks. Directories get ``dir_owner`` (the command's user) so it
+    can create outputs; without a numeric owner they are made writable by everyone instead.
+    Files keep their owner and mode: the command reads its inputs but cannot change them in
+    place. A temporary file rather than memory, because inputs can be large.
+    """
+
+    def adjust(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uname = info.gname = ""
+        if info.isdir():
+            if dir_owner is not None:
+                info.uid, info.gid = dir_owner
+            else:
+                info.mode |= 0o777
+        return info
+
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
+    try:
+        with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(str(root), arcname=arcname, recursive=True, filter=adjust)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only raw file over an iterator of byte chunks (the engine's archive stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def _checked_parent(root: Path, rel_parent: str) -> Path:
+    """``root / rel_parent``, creating missing directories, refusing any symlink on the way."""
+    current = root
+    for part in [p for p in rel_parent.split("/") if p]:
+        if part in (".", ".."):
+            raise UnsafeArchiveError(f"path component {part!r} in {rel_parent!r} is not allowed")
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeArchiveError(
+                f"{rel_parent!r}: {part!r} is not a directory (a symlink is never followed)"
+            )
+    return current
+
+
+def clear_output(root: Path, output_path: str) -> bool:
+    """Remove what is at ``output_path`` under ``root`` without following symlinks; False if a
+    parent is not a real directory (then nothing is touched)."""
+    parent_rel, name = posixpath.split(output_path)
+    try:
+        parent = _checked_parent(root, parent_rel)
+    except UnsafeArchiveError:
+        return False
+    target = parent / name
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(target)
+    else:
+        os.unlink(target)
+    return True
+
+
+def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> int:
+    """Extract the engine's archive of ``output_path`` into ``root``; returns bytes written.
+
+    The archive's top member is the output's base name. Every member must stay under it;
+    parents on the host must be real directories; symlinks are created as symlinks and never
+    followed; hard links are re-created only to members already extracted; device nodes and
+    FIFOs are skipped. Raises UnsafeArchiveError for a member that breaks these rules.
+    """
+    parent_rel, name = posixpath.split(output_path)
+    parent = _checked_parent(root, parent_rel)
+    written = 0
+    stream = io.BufferedReader(_ChunkReader(chunks), buffer_size=_COPY_CHUNK)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            member_name = posixpath.normpath(member.name)
+            if member_name != name and not member_name.startswith(name + "/"):
+                raise UnsafeArchiveError(
+                    f"archive of {output_path!r} holds unexpected member {member.name!r}"
+                )
+            if member_name.startswith("/") or ".." in member_name.split("/"):
+                raise UnsafeArchiveError(f"archive of {output_path!r} holds unsafe member {member.name!r}")
+            sub_parent, base = posixpath.split(member_name)
+            dest_dir = _checked_parent(parent, sub_parent)
+            dest = dest_dir / base
+            if member.isdir():
+                try:
+                    st = os.lstat(dest)
+                except FileNotFoundError:
+                    os.mkdir(dest, 0o755)
+                else:
+                    if not stat.S_ISDIR(st.st_mode):
+                        raise UnsafeArchiveError(f"{member.name!r} would replace a non-directory")
+                os.chmod(dest, member.mode & 0o777)
+                continue
+            _unlink_if_present(dest)
+            if member.issym():
+                os.symlink(member.linkname, dest)
+            elif member.islnk():
+                source_name = posixpath.normpath(member.linkname)
+                if source_name != name and not source_name.startswith(name + "/"):
+                    raise UnsafeArchiveError(f"hard link {member.name!r} points outside the output")
+                src_parent, src_base = posixpath.split(source_name)
+                source = _checked_parent(parent, src_parent) / src_base
+                os.link(source, dest, follow_symlinks=False)
+            elif member.isfile():
+                source_file = tar.extractfile(member)
+                assert source_file is not None
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, member.mode & 0o777)
+                with os.fdopen(fd, "wb") as out:
+                    while block := source_file.read(_COPY_CHUNK):
+                        out.write(block)
+                        written += len(block)
+                os.chmod(dest, member.mode & 0o777)
+    return written
+
+
+def _unlink_if_present(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

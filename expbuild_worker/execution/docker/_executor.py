@@ -1,0 +1,794 @@
+"""DockerExecutor: each command in its own hardened container, from create to guaranteed removal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import posixpath
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker.errors
+import requests.exceptions
+
+from expbuild_worker.config import DockerExecutorConfig, IoMode
+from expbuild_worker.errors import InternalError, PreconditionError, UnavailableError, WorkerError
+from expbuild_worker.execution.docker._archive import (
+    UnsafeArchiveError,
+    clear_output,
+    pack_root,
+    unpack_output,
+)
+from expbuild_worker.execution.docker._attach import AttachedStreams
+from expbuild_worker.execution.docker._cgroups import ActionCgroups, CgroupReading
+from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
+from expbuild_worker.execution.docker._images import ImagePolicy
+from expbuild_worker.execution.docker._janitor import Janitor, remove_container
+from expbuild_worker.execution.docker._spec import (
+    ARCHIVE_ROOT,
+    ARCHIVE_VOLUME,
+    LABEL_ACTION,
+    LABEL_CREATED,
+    LABEL_EXECUTION,
+    LABEL_PROJECT,
+    LABEL_WORKER,
+    PROJECT,
+    Hardening,
+    container_body,
+    is_virtualized_runtime,
+    network_mode_for,
+    numeric_user,
+)
+from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.model import (
+    ExecutionStatus,
+    ExecutorCapabilities,
+    ExecutorEvent,
+    IsolationLevel,
+    LogChunk,
+    LogStream,
+    Readiness,
+    ResourceLimit,
+    ResourceLimits,
+    ResourceUsage,
+    RunOutcome,
+    Started,
+    WarmupReport,
+)
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_WAIT_SLICE_SECONDS = 30.0
+"""A blocking wait is re-issued this often, so no pool thread is held by one call forever."""
+
+_READINESS_TTL_SECONDS = 2.0
+"""Readiness is cached this long: it may be asked per action, and pings cost a round trip."""
+
+_TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\n]*)")
+_STDERR_HEAD = 512
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFacts:
+    """What the engine said about itself (``docker info``), learned once per connection."""
+
+    version: str
+    api_version: str
+    runtimes: tuple[str, ...]
+    default_runtime: str
+    cgroup_version: str
+    cgroup_driver: str
+    memory_limit: bool
+    swap_limit: bool
+    pids_limit: bool
+    cpu_quota: bool
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], api_version: str) -> EngineFacts:
+        return cls(
+            version=str(info.get("ServerVersion", "")),
+            api_version=api_version,
+            runtimes=tuple(sorted(info.get("Runtimes") or {})),
+            default_runtime=str(info.get("DefaultRuntime", "")),
+            cgroup_version=str(info.get("CgroupVersion", "1")),
+            cgroup_driver=str(info.get("CgroupDriver", "")),
+            memory_limit=bool(info.get("MemoryLimit", False)),
+            swap_limit=bool(info.get("SwapLimit", False)),
+            pids_limit=bool(info.get("PidsLimit", False)),
+            cpu_quota=bool(info.get("CpuCfsQuota", False)),
+        )
+
+
+@dataclass(eq=False)
+class _Run:
+    """One action's container, from token registration to removal."""
+
+    token: str
+    execution_id: str
+    container_id: str | None = None
+    streams: AttachedStreams | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    killed: bool = False
+    escalated: bool = False
+    aborted: bool = False
+
+
+def _limits_from_config(cfg: Any) -> ResourceLimits:
+    return ResourceLimits(
+        cpu_cores=cfg.cpu_cores or None,
+        memory_bytes=cfg.memory_bytes or None,
+        max_processes=cfg.max_processes or None,
+    )
+
+
+def _read_mountinfo() -> str:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
+    """Let the command's user write every directory of the staged root, never touching files.
+
+    Directories are given to ``owner`` (a numeric user); when there is none, or the worker
+    may not chown, they are made writable by everyone instead. Files keep their owner and
+    mode, so a command cannot rewrite an input in place (it may be a hard link into the
+    worker's store). Symlinks are never followed.
+    """
+    for dirpath, _dirs, _files in os.walk(root):
+        if owner is not None:
+            try:
+                os.chown(dirpath, owner[0], owner[1], follow_symlinks=False)
+                continue
+            except PermissionError:
+                owner = None
+        os.chmod(dirpath, os.lstat(dirpath).st_mode & 0o7777 | 0o777)
+
+
+class DockerExecutor:
+    """Runs each command in a fresh, hardened container on one Docker engine.
+
+    Lifecycle per action: create → attach → start → stream logs → wait → inspect → (archive
+    I/O: copy outputs back) → outcome → remove. Removal is guaranteed: after the outcome it
+    runs when the consumer finishes or closes the iterator; on any earlier exit (exception,
+    cancellation, early close) the container is removed before ``execute`` returns. A worker
+    that dies anyway leaves containers labelled with its id, which the janitor removes at the
+    next start and periodically.
+
+    Call ``await start()`` once after construction (learns the engine, sweeps orphans, starts
+    the periodic sweep) and ``await close()`` at shutdown.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        config: DockerExecutorConfig,
+        worker_id: str,
+        engine: DockerEngine,
+        seccomp_profile: str = "",
+        mountinfo: str | None = None,
+    ) -> None:
+        if not worker_id:
+            raise ValueError("worker_id must not be empty: it labels this worker's containers")
+        self._name = name
+        self._config = config
+        self._worker_id = worker_id
+        self._engine = engine
+        security_opts = tuple(config.security_opts)
+        if seccomp_profile:
+            security_opts += (f"seccomp={seccomp_profile}",)
+        self._hardening = Hardening(
+            readonly_rootfs=config.readonly_rootfs,
+            mount_tmpfs=config.mount_tmpfs,
+            tmpfs_size_bytes=config.tmpfs_size_bytes,
+            security_opts=security_opts,
+            drop_all_capabilities=config.drop_all_capabilities,
+            user=config.user,
+            init=config.init,
+            runtime=config.runtime,
+            network_mode=config.network_mode,
+            network_mode_when_enabled=config.network_mode_when_enabled,
+        )
+        self._owner = numeric_user(config.user)
+        self._root_user = (self._owner is not None and self._owner[0] == 0) or config.user == "root"
+        self._io_mode: IoMode = config.io_mode
+        if self._io_mode == "auto":
+            self._io_mode = "bind" if engine.is_local else "archive"
+        self._default_limits = _limits_from_config(config.default_limits)
+        self._max_limits = _limits_from_config(config.max_limits)
+        self._images = ImagePolicy(
+            engine=engine,
+            executor=name,
+            default_image=config.image,
+            allowed_images=config.allowed_images,
+            warmup_images=config.warmup_images,
+            pull_policy=config.effective_pull_policy,
+        )
+        self._mountinfo = mountinfo
+        self._facts: EngineFacts | None = None
+        self._cgroups: ActionCgroups | None = None
+        self._runs: dict[str, _Run] = {}
+        self._cleanups: set[asyncio.Future[None]] = set()
+        self._readiness: tuple[float, Readiness] | None = None
+        self._janitor = Janitor(
+            engine=engine,
+            worker_id=worker_id,
+            live_tokens=self._runs.keys,
+            cgroups=lambda: self._cgroups,
+            interval=config.orphan_sweep_interval_seconds,
+        )
+        self._started = False
+        self._closed = False
+
+    # ---- identity and lifecycle -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def isolation(self) -> IsolationLevel:
+        if is_virtualized_runtime(self._config.runtime):
+            return IsolationLevel.VIRTUALIZED
+        return IsolationLevel.CONTAINER
+
+    @property
+    def io_mode(self) -> str:
+        """``bind`` (the action directory is mounted) or ``archive`` (copied in and out)."""
+        return self._io_mode
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    async def start(self) -> None:
+        """Learn the engine, remove what a previous run of this worker left, start the sweeper.
+
+        An engine that does not answer is not fatal: the executor reports itself not ready and
+        learns the engine on first use.
+        """
+        if self._started:
+            return
+        self._started = True
+        try:
+            await self._learn_engine()
+            await self._janitor.sweep()
+        except WorkerError as err:
+            _log.warning("docker executor %s: %s", self._name, err)
+        self._janitor.start_periodic()
+
+    async def sweep_orphans(self) -> int:
+        """Remove this worker's containers that no live action owns, now; returns how many."""
+        await self._learn_engine()
+        return await self._janitor.sweep()
+
+    async def close(self) -> None:
+        """Stop the sweeper, remove every container this executor still owns; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._janitor.stop()
+        for run in list(self._runs.values()):
+            run.aborted = True
+            if run.container_id is not None:
+                self._track(self._remove_quietly(run.container_id))
+        if self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        if self._cgroups is not None:
+            self._cgroups.remove_base()
+        self._engine.close()
+
+    # ---- engine facts, readiness, capabilities ----------------------------------------------
+
+    async def _learn_engine(self) -> EngineFacts:
+        if self._facts is not None:
+            return self._facts
+
+        def learn(api: Any) -> EngineFacts:
+            return EngineFacts.from_info(api.info(), str(api.api_version))
+
+        facts = await self._engine.call(learn)
+        if self._engine.is_local and self._config.cgroup_parent:
+            mountinfo = self._mountinfo if self._mountinfo is not None else _read_mountinfo()
+            self._cgroups = ActionCgroups.detect(
+                cgroup_version=facts.cgroup_version,
+                cgroup_driver=facts.cgroup_driver,
+                parent=self._config.cgroup_parent,
+                worker_id=self._worker_id,
+                mountinfo=mountinfo,
+            )
+        self._facts = facts
+        return facts
+
+    async def readiness(self) -> Readiness:
+        """Ready when the engine answers, the runtime exists and (with ``never``) the image is present."""
+        if self._closed:
+            return Readiness(False, f"docker executor {self._name!r} is closed")
+        now = time.monotonic()
+        if self._readiness is not None and now < self._readiness[0]:
+            return self._readiness[1]
+        readiness = await self._check_readiness()
+        self._readiness = (now + _READINESS_TTL_SECONDS, readiness)
+        return readiness
+
+    async def _check_readiness(self) -> Readiness:
+        try:
+            await self._engine.call(lambda api: api.ping())
+            facts = await self._learn_engine()
+            if self._config.runtime and self._config.runtime not in facts.runtimes:
+                return Readiness(
+                    False,
+                    f"runtime {self._config.runtime!r} is not installed on the engine "
+                    f"(it has {', '.join(facts.runtimes)})",
+                )
+            if self._config.image and not await self._images.present(self._config.image):
+                if self._images.pull_policy == "never":
+                    return Readiness(
+                        False, f"image {self._config.image!r} is not present and pull_policy is 'never'"
+                    )
+                return Readiness(True, f"image {self._config.image!r} will be pulled on first use")
+        except WorkerError as err:
+            return Readiness(False, str(err))
+        except docker.errors.DockerException as err:
+            return Readiness(False, f"docker engine at {self._engine.address}: {explain(err)}")
+        return Readiness(True)
+
+    async def capabilities(self) -> ExecutorCapabilities:
+        """Live engine facts: version, runtimes, cgroup version, limit support, images present."""
+        readiness = await self.readiness()
+        facts: EngineFacts | None = None
+        present: list[str] = []
+        with contextlib.suppress(WorkerError, docker.errors.DockerException):
+            facts = await self._learn_engine()
+            for image in self._images.warmup_images:
+                if await self._images.present(image):
+                    present.append(image)
+        enforced = {ResourceLimit.NETWORK, ResourceLimit.TIMEOUT}
+        unenforced: set[ResourceLimit] = set()
+        for limit, supported in (
+            (ResourceLimit.CPU, facts is None or facts.cpu_quota),
+            (ResourceLimit.MEMORY, facts is None or facts.memory_limit),
+            (ResourceLimit.PROCESSES, facts is None or facts.pids_limit),
+        ):
+            (enforced if supported else unenforced).add(limit)
+        details = {
+            "engine": self._engine.address,
+            "io_mode": self._io_mode,
+            "image": self._config.image,
+            "pull_policy": self._images.pull_policy,
+            "network_mode": self._hardening.network_mode,
+            "network_mode_when_enabled": self._hardening.network_mode_when_enabled or "(network refused)",
+            "user": self._hardening.user or "(image default)",
+            "runtime": self._config.runtime or "(engine default)",
+            "readonly_rootfs": str(self._hardening.readonly_rootfs).lower(),
+            "security_opts": ",".join(
+                o.split("=", 1)[0] if o.startswith("seccomp=") else o for o in self._hardening.security_opts
+            ),
+            "stats": (
+                f"cgroup v{self._cgroups.version} files of a per-action parent cgroup"
+                if self._cgroups is not None
+                else "unavailable (engine not local or not cgroupfs)"
+            ),
+        }
+        if facts is not None:
+            details.update(
+                engine_version=facts.version,
+                api_version=facts.api_version,
+                runtimes=",".join(facts.runtimes),
+                default_runtime=facts.default_runtime,
+                cgroup_version=facts.cgroup_version,
+                cgroup_driver=facts.cgroup_driver,
+                memory_limit_supported=str(facts.memory_limit).lower(),
+                swap_limit_supported=str(facts.swap_limit).lower(),
+                pids_limit_supported=str(facts.pids_limit).lower(),
+                cpu_quota_supported=str(facts.cpu_quota).lower(),
+            )
+        return ExecutorCapabilities(
+            name=self._name,
+            isolation=self.isolation,
+            readiness=readiness,
+            enforced_limits=frozenset(enforced),
+            unenforced_limits=frozenset(unenforced),
+            max_limits=self._max_limits,
+            default_limits=self._default_limits,
+            details=details,
+            images_present=tuple(present),
+        )
+
+    async def warmup(self, images: Sequence[str]) -> WarmupReport:
+        """Make the configured images (and allowed ``images``) present per the pull policy."""
+        try:
+            await self._learn_engine()
+            result = await self._images.warmup(images)
+        except WorkerError as err:
+            return WarmupReport(name=self._name, ready=False, message=str(err))
+        self._readiness = None
+        return WarmupReport(
+            name=self._name,
+            ready=not result.problems,
+            message="; ".join(result.problems),
+            images_present=result.present,
+        )
+
+    # ---- running a command -------------------------------------------------------------------
+
+    def _check_limits(self, command: Command) -> str:
+        """Refuse limits above the configured maxima; returns the network mode to use."""
+        limits = command.limits
+        for key in ("cpu_cores", "memory_bytes", "max_processes"):
+            value, cap = getattr(limits, key), getattr(self._max_limits, key)
+            if value is not None and cap is not None and value > cap:
+                raise PreconditionError(
+                    f"limits.{key}: {value:g} exceeds the maximum {cap:g} of executor {self._name!r} "
+                    f"(action {command.execution_id})"
+                )
+        return network_mode_for(limits, self._hardening, executor=self._name)
+
+    async def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
+        """Run ``command`` in a new container: Started, LogChunks as it writes, one RunOutcome.
+
+        Raises PreconditionError before anything runs for an image that is not allowed, missing
+        (``never``) or cannot be pulled, a network request this executor refuses, or limits
+        above its maxima; UnavailableError when the engine does not answer or once closed.
+        """
+        if self._closed:
+            raise UnavailableError(f"docker executor {self._name!r} is closed")
+        image = self._images.resolve(command.image)
+        network_mode = self._check_limits(command)
+        await self._learn_engine()
+        token = uuid.uuid4().hex
+        run = _Run(token=token, execution_id=command.execution_id)
+        self._runs[token] = run
+        outcome_sent = False
+        stopper: asyncio.Future[None] | None = None
+        stdin_task: asyncio.Future[None] | None = None
+        try:
+            if not await self._until_stopped(self._images.before_create(image), stop):
+                yield RunOutcome(status=_reason(stop), message="stopped while the image was pulled")
+                outcome_sent = True
+                return
+            if self._io_mode == "bind" and not self._root_user:
+                await self._engine.offload(prepare_root, command.root, self._owner)
+            body = container_body(
+                image=image,
+                command=command,
+                hardening=self._hardening,
+                network_mode=network_mode,
+                labels={
+                    LABEL_PROJECT: PROJECT,
+                    LABEL_WORKER: self._worker_id,
+                    LABEL_EXECUTION: command.execution_id,
+                    LABEL_ACTION: token,
+                    LABEL_CREATED: f"{time.time():.3f}",
+                },
+                io_mode="bind" if self._io_mode == "bind" else "archive",
+                cgroup_parent=self._cgroups.parent_for(token) if self._cgroups is not None else None,
+            )
+            created = await self._create(body, image, token, command, stop)
+            if created is None:
+                yield RunOutcome(status=_reason(stop), message="stopped before the container started")
+                outcome_sent = True
+                return
+            run.container_id = created
+            if self._io_mode == "archive":
+                await self._engine.call(lambda api: self._put_root(api, created, command))
+            sock = await self._engine.call(
+                lambda api: api.attach_socket(
+                    created,
+                    params={"stdout": 1, "stderr": 1, "stream": 1, "stdin": 1 if command.stdin else 0},
+                )
+            )
+            run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=token[:12])
+            streams.start()
+            if stop.reason is not None:
+                yield RunOutcome(status=stop.reason, message="stopped before the container started")
+                outcome_sent = True
+                return
+            started_at = time.time()
+            try:
+                await self._engine.call(lambda api: api.start(created))
+            except docker.errors.APIError as err:
+                yield self._start_failure(err, command, created)
+                outcome_sent = True
+                return
+            yield Started(at=started_at)
+            stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
+            if command.stdin:
+                stdin_task = asyncio.ensure_future(self._engine.offload(streams.send_stdin, command.stdin))
+            offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
+            stderr_head = bytearray()
+            while (batch := await streams.next_batch()) is not None:
+                for stream, data in batch:
+                    if stream is LogStream.STDERR and len(stderr_head) < _STDERR_HEAD:
+                        stderr_head += data[: _STDERR_HEAD - len(stderr_head)]
+                    yield LogChunk(stream, offsets[stream], data)
+                    offsets[stream] += len(data)
+            state = await self._wait_for_exit(run, created)
+            ended_at = time.time()
+            reading = (
+                await self._engine.offload(self._cgroups.read, token)
+                if self._cgroups is not None
+                else CgroupReading(ResourceUsage(), None)
+            )
+            if self._io_mode == "archive" and command.output_paths:
+                await self._engine.call(lambda api: self._collect_outputs(api, created, command))
+            outcome = self._outcome(
+                run,
+                command,
+                stop,
+                state=state,
+                reading=reading,
+                stderr_head=bytes(stderr_head),
+                started_at=started_at,
+                ended_at=ended_at,
+                streams=streams,
+            )
+            outcome_sent = True
+            yield outcome
+        finally:
+            for task in (stopper, stdin_task):
+                if task is not None:
+                    task.cancel()
+            if run.streams is not None:
+                run.streams.close()
+            cleanup = self._track(self._dispose(run))
+            if not outcome_sent:
+                await asyncio.shield(cleanup)
+
+    async def _until_stopped(self, work: Awaitable[None], stop: StopSignal) -> bool:
+        """``await work`` unless ``stop`` is requested first; False when stopped.
+
+        Used for pulls only: they can take minutes, and a shared pull goes on for the other
+        actions waiting on it (ImagePolicy shields it).
+        """
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+
+    async def _create(
+        self, body: dict[str, Any], image: str, token: str, command: Command, stop: StopSignal
+    ) -> str | None:
+        """Create the container; a missing image is pulled (``if-not-present``) or refused.
+
+        None when ``stop`` came during a pull. The create itself is never abandoned half-way:
+        its thread would finish it anyway, and the container would be lost until a sweep.
+        """
+        name = f"expbuild-{token}"
+        for attempt in (1, 2):
+            try:
+                created: dict[str, Any] = await self._engine.call(
+                    lambda api: api.create_container_from_config(body, name=name)
+                )
+                return str(created["Id"])
+            except docker.errors.ImageNotFound as err:
+                if attempt == 2:
+                    raise PreconditionError(
+                        f"image {image!r} is not present on the engine after a pull"
+                    ) from err
+                if not await self._until_stopped(self._images.on_missing(image), stop):
+                    return None
+            except docker.errors.APIError as err:
+                status = status_of(err) or 500
+                if 400 <= status < 500:
+                    raise PreconditionError(
+                        f"docker engine refused a container for action {command.execution_id} "
+                        f"(image {image!r}): {explain(err)}"
+                    ) from err
+                raise InternalError(
+                    f"docker engine failed to create a container for action {command.execution_id}: "
+                    f"{explain(err)}"
+                ) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _put_root(self, api: Any, container_id: str, command: Command) -> None:
+        """Archive I/O: copy the staged root into the container's work volume (blocking)."""
+        with pack_root(
+            command.root,
+            arcname=posixpath.basename(ARCHIVE_ROOT),
+            dir_owner=None if self._root_user else self._owner,
+        ) as spool:
+            api.put_archive(container_id, ARCHIVE_VOLUME, spool)
+
+    def _collect_outputs(self, api: Any, container_id: str, command: Command) -> None:
+        """Archive I/O: copy each output that exists in the container back under ``command.root``.
+
+        What the container has replaces what was staged; an output the container does not
+        have is removed. Nothing is ever written through a symlink.
+        """
+        for path in command.output_paths:
+            try:
+                chunks, _ = api.get_archive(container_id, posixpath.join(ARCHIVE_ROOT, path))
+            except docker.errors.NotFound:
+                clear_output(command.root, path)
+                continue
+            if not clear_output(command.root, path):
+                _log.warning(
+                    "action %s: output %s is under a symlink; not copied", command.execution_id, path
+                )
+                continue
+            try:
+                unpack_output(chunks, root=command.root, output_path=path)
+            except UnsafeArchiveError as err:
+                raise InternalError(
+                    f"action {command.execution_id}: output {path!r} of container {container_id[:12]}: {err}"
+                ) from err
+
+    def _start_failure(self, err: docker.errors.APIError, command: Command, container_id: str) -> RunOutcome:
+        message = explain(err)
+        lowered = message.lower()
+        if "exec" in lowered and any(
+            s in lowered for s in ("not found", "no such file", "permission denied", "not a directory")
+        ):
+            return RunOutcome(
+                status=ExecutionStatus.FAILED_TO_START,
+                message=f"cannot execute {command.argv[0]!r} in container {container_id[:12]}: {message}",
+            )
+        raise InternalError(
+            f"docker engine could not start container {container_id[:12]} for action "
+            f"{command.execution_id}: {message}"
+        ) from err
+
+    async def _stop_on_request(self, run: _Run, stop: StopSignal) -> None:
+        """On stop: SIGTERM (the init forwards it), then SIGKILL after the grace period."""
+        await stop.wait()
+        assert run.container_id is not None
+        if not await self._kill(run.container_id, signal.SIGTERM):
+            return
+        run.killed = True
+        try:
+            await asyncio.wait_for(run.exited.wait(), self._config.kill_grace_seconds)
+        except TimeoutError:
+            run.escalated = True
+            await self._kill(run.container_id, signal.SIGKILL)
+
+    async def _kill(self, container_id: str, sig: signal.Signals) -> bool:
+        """Send ``sig``; False when the container was no longer running."""
+        try:
+            await self._engine.call(lambda api: api.kill(container_id, signal=sig.name))
+        except docker.errors.APIError as err:
+            if status_of(err) in (404, 409):
+                return False
+            raise
+        return True
+
+    async def _wait_for_exit(self, run: _Run, container_id: str) -> dict[str, Any]:
+        """Wait for the container to stop and return its inspected ``State``."""
+
+        def wait(api: Any) -> bool:
+            try:
+                api.wait(container_id, timeout=_WAIT_SLICE_SECONDS)
+            except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as err:
+                if "timed out" in str(err).lower():
+                    return False
+                raise
+            return True
+
+        try:
+            while not await self._engine.call(wait):
+                pass
+            run.exited.set()
+            info: dict[str, Any] = await self._engine.call(lambda api: api.inspect_container(container_id))
+        except docker.errors.NotFound as err:
+            if run.aborted:
+                return {}
+            raise InternalError(
+                f"container {container_id[:12]} of action {run.execution_id} vanished while it ran"
+            ) from err
+        state: dict[str, Any] = info.get("State") or {}
+        return state
+
+    def _outcome(
+        self,
+        run: _Run,
+        command: Command,
+        stop: StopSignal,
+        *,
+        state: dict[str, Any],
+        reading: CgroupReading,
+        stderr_head: bytes,
+        started_at: float,
+        ended_at: float,
+        streams: AttachedStreams,
+    ) -> RunOutcome:
+        exit_code = state.get("ExitCode")
+        exit_code = int(exit_code) if exit_code is not None else None
+        notes: list[str] = []
+        if state.get("Error"):
+            notes.append(f"engine: {state['Error']}")
+        if streams.error is not None:
+            notes.append(f"log stream broke: {streams.error}")
+        oom = bool(state.get("OOMKilled")) or bool(reading.oom_kills)
+        status = ExecutionStatus.COMPLETED
+        if oom:
+            status = ExecutionStatus.OOM_KILLED
+            limit = command.limits.memory_bytes
+            notes.insert(
+                0,
+                "the kernel killed a process of the container for memory"
+                + (f" (limit {limit} bytes, swap included)" if limit else ""),
+            )
+        elif run.aborted:
+            status = ExecutionStatus.CANCELLED
+            notes.insert(0, f"docker executor {self._name!r} closed while the command ran")
+        elif run.killed and stop.reason is not None:
+            status = stop.reason
+            how = "SIGTERM, then SIGKILL" if run.escalated else "SIGTERM"
+            notes.insert(0, f"stopped ({status.value}): the container got {how}")
+        elif self._hardening.init and exit_code in (126, 127):
+            match = _TINI_EXEC_FAILED.match(stderr_head)
+            if match is not None:
+                status = ExecutionStatus.FAILED_TO_START
+                reason = match.group(2).decode(errors="replace")
+                notes.insert(0, f"cannot execute {command.argv[0]!r}: {reason}")
+        if status is ExecutionStatus.COMPLETED and exit_code is not None and exit_code > 128:
+            try:
+                name = signal.Signals(exit_code - 128).name
+            except ValueError:
+                name = ""
+            if name:
+                notes.insert(0, f"exit code {exit_code}: most likely killed by {name}")
+        return RunOutcome(
+            status=status,
+            exit_code=exit_code if status is not ExecutionStatus.FAILED_TO_START else None,
+            message="; ".join(notes),
+            usage=reading.usage,
+            started_at=started_at,
+            ended_at=ended_at,
+        )
+
+    # ---- cleanup ---------------------------------------------------------------------------------
+
+    def _track(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        future = asyncio.ensure_future(work)
+        self._cleanups.add(future)
+        future.add_done_callback(self._cleanups.discard)
+        return future
+
+    async def _remove_quietly(self, container_id: str) -> None:
+        try:
+            await remove_container(self._engine, container_id)
+        except Exception as err:
+            _log.warning("could not remove container %s: %s (the janitor will retry)", container_id[:12], err)
+
+    async def _dispose(self, run: _Run) -> None:
+        """Remove the container and the action's cgroup, then release its token."""
+        try:
+            if run.container_id is not None:
+                await self._remove_quietly(run.container_id)
+            if self._cgroups is not None:
+                for delay in (0.0, 0.05, 0.2, 0.5):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    if await self._engine.offload(self._cgroups.remove, run.token):
+                        break
+        except Exception:
+            _log.exception("cleanup of action %s failed (the janitor will retry)", run.execution_id)
+        finally:
+            self._runs.pop(run.token, None)
+
+
+def _reason(stop: StopSignal) -> ExecutionStatus:
+    assert stop.reason is not None
+    return stop.reason

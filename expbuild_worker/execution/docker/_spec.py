@@ -1,0 +1,156 @@
+"""The container an action runs in: hardening, limits, mounts and labels, as an Engine API create body."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from expbuild_worker.errors import PreconditionError
+from expbuild_worker.execution.executor import Command
+from expbuild_worker.model import ResourceLimits
+
+IoMode = Literal["bind", "archive"]
+
+BIND_ROOT = "/work"
+"""Where the action's directory appears when bind-mounted from this machine."""
+
+ARCHIVE_VOLUME = "/work"
+ARCHIVE_ROOT = "/work/root"
+"""With archive I/O the action's directory is copied into a fresh anonymous volume. It is one
+level down because the engine never changes the owner of the directory it extracts into, and
+the command's user must own the directory it writes its outputs to."""
+
+LABEL_PROJECT = "io.expbuild.project"
+LABEL_WORKER = "io.expbuild.worker-id"
+LABEL_EXECUTION = "io.expbuild.execution-id"
+LABEL_ACTION = "io.expbuild.action"
+LABEL_CREATED = "io.expbuild.created"
+PROJECT = "expbuild-worker"
+
+RUNSC_PIDS_OVERHEAD = 128
+"""gVisor's Sentry threads count against the container's PIDs limit; give them room."""
+
+_NUMERIC_USER = re.compile(r"^(\d+)(?::(\d+))?$")
+
+
+def root_in_container(io_mode: IoMode) -> str:
+    return BIND_ROOT if io_mode == "bind" else ARCHIVE_ROOT
+
+
+def numeric_user(user: str) -> tuple[int, int] | None:
+    """``uid[:gid]`` as numbers (gid defaults to uid), or None for a name or the image's default."""
+    match = _NUMERIC_USER.match(user)
+    if match is None:
+        return None
+    uid = int(match.group(1))
+    return uid, int(match.group(2)) if match.group(2) is not None else uid
+
+
+def is_virtualized_runtime(runtime: str) -> bool:
+    """Runtimes with their own kernel (gVisor, Kata) isolate more than a namespaced container."""
+    return "runsc" in runtime or "gvisor" in runtime or runtime.startswith("kata")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hardening:
+    """Everything about the container that comes from configuration rather than the request."""
+
+    readonly_rootfs: bool = True
+    mount_tmpfs: bool = True
+    tmpfs_size_bytes: int = 256 << 20
+    security_opts: tuple[str, ...] = ("no-new-privileges",)
+    drop_all_capabilities: bool = True
+    user: str = "65534:65534"
+    init: bool = True
+    runtime: str = ""
+    network_mode: str = "none"
+    network_mode_when_enabled: str = ""
+
+
+def network_mode_for(limits: ResourceLimits, hardening: Hardening, *, executor: str) -> str:
+    """The network an action gets: the configured mode unless it asks for network access.
+
+    Asking for network when no ``network_mode_when_enabled`` is configured is refused rather
+    than silently run without it.
+    """
+    if limits.network is True:
+        if not hardening.network_mode_when_enabled:
+            raise PreconditionError(
+                f"limits.network: executor {executor!r} does not grant network access "
+                "(no network_mode_when_enabled is configured)"
+            )
+        return hardening.network_mode_when_enabled
+    return hardening.network_mode
+
+
+def container_body(
+    *,
+    image: str,
+    command: Command,
+    hardening: Hardening,
+    network_mode: str,
+    labels: Mapping[str, str],
+    io_mode: IoMode,
+    cgroup_parent: str | None,
+) -> dict[str, Any]:
+    """The ``POST /containers/create`` body for ``command``.
+
+    The argv replaces the image's entrypoint and command, so an image cannot wrap it. The
+    environment is exactly the command's (the engine adds PATH and HOSTNAME when absent).
+    Logs go only to the attached stream (driver ``none``), so nothing is written twice.
+    """
+    if not command.argv:
+        raise PreconditionError(f"action {command.execution_id}: argv is empty; nothing to run")
+    limits = command.limits
+    root = root_in_container(io_mode)
+    host_config: dict[str, Any] = {
+        "NetworkMode": network_mode,
+        "ReadonlyRootfs": hardening.readonly_rootfs,
+        "SecurityOpt": list(hardening.security_opts),
+        "Init": hardening.init,
+        "IpcMode": "private",
+        "Privileged": False,
+        "LogConfig": {"Type": "none", "Config": {}},
+    }
+    if hardening.drop_all_capabilities:
+        host_config["CapDrop"] = ["ALL"]
+    if hardening.mount_tmpfs:
+        host_config["Tmpfs"] = {"/tmp": f"rw,exec,nosuid,nodev,size={hardening.tmpfs_size_bytes}"}
+    if hardening.runtime:
+        host_config["Runtime"] = hardening.runtime
+    if io_mode == "bind":
+        host_config["Mounts"] = [
+            {"Type": "bind", "Source": str(command.root), "Target": BIND_ROOT, "ReadOnly": False}
+        ]
+    else:
+        host_config["Mounts"] = [{"Type": "volume", "Target": ARCHIVE_VOLUME}]
+    if limits.memory_bytes is not None:
+        host_config["Memory"] = limits.memory_bytes
+        host_config["MemorySwap"] = limits.memory_bytes  # equal: swap cannot extend the limit
+    if limits.cpu_cores is not None:
+        host_config["NanoCpus"] = round(limits.cpu_cores * 1e9)
+    if limits.max_processes is not None:
+        overhead = RUNSC_PIDS_OVERHEAD if "runsc" in hardening.runtime else 0
+        host_config["PidsLimit"] = limits.max_processes + overhead
+    if cgroup_parent:
+        host_config["CgroupParent"] = cgroup_parent
+    with_stdin = bool(command.stdin)
+    return {
+        "Image": image,
+        "Entrypoint": [command.argv[0]],
+        "Cmd": list(command.argv[1:]),
+        "Env": [f"{key}={value}" for key, value in command.environment.items()],
+        "WorkingDir": posixpath.join(root, command.working_directory) if command.working_directory else root,
+        "User": hardening.user,
+        "Labels": dict(labels),
+        "Tty": False,
+        "OpenStdin": with_stdin,
+        "StdinOnce": with_stdin,
+        "AttachStdin": with_stdin,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "HostConfig": host_config,
+    }
