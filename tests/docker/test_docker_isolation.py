@@ -54,7 +54,7 @@ def test_oom_kill_of_a_child_still_reports_oom(busybox_image: str, tmp_path: Pat
 def test_fork_bomb_is_contained_and_the_worker_stays_healthy(
     busybox_image: str, tmp_path: Path, docker_client: Any
 ) -> None:
-    """A fork bomb hits the PIDs limit, is stopped at its deadline, leaves nothing, and the next action runs."""
+    """A fork bomb hits the PIDs limit, is stopped at its deadline, leaves nothing; the next action runs."""
     bomb = "b() { b | b & }; b; while :; do :; done"
 
     async def main() -> Any:
@@ -100,13 +100,14 @@ def test_sleep_past_its_deadline_is_timed_out_and_removed(
 
 
 def test_only_loopback_exists_and_the_host_is_unreachable(busybox_image: str, tmp_path: Path) -> None:
-    """With network "none" the container has only `lo`, and a port open on the host's loopback is unreachable."""
+    """With network "none" there is only `lo`, and a port open on the host's loopback is unreachable."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     server.settimeout(0.5)
     port = server.getsockname()[1]
-    script = f"ls /sys/class/net; if nc -w 2 127.0.0.1 {port} </dev/null; then echo connected; else echo refused; fi"
+    probe = f"nc -w 2 127.0.0.1 {port} </dev/null"
+    script = f"ls /sys/class/net; if {probe}; then echo connected; else echo refused; fi"
 
     async def main() -> Any:
         async with docker_executor(busybox_image) as ex:
