@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,33 +193,37 @@ async def worker_target(topology: str, concurrency: int, stream_bytes: int) -> A
 # ---- measurements -------------------------------------------------------------------------------
 
 
-async def _timed(n: int, warmup: int, once: Callable[[], Awaitable[object]]) -> Timing:
-    for _ in range(warmup):
-        await once()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await once()
-        samples.append(time.perf_counter() - start)
-    return Timing(samples)
+Probe = Callable[[], object]
+"""One operation to time: a plain call, or a call returning an awaitable that is awaited."""
 
 
-def raw_spawn(n: int) -> Timing:
-    samples = []
-    for i in range(n + 10):
-        start = time.perf_counter()
-        subprocess.run(["/bin/true"], check=True, env=ENV)
-        if i >= 10:
-            samples.append(time.perf_counter() - start)
-    return Timing(samples)
+async def _once(probe: Probe) -> None:
+    result = probe()
+    if inspect.isawaitable(result):
+        await result
 
 
-async def asyncio_spawn(n: int) -> Timing:
-    async def once() -> None:
-        proc = await asyncio.create_subprocess_exec("/bin/true", env=ENV)
-        await proc.wait()
+async def interleaved(
+    probes: dict[str, Probe], runs: int, *, warmup: int = 20, batch: int = 20
+) -> dict[str, Timing]:
+    """Time each probe ``runs`` times, in alternating batches, so that load from elsewhere on a
+    shared machine falls on every probe alike instead of skewing whichever ran at the wrong moment."""
+    for probe in probes.values():
+        for _ in range(warmup):
+            await _once(probe)
+    samples: dict[str, list[float]] = {name: [] for name in probes}
+    while len(samples[next(iter(probes))]) < runs:
+        for name, probe in probes.items():
+            for _ in range(min(batch, runs - len(samples[name]))):
+                start = time.perf_counter()
+                await _once(probe)
+                samples[name].append(time.perf_counter() - start)
+    return {name: Timing(values) for name, values in samples.items()}
 
-    return await _timed(n, 10, once)
+
+async def _asyncio_spawn() -> None:
+    proc = await asyncio.create_subprocess_exec("/bin/true", env=ENV)
+    await proc.wait()
 
 
 def true_request() -> pb.ExecuteRequest:
@@ -289,12 +294,6 @@ def _mb_s(elapsed: float, n: int) -> str:
 async def bench(args: argparse.Namespace) -> None:
     print(f"expbuild-worker host benchmark: topology {args.topology}, {os.cpu_count()} CPUs, "
           f"python {sys.version.split()[0]}, grpc {grpc.__version__}")  # fmt: skip
-    print(f"\nper-action overhead ({args.runs} runs each):")
-    spawn = raw_spawn(args.runs)
-    print(spawn.row("1. raw spawn of /bin/true (subprocess.run)"))
-    aspawn = await asyncio_spawn(args.runs)
-    print(aspawn.row("   (for reference: asyncio subprocess spawn)"))
-
     async with AsyncExitStack() as stack:
         base = await stack.enter_async_context(baseline_target(args.topology))
         target = await stack.enter_async_context(
@@ -308,9 +307,20 @@ async def bench(args: argparse.Namespace) -> None:
 
         echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = base_ch.unary_unary(ECHO_METHOD)
         payload = true_request().SerializeToString()
-        echo = await _timed(args.runs, 20, lambda: echo_call(payload))
+        print(f"\nper-action overhead ({args.runs} runs each, interleaved in batches of 20):")
+        timings = await interleaved(
+            {
+                "spawn": lambda: subprocess.run(["/bin/true"], check=True, env=ENV),
+                "aspawn": _asyncio_spawn,
+                "echo": lambda: echo_call(payload),
+                "e2e": lambda: run_action(stub, true_request()),
+            },
+            args.runs,
+        )
+        spawn, echo, e2e = timings["spawn"], timings["echo"], timings["e2e"]
+        print(spawn.row("1. raw spawn of /bin/true (subprocess.run)"))
+        print(timings["aspawn"].row("   (for reference: asyncio subprocess spawn)"))
         print(echo.row("2. gRPC echo round trip (unary, generic handler)"))
-        e2e = await _timed(args.runs, 20, lambda: run_action(stub, true_request()))
         print(e2e.row("3. Execute /bin/true end to end"))
         ratio = e2e.median / (spawn.median + echo.median)
         ratio90 = e2e.p90 / (spawn.p90 + echo.p90)
@@ -318,10 +328,13 @@ async def bench(args: argparse.Namespace) -> None:
               f"{'met' if ratio <= 1.5 else 'NOT met'})")  # fmt: skip
 
         print(f"\nstreaming {args.stream_bytes / (1 << 30):g} GiB of stdout:")
-        raw_s, raw_n = await stream_raw(base_ch, args.stream_bytes)
-        print(f"  raw gRPC server stream, 64 KiB chunks            {_mb_s(raw_s, raw_n)}")
+        # raw, worker, raw: the worker is compared with the mean of the raw runs around it.
+        raw1_s, raw_n = await stream_raw(base_ch, args.stream_bytes)
         wk_s, wk_n = await stream_through_worker(stub, args.stream_bytes)
-        print(f"  Execute: head -c N /dev/zero                   {_mb_s(wk_s, wk_n)}")
+        raw2_s, _ = await stream_raw(base_ch, args.stream_bytes)
+        raw_s = (raw1_s + raw2_s) / 2
+        print(f"  raw gRPC server stream, 64 KiB chunks (mean of 2) {_mb_s(raw_s, raw_n)}")
+        print(f"  Execute: head -c N /dev/zero                      {_mb_s(wk_s, wk_n)}")
         tratio = (wk_n / wk_s) / (raw_n / raw_s)
         print(
             f"  ratio worker / raw: {tratio:.3f}   (target >= 0.5: {'met' if tratio >= 0.5 else 'NOT met'})"
