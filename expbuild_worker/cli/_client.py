@@ -6,6 +6,7 @@ import argparse
 import re
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -83,9 +84,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ex = subparsers.add_parser(
         "exec",
         help="run a command on a worker, streaming its output and downloading its outputs",
-        description="Run ARGV on a worker. Nothing of the local environment is sent: the command gets "
-        f"the --env variables only, plus PATH={DEFAULT_PATH} unless --env sets PATH. "
-        "Remote stdout/stderr stream live to local stdout/stderr, byte for byte.",
+        usage="%(prog)s --target HOST:PORT [options] -- ARGV...",
+        description=textwrap.fill(
+            "Run ARGV on a worker. Nothing of the local environment is sent: the command gets the "
+            f"--env variables only, plus PATH={DEFAULT_PATH} unless --env sets PATH. Remote "
+            "stdout/stderr stream live to local stdout/stderr, byte for byte.",
+            width=90,
+        ),
         epilog=_EXEC_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
