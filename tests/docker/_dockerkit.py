@@ -23,7 +23,6 @@ from expbuild_worker.model import (
     RunOutcome,
     Started,
 )
-from expbuild_worker.storage import ContentAddressedStore
 
 LABEL_WORKER = "io.expbuild.worker-id"
 TEST_LIMITS = ResourceLimits(cpu_cores=1.0, memory_bytes=256 << 20, max_processes=256)
@@ -126,9 +125,12 @@ async def run_command(
     )
 
 
-def labelled_containers(client: Any, worker_id: str) -> list[Any]:
-    """Every container, running or not, labelled with ``worker_id``."""
-    return list(client.containers.list(all=True, filters={"label": f"{LABEL_WORKER}={worker_id}"}))
+def labelled_containers(client: Any, worker_id: str) -> list[dict[str, Any]]:
+    """Every container, running or not, labelled with ``worker_id`` (the engine's list entries)."""
+    found: list[dict[str, Any]] = client.api.containers(
+        all=True, filters={"label": f"{LABEL_WORKER}={worker_id}"}
+    )
+    return found
 
 
 def gone_within(client: Any, worker_id: str, seconds: float = 5.0) -> bool:
@@ -145,8 +147,4 @@ def remove_labelled(client: Any, worker_id: str) -> None:
     """Test cleanup: never leave a container behind, even when a test failed."""
     for container in labelled_containers(client, worker_id):
         with contextlib.suppress(Exception):
-            container.remove(force=True, v=True)
-
-
-def store_for(path: Path) -> ContentAddressedStore:
-    return ContentAddressedStore(root=path, max_bytes=1 << 32)
+            client.api.remove_container(container["Id"], force=True, v=True)
