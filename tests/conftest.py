@@ -36,6 +36,7 @@ class WorkerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-worker", daemon=True)
         self._thread.start()
         self.server: RunningServer = self.call(start_server(self.config))
+        self._channels: list[grpc.Channel] = []
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -44,7 +45,15 @@ class WorkerThread:
     def target(self) -> str:
         return self.server.target
 
+    def stub(self) -> pb_grpc.WorkerServiceStub:
+        """A stub on a fresh channel to this worker, closed when the worker stops."""
+        channel = grpc.insecure_channel(self.target)
+        self._channels.append(channel)
+        return pb_grpc.WorkerServiceStub(channel)
+
     def stop(self, grace: float = 0.0) -> None:
+        for channel in self._channels:
+            channel.close()
         try:
             self.call(self.server.stop(grace))
         finally:

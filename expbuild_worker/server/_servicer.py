@@ -17,7 +17,7 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.server import _translate as tr
-from expbuild_worker.server._status import streaming, unary
+from expbuild_worker.server._status import maps_errors
 from expbuild_worker.storage import BlobWriter
 from expbuild_worker.storage._cas import check_digest
 from expbuild_worker.validation import check_execution_id
@@ -38,25 +38,25 @@ def _platform() -> pb.Platform:
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
-    """Holds no business logic; errors are mapped to statuses by the ``unary``/``streaming`` wrappers."""
+    """Holds no business logic; errors are mapped to statuses by ``maps_errors``."""
 
     def __init__(self, *, engine: ExecutionEngine, worker_id: str, limits: pb.WorkerLimits) -> None:
         self._engine = engine
         self._worker_id = worker_id
         self._limits = limits
 
-    @streaming
-    async def Execute(
+    @maps_errors
+    async def Execute(  # type: ignore[override]  # writes with context.write; see maps_errors
         self, request: pb.ExecuteRequest, context: Context
-    ) -> AsyncIterator[pb.ExecuteResponse]:
+    ) -> None:
         action = tr.action_from_pb(request)
-        # aclosing: when the client goes away the RPC task is cancelled while suspended here,
-        # and the engine must be closed now (killing the command), not when garbage is collected.
+        # aclosing: a vanished client cancels this task; the engine is closed (and the command
+        # killed) right here, not whenever a suspended generator is garbage-collected.
         async with contextlib.aclosing(self._engine.execute(action)) as events:
             async for event in events:
-                yield tr.event_to_pb(event)
+                await context.write(tr.event_to_pb(event))
 
-    @unary
+    @maps_errors
     async def CancelExecution(
         self, request: pb.CancelExecutionRequest, context: Context
     ) -> pb.CancelExecutionResponse:
@@ -64,7 +64,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._engine.cancel(request.execution_id)
         return pb.CancelExecutionResponse(was_active=True)
 
-    @unary
+    @maps_errors
     async def GetCapabilities(
         self, request: pb.GetCapabilitiesRequest, context: Context
     ) -> pb.GetCapabilitiesResponse:
@@ -84,12 +84,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             worker_id=self._worker_id,
         )
 
-    @unary
+    @maps_errors
     async def Warmup(self, request: pb.WarmupRequest, context: Context) -> pb.WarmupResponse:
         reports = await self._engine.warmup(list(request.executors), list(request.images))
         return pb.WarmupResponse(executors=[tr.warmup_to_pb(r) for r in reports])
 
-    @unary
+    @maps_errors
     async def UploadBlobs(
         self, request_iterator: AsyncIterator[pb.UploadBlobsRequest], context: Context
     ) -> pb.UploadBlobsResponse:
@@ -131,7 +131,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             )
         return pb.UploadBlobsResponse(stored=stored)
 
-    @unary
+    @maps_errors
     async def FindMissingBlobs(
         self, request: pb.FindMissingBlobsRequest, context: Context
     ) -> pb.FindMissingBlobsResponse:
@@ -142,13 +142,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             missing_digests=[d for d in request.digests if not store.contains(tr.digest_from_pb(d))]
         )
 
-    @streaming
-    async def ReadBlob(
+    @maps_errors
+    async def ReadBlob(  # type: ignore[override]  # writes with context.write; see maps_errors
         self, request: pb.ReadBlobRequest, context: Context
-    ) -> AsyncIterator[pb.ReadBlobResponse]:
+    ) -> None:
         digest = tr.digest_from_pb(request.digest)
         check_digest(digest, "digest")
         offset = 0
         for chunk in self._engine.store.open_blob(digest):
-            yield pb.ReadBlobResponse(offset=offset, data=chunk)
+            await context.write(pb.ReadBlobResponse(offset=offset, data=chunk))
             offset += len(chunk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -45,10 +45,16 @@ _Resp = TypeVar("_Resp")
 _Self = TypeVar("_Self")
 
 
-def unary(
+def maps_errors(
     method: Callable[[_Self, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]],
 ) -> Callable[[_Self, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]:
-    """Wrap a unary (or client-streaming) handler so WorkerErrors end the RPC with their status."""
+    """Wrap a handler coroutine so any error ends the RPC with its mapped status and message.
+
+    Streaming handlers are coroutines that ``await context.write(...)`` rather than async
+    generators: when a client vanishes, gRPC cancels the handler task, and the cancellation
+    must land in our code (where ``finally`` and ``aclosing`` kill the action at once), not
+    in a generator that gRPC stops iterating and the garbage collector finalises later.
+    """
 
     @functools.wraps(method)
     async def wrapper(self: _Self, request: _Req, context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
@@ -59,25 +65,5 @@ def unary(
         except Exception as err:
             await _abort(context, err)
             raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[_Self, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]],
-) -> Callable[[_Self, _Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[_Resp]]:
-    """Wrap a server-streaming handler the same way."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: _Self, request: _Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as err:
-            await _abort(context, err)
 
     return wrapper

@@ -295,10 +295,7 @@ def test_bad_requests_are_invalid_argument_naming_the_field(stub, field, kwargs)
 def test_log_cap_truncates_and_says_so(start_worker):
     """Beyond the per-stream cap bytes are counted, not sent, and the result flags it."""
     worker = start_worker({"execution": {"max_log_bytes_per_stream": 1000}})
-    with grpc.insecure_channel(worker.target) as ch:
-        from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-        run = execute(pb_grpc.WorkerServiceStub(ch), request([SH, "-c", "head -c 5000 /dev/zero"]))
+    run = execute(worker.stub(), request([SH, "-c", "head -c 5000 /dev/zero"]))
     assert len(run.stdout) == 1000
     assert run.result.stdout.size_bytes == 5000 and run.result.stdout.streamed_bytes == 1000
     assert run.result.stdout.truncated
@@ -307,13 +304,10 @@ def test_log_cap_truncates_and_says_so(start_worker):
 def test_output_cap_is_an_honest_status(start_worker):
     """Outputs over the cap end with OUTPUT_LIMIT_EXCEEDED, the exit code still reported."""
     worker = start_worker({"execution": {"max_output_bytes": 1000}})
-    with grpc.insecure_channel(worker.target) as ch:
-        from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-        run = execute(
-            pb_grpc.WorkerServiceStub(ch),
-            request([SH, "-c", "head -c 5000 /dev/zero > big; exit 3"], output_files=["big"]),
-        )
+    run = execute(
+        worker.stub(),
+        request([SH, "-c", "head -c 5000 /dev/zero > big; exit 3"], output_files=["big"]),
+    )
     assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED
     assert run.result.exit_code == 3 and "max_output_bytes" in run.result.message
     assert run.result.output_files == []
@@ -327,16 +321,13 @@ def test_twenty_concurrent_actions_are_all_correct(start_worker):
 
     def one(i: int) -> None:
         try:
-            with grpc.insecure_channel(worker.target) as ch:
-                from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-                results[i] = execute(
-                    pb_grpc.WorkerServiceStub(ch),
-                    request(
-                        [SH, "-c", f"printf 'n={i}'; printf 'e={i}' >&2; printf {i} > o; exit {i}"],
-                        output_files=["o"],
-                    ),
-                )
+            results[i] = execute(
+                worker.stub(),
+                request(
+                    [SH, "-c", f"printf 'n={i}'; printf 'e={i}' >&2; printf {i} > o; exit {i}"],
+                    output_files=["o"],
+                ),
+            )
         except BaseException as err:
             errors.append(err)
 
@@ -355,46 +346,40 @@ def test_twenty_concurrent_actions_are_all_correct(start_worker):
 def test_full_queue_is_resource_exhausted(start_worker):
     """Past the running slots and the queue, Execute answers RESOURCE_EXHAUSTED at once."""
     worker = start_worker({"execution": {"max_concurrent_executions": 1, "max_queued_executions": 1}})
-    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(worker.target) as ch:
-        s = pb_grpc.WorkerServiceStub(ch)
-        running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
-        for resp in running:
-            if resp.WhichOneof("event") == "log":
-                break
-        queued = s.Execute(request(["/bin/true"]), timeout=30)
-        first = next(queued)
-        assert first.accepted.queue_position == 1
-        with pytest.raises(grpc.RpcError) as info:
-            execute(s, request(["/bin/true"]))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_queued_executions" in info.value.details()
-        running.cancel()
-        rest = list(queued)
-        result = rest[-1].result
-        assert result.status == pb.EXECUTION_STATUS_COMPLETED
-        assert result.stats.queue_time.ToNanoseconds() > 0
+    s = worker.stub()
+    running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
+    for resp in running:
+        if resp.WhichOneof("event") == "log":
+            break
+    queued = s.Execute(request(["/bin/true"]), timeout=30)
+    first = next(queued)
+    assert first.accepted.queue_position == 1
+    with pytest.raises(grpc.RpcError) as info:
+        execute(s, request(["/bin/true"]))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queued_executions" in info.value.details()
+    running.cancel()
+    rest = list(queued)
+    result = rest[-1].result
+    assert result.status == pb.EXECUTION_STATUS_COMPLETED
+    assert result.stats.queue_time.ToNanoseconds() > 0
 
 
 def test_cancel_while_queued_never_runs(start_worker):
     """A queued action cancelled before its slot ends CANCELLED without starting."""
     worker = start_worker({"execution": {"max_concurrent_executions": 1}})
-    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(worker.target) as ch:
-        s = pb_grpc.WorkerServiceStub(ch)
-        running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
-        for resp in running:
-            if resp.WhichOneof("event") == "log":
-                break
-        queued = s.Execute(request([SH, "-c", "echo ran"], execution_id="waiting"), timeout=30)
-        assert next(queued).accepted.queue_position == 1
-        s.CancelExecution(pb.CancelExecutionRequest(execution_id="waiting"))
-        rest = list(queued)
-        assert [r.WhichOneof("event") for r in rest] == ["result"]
-        assert rest[0].result.status == pb.EXECUTION_STATUS_CANCELLED
-        running.cancel()
+    s = worker.stub()
+    running = s.Execute(request([SH, "-c", "echo go; sleep 30"]), timeout=30)
+    for resp in running:
+        if resp.WhichOneof("event") == "log":
+            break
+    queued = s.Execute(request([SH, "-c", "echo ran"], execution_id="waiting"), timeout=30)
+    assert next(queued).accepted.queue_position == 1
+    s.CancelExecution(pb.CancelExecutionRequest(execution_id="waiting"))
+    rest = list(queued)
+    assert [r.WhichOneof("event") for r in rest] == ["result"]
+    assert rest[0].result.status == pb.EXECUTION_STATUS_CANCELLED
+    running.cancel()
 
 
 def test_inputs_inline_dirs_symlinks_and_workdir(stub):
@@ -416,11 +401,9 @@ def test_inputs_inline_dirs_symlinks_and_workdir(stub):
 def test_inline_input_cap_is_invalid_argument(start_worker):
     """Inline content beyond the cap is refused with a pointer to UploadBlobs."""
     worker = start_worker({"execution": {"max_inline_input_bytes": 10}})
-    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(worker.target) as ch, pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(grpc.RpcError) as info:
         execute(
-            pb_grpc.WorkerServiceStub(ch),
+            worker.stub(),
             request(["/bin/true"], input_files=[pb.InputFile(path="f", content=b"x" * 11)]),
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -430,14 +413,11 @@ def test_inline_input_cap_is_invalid_argument(start_worker):
 def test_oversized_request_is_refused_and_worker_survives(start_worker):
     """A request above max_request_bytes is RESOURCE_EXHAUSTED and the worker keeps serving."""
     worker = start_worker({"server": {"max_request_bytes": 100_000}})
-    from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(worker.target) as ch:
-        s = pb_grpc.WorkerServiceStub(ch)
-        with pytest.raises(grpc.RpcError) as info:
-            execute(s, request(["/bin/true"], stdin=b"x" * 200_000))
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert execute(s, request(["/bin/true"])).status == pb.EXECUTION_STATUS_COMPLETED
+    s = worker.stub()
+    with pytest.raises(grpc.RpcError) as info:
+        execute(s, request(["/bin/true"], stdin=b"x" * 200_000))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert execute(s, request(["/bin/true"])).status == pb.EXECUTION_STATUS_COMPLETED
 
 
 def test_warmup_and_capabilities_name_the_host_executor(stub):
