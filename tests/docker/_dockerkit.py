@@ -39,7 +39,7 @@ async def docker_executor(
     image: str, *, worker_id: str | None = None, **settings: Any
 ) -> AsyncIterator[DockerExecutor]:
     """A started executor for ``image`` with config ``settings``, closed afterwards."""
-    config = DockerExecutorConfig(image=image, orphan_sweep_interval_seconds=0, **settings)
+    config = DockerExecutorConfig(image=image, **{"orphan_sweep_interval_seconds": 0.0, **settings})
     executor = build_docker_executor(name="docker", config=config, worker_id=worker_id or new_worker_id())
     await executor.start()
     try:
