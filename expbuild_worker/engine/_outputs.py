@@ -85,13 +85,7 @@ class _Collector:
             raise OutputLimitExceeded(
                 f"outputs exceed execution.max_output_bytes ({self.max_bytes} bytes) at {rel!r}"
             )
-        # Re-open by name without following links, then adopt through /proc/self/fd so the
-        # file taken is the one just checked, even if the name were swapped meanwhile.
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
-        try:
-            digest = self.store.adopt_file(Path(f"/proc/self/fd/{fd}"))
-        finally:
-            os.close(fd)
+        digest = self.store.adopt_file(name, dir_fd=dfd)
         self.files[rel] = OutputFile(rel, digest, bool(st.st_mode & 0o111))
 
 

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -140,19 +141,33 @@ class ContentAddressedStore:
             w.commit()
         return digest
 
-    def adopt_file(self, path: Path) -> Digest:
-        """Take a finished file (an output) into the store, by hard link where possible.
+    def adopt_file(self, name: str, *, dir_fd: int) -> Digest:
+        """Take a finished regular file (an output) into the store, by hard link where safe.
 
-        The caller guarantees nothing writes the file any more (the action has ended). The
-        link is hashed, so what is stored is exactly what is hashed.
+        ``name`` is resolved in ``dir_fd`` without following a symlink. The caller guarantees
+        nothing writes the file any more (the action has ended). A file with other names (a
+        hard link to something outside the action, say) is copied, never linked: the store's
+        chmod must not reach a file it does not own. What is stored is exactly what is hashed.
         """
         tmp = self.temp_path()
-        try:
-            os.link(path, tmp)
-        except OSError as err:
-            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-            shutil.copyfile(path, tmp)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidRequestError(f"output {name!r} is not a regular file")
+        linked = False
+        if st.st_nlink == 1:
+            try:
+                os.link(name, tmp, src_dir_fd=dir_fd, follow_symlinks=False)
+                linked = True
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+        if not linked:
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                with open(src, "rb", closefd=False) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, _READ_CHUNK)
+            finally:
+                os.close(src)
         digest = sha256_file(tmp)
         self.publish(tmp, digest)
         return digest
@@ -163,14 +178,16 @@ class ContentAddressedStore:
             tmp.unlink(missing_ok=True)
             return
         final = self.path_of(digest)
-        if final.exists():
-            tmp.unlink(missing_ok=True)
-            os.utime(final)
-            return
-        final.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o444)
-        os.replace(tmp, final)
+        # Check, rename and count under one lock: two writers finishing the same blob at once
+        # must count it once.
         with self._lock:
+            if final.exists():
+                tmp.unlink(missing_ok=True)
+                os.utime(final)
+                return
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
             self._total += digest.size
             over = self._total > self.max_bytes
         if over:

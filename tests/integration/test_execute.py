@@ -449,3 +449,14 @@ def test_stats_report_cpu_memory_and_stage_times(stub):
     ns = [t.ToNanoseconds() for t in stamps]
     assert all(n > 0 for n in ns) and ns == sorted(ns)
     assert s.wall_time.ToNanoseconds() > 0
+
+
+def test_hard_linked_output_never_changes_the_outside_file(stub, tmp_path):
+    """An output hard-linked to a file outside the action is collected by copy; the outside
+    file keeps its mode and content."""
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me")
+    os.chmod(outside, 0o640)
+    run = execute(stub, request([SH, "-c", f"ln {outside} out"], output_files=["out"]))
+    assert bytes(run.outputs["out"]) == b"keep me"
+    assert outside.stat().st_mode & 0o777 == 0o640 and outside.read_bytes() == b"keep me"
