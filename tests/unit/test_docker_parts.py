@@ -1,0 +1,285 @@
+"""The Docker executor's pure parts, without an engine: log demux, the container spec, cgroups, archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from expbuild_worker.errors import PreconditionError
+from expbuild_worker.execution.docker._archive import (
+    UnsafeArchiveError,
+    clear_output,
+    pack_root,
+    unpack_output,
+)
+from expbuild_worker.execution.docker._attach import MAX_CHUNK, Demultiplexer, _rechunk
+from expbuild_worker.execution.docker._cgroups import ActionCgroups, Mount, parse_mountinfo, worker_key
+from expbuild_worker.execution.docker._spec import Hardening, container_body, network_mode_for
+from expbuild_worker.execution.executor import Command
+from expbuild_worker.model import LogStream, ResourceLimits
+
+# ---- log demultiplexing ------------------------------------------------------------------------
+
+
+def _frame(stream: int, data: bytes) -> bytes:
+    return struct.pack(">BxxxL", stream, len(data)) + data
+
+
+def test_demux_reassembles_frames_split_at_every_byte() -> None:
+    """However the engine's bytes are split, each stream's bytes come out whole and in order."""
+    wire = _frame(1, b"hello ") + _frame(2, b"oops") + _frame(1, b"world") + _frame(1, b"") + _frame(2, b"!")
+    for cut in range(len(wire) + 1):
+        demux = Demultiplexer()
+        pieces = demux.feed(wire[:cut]) + demux.feed(wire[cut:])
+        out = b"".join(d for s, d in pieces if s is LogStream.STDOUT)
+        err = b"".join(d for s, d in pieces if s is LogStream.STDERR)
+        assert (out, err) == (b"hello world", b"oops!")
+        assert not demux.pending
+
+
+def test_demux_flags_a_stream_cut_inside_a_frame() -> None:
+    """A connection that breaks mid-frame is detectable, so the loss is reported rather than hidden."""
+    demux = Demultiplexer()
+    demux.feed(_frame(1, b"abcdef")[:10])
+    assert demux.pending
+
+
+def test_rechunk_merges_neighbours_and_caps_chunk_size() -> None:
+    """Small writes are batched; no chunk exceeds 64 KiB; interleaving order is kept."""
+    from collections import deque
+
+    pieces = deque(
+        [(LogStream.STDOUT, b"a" * 40_000), (LogStream.STDOUT, b"b" * 40_000), (LogStream.STDERR, b"e")]
+    )
+    chunks = _rechunk(pieces)
+    assert [s for s, _ in chunks] == [LogStream.STDOUT, LogStream.STDOUT, LogStream.STDERR]
+    assert all(len(d) <= MAX_CHUNK for _, d in chunks)
+    assert b"".join(d for s, d in chunks if s is LogStream.STDOUT) == b"a" * 40_000 + b"b" * 40_000
+
+
+# ---- the container spec --------------------------------------------------------------------------
+
+
+def _command(tmp_path: Path, **kwargs: object) -> Command:
+    fields: dict[str, object] = {
+        "execution_id": "e1",
+        "argv": ["make", "-j2"],
+        "environment": {"A": "1"},
+        "root": tmp_path,
+        "working_directory": "src/lib",
+        "stdin": b"",
+        "limits": ResourceLimits(cpu_cores=1.5, memory_bytes=64 << 20, max_processes=100),
+    }
+    fields.update(kwargs)
+    return Command(**fields)  # type: ignore[arg-type]
+
+
+def test_spec_hardens_by_default_and_sets_every_limit(tmp_path: Path) -> None:
+    """The default container is read-only, capability-less, non-root, init-reaped, swap-capped and limited."""
+    body = container_body(
+        image="img:1",
+        command=_command(tmp_path),
+        hardening=Hardening(),
+        network_mode="none",
+        labels={"k": "v"},
+        io_mode="bind",
+        cgroup_parent="/expbuild/w/t",
+    )
+    host = body["HostConfig"]
+    assert body["Entrypoint"] == ["make"] and body["Cmd"] == ["-j2"]
+    assert body["Env"] == ["A=1"] and body["User"] == "65534:65534"
+    assert body["WorkingDir"] == "/work/src/lib"
+    assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Init"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Tmpfs"]["/tmp"].startswith("rw,exec,")
+    assert host["Memory"] == host["MemorySwap"] == 64 << 20
+    assert host["NanoCpus"] == 1_500_000_000 and host["PidsLimit"] == 100
+    assert host["NetworkMode"] == "none" and host["CgroupParent"] == "/expbuild/w/t"
+    assert host["Mounts"] == [{"Type": "bind", "Source": str(tmp_path), "Target": "/work", "ReadOnly": False}]
+    assert not body["OpenStdin"]
+
+
+def test_spec_for_archive_io_uses_a_volume_and_opens_stdin_when_given(tmp_path: Path) -> None:
+    """Remote engines get a fresh volume (get_archive cannot see a tmpfs) and stdin when there is some."""
+    body = container_body(
+        image="img:1",
+        command=_command(tmp_path, stdin=b"x", working_directory=""),
+        hardening=Hardening(runtime="runsc"),
+        network_mode="none",
+        labels={},
+        io_mode="archive",
+        cgroup_parent=None,
+    )
+    assert body["HostConfig"]["Mounts"] == [{"Type": "volume", "Target": "/work"}]
+    assert body["WorkingDir"] == "/work/root"
+    assert body["OpenStdin"] and body["StdinOnce"] and body["AttachStdin"]
+    assert body["HostConfig"]["PidsLimit"] > 100, "gVisor's own threads need room"
+    assert "CgroupParent" not in body["HostConfig"]
+
+
+def test_network_is_granted_only_when_a_mode_is_configured() -> None:
+    """network=True gets the configured mode or is refused naming limits.network; False/None stay off."""
+    assert network_mode_for(ResourceLimits(network=None), Hardening(), executor="d") == "none"
+    assert network_mode_for(ResourceLimits(network=False), Hardening(), executor="d") == "none"
+    granted = Hardening(network_mode_when_enabled="bridge")
+    assert network_mode_for(ResourceLimits(network=True), granted, executor="d") == "bridge"
+    with pytest.raises(PreconditionError, match=r"limits\.network"):
+        network_mode_for(ResourceLimits(network=True), Hardening(), executor="d")
+
+
+# ---- cgroups -------------------------------------------------------------------------------------
+
+MOUNTINFO = """\
+25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+26 25 0:23 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+27 25 0:24 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+28 25 0:25 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+29 25 0:26 /nested /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+"""
+
+
+def test_mountinfo_finds_hierarchies_that_show_their_root() -> None:
+    """Controllers are found by mount options; a mount of a nested cgroup (not its root) is ignored."""
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert [(str(m.path), m.version) for m in mounts] == [
+        ("/sys/fs/cgroup/memory", 1),
+        ("/sys/fs/cgroup/cpu,cpuacct", 1),
+        ("/sys/fs/cgroup/unified", 2),
+    ]
+    assert "cpuacct" in mounts[1].controllers
+
+
+def test_worker_key_is_a_safe_directory_name() -> None:
+    """A plain id is used as is; anything that could escape or clash is hashed."""
+    assert worker_key("build-host-1") == "build-host-1"
+    assert worker_key("../evil").startswith("w-")
+    assert worker_key("a/b") != worker_key("a_b")
+
+
+def test_cgroup_v2_counters_are_read_from_the_action_parent(tmp_path: Path) -> None:
+    """On cgroup v2 CPU time, peak memory and the OOM-kill count come from the per-action parent."""
+    cgroups = ActionCgroups(
+        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w"
+    )
+    assert cgroups.parent_for("t1") == "/expbuild/w/t1"
+    action = tmp_path / "expbuild/w/t1"
+    action.mkdir(parents=True)
+    (action / "cpu.stat").write_text("usage_usec 3500000\nuser_usec 3000000\nsystem_usec 500000\n")
+    (action / "memory.peak").write_text("104857600\n")
+    (action / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    reading = cgroups.read("t1")
+    assert reading.usage.user_cpu_seconds == 3.0 and reading.usage.system_cpu_seconds == 0.5
+    assert reading.usage.peak_memory_bytes == 100 << 20
+    assert reading.oom_kills == 1
+
+
+def test_cgroup_v1_counters_and_no_oom_count(tmp_path: Path) -> None:
+    """On cgroup v1 the parent has CPU and peak memory but no OOM count (the container's died with it)."""
+    memory, cpu = tmp_path / "memory", tmp_path / "cpuacct"
+    cgroups = ActionCgroups(
+        mounts=[Mount(memory, 1, frozenset({"memory"})), Mount(cpu, 1, frozenset({"cpuacct"}))],
+        version=1,
+        parent="/expbuild/",
+        worker_id="w",
+    )
+    (memory / "expbuild/w/t1").mkdir(parents=True)
+    (cpu / "expbuild/w/t1").mkdir(parents=True)
+    (memory / "expbuild/w/t1/memory.max_usage_in_bytes").write_text("2000000\n")
+    (cpu / "expbuild/w/t1/cpuacct.usage_user").write_text("1500000000\n")
+    (cpu / "expbuild/w/t1/cpuacct.usage_sys").write_text("250000000\n")
+    reading = cgroups.read("t1")
+    assert reading.usage.peak_memory_bytes == 2_000_000
+    assert (reading.usage.user_cpu_seconds, reading.usage.system_cpu_seconds) == (1.5, 0.25)
+    assert reading.oom_kills is None
+
+
+def test_sweep_removes_only_dead_actions(tmp_path: Path) -> None:
+    """The sweep removes action cgroups no live action owns (with empty children) and keeps live ones."""
+    cgroups = ActionCgroups(
+        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w"
+    )
+    (tmp_path / "expbuild/w/live").mkdir(parents=True)
+    (tmp_path / "expbuild/w/dead/container").mkdir(parents=True)
+    (tmp_path / "expbuild/other/dead").mkdir(parents=True)
+    assert cgroups.sweep({"live"}) == 1
+    assert sorted(os.listdir(tmp_path / "expbuild/w")) == ["live"]
+    assert (tmp_path / "expbuild/other/dead").is_dir(), "another worker's cgroups are not ours to remove"
+
+
+# ---- archives ------------------------------------------------------------------------------------
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> list[bytes]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    raw = buf.getvalue()
+    return [raw[i : i + 1000] for i in range(0, len(raw), 1000)]
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, link
+    return info
+
+
+def test_unpack_keeps_modes_nesting_and_symlinks(tmp_path: Path) -> None:
+    """An output directory comes back with nested files, the exec bit and symlinks left as symlinks."""
+    chunks = _tar(
+        (_info("out", tarfile.DIRTYPE, 0o755), None),
+        (_info("out/a/b.txt"), b"nested"),
+        (_info("out/tool", mode=0o755), b"#!/bin/sh\n"),
+        (_info("out/leak", tarfile.SYMTYPE, link="/etc/shadow"), None),
+        (_info("out/again", tarfile.LNKTYPE, link="out/tool"), None),
+    )
+    unpack_output(chunks, root=tmp_path, output_path="out")
+    assert (tmp_path / "out/a/b.txt").read_bytes() == b"nested"
+    assert os.stat(tmp_path / "out/tool").st_mode & 0o111
+    assert os.readlink(tmp_path / "out/leak") == "/etc/shadow"
+    assert (tmp_path / "out/again").read_bytes() == b"#!/bin/sh\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["other", "out/../../escape", "/etc/cron.d/x"], ids=["sibling", "dotdot", "absolute"]
+)
+def test_unpack_refuses_members_outside_the_output(tmp_path: Path, name: str) -> None:
+    """A member that is not under the requested output is refused, and nothing is written outside."""
+    chunks = _tar((_info(name), b"x"))
+    with pytest.raises(UnsafeArchiveError):
+        unpack_output(chunks, root=tmp_path / "root", output_path="out")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_unpack_never_writes_through_a_symlinked_parent(tmp_path: Path) -> None:
+    """If a parent on the host is a symlink (out -> elsewhere), extraction refuses instead of following it."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "d").symlink_to(elsewhere)
+    with pytest.raises(UnsafeArchiveError):
+        unpack_output(_tar((_info("f"), b"x")), root=root, output_path="d/f")
+    assert not clear_output(root, "d/f")
+    assert os.listdir(elsewhere) == []
+
+
+def test_pack_root_gives_directories_to_the_command_user_and_keeps_links(tmp_path: Path) -> None:
+    """Packed directories belong to the command's user; files keep their owner; symlinks stay symlinks."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/f").write_bytes(b"data")
+    (tmp_path / "link").symlink_to("sub/f")
+    with (
+        pack_root(tmp_path, arcname="root", dir_owner=(4242, 4243)) as spool,
+        tarfile.open(fileobj=spool) as tar,
+    ):
+        members = {m.name: m for m in tar.getmembers()}
+    assert (members["root"].uid, members["root/sub"].gid) == (4242, 4243)
+    assert members["root/sub/f"].uid == os.getuid()
+    assert members["root/link"].issym() and members["root/link"].linkname == "sub/f"
