@@ -8,21 +8,25 @@ sock=${EXPBUILD_DOCKER_SOCKET:-/var/run/docker.sock}
 log=${EXPBUILD_DOCKERD_LOG:-/tmp/expbuild-dockerd.log}
 
 engine_answers() {
-  docker -H "unix://$sock" version --format '{{.Server.Version}}' >/dev/null 2>&1
+  command -v docker >/dev/null 2>&1 &&
+    docker -H "unix://$sock" version --format '{{.Server.Version}}' >/dev/null 2>&1
 }
 
-if engine_answers; then
-  echo "ensure-docker: engine already answers on $sock"
-  exit 0
-fi
+# The Docker tests build their images FROM scratch around the static busybox.
+static_busybox_present() {
+  if command -v dpkg >/dev/null 2>&1; then
+    dpkg -s busybox-static >/dev/null 2>&1
+  else
+    [ -x /bin/busybox ]
+  fi
+}
 
 need=()
-command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh && file_ok=1 || file_ok=0
-dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+engine_answers || command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+static_busybox_present || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "ensure-docker: need root to install ${need[*]}" >&2
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "ensure-docker: need root and apt-get to install ${need[*]}" >&2
     exit 1
   fi
   echo "ensure-docker: installing ${need[*]}"
@@ -31,11 +35,17 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if ! engine_answers; then
-  echo "ensure-docker: starting dockerd (log: $log)"
-  nohup dockerd --host "unix://$sock" >"$log" 2>&1 &
-  echo $! > /tmp/expbuild-dockerd.pid
+if engine_answers; then
+  echo "ensure-docker: engine already answers on $sock"
+  exit 0
 fi
+if [ "$(id -u)" != 0 ]; then
+  echo "ensure-docker: no engine answers on $sock, and starting dockerd needs root" >&2
+  exit 1
+fi
+echo "ensure-docker: starting dockerd (log: $log)"
+nohup dockerd --host "unix://$sock" >"$log" 2>&1 &
+echo $! > /tmp/expbuild-dockerd.pid
 
 for _ in $(seq 1 120); do
   if engine_answers; then

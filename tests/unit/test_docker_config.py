@@ -1,0 +1,28 @@
+"""The Docker example config parses and documents every Docker executor option."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from expbuild_worker.config import DockerExecutorConfig, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "worker" / "expbuild-worker-docker.toml"
+
+
+def test_docker_example_parses_into_a_docker_executor() -> None:
+    """The example an operator copies starts a worker whose default executor is Docker."""
+    config = load_config(EXAMPLE)
+    executor = config.executors[config.default_executor]
+    assert isinstance(executor, DockerExecutorConfig)
+    assert executor.image and executor.network_mode == "none" and executor.readonly_rootfs
+
+
+def test_docker_example_documents_every_option() -> None:
+    """Each DockerExecutorConfig field appears in the example, so no option is undocumented."""
+    text = EXAMPLE.read_text()
+    keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
+    keys |= set(re.findall(r"^\[executor\.docker\.([a-z_]+)\]", text, flags=re.MULTILINE))
+    missing = {f.name for f in dataclasses.fields(DockerExecutorConfig)} - keys
+    assert not missing, f"undocumented options: {sorted(missing)}"
