@@ -432,12 +432,10 @@ def test_warmup_and_capabilities_name_the_host_executor(stub):
 
 
 def test_stats_report_cpu_memory_and_stage_times(stub):
-    """Results carry CPU time, peak memory and ordered stage timestamps."""
-    script = "b = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nsum(range(3_000_000))"
-    run = execute(stub, request([sys.executable, "-c", script]))
+    """Results carry CPU time and ordered stage timestamps (peak memory: test_worker_process)."""
+    run = execute(stub, request([sys.executable, "-c", "sum(range(3_000_000))"]))
     s = run.result.stats
     assert s.user_cpu_time.ToNanoseconds() > 0
-    assert s.peak_memory_bytes >= 300 << 20
     stamps = [
         s.queued_time,
         s.worker_start_time,

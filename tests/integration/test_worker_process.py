@@ -169,3 +169,14 @@ def test_100_mb_output_arrives_intact_without_growing_worker_memory(worker_proce
     assert run.output_sha256["big"] == expected == run.result.output_files[0].digest.sha256
     print(f"worker peak RSS grew by {(after - before) / 1024:.1f} MiB")
     assert (after - before) < 40 * 1024, f"worker peak RSS grew by {(after - before) // 1024} MiB"
+
+
+def test_peak_memory_of_a_large_allocation(worker_process):
+    """A 300 MB allocation reports a peak of at least 300 MB (the worker itself stays far smaller)."""
+    script = "b = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"
+    with grpc.insecure_channel(worker_process.target) as ch:
+        run = consume(
+            pb_grpc.WorkerServiceStub(ch).Execute(request([sys.executable, "-c", script]), timeout=60)
+        )
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED
+    assert run.result.stats.peak_memory_bytes >= 300 << 20
