@@ -58,7 +58,7 @@ def test_rechunk_merges_neighbours_and_caps_chunk_size() -> None:
     )
     chunks = _rechunk(pieces)
     assert [s for s, _ in chunks] == [LogStream.STDOUT, LogStream.STDOUT, LogStream.STDERR]
-    assert all(len(d) <= MAX_CHUNK for _, d in chunks)
+    assert len(chunks[0][1]) == MAX_CHUNK and all(len(d) <= MAX_CHUNK for _, d in chunks)
     assert b"".join(d for s, d in chunks if s is LogStream.STDOUT) == b"a" * 40_000 + b"b" * 40_000
 
 

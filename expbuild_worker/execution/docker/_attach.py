@@ -21,6 +21,9 @@ MAX_CHUNK = 64 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes read ahead of the consumer before the reader pauses (and the container's pipe fills)."""
 
+_READ_SIZE = 1024 * 1024
+"""Largest single read from the engine: fewer wake-ups when output is fast; chunks are cut later."""
+
 _HEADER = struct.Struct(">BxxxL")
 _STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR, 3: LogStream.STDERR}
 
@@ -97,6 +100,7 @@ class AttachedStreams:
         self._eof = False
         self._error: BaseException | None = None
         self._closed = False
+        self._woken = False
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._read_loop, name=f"expbuild-attach-{name}", daemon=True)
 
@@ -115,7 +119,7 @@ class AttachedStreams:
                         self._cond.wait()
                     if self._closed:
                         return
-                data = docker_socket.read(self._sock, MAX_CHUNK)
+                data = docker_socket.read(self._sock, _READ_SIZE)
                 if not data:
                     break
                 pieces = self._demux.feed(data)
@@ -123,12 +127,15 @@ class AttachedStreams:
                     with self._cond:
                         self._pieces.extend(pieces)
                         self._buffered += sum(len(p) for _, p in pieces)
-                    self._notify(self._wake.set)
+                        wake, self._woken = not self._woken, True
+                    if wake:  # one wake-up per consumer pass: the rest waits and batches up
+                        self._notify(self._wake.set)
         except (OSError, ValueError) as err:  # ValueError: the socket was closed under us
             if not self._closed:
                 self._error = err
         finally:
-            self._eof = True
+            with self._cond:
+                self._eof = True
             self._notify(self._wake.set)
 
     def _notify(self, callback: Callable[[], None]) -> None:
@@ -143,6 +150,7 @@ class AttachedStreams:
         while True:
             self._wake.clear()
             with self._cond:
+                self._woken = False
                 if self._pieces:
                     batch = _rechunk(self._pieces)
                     self._pieces.clear()
@@ -191,15 +199,15 @@ class AttachedStreams:
 
 
 def _rechunk(pieces: deque[tuple[LogStream, bytes]]) -> list[tuple[LogStream, bytes]]:
-    """Merge adjacent same-stream pieces, then split so no piece exceeds ``MAX_CHUNK``."""
-    merged: list[tuple[LogStream, bytearray]] = []
+    """Join each run of same-stream pieces, then cut it into ``MAX_CHUNK`` chunks (the last may be short)."""
+    runs: list[tuple[LogStream, list[bytes]]] = []
     for stream, data in pieces:
-        if merged and merged[-1][0] is stream and len(merged[-1][1]) < MAX_CHUNK:
-            merged[-1][1].extend(data)
+        if runs and runs[-1][0] is stream:
+            runs[-1][1].append(data)
         else:
-            merged.append((stream, bytearray(data)))
-    return [
-        (stream, bytes(buf[start : start + MAX_CHUNK]))
-        for stream, buf in merged
-        for start in range(0, len(buf), MAX_CHUNK)
-    ]
+            runs.append((stream, [data]))
+    out: list[tuple[LogStream, bytes]] = []
+    for stream, parts in runs:
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        out.extend((stream, joined[i : i + MAX_CHUNK]) for i in range(0, len(joined), MAX_CHUNK))
+    return out

@@ -1,0 +1,311 @@
+"""Docker executor overhead and log throughput, each beside the Docker CLI doing the same, in one run.
+
+Prints, measured in this run on this machine:
+
+1. ``docker run --rm`` of ``true`` through the Docker CLI, with the executor's hardening (init,
+   read-only root, tmpfs /tmp, no capabilities, no new privileges, uid 65534, no network,
+   CPU/memory/swap/PIDs limits, bind-mounted work directory, no log driver), median and p90;
+2. the same action end to end through the worker (gRPC Execute, Docker executor), median and
+   p90, and the ratio 2 / 1 (target <= 1.0);
+3. for reference, the executor alone (no gRPC, no staging);
+4. log streaming from a container: ``head -c N /dev/zero`` through Execute, against the CLI
+   streaming the same into a pipe;
+5. actions per second with several concurrent clients.
+
+The two sides of each comparison run alternately in small batches, so load from elsewhere on a
+shared machine falls on both alike. The test image is built locally (FROM scratch + the static
+busybox); nothing is pulled. Everything binds 127.0.0.1 and is removed at the end. Exit status
+is 0 whether or not a target is met: this is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import grpc
+
+from expbuild_worker.api.v1 import worker_pb2 as pb
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+from expbuild_worker.config import DockerExecutorConfig, parse_config
+from expbuild_worker.execution.docker import build_docker_executor
+from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.model import ExecutionStatus, ResourceLimits, RunOutcome
+from expbuild_worker.server import start_server
+
+IMAGE = "expbuild-bench/busybox:1"
+ENV = {"PATH": "/bin"}
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+LIMITS = ResourceLimits(cpu_cores=1.0, memory_bytes=2 << 30, max_processes=1024)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency samples in seconds."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p90(self) -> float:
+        return statistics.quantiles(self.samples, n=10)[-1]
+
+    def row(self, name: str) -> str:
+        return f"  {name:<52} median {self.median * 1e3:7.1f} ms   p90 {self.p90 * 1e3:7.1f} ms"
+
+
+def build_image(client: Any) -> None:
+    """FROM scratch + the static busybox, built locally (never pulled)."""
+    context = Path(tempfile.mkdtemp(prefix="expbuild-bench-image-"))
+    try:
+        shutil.copy2("/bin/busybox", context / "busybox")
+        (context / "Dockerfile").write_text(
+            'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        )
+        client.images.build(path=str(context), tag=IMAGE, rm=True, forcerm=True, pull=False)
+    finally:
+        shutil.rmtree(context, ignore_errors=True)
+
+
+def cli_argv(workdir: Path, argv: list[str]) -> list[str]:
+    """``docker run --rm`` with the hardening and limits the executor applies by default."""
+    return [
+        "docker", "run", "--rm", "--init", "--read-only",
+        "--tmpfs", "/tmp:rw,exec,nosuid,nodev,size=268435456",
+        "--security-opt", "no-new-privileges", "--cap-drop", "ALL", "--user", "65534:65534",
+        "--network", "none", "--ipc", "private", "--log-driver", "none",
+        "--cpus", "1", "--memory", str(LIMITS.memory_bytes), "--memory-swap", str(LIMITS.memory_bytes),
+        "--pids-limit", str(LIMITS.max_processes),
+        "--mount", f"type=bind,source={workdir},target=/work", "--workdir", "/work",
+        IMAGE, *argv,
+    ]  # fmt: skip
+
+
+async def cli_run(argv: list[str], *, sink: bool = False) -> int:
+    """Run the CLI; with ``sink`` count the stdout bytes it streams. Returns bytes read."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE if sink else subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    received = 0
+    if sink:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(1 << 16):
+            received += len(chunk)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"docker run failed: {argv[-3:]}")
+    return received
+
+
+async def execute(stub: pb_grpc.WorkerServiceAsyncStub, argv: list[str]) -> int:
+    """One Execute through the worker; returns stdout bytes received."""
+    request = pb.ExecuteRequest(argv=argv, environment=ENV, executor=pb.ExecutorSelector(name="docker"))
+    received = 0
+    result = None
+    async for response in stub.Execute(request):
+        kind = response.WhichOneof("event")
+        if kind == "log":
+            received += len(response.log.data)
+        elif kind == "result":
+            result = response.result
+    if result is None or result.status != pb.EXECUTION_STATUS_COMPLETED or result.exit_code != 0:
+        raise RuntimeError(f"benchmark action failed: {result}")
+    return received
+
+
+async def interleaved(
+    probes: dict[str, Callable[[], Awaitable[object]]], runs: int, *, warmup: int = 3, batch: int = 5
+) -> dict[str, Timing]:
+    """Time each probe ``runs`` times, alternating in batches."""
+    for probe in probes.values():
+        for _ in range(warmup):
+            await probe()
+    samples: dict[str, list[float]] = {name: [] for name in probes}
+    while len(samples[next(iter(probes))]) < runs:
+        for name, probe in probes.items():
+            for _ in range(min(batch, runs - len(samples[name]))):
+                start = time.perf_counter()
+                await probe()
+                samples[name].append(time.perf_counter() - start)
+    return {name: Timing(values) for name, values in samples.items()}
+
+
+def _mb_s(seconds: float, n: int) -> str:
+    return f"{n / seconds / 1e6:8.1f} MB/s ({n / (1 << 20):.0f} MiB in {seconds:.2f} s)"
+
+
+async def bench(args: argparse.Namespace) -> None:
+    client = docker.from_env()
+    version = client.version()
+    print(
+        f"expbuild-worker docker benchmark: engine {version.get('Version')}, worker {args.topology}, "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, grpc {grpc.__version__}"
+    )
+    build_image(client)
+    work = Path(tempfile.mkdtemp(prefix="expbuild-bench-docker-"))
+    cli_dir = work / "cli"
+    cli_dir.mkdir()
+    worker_id = f"bench-{uuid.uuid4().hex[:8]}"
+    config_raw = {
+        "server": {"address": "127.0.0.1", "port": 0, "log_level": "warning", "worker_id": worker_id},
+        "execution": {
+            "work_root": str(work / "worker"),
+            "max_concurrent_executions": args.clients,
+            "max_log_bytes_per_stream": max(args.stream_bytes, 1 << 20),
+        },
+        "executor": {"docker": {"type": "docker", "image": IMAGE, "pull_policy": "never"}},
+    }
+    try:
+        async with worker_target(args.topology, config_raw, work) as target:
+            await _measure(args, target, work, cli_dir, worker_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        client.close()
+
+
+@contextlib.asynccontextmanager
+async def worker_target(topology: str, config: dict[str, Any], work: Path) -> AsyncIterator[str]:
+    """The worker in this process, or (``subprocess``) as ``expbuild-worker serve`` in a child,
+    like the Docker CLI baseline, which is a process of its own too."""
+    if topology == "inprocess":
+        running = await start_server(parse_config(config, source="<bench>"))
+        try:
+            yield running.target
+        finally:
+            await running.stop(0)
+        return
+    path = work / "worker.toml"
+    path.write_text(_toml(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "expbuild_worker", "serve", "--config", str(path), stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"the worker did not start: {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+def _toml(config: dict[str, Any]) -> str:
+    """The config as TOML; strings as JSON strings, which TOML reads the same."""
+    lines: list[str] = []
+    for table in ("server", "execution"):
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in config[table].items()]
+    for name, executor in config["executor"].items():
+        lines.append(f"[executor.{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in executor.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def _measure(args: argparse.Namespace, target: str, work: Path, cli_dir: Path, worker_id: str) -> None:
+    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    executor = build_docker_executor(
+        name="docker",
+        config=DockerExecutorConfig(image=IMAGE, pull_policy="never"),
+        worker_id=worker_id + "-x",
+    )
+    await executor.start()
+    try:
+        stub = pb_grpc.WorkerServiceStub(channel)
+
+        async def direct() -> None:
+            root = Path(tempfile.mkdtemp(dir=work))
+            command = Command(
+                execution_id=uuid.uuid4().hex, argv=["true"], environment=ENV, root=root,
+                working_directory="", stdin=b"", limits=LIMITS,
+            )  # fmt: skip
+            async for event in executor.execute(command, StopSignal()):
+                if isinstance(event, RunOutcome) and event.status is not ExecutionStatus.COMPLETED:
+                    raise RuntimeError(f"direct action failed: {event}")
+            shutil.rmtree(root, ignore_errors=True)
+
+        print(f"\nper-action overhead of `true` ({args.runs} runs each, interleaved in batches of 5):")
+        timings = await interleaved(
+            {
+                "cli": lambda: cli_run(cli_argv(cli_dir, ["true"])),
+                "worker": lambda: execute(stub, ["true"]),
+                "direct": direct,
+            },
+            args.runs,
+        )
+        cli, e2e = timings["cli"], timings["worker"]
+        print(cli.row("1. docker run --rm (CLI, same hardening)"))
+        print(e2e.row("2. Execute through the worker (gRPC, Docker executor)"))
+        print(timings["direct"].row("3. the Docker executor alone (reference)"))
+        ratio, ratio90 = e2e.median / cli.median, e2e.p90 / cli.p90
+        met = "met" if ratio <= 1.0 else "NOT met"
+        print(f"  ratio 2 / 1: median {ratio:.3f}, p90 {ratio90:.3f}   (target <= 1.0: {met})")
+
+        total = args.stream_bytes
+        print(f"\nlog streaming, {total / (1 << 20):.0f} MiB of stdout from a container:")
+        producer = ["head", "-c", str(total), "/dev/zero"]
+        start = time.perf_counter()
+        cli_n = await cli_run(cli_argv(cli_dir, producer), sink=True)
+        cli_s = time.perf_counter() - start
+        start = time.perf_counter()
+        wk_n = await execute(stub, producer)
+        wk_s = time.perf_counter() - start
+        print(f"  docker run --rm into a pipe (CLI)                   {_mb_s(cli_s, cli_n)}")
+        print(f"  Execute through the worker                          {_mb_s(wk_s, wk_n)}")
+        print(f"  ratio worker / CLI: {(wk_n / wk_s) / (cli_n / cli_s):.3f}")
+
+        n = args.clients * args.per_client
+        print(f"\nconcurrency: {n} `true` actions submitted at once, {args.clients} running at a time:")
+        start = time.perf_counter()
+        await asyncio.gather(*(execute(stub, ["true"]) for _ in range(n)))
+        elapsed = time.perf_counter() - start
+        print(f"  {n / elapsed:8.2f} actions/s ({n} actions in {elapsed:.2f} s)")
+    finally:
+        await executor.close()
+        await channel.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--topology", choices=["subprocess", "inprocess"], default="subprocess")
+    parser.add_argument("--runs", type=int, default=40, help="samples per latency measurement")
+    parser.add_argument("--stream-bytes", type=int, default=256 << 20, help="stdout bytes streamed")
+    parser.add_argument("--clients", type=int, default=4, help="actions the worker runs at once")
+    parser.add_argument("--per-client", type=int, default=10, help="actions submitted per running slot")
+    args = parser.parse_args()
+    try:
+        docker.from_env().ping()
+    except Exception as err:
+        print(
+            f"bench_docker: no Docker engine answers ({err}); run scripts/ensure-docker.sh", file=sys.stderr
+        )
+        return 0
+    if shutil.which("docker") is None:
+        print("bench_docker: the docker CLI is missing; it is the baseline", file=sys.stderr)
+        return 0
+    asyncio.run(bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
