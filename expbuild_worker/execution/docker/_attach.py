@@ -192,6 +192,9 @@ class AttachedStreams:
             self._raw.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
+        if self._raw is not self._sock:
+            with contextlib.suppress(OSError, AttributeError):
+                self._raw.close()
         response = getattr(self._sock, "_response", None)
         if response is not None:
             with contextlib.suppress(Exception):

@@ -70,6 +70,9 @@ T = TypeVar("T")
 _WAIT_SLICE_SECONDS = 30.0
 """A blocking wait is re-issued this often, so no pool thread is held by one call forever."""
 
+_CLOSE_WAIT_SECONDS = 10.0
+"""How long ``close`` waits for running actions to wind down after their containers are removed."""
+
 _READINESS_TTL_SECONDS = 2.0
 """Readiness is cached this long: it may be asked per action, and pings cost a round trip."""
 
@@ -284,6 +287,12 @@ class DockerExecutor:
             run.aborted = True
             if run.container_id is not None:
                 self._track(self._remove_quietly(run.container_id))
+        # Let running actions see their container go and report CANCELLED while the engine
+        # connection still works; one whose consumer stopped pulling is left to the janitor.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_WAIT_SECONDS
+        while self._runs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         if self._cgroups is not None:
@@ -503,10 +512,12 @@ class DockerExecutor:
                 yield self._start_failure(err, command, created)
                 outcome_sent = True
                 return
-            yield Started(at=started_at)
+            # Both run on their own, so a consumer slow to pull events delays neither.
             stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
             if command.stdin:
                 stdin_task = asyncio.ensure_future(self._engine.offload(streams.send_stdin, command.stdin))
+                stdin_task.add_done_callback(_stdin_written)
+            yield Started(at=started_at)
             offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
             stderr_head = bytearray()
             while (batch := await streams.next_batch()) is not None:
@@ -517,8 +528,9 @@ class DockerExecutor:
                     offsets[stream] += len(data)
             state = await self._wait_for_exit(run, created)
             ended_at = time.time()
+            # A few small reads of the cgroup filesystem: quicker than a hop to a thread.
             reading = (
-                await self._engine.offload(self._cgroups.read, token)
+                self._cgroups.read(token)
                 if self._cgroups is not None
                 else CgroupReading(ResourceUsage(), None)
             )
@@ -781,12 +793,18 @@ class DockerExecutor:
                 for delay in (0.0, 0.05, 0.2, 0.5):
                     if delay:
                         await asyncio.sleep(delay)
-                    if await self._engine.offload(self._cgroups.remove, run.token):
+                    if self._cgroups.remove(run.token):  # rmdir of empty cgroups: no I/O, no thread
                         break
         except Exception:
             _log.exception("cleanup of action %s failed (the janitor will retry)", run.execution_id)
         finally:
             self._runs.pop(run.token, None)
+
+
+def _stdin_written(task: asyncio.Future[None]) -> None:
+    """A command may exit without reading all its stdin; the broken pipe that leaves is no error."""
+    if not task.cancelled() and task.exception() is not None:
+        _log.debug("stdin not fully delivered: %s", task.exception())
 
 
 def _reason(stop: StopSignal) -> ExecutionStatus:
