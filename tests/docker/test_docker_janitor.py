@@ -14,12 +14,17 @@ from _dockerkit import LABEL_WORKER, docker_executor, labelled_containers, new_w
 pytestmark = pytest.mark.docker
 
 
-def _orphan(client: Any, image: str, worker_id: str) -> str:
-    """A running container labelled as if a worker ``worker_id`` had died while running it."""
+def _orphan(client: Any, image: str, worker_id: str, executor: str = "docker") -> str:
+    """A running container labelled as if executor ``executor`` of worker ``worker_id`` had died
+    while running it."""
     created = client.api.create_container(
         image,
         ["sleep", "600"],
-        labels={LABEL_WORKER: worker_id, "io.expbuild.action": "left-behind"},
+        labels={
+            LABEL_WORKER: worker_id,
+            "io.expbuild.executor": executor,
+            "io.expbuild.action": "left-behind",
+        },
         host_config=client.api.create_host_config(network_mode="none", init=True),
     )
     client.api.start(created["Id"])
@@ -27,10 +32,11 @@ def _orphan(client: Any, image: str, worker_id: str) -> str:
 
 
 def test_start_removes_this_workers_orphans_only(busybox_image: str, docker_client: Any) -> None:
-    """A restarted worker removes the containers its predecessor left, and never another worker's."""
+    """A restarted executor removes what its predecessor left, never another worker's or executor's."""
     mine, theirs = new_worker_id(), new_worker_id()
     try:
         _orphan(docker_client, busybox_image, mine)
+        sibling = _orphan(docker_client, busybox_image, mine, executor="docker-gvisor")
         _orphan(docker_client, busybox_image, theirs)
 
         async def main() -> None:
@@ -38,7 +44,7 @@ def test_start_removes_this_workers_orphans_only(busybox_image: str, docker_clie
                 pass
 
         asyncio.run(main())
-        assert labelled_containers(docker_client, mine) == []
+        assert [c["Id"] for c in labelled_containers(docker_client, mine)] == [sibling]
         assert len(labelled_containers(docker_client, theirs)) == 1
     finally:
         remove_labelled(docker_client, mine)
@@ -72,7 +78,7 @@ def test_stale_action_cgroups_are_removed_at_start(busybox_image: str, docker_cl
     info = docker_client.info()
     if info.get("CgroupDriver") != "cgroupfs" or info.get("CgroupVersion") != "1" or not memory.is_dir():
         pytest.skip("needs the engine's cgroupfs driver on cgroup v1, visible here")
-    stale = memory / "expbuild" / worker_id / "stale-action"
+    stale = memory / "expbuild" / worker_id / "docker" / "stale-action"
     try:
         stale.mkdir(parents=True)
     except OSError as err:
@@ -86,6 +92,6 @@ def test_stale_action_cgroups_are_removed_at_start(busybox_image: str, docker_cl
         asyncio.run(main())
         assert not stale.exists()
     finally:
-        for path in (stale, stale.parent):
+        for path in (stale, stale.parent, stale.parent.parent):
             if path.exists():
                 os.rmdir(path)

@@ -164,10 +164,10 @@ def test_worker_key_is_a_safe_directory_name() -> None:
 def test_cgroup_v2_counters_are_read_from_the_action_parent(tmp_path: Path) -> None:
     """On cgroup v2 CPU time, peak memory and the OOM-kill count come from the per-action parent."""
     cgroups = ActionCgroups(
-        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w"
+        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w", executor="d"
     )
-    assert cgroups.parent_for("t1") == "/expbuild/w/t1"
-    action = tmp_path / "expbuild/w/t1"
+    assert cgroups.parent_for("t1") == "/expbuild/w/d/t1"
+    action = tmp_path / "expbuild/w/d/t1"
     action.mkdir(parents=True)
     (action / "cpu.stat").write_text("usage_usec 3500000\nuser_usec 3000000\nsystem_usec 500000\n")
     (action / "memory.peak").write_text("104857600\n")
@@ -186,12 +186,13 @@ def test_cgroup_v1_counters_and_no_oom_count(tmp_path: Path) -> None:
         version=1,
         parent="/expbuild/",
         worker_id="w",
+        executor="d",
     )
-    (memory / "expbuild/w/t1").mkdir(parents=True)
-    (cpu / "expbuild/w/t1").mkdir(parents=True)
-    (memory / "expbuild/w/t1/memory.max_usage_in_bytes").write_text("2000000\n")
-    (cpu / "expbuild/w/t1/cpuacct.usage_user").write_text("1500000000\n")
-    (cpu / "expbuild/w/t1/cpuacct.usage_sys").write_text("250000000\n")
+    (memory / "expbuild/w/d/t1").mkdir(parents=True)
+    (cpu / "expbuild/w/d/t1").mkdir(parents=True)
+    (memory / "expbuild/w/d/t1/memory.max_usage_in_bytes").write_text("2000000\n")
+    (cpu / "expbuild/w/d/t1/cpuacct.usage_user").write_text("1500000000\n")
+    (cpu / "expbuild/w/d/t1/cpuacct.usage_sys").write_text("250000000\n")
     reading = cgroups.read("t1")
     assert reading.usage.peak_memory_bytes == 2_000_000
     assert (reading.usage.user_cpu_seconds, reading.usage.system_cpu_seconds) == (1.5, 0.25)
@@ -201,14 +202,16 @@ def test_cgroup_v1_counters_and_no_oom_count(tmp_path: Path) -> None:
 def test_sweep_removes_only_dead_actions(tmp_path: Path) -> None:
     """The sweep removes action cgroups no live action owns (with empty children) and keeps live ones."""
     cgroups = ActionCgroups(
-        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w"
+        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w", executor="d"
     )
-    (tmp_path / "expbuild/w/live").mkdir(parents=True)
-    (tmp_path / "expbuild/w/dead/container").mkdir(parents=True)
-    (tmp_path / "expbuild/other/dead").mkdir(parents=True)
+    (tmp_path / "expbuild/w/d/live").mkdir(parents=True)
+    (tmp_path / "expbuild/w/d/dead/container").mkdir(parents=True)
+    (tmp_path / "expbuild/w/other-executor/dead").mkdir(parents=True)
+    (tmp_path / "expbuild/other-worker/d/dead").mkdir(parents=True)
     assert cgroups.sweep({"live"}) == 1
-    assert sorted(os.listdir(tmp_path / "expbuild/w")) == ["live"]
-    assert (tmp_path / "expbuild/other/dead").is_dir(), "another worker's cgroups are not ours to remove"
+    assert sorted(os.listdir(tmp_path / "expbuild/w/d")) == ["live"]
+    assert (tmp_path / "expbuild/w/other-executor/dead").is_dir(), "another executor's are not ours"
+    assert (tmp_path / "expbuild/other-worker/d/dead").is_dir(), "another worker's are not ours"
 
 
 # ---- archives ------------------------------------------------------------------------------------

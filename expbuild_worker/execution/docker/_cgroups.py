@@ -62,7 +62,7 @@ def worker_key(worker_id: str) -> str:
 
 
 class ActionCgroups:
-    """Gives each action its own parent cgroup, ``/<parent>/<worker key>/<action token>``.
+    """Gives each action its own parent cgroup, ``/<parent>/<worker>/<executor>/<action token>``.
 
     The engine removes a container's cgroup when the container exits, so its counters die
     with it; a parent it does not own keeps the hierarchical totals (CPU time, peak memory,
@@ -71,7 +71,9 @@ class ActionCgroups:
     the same cgroup filesystem as the engine (a local engine).
     """
 
-    def __init__(self, *, mounts: Iterable[Mount], version: int, parent: str, worker_id: str) -> None:
+    def __init__(
+        self, *, mounts: Iterable[Mount], version: int, parent: str, worker_id: str, executor: str
+    ) -> None:
         self._version = version
         relevant = [m for m in mounts if m.version == version or (version == 1 and m.version == 2)]
         self._roots = tuple(m.path for m in relevant)
@@ -85,18 +87,30 @@ class ActionCgroups:
                     self._memory = m.path
                 if "cpuacct" in m.controllers:
                     self._cpu = m.path
-        self._base = "/" + "/".join(p for p in (parent.strip("/"), worker_key(worker_id)) if p)
+        self._worker_base = "/" + "/".join(p for p in (parent.strip("/"), worker_key(worker_id)) if p)
+        self._base = f"{self._worker_base}/{worker_key(executor)}"
 
     @classmethod
     def detect(
-        cls, *, cgroup_version: str, cgroup_driver: str, parent: str, worker_id: str, mountinfo: str
+        cls,
+        *,
+        cgroup_version: str,
+        cgroup_driver: str,
+        parent: str,
+        worker_id: str,
+        executor: str,
+        mountinfo: str,
     ) -> ActionCgroups | None:
         """The layout for an engine reporting ``cgroup_version`` and ``cgroup_driver``, or None
         when this process cannot follow it (systemd driver, or the hierarchies are not visible)."""
         if cgroup_driver != "cgroupfs" or cgroup_version not in ("1", "2"):
             return None
         cgroups = cls(
-            mounts=parse_mountinfo(mountinfo), version=int(cgroup_version), parent=parent, worker_id=worker_id
+            mounts=parse_mountinfo(mountinfo),
+            version=int(cgroup_version),
+            parent=parent,
+            worker_id=worker_id,
+            executor=executor,
         )
         return cgroups if cgroups.usable else None
 
@@ -127,7 +141,7 @@ class ActionCgroups:
         return all(_remove_tree(root / rel) for root in self._roots)
 
     def sweep(self, live: Collection[str]) -> int:
-        """Remove this worker's action cgroups whose token is not in ``live``; returns how many."""
+        """Remove this executor's action cgroups whose token is not in ``live``; returns how many."""
         removed: set[str] = set()
         base = self._base.lstrip("/")
         for root in self._roots:
@@ -145,10 +159,11 @@ class ActionCgroups:
         return len(removed)
 
     def remove_base(self) -> None:
-        """Remove this worker's own directory when no action cgroup is left in it."""
+        """Remove this executor's (and then the worker's) directory when no action cgroup is left."""
         for root in self._roots:
-            with contextlib.suppress(OSError):
-                os.rmdir(root / self._base.lstrip("/"))
+            for base in (self._base, self._worker_base):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root / base.lstrip("/"))
 
 
 def _read_int(path: Path) -> int | None:

@@ -38,6 +38,7 @@ from expbuild_worker.execution.docker._spec import (
     LABEL_ACTION,
     LABEL_CREATED,
     LABEL_EXECUTION,
+    LABEL_EXECUTOR,
     LABEL_PROJECT,
     LABEL_WORKER,
     PROJECT,
@@ -228,6 +229,7 @@ class DockerExecutor:
         self._janitor = Janitor(
             engine=engine,
             worker_id=worker_id,
+            executor=name,
             live_tokens=self._runs.keys,
             cgroups=lambda: self._cgroups,
             interval=config.orphan_sweep_interval_seconds,
@@ -316,6 +318,7 @@ class DockerExecutor:
                 cgroup_driver=facts.cgroup_driver,
                 parent=self._config.cgroup_parent,
                 worker_id=self._worker_id,
+                executor=self._name,
                 mountinfo=mountinfo,
             )
         self._facts = facts
@@ -478,6 +481,7 @@ class DockerExecutor:
                 labels={
                     LABEL_PROJECT: PROJECT,
                     LABEL_WORKER: self._worker_id,
+                    LABEL_EXECUTOR: self._name,
                     LABEL_EXECUTION: command.execution_id,
                     LABEL_ACTION: token,
                     LABEL_CREATED: f"{time.time():.3f}",

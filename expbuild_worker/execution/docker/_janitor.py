@@ -10,7 +10,7 @@ from typing import Any
 from expbuild_worker.errors import WorkerError
 from expbuild_worker.execution.docker._cgroups import ActionCgroups
 from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
-from expbuild_worker.execution.docker._spec import LABEL_ACTION, LABEL_WORKER
+from expbuild_worker.execution.docker._spec import LABEL_ACTION, LABEL_EXECUTOR, LABEL_WORKER
 
 _log = logging.getLogger(__name__)
 
@@ -32,9 +32,11 @@ class Janitor:
     """Sweeps orphans: at start-up (a restarted worker finds what its predecessor left), then
     every ``interval`` seconds (0 = only when asked).
 
-    An orphan is a container labelled with this worker's id whose action token is not live in
-    this process. Tokens are registered before their container is created and released only
-    after it is removed, so a sweep never races an action it does not own.
+    An orphan is a container labelled with this worker's id and this executor's name whose
+    action token is not live in this process (two Docker executors of one worker share the
+    worker id; the name keeps each from sweeping the other's containers). Tokens are
+    registered before their container is created and released only after it is removed, so a
+    sweep never races an action it does not own.
     """
 
     def __init__(
@@ -42,12 +44,14 @@ class Janitor:
         *,
         engine: DockerEngine,
         worker_id: str,
+        executor: str,
         live_tokens: Callable[[], Collection[str]],
         cgroups: Callable[[], ActionCgroups | None],
         interval: float,
     ) -> None:
         self._engine = engine
         self._worker_id = worker_id
+        self._executor = executor
         self._live = live_tokens
         self._cgroups = cgroups
         self._interval = interval
@@ -55,8 +59,9 @@ class Janitor:
 
     async def sweep(self) -> int:
         """Remove every orphan now; returns how many containers were removed."""
+        labels = [f"{LABEL_WORKER}={self._worker_id}", f"{LABEL_EXECUTOR}={self._executor}"]
         containers: list[dict[str, Any]] = await self._engine.call(
-            lambda api: api.containers(all=True, filters={"label": f"{LABEL_WORKER}={self._worker_id}"})
+            lambda api: api.containers(all=True, filters={"label": labels})
         )
         removed = 0
         for container in containers:

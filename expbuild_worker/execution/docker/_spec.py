@@ -25,6 +25,7 @@ the command's user must own the directory it writes its outputs to."""
 
 LABEL_PROJECT = "io.expbuild.project"
 LABEL_WORKER = "io.expbuild.worker-id"
+LABEL_EXECUTOR = "io.expbuild.executor"
 LABEL_EXECUTION = "io.expbuild.execution-id"
 LABEL_ACTION = "io.expbuild.action"
 LABEL_CREATED = "io.expbuild.created"
