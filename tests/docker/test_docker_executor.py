@@ -283,6 +283,17 @@ def test_failed_pull_is_a_precondition(busybox_image: str, tmp_path: Path) -> No
         asyncio.run(main())
 
 
+def test_pull_policy_always_pulls_before_every_action(busybox_image: str, tmp_path: Path) -> None:
+    """`always` pulls even a present image first; an image no registry has fails the action by name."""
+
+    async def main() -> None:
+        async with docker_executor(busybox_image, pull_policy="always") as ex:
+            await run_command(ex, tmp_path, ["true"])
+
+    with pytest.raises(PreconditionError, match=f"{busybox_image}.*could not be pulled"):
+        asyncio.run(main())
+
+
 def test_per_request_image_must_be_allowed(busybox_image: str, nonroot_image: str, tmp_path: Path) -> None:
     """A request may pick an image on the allowlist; any other image is refused by name."""
 

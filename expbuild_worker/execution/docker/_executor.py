@@ -467,7 +467,9 @@ class DockerExecutor:
         stopper: asyncio.Future[None] | None = None
         stdin_task: asyncio.Future[None] | None = None
         try:
-            if not await self._until_stopped(self._images.before_create(image), stop):
+            if self._images.pull_policy == "always" and not await self._until_stopped(
+                self._images.pull(image), stop
+            ):
                 yield RunOutcome(status=_reason(stop), message="stopped while the image was pulled")
                 outcome_sent = True
                 return

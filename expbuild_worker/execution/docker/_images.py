@@ -79,10 +79,6 @@ class ImagePolicy:
             )
         return requested
 
-    async def before_create(self, image: str) -> None:
-        if self.pull_policy == "always":
-            await self.pull(image)
-
     async def on_missing(self, image: str) -> None:
         """The engine said ``image`` is missing: pull it (``if-not-present``) or refuse."""
         if self.pull_policy == "never":
