@@ -21,7 +21,15 @@ from _dockerkit import (
 
 from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.executor import Command, StopSignal
-from expbuild_worker.model import ExecutionStatus, IsolationLevel, LogChunk, ResourceLimits, Started
+from expbuild_worker.model import (
+    ExecutionStatus,
+    IsolationLevel,
+    LogChunk,
+    LogStream,
+    ResourceLimits,
+    RunOutcome,
+    Started,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -59,15 +67,35 @@ def test_fifty_megabytes_of_stdout_stream_byte_exact(busybox_image: str, tmp_pat
     """50 MB of random stdout arrives intact: the sha256 the container computed matches what we got."""
     script = "head -c 52428800 /dev/urandom > /tmp/blob; sha256sum /tmp/blob >&2; cat /tmp/blob"
 
-    async def main() -> Any:
+    async def main() -> tuple[int, str, bytes, ExecutionStatus]:
+        # Hashed as it streams, not kept: the test process stays small.
+        digest, size, stderr = hashlib.sha256(), 0, bytearray()
+        status = ExecutionStatus.INTERNAL
         async with docker_executor(busybox_image) as ex:
-            limits = ResourceLimits(cpu_cores=1.0, memory_bytes=512 * MiB, max_processes=64)
-            return await run_command(ex, tmp_path, ["sh", "-c", script], limits=limits)
+            command = Command(
+                execution_id="fifty",
+                argv=["sh", "-c", script],
+                environment=ENV,
+                root=tmp_path,
+                working_directory="",
+                stdin=b"",
+                limits=ResourceLimits(cpu_cores=1.0, memory_bytes=512 * MiB, max_processes=64),
+            )
+            async for event in ex.execute(command, StopSignal()):
+                if isinstance(event, LogChunk) and event.stream is LogStream.STDOUT:
+                    assert event.offset == size
+                    digest.update(event.data)
+                    size += len(event.data)
+                elif isinstance(event, LogChunk):
+                    stderr += event.data
+                elif isinstance(event, RunOutcome):
+                    status = event.status
+        return size, digest.hexdigest(), bytes(stderr), status
 
-    ran = asyncio.run(main())
-    assert ran.status is ExecutionStatus.COMPLETED, ran.stderr
-    assert len(ran.stdout) == 50 * MiB
-    assert hashlib.sha256(ran.stdout).hexdigest() == ran.stderr.split()[0].decode()
+    size, sha256, stderr, status = asyncio.run(main())
+    assert status is ExecutionStatus.COMPLETED, stderr
+    assert size == 50 * MiB
+    assert sha256 == stderr.split()[0].decode()
 
 
 def test_logs_stream_while_the_command_runs(busybox_image: str, tmp_path: Path) -> None:
