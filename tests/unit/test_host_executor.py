@@ -16,6 +16,7 @@ import pytest
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
+from expbuild_worker.execution.host._run import CHUNK_MAX
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorEvent,
@@ -114,7 +115,7 @@ def check_shape(events: list[ExecutorEvent]) -> None:
     for event in events:
         if isinstance(event, LogChunk):
             assert event.offset == offsets[event.stream]
-            assert 0 < len(event.data) <= 64 * 1024
+            assert 0 < len(event.data) <= CHUNK_MAX
             offsets[event.stream] += len(event.data)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import resource
@@ -14,9 +15,13 @@ from expbuild_worker.execution.host._spawn import Child
 from expbuild_worker.model import ExecutionStatus, LogChunk, LogStream, ResourceUsage, RunOutcome
 
 READ_SIZE = 64 * 1024
-"""Bytes per read and at most per LogChunk: one pipe buffer, one comfortable gRPC message."""
+"""Bytes per read() call: one default pipe buffer."""
 
-HIGH_WATER = 256 * 1024
+CHUNK_MAX = 1 << 20
+"""Bytes at most per LogChunk. A fast writer's output leaves in few large messages (a gRPC
+message costs about as much as 64 KiB of payload), a slow writer's in small ones as produced."""
+
+HIGH_WATER = 2 * CHUNK_MAX
 """Unsent bytes per stream at which reading pauses, so a slow consumer blocks the command, not our memory."""
 
 DRAIN_SECONDS = 1.0
@@ -32,14 +37,30 @@ REAP_SECONDS = 5.0
 class _Pipe:
     """One output pipe: the bytes read but not yet emitted, and whether reading is paused."""
 
-    __slots__ = ("fd", "offset", "paused", "pending", "stream")
+    __slots__ = ("fd", "offset", "paused", "pending", "pending_bytes", "stream")
 
     def __init__(self, fd: int, stream: LogStream) -> None:
         self.fd = fd
         self.stream = stream
         self.offset = 0
-        self.pending = bytearray()
+        self.pending: collections.deque[bytes] = collections.deque()  # reads, kept uncopied
+        self.pending_bytes = 0
         self.paused = False
+
+    def add(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` pending bytes (at least one read's worth); a lone read is passed on uncopied."""
+        parts = [self.pending.popleft()]
+        size = len(parts[0])
+        while self.pending and size + len(self.pending[0]) <= limit:
+            part = self.pending.popleft()
+            parts.append(part)
+            size += len(part)
+        self.pending_bytes -= size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Run:
@@ -90,19 +111,27 @@ class Run:
     # ---- callbacks ------------------------------------------------------------------------
 
     def _on_output(self, pipe: _Pipe) -> None:
-        try:
-            data = os.read(pipe.fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            pipe.pending += data
-            if len(pipe.pending) >= HIGH_WATER:
+        # Read what the pipe holds now (up to one chunk) in this turn of the loop, so a fast
+        # writer's bytes are batched into large chunks instead of one event per read.
+        got = 0
+        while got < CHUNK_MAX:
+            try:
+                data = os.read(pipe.fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._close_pipe(pipe)
+                break
+            pipe.add(data)
+            got += len(data)
+            if pipe.pending_bytes >= HIGH_WATER:
                 self._loop.remove_reader(pipe.fd)
                 pipe.paused = True
-        else:
-            self._close_pipe(pipe)
+                break
+            if len(data) < READ_SIZE:
+                break  # the pipe is empty now; another read would only say EAGAIN
         self.wake.set()
 
     def _write_stdin(self) -> None:
@@ -163,14 +192,13 @@ class Run:
     # ---- output ---------------------------------------------------------------------------
 
     def take_chunk(self, pipe: _Pipe) -> LogChunk | None:
-        """The next at most READ_SIZE unsent bytes of ``pipe``; resumes reading below the high water."""
+        """The next at most CHUNK_MAX unsent bytes of ``pipe``; resumes reading below the high water."""
         if not pipe.pending:
             return None
-        data = bytes(pipe.pending[:READ_SIZE])
-        del pipe.pending[:READ_SIZE]
+        data = pipe.take(CHUNK_MAX)
         chunk = LogChunk(stream=pipe.stream, offset=pipe.offset, data=data)
         pipe.offset += len(data)
-        if pipe.paused and pipe.fd >= 0 and len(pipe.pending) < HIGH_WATER:
+        if pipe.paused and pipe.fd >= 0 and pipe.pending_bytes < HIGH_WATER:
             pipe.paused = False
             self._loop.add_reader(pipe.fd, self._on_output, pipe)
         return chunk
@@ -205,7 +233,7 @@ class Run:
                 if not data:
                     self._close_pipe(pipe)
                     break
-                pipe.pending += data
+                pipe.add(data)
                 budget -= len(data)
             if pipe.fd >= 0:
                 self._notes.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import resource
 import signal
@@ -102,6 +103,8 @@ def spawn(
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         mine.append(err_r)
         theirs.append(err_w)
+        for fd in (out_r, err_r):
+            _grow_pipe(fd)
         in_r: int = subprocess.DEVNULL
         in_w: int | None = None
         if stdin:
@@ -168,6 +171,16 @@ def _describe(err: BaseException, *, argv0: str, cwd: str, working_directory: st
     if isinstance(err, ValueError):
         return f"argv or environment cannot be passed to a process: {err}"
     return f"could not apply resource limits before running {argv0!r}: {err}"
+
+
+PIPE_BYTES = 1 << 20
+"""Pipe capacity asked for: a fast writer fills a whole log chunk before it has to wait for us."""
+
+
+def _grow_pipe(fd: int) -> None:
+    """Best effort: the kernel caps the size (fs.pipe-max-size, per-user pipe pages)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _kill_and_reap(popen: subprocess.Popen[bytes]) -> None:
