@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -17,6 +15,7 @@ from pathlib import Path
 from expbuild_worker.engine._admission import Admission, Ticket
 from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
 from expbuild_worker.engine._staging import stage_inputs
+from expbuild_worker.engine._workdirs import ActionDirectories
 from expbuild_worker.errors import (
     AlreadyExistsError,
     InvalidRequestError,
@@ -92,7 +91,7 @@ class ExecutionEngine:
         self._executors = dict(executors)
         self._default = default_executor
         self.store = store
-        self._actions_dir = work_root / "actions"
+        self._directories = ActionDirectories(root=work_root / "actions")
         self.limits = limits
         self.admission = admission
         self._caps: dict[str, ExecutorCapabilities] = {}
@@ -103,9 +102,7 @@ class ExecutionEngine:
 
     async def start(self) -> None:
         """Clear action directories a previous run left behind and learn each executor's limits."""
-        if self._actions_dir.exists():
-            await asyncio.to_thread(shutil.rmtree, self._actions_dir, True)
-        self._actions_dir.mkdir(parents=True, exist_ok=True)
+        await self._directories.start()
         for name, executor in self._executors.items():
             self._caps[name] = await executor.capabilities()
 
@@ -138,6 +135,7 @@ class ExecutionEngine:
                 await executor.close()
             except Exception:
                 _log.exception("closing executor %s failed", executor.name)
+        await self._directories.close()
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -249,8 +247,7 @@ class ExecutionEngine:
                 )
                 return
         worker_start = time.time()
-        root = self._actions_dir / f"{action.execution_id}-{uuid.uuid4().hex[:8]}"
-        os.mkdir(root, 0o755)
+        root = self._directories.acquire()
         try:
             if (
                 action.input_files
@@ -264,7 +261,7 @@ class ExecutionEngine:
                 async for event in events:
                     yield event
         finally:
-            await _remove_tree(root)
+            self._directories.release(root)
 
     async def _run_staged(
         self, action: Action, executor: Executor, root: Path, stop: StopSignal, times: StageTimes
@@ -364,13 +361,3 @@ class ExecutionEngine:
             executor=executor.name,
             isolation=executor.isolation,
         )
-
-
-async def _remove_tree(root: Path) -> None:
-    """Remove an action directory; an empty one (the common case) without a thread hop."""
-    try:
-        os.rmdir(root)
-    except FileNotFoundError:
-        return
-    except OSError:
-        await asyncio.to_thread(shutil.rmtree, root, True)

@@ -125,7 +125,17 @@ def test_client_disconnect_kills_the_action(stub, worker):
     while worker.server.worker.engine.active_count and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker.server.worker.engine.active_count == 0
-    assert os.listdir(os.path.join(worker.config.execution.work_root, "actions")) == []
+    actions = os.path.join(worker.config.execution.work_root, "actions")
+
+    def leftovers() -> list[str]:
+        entries = os.listdir(actions)
+        # Up to 4 fresh, empty spare directories are made ahead of need; anything else leaked.
+        return entries if len(entries) > 4 else [d for d in entries if os.listdir(os.path.join(actions, d))]
+
+    deadline = time.monotonic() + 3
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftovers() == []
 
 
 def test_duplicate_running_execution_id_is_already_exists(stub):
