@@ -132,6 +132,13 @@ def validate_action(
         leaves.append((f"{field}.path", link.path))
     _check_unique(leaves)
     leaf_set = {p for _, p in leaves}
+    for i, d in enumerate(action.input_directories):
+        if d in leaf_set:
+            raise InvalidRequestError(f"input_directories[{i}]: {d!r} is also declared as a file or symlink")
+    if action.working_directory in leaf_set:
+        raise InvalidRequestError(
+            f"working_directory: {action.working_directory!r} is declared as a file or symlink"
+        )
     for field, path in [
         *((f"input_files[{i}].path", f.path) for i, f in enumerate(action.input_files)),
         *((f"input_symlinks[{i}].path", s.path) for i, s in enumerate(action.input_symlinks)),

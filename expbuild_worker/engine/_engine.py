@@ -255,7 +255,18 @@ class ExecutionEngine:
                 or action.input_directories
                 or action.working_directory
             ):
-                await asyncio.to_thread(stage_inputs, action, root, self.store)
+                try:
+                    await asyncio.to_thread(stage_inputs, action, root, self.store)
+                except (OSError, NotFoundError) as err:  # disk full, a blob evicted meanwhile, ...
+                    _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
+                    yield self._result(
+                        action,
+                        executor,
+                        ExecutionStatus.INTERNAL,
+                        f"staging inputs failed: {err}",
+                        times=StageTimes(queued=queued, worker_start=worker_start),
+                    )
+                    return
             times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
             async with contextlib.aclosing(self._run_staged(action, executor, root, stop, times)) as events:
                 async for event in events:

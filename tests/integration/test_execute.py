@@ -468,3 +468,60 @@ def test_hard_linked_output_never_changes_the_outside_file(stub, tmp_path):
     run = execute(stub, request([SH, "-c", f"ln {outside} out"], output_files=["out"]))
     assert bytes(run.outputs["out"]) == b"keep me"
     assert outside.stat().st_mode & 0o777 == 0o640 and outside.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        (
+            "input_directories[0]",
+            {
+                "input_directories": [pb.InputDirectory(path="a")],
+                "input_files": [pb.InputFile(path="a", content=b"")],
+            },
+        ),
+        (
+            "working_directory",
+            {"working_directory": "f", "input_files": [pb.InputFile(path="f", content=b"")]},
+        ),
+        (
+            "input_files[1].path",
+            {"input_files": [pb.InputFile(path="a", content=b""), pb.InputFile(path="a/b", content=b"")]},
+        ),
+        (
+            "input_files[1].path",
+            {"input_files": [pb.InputFile(path="x", content=b"1"), pb.InputFile(path="x", content=b"2")]},
+        ),
+    ],
+    ids=["dir-and-file", "workdir-is-file", "file-under-file", "same-file-twice"],
+)
+def test_conflicting_inputs_are_invalid_argument(stub, field, kwargs):
+    """Inputs that cannot all exist at once are refused up front, never half-staged."""
+    with pytest.raises(grpc.RpcError) as info:
+        execute(stub, request(["/bin/true"], **kwargs))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field), info.value.details()
+
+
+def test_blob_evicted_before_staging_is_an_internal_result(start_worker, tmp_path):
+    """A blob that vanishes between admission and staging ends the action with an honest
+    INTERNAL result naming it, and the worker keeps serving."""
+    worker = start_worker()
+    s = worker.stub()
+    data = b"soon gone"
+    digest = _upload(s, data)
+    store = worker.server.worker.store
+    original = store.copy_to
+
+    def vanish(d, dest, *, executable):
+        store.path_of(d).unlink()
+        return original(d, dest, executable=executable)
+
+    store.copy_to = vanish
+    try:
+        run = execute(s, request(["/bin/true"], input_files=[pb.InputFile(path="in", digest=digest)]))
+    finally:
+        store.copy_to = original
+    assert run.status == pb.EXECUTION_STATUS_INTERNAL
+    assert "staging inputs failed" in run.result.message and digest.sha256 in run.result.message
+    assert execute(s, request(["/bin/true"])).status == pb.EXECUTION_STATUS_COMPLETED
