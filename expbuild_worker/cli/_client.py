@@ -24,13 +24,14 @@ EXIT_TIMED_OUT = 124
 EXIT_INFRASTRUCTURE = 125
 EXIT_FAILED_TO_START = 127
 EXIT_CANCELLED = 130
-EXIT_OOM_KILLED = 137
+EXIT_OOM_KILLED = 122  # not 137: that is also "killed by SIGKILL"
 EXIT_NOT_SERVING = 1
 
 _EXEC_EPILOG = f"""\
 exit status:
   N         the remote command exited with N (0-255)
   128+N     the remote command was killed by signal N
+  {EXIT_OOM_KILLED}       OOM_KILLED: the kernel's OOM killer killed the command
   {EXIT_OUTPUT_LIMIT}       OUTPUT_LIMIT_EXCEEDED: the outputs exceeded the worker's cap; none were collected
   {EXIT_TIMED_OUT}       TIMED_OUT: the command ran past --timeout and was killed
   {EXIT_INFRASTRUCTURE}       infrastructure failure: worker unreachable, request refused, INTERNAL, broken
@@ -39,7 +40,6 @@ exit status:
             executable, image missing)
   {EXIT_CANCELLED}       CANCELLED: interrupted with Ctrl-C (the remote action is cancelled) or cancelled
             on the worker
-  {EXIT_OOM_KILLED}       OOM_KILLED: the kernel's OOM killer killed the command
   {EXIT_USAGE}         bad arguments (for example an --input that cannot be read)
 Every code other than the command's own is explained in one line on stderr.
 """
