@@ -22,54 +22,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import docker
 import grpc
+from _common import interleaved, mb_s, worker_target
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-from expbuild_worker.config import DockerExecutorConfig, parse_config
+from expbuild_worker.config import DockerExecutorConfig
 from expbuild_worker.execution.docker import build_docker_executor
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.model import ExecutionStatus, ResourceLimits, RunOutcome
-from expbuild_worker.server import start_server
 
 IMAGE = "expbuild-bench/busybox:1"
 ENV = {"PATH": "/bin"}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 LIMITS = ResourceLimits(cpu_cores=1.0, memory_bytes=2 << 30, max_processes=1024)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency samples in seconds."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def p90(self) -> float:
-        return statistics.quantiles(self.samples, n=10)[-1]
-
-    def row(self, name: str) -> str:
-        return f"  {name:<52} median {self.median * 1e3:7.1f} ms   p90 {self.p90 * 1e3:7.1f} ms"
 
 
 def build_image(client: Any) -> None:
@@ -130,27 +107,6 @@ async def execute(stub: pb_grpc.WorkerServiceAsyncStub, argv: list[str]) -> int:
     return received
 
 
-async def interleaved(
-    probes: dict[str, Callable[[], Awaitable[object]]], runs: int, *, warmup: int = 3, batch: int = 5
-) -> dict[str, Timing]:
-    """Time each probe ``runs`` times, alternating in batches."""
-    for probe in probes.values():
-        for _ in range(warmup):
-            await probe()
-    samples: dict[str, list[float]] = {name: [] for name in probes}
-    while len(samples[next(iter(probes))]) < runs:
-        for name, probe in probes.items():
-            for _ in range(min(batch, runs - len(samples[name]))):
-                start = time.perf_counter()
-                await probe()
-                samples[name].append(time.perf_counter() - start)
-    return {name: Timing(values) for name, values in samples.items()}
-
-
-def _mb_s(seconds: float, n: int) -> str:
-    return f"{n / seconds / 1e6:8.1f} MB/s ({n / (1 << 20):.0f} MiB in {seconds:.2f} s)"
-
-
 async def bench(args: argparse.Namespace) -> None:
     client = docker.from_env()
     version = client.version()
@@ -178,46 +134,6 @@ async def bench(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         client.close()
-
-
-@contextlib.asynccontextmanager
-async def worker_target(topology: str, config: dict[str, Any], work: Path) -> AsyncIterator[str]:
-    """The worker in this process, or (``subprocess``) as ``expbuild-worker serve`` in a child,
-    like the Docker CLI baseline, which is a process of its own too."""
-    if topology == "inprocess":
-        running = await start_server(parse_config(config, source="<bench>"))
-        try:
-            yield running.target
-        finally:
-            await running.stop(0)
-        return
-    path = work / "worker.toml"
-    path.write_text(_toml(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "expbuild_worker", "serve", "--config", str(path), stdout=subprocess.PIPE
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        if "listening on" not in line:
-            raise RuntimeError(f"the worker did not start: {line!r}")
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
-def _toml(config: dict[str, Any]) -> str:
-    """The config as TOML; strings as JSON strings, which TOML reads the same."""
-    lines: list[str] = []
-    for table in ("server", "execution"):
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in config[table].items()]
-    for name, executor in config["executor"].items():
-        lines.append(f"[executor.{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in executor.items()]
-    return "\n".join(lines) + "\n"
 
 
 async def _measure(args: argparse.Namespace, target: str, work: Path, cli_dir: Path, worker_id: str) -> None:
@@ -268,8 +184,8 @@ async def _measure(args: argparse.Namespace, target: str, work: Path, cli_dir: P
         start = time.perf_counter()
         wk_n = await execute(stub, producer)
         wk_s = time.perf_counter() - start
-        print(f"  docker run --rm into a pipe (CLI)                   {_mb_s(cli_s, cli_n)}")
-        print(f"  Execute through the worker                          {_mb_s(wk_s, wk_n)}")
+        print(f"  docker run --rm into a pipe (CLI)                   {mb_s(cli_s, cli_n)}")
+        print(f"  Execute through the worker                          {mb_s(wk_s, wk_n)}")
         print(f"  ratio worker / CLI: {(wk_n / wk_s) / (cli_n / cli_s):.3f}")
 
         n = args.clients * args.per_client

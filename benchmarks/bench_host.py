@@ -22,22 +22,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from _common import child_target, interleaved, mb_s, worker_target
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -47,24 +44,6 @@ ECHO_METHOD = "/bench.Echo/Echo"
 STREAM_METHOD = "/bench.Echo/Stream"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency samples in seconds."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def p90(self) -> float:
-        return statistics.quantiles(self.samples, n=10)[-1]
-
-    def row(self, name: str) -> str:
-        return f"  {name:<50} median {self.median * 1e3:7.3f} ms   p90 {self.p90 * 1e3:7.3f} ms"
 
 
 # ---- baseline servers ---------------------------------------------------------------------------
@@ -110,29 +89,11 @@ async def _serve_baseline_forever() -> None:
 
 
 @asynccontextmanager
-async def _child(argv: list[str], marker: str) -> AsyncIterator[str]:
-    """Start a child that prints "<marker> HOST:PORT"; yield the target; stop it by its pid at the end."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        if marker not in line:
-            raise RuntimeError(f"child {argv[:4]} did not start: {line!r}")
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-@asynccontextmanager
 async def baseline_target(topology: str) -> AsyncIterator[str]:
     if topology == "subprocess":
-        async with _child([sys.executable, __file__, "--serve-baseline"], "baseline listening on") as target:
+        async with child_target(
+            [sys.executable, __file__, "--serve-baseline"], "baseline listening on"
+        ) as target:
             yield target
         return
     server, port = await _start_baseline_server()
@@ -156,69 +117,17 @@ def _worker_config(work: Path, concurrency: int, stream_bytes: int) -> dict[str,
     }
 
 
-def _toml(config: dict[str, Any]) -> str:
-    """The config as TOML; strings as JSON strings, which TOML reads the same."""
-    lines = []
-    for table in ("server", "execution", "storage"):
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in config[table].items()]
-    lines += ["[executor.host]", 'type = "host"']
-    return "\n".join(lines) + "\n"
-
-
 @asynccontextmanager
-async def worker_target(topology: str, concurrency: int, stream_bytes: int) -> AsyncIterator[str]:
+async def host_worker(topology: str, concurrency: int, stream_bytes: int) -> AsyncIterator[str]:
     work = Path(tempfile.mkdtemp(prefix="expbuild-bench-"))
-    config = _worker_config(work, concurrency, stream_bytes)
     try:
-        if topology == "subprocess":
-            path = work / "worker.toml"
-            path.write_text(_toml(config))
-            argv = [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(path)]
-            async with _child(argv, "expbuild-worker listening on") as target:
-                yield target
-            return
-        from expbuild_worker.config import parse_config
-        from expbuild_worker.server import start_server
-
-        running = await start_server(parse_config(config, source="<bench>"))
-        try:
-            yield running.target
-        finally:
-            await running.stop(0)
+        async with worker_target(topology, _worker_config(work, concurrency, stream_bytes), work) as target:
+            yield target
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- measurements -------------------------------------------------------------------------------
-
-
-Probe = Callable[[], object]
-"""One operation to time: a plain call, or a call returning an awaitable that is awaited."""
-
-
-async def _once(probe: Probe) -> None:
-    result = probe()
-    if inspect.isawaitable(result):
-        await result
-
-
-async def interleaved(
-    probes: dict[str, Probe], runs: int, *, warmup: int = 20, batch: int = 20
-) -> dict[str, Timing]:
-    """Time each probe ``runs`` times, in alternating batches, so that load from elsewhere on a
-    shared machine falls on every probe alike instead of skewing whichever ran at the wrong moment."""
-    for probe in probes.values():
-        for _ in range(warmup):
-            await _once(probe)
-    samples: dict[str, list[float]] = {name: [] for name in probes}
-    while len(samples[next(iter(probes))]) < runs:
-        for name, probe in probes.items():
-            for _ in range(min(batch, runs - len(samples[name]))):
-                start = time.perf_counter()
-                await _once(probe)
-                samples[name].append(time.perf_counter() - start)
-    return {name: Timing(values) for name, values in samples.items()}
 
 
 async def _asyncio_spawn() -> None:
@@ -287,18 +196,12 @@ async def concurrent_actions(target: str, clients: int, per_client: int) -> tupl
             await ch.close()
 
 
-def _mb_s(elapsed: float, n: int) -> str:
-    return f"{n / elapsed / 1e6:8.1f} MB/s ({n / (1 << 20):.0f} MiB in {elapsed:.2f} s)"
-
-
 async def bench(args: argparse.Namespace) -> None:
     print(f"expbuild-worker host benchmark: topology {args.topology}, {os.cpu_count()} CPUs, "
           f"python {sys.version.split()[0]}, grpc {grpc.__version__}")  # fmt: skip
     async with AsyncExitStack() as stack:
         base = await stack.enter_async_context(baseline_target(args.topology))
-        target = await stack.enter_async_context(
-            worker_target(args.topology, args.clients, args.stream_bytes)
-        )
+        target = await stack.enter_async_context(host_worker(args.topology, args.clients, args.stream_bytes))
         base_ch = grpc.aio.insecure_channel(base, options=CHANNEL_OPTIONS)
         stack.push_async_callback(base_ch.close)
         ch = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -333,8 +236,8 @@ async def bench(args: argparse.Namespace) -> None:
         wk_s, wk_n = await stream_through_worker(stub, args.stream_bytes)
         raw2_s, _ = await stream_raw(base_ch, args.stream_bytes)
         raw_s = (raw1_s + raw2_s) / 2
-        print(f"  raw gRPC server stream, 64 KiB chunks (mean of 2) {_mb_s(raw_s, raw_n)}")
-        print(f"  Execute: head -c N /dev/zero                      {_mb_s(wk_s, wk_n)}")
+        print(f"  raw gRPC server stream, 64 KiB chunks (mean of 2) {mb_s(raw_s, raw_n)}")
+        print(f"  Execute: head -c N /dev/zero                      {mb_s(wk_s, wk_n)}")
         tratio = (wk_n / wk_s) / (raw_n / raw_s)
         print(
             f"  ratio worker / raw: {tratio:.3f}   (target >= 0.5: {'met' if tratio >= 0.5 else 'NOT met'})"
