@@ -51,6 +51,9 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
             refuse_unenforceable_limits=config.refuse_unenforceable_limits,
             default_limits=limits_from_config(config.default_limits),
             max_limits=limits_from_config(config.max_limits),
+            cgroups=config.cgroups,
+            cgroup_parent=config.cgroup_parent,
+            worker_id=worker_id,
         )
     assert isinstance(config, DockerExecutorConfig)
     from expbuild_worker.execution.docker import build_docker_executor  # noqa: PLC0415 - loads the Docker SDK

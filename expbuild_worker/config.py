@@ -16,6 +16,7 @@ from expbuild_worker.errors import ConfigError
 LogLevel = Literal["debug", "info", "warning", "error"]
 PullPolicy = Literal["always", "if-not-present", "never"]
 IoMode = Literal["auto", "bind", "archive"]
+CgroupMode = Literal["auto", "off", "required"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -73,6 +74,8 @@ class HostExecutorConfig:
     max_concurrency: int = 0
     kill_grace_seconds: float = 2.0
     refuse_unenforceable_limits: bool = True
+    cgroups: CgroupMode = "auto"
+    cgroup_parent: str = "expbuild"
     default_limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_limits: LimitsConfig = field(default_factory=LimitsConfig)
 

@@ -1,4 +1,4 @@
-"""The Docker executor's pure parts, without an engine: log demux, the container spec, cgroups, archives."""
+"""The Docker executor's pure parts, without an engine: log demux, the container spec, archives."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from expbuild_worker.execution.docker._archive import (
     unpack_output,
 )
 from expbuild_worker.execution.docker._attach import MAX_CHUNK, Demultiplexer, _rechunk
-from expbuild_worker.execution.docker._cgroups import ActionCgroups, Mount, parse_mountinfo, worker_key
 from expbuild_worker.execution.docker._spec import Hardening, container_body, network_mode_for
 from expbuild_worker.execution.executor import Command
 from expbuild_worker.model import LogStream, ResourceLimits
@@ -130,88 +129,6 @@ def test_network_is_granted_only_when_a_mode_is_configured() -> None:
     assert network_mode_for(ResourceLimits(network=True), granted, executor="d") == "bridge"
     with pytest.raises(PreconditionError, match=r"limits\.network"):
         network_mode_for(ResourceLimits(network=True), Hardening(), executor="d")
-
-
-# ---- cgroups -------------------------------------------------------------------------------------
-
-MOUNTINFO = """\
-25 30 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
-26 25 0:23 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-27 25 0:24 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
-28 25 0:25 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-29 25 0:26 /nested /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-"""
-
-
-def test_mountinfo_finds_hierarchies_that_show_their_root() -> None:
-    """Controllers are found by mount options; a mount of a nested cgroup (not its root) is ignored."""
-    mounts = parse_mountinfo(MOUNTINFO)
-    assert [(str(m.path), m.version) for m in mounts] == [
-        ("/sys/fs/cgroup/memory", 1),
-        ("/sys/fs/cgroup/cpu,cpuacct", 1),
-        ("/sys/fs/cgroup/unified", 2),
-    ]
-    assert "cpuacct" in mounts[1].controllers
-
-
-def test_worker_key_is_a_safe_directory_name() -> None:
-    """A plain id is used as is; anything that could escape or clash is hashed."""
-    assert worker_key("build-host-1") == "build-host-1"
-    assert worker_key("../evil").startswith("w-")
-    assert worker_key("a/b") != worker_key("a_b")
-
-
-def test_cgroup_v2_counters_are_read_from_the_action_parent(tmp_path: Path) -> None:
-    """On cgroup v2 CPU time, peak memory and the OOM-kill count come from the per-action parent."""
-    cgroups = ActionCgroups(
-        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w", executor="d"
-    )
-    assert cgroups.parent_for("t1") == "/expbuild/w/d/t1"
-    action = tmp_path / "expbuild/w/d/t1"
-    action.mkdir(parents=True)
-    (action / "cpu.stat").write_text("usage_usec 3500000\nuser_usec 3000000\nsystem_usec 500000\n")
-    (action / "memory.peak").write_text("104857600\n")
-    (action / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
-    reading = cgroups.read("t1")
-    assert reading.usage.user_cpu_seconds == 3.0 and reading.usage.system_cpu_seconds == 0.5
-    assert reading.usage.peak_memory_bytes == 100 << 20
-    assert reading.oom_kills == 1
-
-
-def test_cgroup_v1_counters_and_no_oom_count(tmp_path: Path) -> None:
-    """On cgroup v1 the parent has CPU and peak memory but no OOM count (the container's died with it)."""
-    memory, cpu = tmp_path / "memory", tmp_path / "cpuacct"
-    cgroups = ActionCgroups(
-        mounts=[Mount(memory, 1, frozenset({"memory"})), Mount(cpu, 1, frozenset({"cpuacct"}))],
-        version=1,
-        parent="/expbuild/",
-        worker_id="w",
-        executor="d",
-    )
-    (memory / "expbuild/w/d/t1").mkdir(parents=True)
-    (cpu / "expbuild/w/d/t1").mkdir(parents=True)
-    (memory / "expbuild/w/d/t1/memory.max_usage_in_bytes").write_text("2000000\n")
-    (cpu / "expbuild/w/d/t1/cpuacct.usage_user").write_text("1500000000\n")
-    (cpu / "expbuild/w/d/t1/cpuacct.usage_sys").write_text("250000000\n")
-    reading = cgroups.read("t1")
-    assert reading.usage.peak_memory_bytes == 2_000_000
-    assert (reading.usage.user_cpu_seconds, reading.usage.system_cpu_seconds) == (1.5, 0.25)
-    assert reading.oom_kills is None
-
-
-def test_sweep_removes_only_dead_actions(tmp_path: Path) -> None:
-    """The sweep removes action cgroups no live action owns (with empty children) and keeps live ones."""
-    cgroups = ActionCgroups(
-        mounts=[Mount(tmp_path, 2, frozenset())], version=2, parent="expbuild", worker_id="w", executor="d"
-    )
-    (tmp_path / "expbuild/w/d/live").mkdir(parents=True)
-    (tmp_path / "expbuild/w/d/dead/container").mkdir(parents=True)
-    (tmp_path / "expbuild/w/other-executor/dead").mkdir(parents=True)
-    (tmp_path / "expbuild/other-worker/d/dead").mkdir(parents=True)
-    assert cgroups.sweep({"live"}) == 1
-    assert sorted(os.listdir(tmp_path / "expbuild/w/d")) == ["live"]
-    assert (tmp_path / "expbuild/w/other-executor/dead").is_dir(), "another executor's are not ours"
-    assert (tmp_path / "expbuild/other-worker/d/dead").is_dir(), "another worker's are not ours"
 
 
 # ---- archives ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncGenerator, Coroutine
@@ -13,7 +14,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
+from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
 from expbuild_worker.execution.host._run import CHUNK_MAX
@@ -32,6 +35,27 @@ T = TypeVar("T")
 ENV = {"PATH": "/usr/bin:/bin"}
 GRACE = 0.2
 IS_ROOT = os.geteuid() == 0
+WORKER = "unit-tests"
+"""The worker id of every executor here: a start only sweeps cgroups whose owning process is gone,
+so test processes running side by side never touch each other's."""
+
+
+def _cgroups_unavailable() -> str:
+    """Why this process cannot create cgroups ('' when it can: root here, as in CI)."""
+    try:
+        cgroups = ActionCgroups.for_host(
+            mountinfo=read_mountinfo(), parent="expbuild", worker_id=WORKER, executor="probe"
+        )
+    except PreconditionError as err:
+        return str(err)
+    cgroups.remove_base()
+    return ""
+
+
+CGROUPS_UNAVAILABLE = _cgroups_unavailable()
+needs_cgroups = pytest.mark.skipif(
+    bool(CGROUPS_UNAVAILABLE), reason=f"this process cannot create cgroups: {CGROUPS_UNAVAILABLE}"
+)
 
 
 def make_executor(
@@ -39,12 +63,19 @@ def make_executor(
     refuse: bool = True,
     default_limits: ResourceLimits | None = None,
     max_limits: ResourceLimits | None = None,
+    cgroups: CgroupMode = "auto",
+    mountinfo: str | None = None,
+    name: str = "host",
 ) -> HostExecutor:
     return HostExecutor(
+        name=name,
         kill_grace_seconds=GRACE,
         refuse_unenforceable_limits=refuse,
         default_limits=default_limits or ResourceLimits(),
         max_limits=max_limits or ResourceLimits(),
+        cgroups=cgroups,
+        worker_id=WORKER,
+        mountinfo=mountinfo,
     )
 
 
@@ -533,29 +564,51 @@ def test_close_kills_running_commands_and_refuses_new_ones(tmp_path: Path) -> No
     assert gone_within(int((tmp_path / "grandchild").read_text()))
 
 
-# ---- limits and usage ------------------------------------------------------------------------
+# ---- limits and usage without cgroups (rlimits) ----------------------------------------------
 
 PYTHON = sys.executable
+NO_CGROUP_MOUNTS = "26 25 0:23 / /proc/1 rw - cgroup cgroup rw,memory,cpuacct\n"
+"""A memory and cpuacct hierarchy where nobody can create a cgroup."""
 
 
-def test_memory_limit_makes_a_big_allocation_fail(tmp_path: Path) -> None:
+def test_without_cgroups_a_memory_limit_makes_a_big_allocation_fail(tmp_path: Path) -> None:
     """RLIMIT_AS turns an allocation past the limit into a failure the command sees (a normal exit)."""
     code = "print('started', flush=True); b = bytearray(1 << 30)"
     limits = ResourceLimits(memory_bytes=512 << 20)
-    result = run(execute(command(tmp_path, PYTHON, "-c", code, env={}, limits=limits)))
+    executor = make_executor(cgroups="off")
+    result = run(execute(command(tmp_path, PYTHON, "-c", code, env={}, limits=limits), executor=executor))
     assert result.stdout == b"started\n"
     assert result.outcome.status is ExecutionStatus.COMPLETED
     assert result.outcome.exit_code == 1
     assert b"MemoryError" in result.stderr
 
 
-def test_unset_memory_limit_takes_the_default_then_the_maximum(tmp_path: Path) -> None:
-    """An action without a memory limit gets the default; without a default, the maximum still caps it."""
+@pytest.mark.parametrize("mode", ["off", "auto-unavailable"])
+def test_without_cgroups_unset_memory_limit_takes_the_default_then_the_maximum(
+    tmp_path: Path, mode: str
+) -> None:
+    """Cgroups off or impossible: a default, else the maximum, caps the address space as an rlimit."""
     script = "ulimit -v"
-    with_default = make_executor(default_limits=ResourceLimits(memory_bytes=300 << 20))
-    with_max = make_executor(max_limits=ResourceLimits(memory_bytes=400 << 20))
+    mountinfo = NO_CGROUP_MOUNTS if mode == "auto-unavailable" else None
+    cgroups: CgroupMode = "off" if mode == "off" else "auto"
+    with_default = make_executor(
+        default_limits=ResourceLimits(memory_bytes=300 << 20), cgroups=cgroups, mountinfo=mountinfo
+    )
+    with_max = make_executor(
+        max_limits=ResourceLimits(memory_bytes=400 << 20), cgroups=cgroups, mountinfo=mountinfo
+    )
     assert run(execute(sh(tmp_path, script), executor=with_default)).stdout == b"307200\n"
     assert run(execute(sh(tmp_path, script), executor=with_max)).stdout == b"409600\n"
+
+
+def test_without_cgroups_a_small_command_is_not_charged_the_worker_memory(tmp_path: Path) -> None:
+    """Without a cgroup a tiny command's peak is unknown rather than the worker's own RSS (exec's report)."""
+    worker_peak = (300 << 20) * 2
+    ballast = b"x" * worker_peak  # make the worker's peak clearly larger than the command's
+    outcome = run(execute(command(tmp_path, "/bin/true"), executor=make_executor(cgroups="off"))).outcome
+    del ballast
+    peak = outcome.usage.peak_memory_bytes
+    assert peak is None or peak < worker_peak
 
 
 def test_limit_above_the_maximum_is_refused(tmp_path: Path) -> None:
@@ -567,50 +620,47 @@ def test_limit_above_the_maximum_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "ran").exists()
 
 
-def test_usage_reports_cpu_time_and_peak_memory(tmp_path: Path) -> None:
-    """User CPU of a busy loop and the peak RSS of a 300 MB allocation are reported, plausibly."""
+@pytest.mark.parametrize("cgroups", ["off", pytest.param("auto", marks=needs_cgroups)])
+def test_usage_reports_cpu_time_and_peak_memory(tmp_path: Path, cgroups: CgroupMode) -> None:
+    """User CPU of a busy loop and the peak of a 300 MB allocation are reported, plausibly; without a
+    cgroup the peak may be unknown (when this test process's own peak is higher), never wrong."""
     code = "x = 0\nfor i in range(4_000_000): x += i\nb = b'x' * (300 << 20)\n"
-    outcome = run(execute(command(tmp_path, PYTHON, "-c", code, env={}))).outcome
+    executor = make_executor(cgroups=cgroups)
+    outcome = run(execute(command(tmp_path, PYTHON, "-c", code, env={}), executor=executor)).outcome
     assert outcome.exit_code == 0
     assert outcome.usage.user_cpu_seconds is not None
     assert 0.05 < outcome.usage.user_cpu_seconds < 60
     assert outcome.usage.system_cpu_seconds is not None
-    assert outcome.usage.peak_memory_bytes is not None
-    assert 300 << 20 < outcome.usage.peak_memory_bytes < 4 << 30
-
-
-def test_small_command_is_not_charged_the_worker_memory(tmp_path: Path) -> None:
-    """A tiny command's peak is unknown rather than the worker's own RSS, which exec would report."""
-    worker_peak = (300 << 20) * 2
-    ballast = b"x" * worker_peak  # make the worker's peak clearly larger than the command's
-    outcome = run(execute(command(tmp_path, "/bin/true"))).outcome
-    del ballast
     peak = outcome.usage.peak_memory_bytes
-    assert peak is None or peak < worker_peak
+    if cgroups == "off" and peak is None:
+        return
+    assert peak is not None
+    assert 300 << 20 < peak < 4 << 30
 
 
 @pytest.mark.parametrize(
-    ("limits", "field_name"),
+    ("limits", "field_name", "cgroups"),
     [
-        (ResourceLimits(cpu_cores=1.0), "cpu_cores"),
-        (ResourceLimits(network=False), "network"),
+        (ResourceLimits(cpu_cores=1.0), "cpu_cores", "auto"),
+        (ResourceLimits(network=False), "network", "auto"),
         pytest.param(
             ResourceLimits(max_processes=64),
             "max_processes",
+            "off",
             marks=pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC binds non-root users"),
         ),
     ],
-    ids=["cpu", "no-network", "processes-as-root"],
+    ids=["cpu", "no-network", "processes-as-root-without-cgroups"],
 )
 def test_unenforceable_limits_are_refused_or_ignored_as_configured(
-    tmp_path: Path, limits: ResourceLimits, field_name: str
+    tmp_path: Path, limits: ResourceLimits, field_name: str, cgroups: CgroupMode
 ) -> None:
     """A limit a plain process cannot honour is refused when so configured, never silently pretended."""
     cmd = sh(tmp_path, "echo 1 > ran", limits=limits)
     with pytest.raises(PreconditionError, match=rf"host executor cannot enforce limits\.{field_name}"):
-        run(execute(cmd, executor=make_executor(refuse=True)))
+        run(execute(cmd, executor=make_executor(refuse=True, cgroups=cgroups)))
     assert not (tmp_path / "ran").exists()
-    outcome = run(execute(cmd, executor=make_executor(refuse=False))).outcome
+    outcome = run(execute(cmd, executor=make_executor(refuse=False, cgroups=cgroups))).outcome
     assert outcome.exit_code == 0
     assert (tmp_path / "ran").exists()
 
@@ -631,11 +681,22 @@ def test_unenforceable_default_is_a_configuration_error() -> None:
         make_executor(refuse=True, default_limits=ResourceLimits(cpu_cores=2.0))
 
 
-def test_capabilities_are_truthful_for_this_user() -> None:
+@pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC binds non-root users")
+def test_unenforceable_process_default_is_caught_at_start_when_cgroups_cannot_help() -> None:
+    """As root without cgroups a default process limit would be refused on every action: a ConfigError."""
+    limits = ResourceLimits(max_processes=64)
+    with pytest.raises(ConfigError, match="max_processes"):
+        make_executor(default_limits=limits, cgroups="off")
+    executor = make_executor(default_limits=limits, mountinfo=NO_CGROUP_MOUNTS)
+    with pytest.raises(ConfigError, match="max_processes"):
+        run(executor.start())
+
+
+def test_capabilities_without_cgroups_are_truthful_for_this_user() -> None:
     """Process limits count as enforced only when RLIMIT_NPROC binds this user; CPU and network never."""
 
     async def scenario() -> Any:
-        executor = make_executor()
+        executor = make_executor(cgroups="off")
         return await executor.capabilities(), await executor.readiness(), await executor.warmup(["img"])
 
     caps, readiness, warmup = run(scenario())
@@ -647,3 +708,211 @@ def test_capabilities_are_truthful_for_this_user() -> None:
     assert (ResourceLimit.PROCESSES in caps.enforced_limits) != IS_ROOT
     assert not caps.enforced_limits & caps.unenforced_limits
     assert caps.details["euid"] == str(os.geteuid())
+    assert caps.details["cgroups"] == "off (configured)"
+    assert "RLIMIT_AS" in caps.details["memory"]
+
+
+# ---- cgroups ---------------------------------------------------------------------------------
+
+OWN_CGROUP = "sed -n 's/^[0-9]*:memory:\\(.*\\)$/\\1/p; s/^0::\\(.*\\)$/\\1/p' /proc/self/cgroup | head -n 1"
+"""Prints the command's own memory cgroup (v1) or unified cgroup (v2) path."""
+
+ALLOCATE = "import sys; print('started', flush=True); b = b'x' * (int(sys.argv[1]) << 20); print('allocated')"
+
+
+def memory_root() -> Path:
+    """The mount point of the memory hierarchy (v1) or the unified one (v2) the executor uses."""
+    mounts = parse_mountinfo(read_mountinfo())
+    for mount in mounts:
+        if mount.version == 1 and "memory" in mount.controllers:
+            return mount.path
+    return next(m.path for m in mounts if m.version == 2)
+
+
+def cgroup_gone_within(path: Path, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@needs_cgroups
+def test_each_action_runs_in_its_own_cgroup_which_is_removed_afterwards(tmp_path: Path) -> None:
+    """The command is in <parent>/<worker>/<executor>/<token>, and that directory is gone after the action."""
+    result = run(execute(sh(tmp_path, OWN_CGROUP)))
+    own = result.stdout.decode().strip()
+    assert own.startswith(f"/expbuild/{WORKER}/host/"), own
+    assert cgroup_gone_within(memory_root() / own.lstrip("/"))
+
+
+@needs_cgroups
+def test_peak_memory_is_the_command_s_own_however_big_the_worker_is(tmp_path: Path) -> None:
+    """A 200 MB allocation reports at least 200 MB and a small command a small number, with the test
+    process's own peak far above both: the kernel's count for the action, not the spawner's RSS."""
+    ballast = b"x" * (600 << 20)
+    executor = make_executor()
+    big = run(execute(command(tmp_path, PYTHON, "-c", ALLOCATE, "200", env={}), executor=executor)).outcome
+    small = run(execute(command(tmp_path, "/bin/sleep", "0.2"), executor=executor)).outcome
+    limited = ResourceLimits(memory_bytes=100 << 20)  # enters the cgroup before exec: counted from the start
+    tiny = run(execute(command(tmp_path, "/bin/true", limits=limited), executor=executor)).outcome
+    del ballast
+    assert big.exit_code == 0 and small.exit_code == 0 and tiny.exit_code == 0
+    assert big.usage.peak_memory_bytes is not None
+    assert 200 << 20 <= big.usage.peak_memory_bytes < 600 << 20
+    for outcome in (small, tiny):
+        assert outcome.usage.peak_memory_bytes is not None
+        assert 0 < outcome.usage.peak_memory_bytes < 64 << 20
+        assert outcome.usage.user_cpu_seconds is not None and outcome.usage.system_cpu_seconds is not None
+
+
+@needs_cgroups
+def test_memory_limit_ends_a_big_allocation_as_oom_killed(tmp_path: Path) -> None:
+    """Past a 64 MB limit the kernel kills the command: OOM_KILLED, naming the limit, output kept."""
+    limits = ResourceLimits(memory_bytes=64 << 20)
+    result = run(execute(command(tmp_path, PYTHON, "-c", ALLOCATE, "300", env={}, limits=limits)))
+    assert result.stdout == b"started\n"
+    assert result.outcome.status is ExecutionStatus.OOM_KILLED
+    assert result.outcome.signal == 9
+    assert str(64 << 20) in result.outcome.message
+    assert result.outcome.usage.peak_memory_bytes is not None
+    assert result.outcome.usage.peak_memory_bytes <= 64 << 20
+
+
+@needs_cgroups
+def test_default_memory_limit_applies_through_the_cgroup(tmp_path: Path) -> None:
+    """An action without a limit gets the default as a cgroup limit, not an address-space rlimit."""
+    executor = make_executor(default_limits=ResourceLimits(memory_bytes=64 << 20))
+    unlimited_as = run(execute(sh(tmp_path, "ulimit -v"), executor=executor)).stdout
+    outcome = run(
+        execute(command(tmp_path, PYTHON, "-c", ALLOCATE, "300", env={}), executor=executor)
+    ).outcome
+    assert unlimited_as == b"unlimited\n"
+    assert outcome.status is ExecutionStatus.OOM_KILLED
+
+
+@needs_cgroups
+def test_oom_kill_of_a_child_wins_over_the_stop_reason(tmp_path: Path) -> None:
+    """A child killed for memory makes the action OOM_KILLED even if the command then times out."""
+    script = f'{PYTHON} -c "$0" 300; echo after-oom; sleep 600'
+
+    async def scenario() -> Result:
+        stop = StopSignal()
+        seen: list[ExecutorEvent] = []
+        cmd = command(
+            tmp_path, "/bin/sh", "-c", script, ALLOCATE, limits=ResourceLimits(memory_bytes=64 << 20)
+        )
+        events = make_executor().execute(cmd, stop)
+        await until_stdout(events, b"after-oom", seen)
+        stop.request(ExecutionStatus.TIMED_OUT)
+        return await collect(events, seen)
+
+    outcome = run(scenario()).outcome
+    assert outcome.status is ExecutionStatus.OOM_KILLED
+    assert "memory" in outcome.message
+
+
+@needs_cgroups
+def test_a_100m_memory_limit_does_not_break_a_small_program(tmp_path: Path) -> None:
+    """A cgroup limit bounds memory used, not address space, so /bin/true under 100 MB just runs."""
+    outcome = run(
+        execute(command(tmp_path, "/bin/true", limits=ResourceLimits(memory_bytes=100 << 20)))
+    ).outcome
+    assert outcome.status is ExecutionStatus.COMPLETED
+    assert outcome.exit_code == 0
+    assert outcome.signal is None
+
+
+FORKER = """
+import os, sys, time
+pids = []
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(600)
+        os._exit(0)
+    pids.append(pid)
+print(" ".join(map(str, pids)), flush=True)
+"""
+
+
+@needs_cgroups
+def test_process_limit_contains_a_fork_bomb_even_for_root(tmp_path: Path) -> None:
+    """pids.max stops forking at the limit (RLIMIT_NPROC would not bind root), and every child dies."""
+    limits = ResourceLimits(max_processes=16)
+    result = run(execute(command(tmp_path, PYTHON, "-c", FORKER, env={}, limits=limits)))
+    children = [int(pid) for pid in result.stdout.split()]
+    assert result.outcome.status is ExecutionStatus.COMPLETED
+    assert 0 < len(children) < 16
+    assert all(gone_within(pid) for pid in children)
+
+
+@needs_cgroups
+def test_a_process_that_left_the_session_dies_with_the_action(tmp_path: Path) -> None:
+    """A setsid escapee (still holding stdout) is killed when the action ends, and ends it promptly."""
+    script = "setsid /bin/sh -c 'echo $$ > escapee; exec sleep 600' & echo started; sleep 0.2"
+    began = time.monotonic()
+    result = run(execute(sh(tmp_path, script)))
+    assert time.monotonic() - began < 5
+    assert result.outcome.status is ExecutionStatus.COMPLETED
+    assert result.outcome.exit_code == 0
+    assert result.stdout == b"started\n"
+    assert gone_within(int((tmp_path / "escapee").read_text()))
+
+
+@needs_cgroups
+def test_a_stale_cgroup_of_a_previous_run_is_swept_at_start(tmp_path: Path) -> None:
+    """What a dead worker left (a cgroup with a process still in it) is killed and removed at start."""
+    cgroups = ActionCgroups.for_host(
+        mountinfo=read_mountinfo(), parent="expbuild", worker_id=WORKER, executor="sweep-test"
+    )
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    leaf = cgroups.create(f"{dead.pid}-7", memory_bytes=None, max_processes=None)
+    orphan = subprocess.Popen(["/bin/sleep", "600"])
+    try:
+        leaf.attach(orphan.pid)
+
+        async def scenario() -> None:
+            executor = make_executor(name="sweep-test")
+            await executor.start()
+            await executor.close()
+
+        run(scenario())
+        orphan.wait(timeout=5)
+        assert orphan.returncode == -9
+        assert not any(Path(d).exists() for d in leaf.dirs)
+    finally:
+        orphan.kill()
+        orphan.wait()
+        leaf.kill()
+        leaf.remove()
+
+
+def test_required_cgroups_that_cannot_be_created_stop_the_start() -> None:
+    """cgroups = "required" where none can be made is an error at start naming the executor and why."""
+    with pytest.raises(
+        PreconditionError, match=r"host executor 'host': cgroups = \"required\" but cannot create"
+    ):
+        run(make_executor(cgroups="required", mountinfo=NO_CGROUP_MOUNTS).start())
+
+
+def test_auto_cgroups_fall_back_to_rlimits_and_say_so() -> None:
+    """cgroups = "auto" where none can be made runs with rlimits, and the capabilities say why."""
+    caps = run(make_executor(mountinfo=NO_CGROUP_MOUNTS).capabilities())
+    assert caps.details["cgroups"].startswith("unavailable (cannot create cgroup /proc/1/")
+    assert "RLIMIT_AS" in caps.details["memory"]
+
+
+@needs_cgroups
+def test_capabilities_with_cgroups_enforce_memory_and_processes() -> None:
+    """With cgroups, memory and process limits are enforced for every user; CPU and network still not."""
+    caps = run(make_executor().capabilities())
+    assert {ResourceLimit.MEMORY, ResourceLimit.PROCESSES, ResourceLimit.TIMEOUT} <= caps.enforced_limits
+    assert {ResourceLimit.CPU, ResourceLimit.NETWORK} <= caps.unenforced_limits
+    assert caps.details["cgroups"].startswith("v")
+    assert "cgroup" in caps.details["memory"] and "pids.max" in caps.details["processes"]

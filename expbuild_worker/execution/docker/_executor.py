@@ -21,6 +21,7 @@ import requests.exceptions
 
 from expbuild_worker.config import DockerExecutorConfig, IoMode
 from expbuild_worker.errors import InternalError, PreconditionError, UnavailableError, WorkerError
+from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,
     clear_output,
@@ -28,7 +29,6 @@ from expbuild_worker.execution.docker._archive import (
     unpack_output,
 )
 from expbuild_worker.execution.docker._attach import AttachedStreams
-from expbuild_worker.execution.docker._cgroups import ActionCgroups, CgroupReading
 from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
 from expbuild_worker.execution.docker._images import ImagePolicy
 from expbuild_worker.execution.docker._janitor import Janitor, remove_container
@@ -132,14 +132,6 @@ def _limits_from_config(cfg: Any) -> ResourceLimits:
         memory_bytes=cfg.memory_bytes or None,
         max_processes=cfg.max_processes or None,
     )
-
-
-def _read_mountinfo() -> str:
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
 
 
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
@@ -312,7 +304,7 @@ class DockerExecutor:
 
         facts = await self._engine.call(learn)
         if self._engine.is_local and self._config.cgroup_parent:
-            mountinfo = self._mountinfo if self._mountinfo is not None else _read_mountinfo()
+            mountinfo = self._mountinfo if self._mountinfo is not None else read_mountinfo()
             self._cgroups = ActionCgroups.detect(
                 cgroup_version=facts.cgroup_version,
                 cgroup_driver=facts.cgroup_driver,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from expbuild_worker.errors import WorkerError
-from expbuild_worker.execution.docker._cgroups import ActionCgroups
+from expbuild_worker.execution.cgroups import ActionCgroups
 from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
 from expbuild_worker.execution.docker._spec import LABEL_ACTION, LABEL_EXECUTOR, LABEL_WORKER
 

@@ -11,6 +11,7 @@ import select
 import signal
 import time
 
+from expbuild_worker.execution.cgroups import ActionCgroup, CgroupReading
 from expbuild_worker.execution.host._spawn import Child
 from expbuild_worker.model import ExecutionStatus, LogChunk, LogStream, ResourceUsage, RunOutcome
 
@@ -25,10 +26,17 @@ HIGH_WATER = 2 * CHUNK_MAX
 """Unsent bytes per stream at which reading pauses, so a slow consumer blocks the command, not our memory."""
 
 DRAIN_SECONDS = 1.0
-"""How long to wait for end-of-file after the process group is dead (only an escaped process delays it)."""
+"""How long to wait for end-of-file after the process group is dead (only a process that escaped
+the group and has no cgroup to be found by delays it)."""
 
 FINAL_DRAIN_BYTES = 1 << 20
 """At most this much is read per stream once the drain deadline has passed."""
+
+EMPTY_SECONDS = 2.0
+"""How long the end of an action waits for the processes SIGKILLed in its cgroup to exit."""
+
+SETTLE_SECONDS = 0.5
+"""How long an abort may block, after the leader is reaped, for the rest of its cgroup to exit."""
 
 REAP_SECONDS = 5.0
 """How long an abort may block waiting for a SIGKILLed process to die before reaping it in the background."""
@@ -67,15 +75,28 @@ class Run:
     """The loop-side state of one child process; every method is called on the loop thread.
 
     The kill rule: the process group is signalled only while its leader is unreaped (a zombie
-    still holds the pid), so the group id can never belong to someone else by then.
+    still holds the pid), so the group id can never belong to someone else by then. With a
+    ``cgroup``, everything still in it is SIGKILLed once the leader is gone, which also finds
+    processes that left the group (setsid), and usage and OOM kills come from its counters.
     """
 
-    def __init__(self, *, child: Child, stdin: bytes, kill_grace_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        child: Child,
+        stdin: bytes,
+        kill_grace_seconds: float,
+        cgroup: ActionCgroup | None = None,
+        memory_limit: int | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._child = child
         self._pid = child.pid
         self._pidfd = child.pidfd
         self._grace = kill_grace_seconds
+        self._cgroup = cgroup
+        self._memory_limit = memory_limit
+        self._killed_in_cgroup = 0
         self.pipes = (_Pipe(child.stdout_fd, LogStream.STDOUT), _Pipe(child.stderr_fd, LogStream.STDERR))
         self._stdin_fd = child.stdin_fd if child.stdin_fd is not None else -1
         self._stdin = memoryview(stdin)
@@ -84,7 +105,7 @@ class Run:
         self.wake = asyncio.Event()
         self.started_at = time.time()
         # exec records the spawning process's high-water RSS as the child's (vfork shares our
-        # memory), so a peak at or below ours cannot be told apart from ours.
+        # memory), so without a cgroup a peak at or below ours cannot be told apart from ours.
         self._worker_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.ended_at: float | None = None
         self._status: int | None = None  # wait status
@@ -152,6 +173,7 @@ class Run:
         self._kill_group(signal.SIGKILL)  # whatever the leader left behind goes with it
         if not self._reap():
             return
+        self._kill_cgroup()
         self._drain_deadline = self._loop.time() + DRAIN_SECONDS
         self._drain_timer = self._loop.call_at(self._drain_deadline, self.wake.set)
         self.wake.set()
@@ -178,6 +200,31 @@ class Run:
             self._stop_reason = reason
             self._notes.append(note)
         self.release()
+
+    def _kill_cgroup(self) -> None:
+        """SIGKILL whatever is still in the action's cgroup, in or out of the process group."""
+        if self._cgroup is not None:
+            try:
+                self._killed_in_cgroup += self._cgroup.kill()
+            except OSError as err:
+                self._notes.append(f"could not kill what was left in cgroup {self._cgroup.token}: {err}")
+
+    async def cgroup_emptied(self) -> None:
+        """Wait (at most EMPTY_SECONDS) until the processes killed in the cgroup have exited, so the
+        counters are final and the cgroup can be removed; returns at once when none was left."""
+        if self._cgroup is None or not self._killed_in_cgroup:
+            return
+        deadline = self._loop.time() + EMPTY_SECONDS
+        delay = 0.001
+        while not self._cgroup.empty():
+            if self._loop.time() >= deadline:
+                self._notes.append(
+                    f"processes in cgroup {self._cgroup.token} still ran {EMPTY_SECONDS:g}s after SIGKILL"
+                )
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            self._cgroup.kill()  # whatever was forked meanwhile
 
     def _kill_group(self, sig: signal.Signals) -> None:
         if self._reaped:
@@ -244,10 +291,16 @@ class Run:
     # ---- the end --------------------------------------------------------------------------
 
     def outcome(self) -> RunOutcome:
-        """The RunOutcome for what happened: the stop reason when stopped before the exit, else COMPLETED.
+        """The RunOutcome for what happened: OOM_KILLED when the cgroup counted an OOM kill (it
+        wins over everything), else the stop reason when stopped before the exit, else COMPLETED.
 
-        Peak memory is None (unknown) unless it exceeded the worker's own peak RSS: the kernel
-        hands the exec'ing child our high-water mark, so smaller peaks are indistinguishable.
+        Usage comes from the cgroup when there is one (every process of the action, peak memory
+        including the page cache it brought in); CPU time is the larger of the cgroup's and
+        wait4's, since each may miss a little (the cgroup what ran before a late attach, wait4
+        what the leader never waited for). Without a cgroup (or when the command was over before
+        it could be attached) peak memory is None unless it exceeded the worker's own peak RSS:
+        the kernel hands the exec'ing child our high-water mark, so smaller peaks are
+        indistinguishable.
         """
         notes = list(self._notes)
         exit_code: int | None = None
@@ -257,16 +310,17 @@ class Run:
                 exit_code = os.WEXITSTATUS(self._status)
             elif os.WIFSIGNALED(self._status):
                 sig = os.WTERMSIG(self._status)
-        usage = ResourceUsage()
-        if self._usage is not None:
-            usage = ResourceUsage(
-                user_cpu_seconds=self._usage.ru_utime,
-                system_cpu_seconds=self._usage.ru_stime,
-                peak_memory_bytes=self._usage.ru_maxrss * 1024
-                if self._usage.ru_maxrss > self._worker_peak_kib
-                else None,
+        reading = self._cgroup.read() if self._cgroup is not None else None
+        usage = self._combined_usage(reading)
+        if reading is not None and reading.oom_kills:
+            status = ExecutionStatus.OOM_KILLED
+            limit = self._memory_limit
+            notes.insert(
+                0,
+                "the kernel killed a process of the command for memory"
+                + (f" (memory limit {limit} bytes)" if limit is not None else ""),
             )
-        if self._stop_reason is not None:
+        elif self._stop_reason is not None:
             status = self._stop_reason
             how = "SIGTERM, then SIGKILL" if self._escalated else "SIGTERM"
             notes.insert(0, f"stopped ({status.value}): the process group got {how}")
@@ -286,11 +340,27 @@ class Run:
             ended_at=self.ended_at,
         )
 
+    def _combined_usage(self, reading: CgroupReading | None) -> ResourceUsage:
+        rusage = self._usage
+        user = rusage.ru_utime if rusage is not None else None
+        system = rusage.ru_stime if rusage is not None else None
+        peak: int | None = None
+        if rusage is not None and rusage.ru_maxrss > self._worker_peak_kib:
+            peak = rusage.ru_maxrss * 1024
+        if reading is not None:
+            counted = reading.usage
+            user = _larger(user, counted.user_cpu_seconds)
+            system = _larger(system, counted.system_cpu_seconds)
+            if counted.peak_memory_bytes:  # 0: the command was over before it was attached
+                peak = counted.peak_memory_bytes
+        return ResourceUsage(user_cpu_seconds=user, system_cpu_seconds=system, peak_memory_bytes=peak)
+
     def release(self) -> None:
         """Kill what still runs, reap it, close every descriptor and unregister every callback. Idempotent.
 
         Safe from a ``finally`` that must not await (generator close, cancellation): a SIGKILLed
-        process is waited for synchronously, at most REAP_SECONDS, then reaped in the background.
+        process is waited for synchronously, at most REAP_SECONDS, then reaped in the background;
+        the rest of its cgroup gets at most SETTLE_SECONDS more to exit, so the cgroup can go.
         """
         if self.released:
             return
@@ -300,15 +370,24 @@ class Run:
                 timer.cancel()
         if not self._reaped:
             self._kill_group(signal.SIGKILL)
+            self._kill_cgroup()
             poller = select.poll()
             poller.register(self._pidfd, select.POLLIN)
             poller.poll(int(REAP_SECONDS * 1000))
             if not self._reap():
                 self._reap_later()
+            self._settle_cgroup()
         self._close_stdin()
         for pipe in self.pipes:
             self._close_pipe(pipe)
         self.wake.set()
+
+    def _settle_cgroup(self) -> None:
+        if self._cgroup is None or not self._killed_in_cgroup:
+            return
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not self._cgroup.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _reap(self) -> bool:
         """wait4 the leader if it has exited; True once reaped (or lost to another reaper)."""
@@ -371,6 +450,12 @@ class Run:
             os.close(pipe.fd)
             pipe.fd = -1
             pipe.paused = False
+
+
+def _larger(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
 
 
 def _signal_name(number: int) -> str:

@@ -1,0 +1,594 @@
+"""Per-action cgroups for both executors: layout, limits, counters, killing what is left, and sweeping."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from expbuild_worker.errors import InternalError, PreconditionError
+from expbuild_worker.model import ResourceUsage
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+_HOST_V1_CONTROLLERS = frozenset({"memory", "cpuacct", "pids"})
+"""The v1 hierarchies an owned action cgroup lives in (pids only when a process limit is set)."""
+
+_HOST_V2_CONTROLLERS = ("memory", "pids", "cpu")
+"""Enabled for the children of every directory of our path on cgroup v2; memory is required."""
+
+_KILL_PASSES = 16
+"""Rounds of read-and-SIGKILL per kill: each round catches processes forked during the previous one."""
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupReading:
+    """What the kernel counted for one action. ``oom_kills`` is None where the kernel does not
+    keep it for the cgroup read (cgroup v1 counts OOM kills only in the cgroup the victim was
+    in: a Docker action's parent never has it, the engine's OOMKilled flag covers that case)."""
+
+    usage: ResourceUsage
+    oom_kills: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One mounted cgroup hierarchy: v2 (``controllers`` empty) or v1 with its controllers."""
+
+    path: Path
+    version: int
+    controllers: frozenset[str]
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Cgroup hierarchies from ``/proc/self/mountinfo`` that show their root (not a nested view)."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/":
+            continue
+        path = Path(fields[4].replace("\\040", " "))
+        if tail[0] == "cgroup2":
+            mounts.append(Mount(path, 2, frozenset()))
+        elif tail[0] == "cgroup":
+            options = frozenset(tail[2].split(","))
+            mounts.append(Mount(path, 1, options))
+    return mounts
+
+
+def read_mountinfo() -> str:
+    """This process's mount table, or '' when it cannot be read (then no cgroup is usable)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def worker_key(worker_id: str) -> str:
+    """A cgroup directory name for a worker id: the id itself when safe, else a stable hash."""
+    if _SAFE_NAME.match(worker_id):
+        return worker_id
+    return "w-" + hashlib.sha256(worker_id.encode()).hexdigest()[:16]
+
+
+class ActionCgroup:
+    """One action's own cgroup, made, filled, emptied and removed by the executor that owns it.
+
+    ``dirs`` holds one directory per hierarchy (v1: memory, cpuacct and, with a process limit,
+    pids; v2: the one unified directory); the memory directory is first, and every process of
+    the action is in it, so its ``cgroup.procs`` lists them all. ``procs`` are the
+    ``cgroup.procs`` files a process joins through (writing ``0`` there moves the writer).
+    """
+
+    __slots__ = ("_cpu", "_dirs", "_kill_file", "_memory", "_version", "procs", "token")
+
+    def __init__(self, *, token: str, version: int, dirs: tuple[str, ...], cpu: str, kill_file: bool) -> None:
+        self.token = token
+        self._version = version
+        self._dirs = dirs
+        self._memory = dirs[0]
+        self._cpu = cpu
+        self._kill_file = kill_file
+        self.procs = tuple(f"{d}/cgroup.procs" for d in dirs)
+
+    @property
+    def dirs(self) -> tuple[str, ...]:
+        return self._dirs
+
+    def attach(self, pid: int) -> None:
+        """Move the running process ``pid`` in; nothing happens when it has already exited.
+
+        Only for a process that cannot fork meanwhile (a stopped or sleeping one): children it
+        forked before the move stay outside, and memory it touched stays charged where it was.
+        """
+        data = str(pid).encode()
+        for path in self.procs:
+            try:
+                _write(path, data)
+            except ProcessLookupError:
+                return
+
+    def read(self) -> CgroupReading:
+        """CPU time, peak memory and OOM kills of everything that ran in the cgroup."""
+        if self._version == 2:
+            return _read_v2(self._memory)
+        return _read_v1(self._memory, self._cpu, oom=True)
+
+    def kill(self) -> int:
+        """SIGKILL every process in the cgroup, including those that left the process group;
+        returns how many there were (0: it was empty, the usual case, one read).
+
+        cgroup v2 does it atomically (``cgroup.kill``); on v1 the member list is read and
+        signalled until a round finds no process it has not signalled yet. Processes are gone
+        only once they have exited; ``empty`` and ``remove`` say when that is.
+        """
+        me = os.getpid()  # never ourselves, whatever a racing thread move left listed
+        if self._kill_file:
+            found = len(_read_pids(self.procs[0]) - {me})
+            if found:
+                with contextlib.suppress(FileNotFoundError):
+                    _write(f"{self._memory}/cgroup.kill", b"1")
+            return found
+        signalled = {me}
+        for _ in range(_KILL_PASSES):
+            fresh = _read_pids(self.procs[0]) - signalled
+            if not fresh:
+                break
+            for pid in fresh:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            signalled |= fresh
+        return len(signalled) - 1
+
+    def empty(self) -> bool:
+        """Whether no process is left in the cgroup (a SIGKILLed one stays until it has exited)."""
+        return not _read_pids(self.procs[0])
+
+    def remove(self) -> bool:
+        """rmdir the cgroup in every hierarchy; False while a process is still in it."""
+        for path in reversed(self._dirs):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                if err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                    return False
+                raise
+        return True
+
+
+class ActionCgroups:
+    """Gives each action its own cgroup, ``/<parent>/<worker>/<executor>/<action token>``.
+
+    Two uses share this layout. The Docker executor passes the path as the container's
+    ``CgroupParent``: the engine removes a container's cgroup when the container exits, so its
+    counters die with it, while a parent it does not own keeps the hierarchical totals (CPU
+    time, peak memory, and on cgroup v2 the OOM-kill count) readable until this class removes
+    it after reading; that needs the engine's ``cgroupfs`` driver and the same cgroup
+    filesystem as the engine. The host executor owns the action cgroup itself
+    (``for_host``/``create``): it sets the limits, moves the command in, reads the counters,
+    kills what is left and removes it.
+    """
+
+    def __init__(
+        self, *, mounts: Iterable[Mount], version: int, parent: str, worker_id: str, executor: str
+    ) -> None:
+        self._version = version
+        relevant = [m for m in mounts if m.version == version or (version == 1 and m.version == 2)]
+        self._roots = tuple(m.path for m in relevant)
+        self._memory: Path | None = None
+        self._cpu: Path | None = None
+        self._pids: Path | None = None
+        for m in relevant:
+            if version == 2 and m.version == 2:
+                self._memory = self._cpu = m.path
+            elif version == 1 and m.version == 1:
+                if "memory" in m.controllers:
+                    self._memory = m.path
+                if "cpuacct" in m.controllers:
+                    self._cpu = m.path
+                if "pids" in m.controllers:
+                    self._pids = m.path
+        self._worker_base = "/" + "/".join(p for p in (parent.strip("/"), worker_key(worker_id)) if p)
+        self._base = f"{self._worker_base}/{worker_key(executor)}"
+        # What an owned cgroup may use; learnt by _prepare (for_host) on this machine.
+        self._memsw = False
+        self._kill_file = False
+        self._pids_usable = False
+        self._homes: dict[int, tuple[str, ...]] = {}  # thread id -> its memory and cpuacct ``tasks``
+
+    @classmethod
+    def detect(
+        cls,
+        *,
+        cgroup_version: str,
+        cgroup_driver: str,
+        parent: str,
+        worker_id: str,
+        executor: str,
+        mountinfo: str,
+    ) -> ActionCgroups | None:
+        """The layout for an engine reporting ``cgroup_version`` and ``cgroup_driver``, or None
+        when this process cannot follow it (systemd driver, or the hierarchies are not visible)."""
+        if cgroup_driver != "cgroupfs" or cgroup_version not in ("1", "2"):
+            return None
+        cgroups = cls(
+            mounts=parse_mountinfo(mountinfo),
+            version=int(cgroup_version),
+            parent=parent,
+            worker_id=worker_id,
+            executor=executor,
+        )
+        return cgroups if cgroups.usable else None
+
+    @classmethod
+    def for_host(cls, *, mountinfo: str, parent: str, worker_id: str, executor: str) -> ActionCgroups:
+        """The layout for an executor that owns its action cgroups, ready to ``create`` them.
+
+        Uses cgroup v1 when its memory hierarchy is mounted (hybrid systems too), else the
+        unified v2 hierarchy. Creates the executor's directory (enabling the memory, pids and
+        cpu controllers for the children of each directory on the way, on v2) and a probe
+        cgroup in it; raises PreconditionError saying why when this process cannot.
+        """
+        mounts = parse_mountinfo(mountinfo)
+        v1 = [m for m in mounts if m.version == 1 and m.controllers & _HOST_V1_CONTROLLERS]
+        v2 = [m for m in mounts if m.version == 2]
+        if any("memory" in m.controllers for m in v1):
+            cgroups = cls(mounts=v1, version=1, parent=parent, worker_id=worker_id, executor=executor)
+            if cgroups._cpu is None:
+                raise PreconditionError("the cgroup v1 cpuacct hierarchy is not mounted")
+        elif v2:
+            cgroups = cls(mounts=v2[:1], version=2, parent=parent, worker_id=worker_id, executor=executor)
+        else:
+            raise PreconditionError("no cgroup hierarchy with the memory controller is mounted")
+        cgroups._prepare()
+        return cgroups
+
+    @property
+    def usable(self) -> bool:
+        return self._memory is not None and self._cpu is not None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def enforces_processes(self) -> bool:
+        """Whether ``create`` can set a process limit (the pids controller is available)."""
+        return self._pids_usable
+
+    @property
+    def moves_threads(self) -> bool:
+        """Whether ``spawning_into`` works: v1 only (v2 moves whole processes, never one thread)."""
+        return self._version == 1
+
+    @property
+    def limits_swap(self) -> bool:
+        """Whether a memory limit also covers swap (v1 needs swap accounting for that)."""
+        return self._memsw or self._version == 2
+
+    @property
+    def base(self) -> str:
+        """This executor's directory, relative to each hierarchy's root."""
+        return self._base
+
+    def parent_for(self, token: str) -> str:
+        """The ``CgroupParent`` of the container of the action ``token``."""
+        return f"{self._base}/{token}"
+
+    def read(self, token: str) -> CgroupReading:
+        """Counters of the action's (parent) cgroup; fields the kernel does not offer are None."""
+        rel = self.parent_for(token)
+        assert self._memory is not None and self._cpu is not None
+        if self._version == 2:
+            return _read_v2(f"{self._memory}{rel}")
+        return _read_v1(f"{self._memory}{rel}", f"{self._cpu}{rel}", oom=False)
+
+    def remove(self, token: str) -> bool:
+        """Remove the action's cgroup in every hierarchy; False if one is still busy."""
+        rel = self.parent_for(token).lstrip("/")
+        return all(_remove_tree(root / rel) for root in self._roots)
+
+    def sweep(self, live: Collection[str]) -> int:
+        """Remove this executor's action cgroups whose token is not in ``live``; returns how many."""
+        removed: set[str] = set()
+        for root, entry in self._entries():
+            if entry.name not in live and _remove_tree(root / self._base.lstrip("/") / entry.name):
+                removed.add(entry.name)
+        return len(removed)
+
+    def remove_base(self) -> None:
+        """Remove this executor's (and then the worker's) directory when no action cgroup is left."""
+        for root in self._roots:
+            for base in (self._base, self._worker_base):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root / base.lstrip("/"))
+
+    # ---- owned action cgroups (host) ------------------------------------------------------------
+
+    def create(self, token: str, *, memory_bytes: int | None, max_processes: int | None) -> ActionCgroup:
+        """Make the action's cgroup with its limits set; the command is moved in afterwards.
+
+        A memory limit covers swap too where the kernel can say so (v1 ``memsw``, v2
+        ``memory.swap.max=0``), so a command cannot page its way past it. ``max_processes``
+        needs ``enforces_processes``. Raises InternalError naming the file that failed.
+        """
+        rel = self.parent_for(token)
+        leaf = self._leaf(token, pids=max_processes is not None)
+        made: list[str] = []
+        try:
+            for path in leaf.dirs:
+                os.mkdir(path)
+                made.append(path)
+            memory = leaf.dirs[0]
+            if memory_bytes is not None:
+                limit = str(memory_bytes).encode()
+                if self._version == 2:
+                    _write(f"{memory}/memory.max", limit)
+                    with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap to limit
+                        _write(f"{memory}/memory.swap.max", b"0")
+                else:
+                    _write(f"{memory}/memory.limit_in_bytes", limit)
+                    if self._memsw:
+                        _write(f"{memory}/memory.memsw.limit_in_bytes", limit)
+            if max_processes is not None:
+                _write(f"{leaf.dirs[-1]}/pids.max", str(max_processes).encode())
+        except OSError as err:
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise InternalError(
+                f"could not create cgroup {rel} for action {token}: {err.strerror} ({err.filename})"
+            ) from err
+        return leaf
+
+    @contextlib.contextmanager
+    def spawning_into(self, leaf: ActionCgroup) -> Iterator[None]:
+        """Run the block with the calling thread in ``leaf`` (cgroup v1), so that a process it
+        spawns (vfork included) is born there: nothing it runs or forks is ever outside.
+
+        Moving the spawned process in afterwards would race it: the parent of a vfork resumes
+        only when the child has exec'd, and the child often runs and forks first. The thread
+        goes back to its own cgroups when the block ends; while in, what the worker charges
+        (kernel memory, and all its memory when this thread owns the address space, usually
+        the main thread) and the thread's CPU time count for the action: the ~0.3 ms a spawn
+        takes. Do not use it for a cgroup with limits: the worker would count against them.
+        """
+        tid = threading.get_native_id()
+        home = self._homes.get(tid)
+        if home is None:
+            home = self._homes[tid] = self._home_of(tid)
+        data = str(tid).encode()
+        entered = 0
+        try:
+            for directory, _ in zip(leaf.dirs, home, strict=False):
+                _write(f"{directory}/tasks", data)
+                entered += 1
+            yield
+        finally:
+            try:
+                for path in home[:entered]:
+                    _write(path, data)
+            except OSError as err:
+                raise InternalError(
+                    f"could not move worker thread {tid} back out of cgroup {leaf.token}: {err}"
+                ) from err
+
+    def _home_of(self, tid: int) -> tuple[str, ...]:
+        """The ``tasks`` files of thread ``tid``'s own memory and cpuacct cgroups (v1)."""
+        assert self._memory is not None and self._cpu is not None
+        paths = {"memory": "", "cpuacct": ""}
+        data = _read(f"/proc/self/task/{tid}/cgroup") or b""
+        for line in data.decode(errors="replace").splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(","):
+                if controller in paths:
+                    paths[controller] = path.rstrip("/")
+        return tuple(
+            dict.fromkeys((f"{self._memory}{paths['memory']}/tasks", f"{self._cpu}{paths['cpuacct']}/tasks"))
+        )
+
+    def stale(self, owner_alive: Callable[[str], bool]) -> list[ActionCgroup]:
+        """This executor's action cgroups whose owner is gone (a previous run's), to kill and remove."""
+        tokens = {entry.name for _, entry in self._entries() if not owner_alive(entry.name)}
+        return [self._leaf(token, pids=True) for token in sorted(tokens)]
+
+    def _leaf(self, token: str, *, pids: bool) -> ActionCgroup:
+        rel = self.parent_for(token)
+        assert self._memory is not None and self._cpu is not None
+        if self._version == 2:
+            dirs: tuple[str, ...] = (f"{self._memory}{rel}",)
+        else:
+            roots = [self._memory, self._cpu] + ([self._pids] if pids and self._pids is not None else [])
+            dirs = tuple(dict.fromkeys(f"{root}{rel}" for root in roots))  # co-mounted: one directory
+        return ActionCgroup(
+            token=token, version=self._version, dirs=dirs, cpu=f"{self._cpu}{rel}", kill_file=self._kill_file
+        )
+
+    def _prepare(self) -> None:
+        """Create this executor's directories and learn what its action cgroups can use."""
+        assert self._memory is not None
+        for root in self._roots:
+            path = root / self._base.lstrip("/")
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise PreconditionError(f"cannot create cgroup {path}: {err.strerror}") from err
+        base = self._memory / self._base.lstrip("/")
+        if self._version == 2:
+            self._enable_v2_controllers(base)
+            enabled = _read_words(base / "cgroup.subtree_control")
+            self._pids_usable = "pids" in enabled
+            self._kill_file = (base / "cgroup.kill").exists()
+        else:
+            self._pids_usable = self._pids is not None
+            self._memsw = (base / "memory.memsw.limit_in_bytes").exists()
+        probe = f"{os.getpid()}-probe"
+        try:
+            leaf = self.create(probe, memory_bytes=None, max_processes=None)
+        except InternalError as err:
+            raise PreconditionError(str(err)) from err
+        leaf.remove()
+
+    def _enable_v2_controllers(self, base: Path) -> None:
+        """Delegate memory (required), pids and cpu down every directory of our path."""
+        assert self._memory is not None
+        chain = [self._memory]
+        for part in self._base.strip("/").split("/"):
+            chain.append(chain[-1] / part)
+        for directory in chain:
+            available = _read_words(directory / "cgroup.controllers")
+            for controller in _HOST_V2_CONTROLLERS:
+                if controller not in available:
+                    if controller == "memory":
+                        raise PreconditionError(f"the memory controller is not available in {directory}")
+                    continue
+                try:
+                    _write(str(directory / "cgroup.subtree_control"), f"+{controller}".encode())
+                except OSError as err:
+                    if controller == "memory":
+                        raise PreconditionError(
+                            f"cannot enable the memory controller below {directory}: {err.strerror}"
+                        ) from err
+
+    def _entries(self) -> list[tuple[Path, os.DirEntry[str]]]:
+        """Every action directory of this executor, in every hierarchy."""
+        found: list[tuple[Path, os.DirEntry[str]]] = []
+        base = self._base.lstrip("/")
+        for root in self._roots:
+            try:
+                entries = list(os.scandir(root / base))
+            except OSError:
+                continue
+            found.extend((root, entry) for entry in entries if entry.is_dir(follow_symlinks=False))
+        return found
+
+
+def _write(path: str, data: bytes) -> None:
+    """One write to a cgroup file; an error names the file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    except OSError as err:
+        err.filename = path
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_int(path: str) -> int | None:
+    data = _read(path)
+    try:
+        return int(data) if data is not None else None
+    except ValueError:
+        return None
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    """A ``key value`` per line file (cpu.stat, memory.events, memory.oom_control)."""
+    values: dict[str, int] = {}
+    data = _read(path)
+    if data is None:
+        return values
+    for line in data.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            values[key] = int(value)
+    return values
+
+
+def _read_words(path: Path) -> set[str]:
+    data = _read(str(path))
+    return set(data.decode(errors="replace").split()) if data is not None else set()
+
+
+def _read_pids(path: str) -> set[int]:
+    """The processes listed in a ``cgroup.procs`` file (none when it is gone)."""
+    fd = -1
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except FileNotFoundError:
+        return set()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return {int(word) for word in b"".join(chunks).split()}
+
+
+def _read_v1(memory: str, cpu: str, *, oom: bool) -> CgroupReading:
+    user_ns = _read_int(f"{cpu}/cpuacct.usage_user")
+    sys_ns = _read_int(f"{cpu}/cpuacct.usage_sys")
+    user: float | None
+    system: float | None
+    if user_ns is not None and sys_ns is not None:
+        user, system = user_ns / 1e9, sys_ns / 1e9
+    else:  # kernels before 4.7 only offer ticks
+        ticks = _read_keyed(f"{cpu}/cpuacct.stat")
+        hz = os.sysconf("SC_CLK_TCK")
+        user = ticks["user"] / hz if "user" in ticks else None
+        system = ticks["system"] / hz if "system" in ticks else None
+    peak = _read_int(f"{memory}/memory.max_usage_in_bytes")
+    # The cgroup's own count (kernel 4.13 and later); useless in a parent, hence ``oom``.
+    oom_kills = _read_keyed(f"{memory}/memory.oom_control").get("oom_kill") if oom else None
+    return CgroupReading(ResourceUsage(user, system, peak), oom_kills)
+
+
+def _read_v2(path: str) -> CgroupReading:
+    stat = _read_keyed(f"{path}/cpu.stat")
+    events = _read_keyed(f"{path}/memory.events")
+    return CgroupReading(
+        ResourceUsage(
+            user_cpu_seconds=stat["user_usec"] / 1e6 if "user_usec" in stat else None,
+            system_cpu_seconds=stat["system_usec"] / 1e6 if "system_usec" in stat else None,
+            peak_memory_bytes=_read_int(f"{path}/memory.peak"),
+        ),
+        events.get("oom_kill"),
+    )
+
+
+def _remove_tree(path: Path) -> bool:
+    """rmdir a cgroup and its (empty) children, deepest first; False if one is busy."""
+    try:
+        children = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    ok = all(_remove_tree(Path(child)) for child in children)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return ok
+    except OSError as err:
+        if err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return False
+        raise
+    return ok
