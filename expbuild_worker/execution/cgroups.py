@@ -440,7 +440,16 @@ class ActionCgroups:
             leaf = self.create(probe, memory_bytes=None, max_processes=None)
         except InternalError as err:
             raise PreconditionError(str(err)) from err
-        leaf.remove()
+        try:
+            if self.moves_threads:  # a thread of this process may go in and come back out
+                with self.spawning_into(leaf):
+                    pass
+        except (OSError, InternalError) as err:
+            raise PreconditionError(
+                f"cannot move a thread into cgroup {self.parent_for(probe)}: {err}"
+            ) from err
+        finally:
+            leaf.remove()
 
     def _enable_v2_controllers(self, base: Path) -> None:
         """Delegate memory (required), pids and cpu down every directory of our path."""

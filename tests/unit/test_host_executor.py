@@ -675,6 +675,23 @@ def test_network_allowed_or_unset_is_fine(tmp_path: Path) -> None:
         assert outcome.outcome.exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"cgroups": "maybe"}, "cgroups must be one of"), ({"cgroup_parent": "a/../b"}, "cgroup_parent")],
+    ids=["unknown-mode", "parent-with-dotdot"],
+)
+def test_bad_cgroup_settings_are_configuration_errors(kwargs: dict[str, str], message: str) -> None:
+    """A cgroup mode that does not exist, or a parent that could leave the hierarchy, is refused up front."""
+    with pytest.raises(ConfigError, match=message):
+        HostExecutor(
+            kill_grace_seconds=GRACE,
+            refuse_unenforceable_limits=True,
+            default_limits=ResourceLimits(),
+            max_limits=ResourceLimits(),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
 def test_unenforceable_default_is_a_configuration_error() -> None:
     """A default the executor would refuse on every action is caught when the executor is built."""
     with pytest.raises(ConfigError, match="cpu_cores"):

@@ -62,10 +62,13 @@ class HostExecutor:
     limit the kernel enforces by OOM-killing (reported as OOM_KILLED), a process limit
     (``pids.max``, binding root too), and finds processes that left the process group
     (setsid): everything still in it is SIGKILLed when the command ends, then it is removed.
-    When a limit is set the child enters the cgroup before exec (a full fork, ~1.5 ms more);
-    otherwise it is moved in right after the fast vfork spawn, so the first microseconds of a
-    command may go uncounted. Without cgroups, limits are RLIMIT_AS / RLIMIT_NPROC and a
-    process that calls setsid escapes the kill. Either way the command shares the host's CPUs,
+    The command is in its cgroup from its first instruction: with a limit, the forked child
+    enters it before exec (a full fork, ~1.5 ms more here, as rlimits always cost); without
+    (stats only, cgroup v1), the spawning thread steps into the cgroup for the fast vfork spawn
+    and back out, so the child is born inside (moving it in after the spawn would race it: it
+    often runs and forks first). On cgroup v2, which cannot move one thread, every command
+    takes the fork path. Without cgroups, limits are RLIMIT_AS / RLIMIT_NPROC and a process
+    that calls setsid escapes the kill. Either way the command shares the host's CPUs,
     network, users and filesystem.
     """
 
@@ -87,6 +90,10 @@ class HostExecutor:
         if kill_grace_seconds <= 0:
             raise ConfigError(
                 f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
+            )
+        if any(part in (".", "..") for part in cgroup_parent.split("/")):
+            raise ConfigError(
+                f"executor {name!r}: cgroup_parent must not contain '.' or '..', got {cgroup_parent!r}"
             )
         if cgroups not in _CGROUP_MODES:
             raise ConfigError(
