@@ -294,12 +294,11 @@ class Run:
         """The RunOutcome for what happened: OOM_KILLED when the cgroup counted an OOM kill (it
         wins over everything), else the stop reason when stopped before the exit, else COMPLETED.
 
-        Usage comes from the cgroup when there is one (every process of the action, peak memory
-        including the page cache it brought in); CPU time is the larger of the cgroup's and
-        wait4's, since each may miss a little (the cgroup what ran before a late attach, wait4
-        what the leader never waited for). Without a cgroup (or when the command was over before
-        it could be attached) peak memory is None unless it exceeded the worker's own peak RSS:
-        the kernel hands the exec'ing child our high-water mark, so smaller peaks are
+        Usage comes from the cgroup when there is one: every process of the action, including
+        those the leader never waited for, peak memory including the page cache it brought in
+        (CPU time is never below wait4's, which stands in for a counter the kernel lacks).
+        Without a cgroup peak memory is None unless it exceeded the worker's own peak RSS: the
+        kernel hands the exec'ing child our high-water mark, so smaller peaks are
         indistinguishable.
         """
         notes = list(self._notes)
@@ -351,7 +350,7 @@ class Run:
             counted = reading.usage
             user = _larger(user, counted.user_cpu_seconds)
             system = _larger(system, counted.system_cpu_seconds)
-            if counted.peak_memory_bytes:  # 0: the command was over before it was attached
+            if counted.peak_memory_bytes:
                 peak = counted.peak_memory_bytes
         return ResourceUsage(user_cpu_seconds=user, system_cpu_seconds=system, peak_memory_bytes=peak)
 
