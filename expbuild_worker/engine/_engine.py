@@ -96,6 +96,7 @@ class ExecutionEngine:
         self.admission = admission
         self._caps: dict[str, ExecutorCapabilities] = {}
         self._active: dict[str, _Execution] = {}
+        self._closing: set[asyncio.Future[None]] = set()
         self._accepting = True
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -130,6 +131,8 @@ class ExecutionEngine:
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for executor in self._executors.values():
             try:
                 await executor.close()
@@ -295,64 +298,73 @@ class ExecutionEngine:
         counted = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
         events = executor.execute(command, stop)
         try:
-            async for event in events:
-                if isinstance(event, RunOutcome):
-                    outcome = event
-                    break
-                if isinstance(event, LogChunk):
-                    counted[event.stream] += len(event.data)
-                yield event
-        except WorkerError:
-            raise
-        except Exception as err:
-            _log.exception("executor %s failed on %s", executor.name, action.execution_id)
-            outcome = RunOutcome(
-                status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}"
+            try:
+                async for event in events:
+                    if isinstance(event, RunOutcome):
+                        outcome = event
+                        break
+                    if isinstance(event, LogChunk):
+                        counted[event.stream] += len(event.data)
+                    yield event
+            except WorkerError:
+                raise
+            except Exception as err:
+                _log.exception("executor %s failed on %s", executor.name, action.execution_id)
+                outcome = RunOutcome(
+                    status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}"
+                )
+            if outcome is None:
+                outcome = RunOutcome(
+                    status=ExecutionStatus.INTERNAL,
+                    message=f"executor {executor.name} ended without an outcome",
+                )
+            times = dataclasses.replace(times, command_start=outcome.started_at, command_end=outcome.ended_at)
+
+            manifest = OutputManifest()
+            status, message = outcome.status, outcome.message
+            if command.output_paths and status is not ExecutionStatus.FAILED_TO_START:
+                try:
+                    manifest = await asyncio.to_thread(
+                        collect_outputs,
+                        root,
+                        output_files=action.output_files,
+                        output_directories=action.output_directories,
+                        store=self.store,
+                        max_bytes=self.limits.max_output_bytes,
+                    )
+                except OutputLimitExceeded as err:
+                    status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
+            times = dataclasses.replace(times, outputs_collected=time.time())
+
+            if action.stream_output_contents:
+                for f in manifest.files:
+                    offset = 0
+                    for chunk in self.store.open_blob(f.digest):
+                        yield OutputChunk(f.path, offset, chunk)
+                        offset += len(chunk)
+            yield ActionResult(
+                execution_id=action.execution_id,
+                status=status,
+                message=message,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                outputs=manifest,
+                stdout=outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT]),
+                stderr=outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR]),
+                usage=outcome.usage,
+                times=times,
+                executor=executor.name,
+                isolation=executor.isolation,
             )
         finally:
-            await events.aclose()
-        if outcome is None:
-            outcome = RunOutcome(
-                status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} ended without an outcome"
-            )
-        times = dataclasses.replace(times, command_start=outcome.started_at, command_end=outcome.ended_at)
-
-        manifest = OutputManifest()
-        status, message = outcome.status, outcome.message
-        if command.output_paths and status is not ExecutionStatus.FAILED_TO_START:
-            try:
-                manifest = await asyncio.to_thread(
-                    collect_outputs,
-                    root,
-                    output_files=action.output_files,
-                    output_directories=action.output_directories,
-                    store=self.store,
-                    max_bytes=self.limits.max_output_bytes,
-                )
-            except OutputLimitExceeded as err:
-                status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
-        times = dataclasses.replace(times, outputs_collected=time.time())
-
-        if action.stream_output_contents:
-            for f in manifest.files:
-                offset = 0
-                for chunk in self.store.open_blob(f.digest):
-                    yield OutputChunk(f.path, offset, chunk)
-                    offset += len(chunk)
-        yield ActionResult(
-            execution_id=action.execution_id,
-            status=status,
-            message=message,
-            exit_code=outcome.exit_code,
-            signal=outcome.signal,
-            outputs=manifest,
-            stdout=outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT]),
-            stderr=outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR]),
-            usage=outcome.usage,
-            times=times,
-            executor=executor.name,
-            isolation=executor.isolation,
-        )
+            if outcome is None:
+                await events.aclose()  # stopped early: the executor kills the command now
+            else:
+                # The command is over: the executor's clean-up (a cgroup, a container) runs after
+                # the report instead of delaying it; shutdown waits for it.
+                closing = asyncio.ensure_future(events.aclose())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     @staticmethod
     def _result(
