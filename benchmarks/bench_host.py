@@ -103,7 +103,7 @@ async def baseline_target(topology: str) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-def _worker_config(work: Path, concurrency: int, stream_bytes: int) -> dict[str, Any]:
+def _worker_config(work: Path, concurrency: int, stream_bytes: int, cgroups: str) -> dict[str, Any]:
     return {
         "server": {"address": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 0.0, "log_level": "warning"},
         "execution": {
@@ -113,15 +113,16 @@ def _worker_config(work: Path, concurrency: int, stream_bytes: int) -> dict[str,
             "max_log_bytes_per_stream": max(stream_bytes, 1 << 20),
         },
         "storage": {"path": str(work / "cas")},
-        "executor": {"host": {"type": "host"}},
+        "executor": {"host": {"type": "host", "cgroups": cgroups}},
     }
 
 
 @asynccontextmanager
-async def host_worker(topology: str, concurrency: int, stream_bytes: int) -> AsyncIterator[str]:
+async def host_worker(topology: str, concurrency: int, stream_bytes: int, cgroups: str) -> AsyncIterator[str]:
     work = Path(tempfile.mkdtemp(prefix="expbuild-bench-"))
     try:
-        async with worker_target(topology, _worker_config(work, concurrency, stream_bytes), work) as target:
+        config = _worker_config(work, concurrency, stream_bytes, cgroups)
+        async with worker_target(topology, config, work) as target:
             yield target
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -197,11 +198,13 @@ async def concurrent_actions(target: str, clients: int, per_client: int) -> tupl
 
 
 async def bench(args: argparse.Namespace) -> None:
-    print(f"expbuild-worker host benchmark: topology {args.topology}, {os.cpu_count()} CPUs, "
-          f"python {sys.version.split()[0]}, grpc {grpc.__version__}")  # fmt: skip
+    print(f"expbuild-worker host benchmark: topology {args.topology}, cgroups {args.cgroups}, "
+          f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, grpc {grpc.__version__}")  # fmt: skip
     async with AsyncExitStack() as stack:
         base = await stack.enter_async_context(baseline_target(args.topology))
-        target = await stack.enter_async_context(host_worker(args.topology, args.clients, args.stream_bytes))
+        target = await stack.enter_async_context(
+            host_worker(args.topology, args.clients, args.stream_bytes, args.cgroups)
+        )
         base_ch = grpc.aio.insecure_channel(base, options=CHANNEL_OPTIONS)
         stack.push_async_callback(base_ch.close)
         ch = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -257,6 +260,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=300, help="samples per latency measurement (>= 200)")
     parser.add_argument("--stream-bytes", type=int, default=1 << 30, help="bytes streamed (default 1 GiB)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument(
+        "--cgroups", choices=["auto", "off"], default="auto", help="the host executor's cgroups setting"
+    )
     parser.add_argument("--per-client", type=int, default=50, help="actions per concurrent client")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
