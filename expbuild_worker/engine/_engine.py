@@ -65,6 +65,7 @@ class _Execution:
     action: Action
     stop: StopSignal
     done: asyncio.Event
+    admitted_at: float
 
 
 class ExecutionEngine:
@@ -212,7 +213,9 @@ class ExecutionEngine:
         if action.execution_id in self._active:
             raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
         ticket = self.admission.reserve(name)
-        execution = _Execution(action=action, stop=StopSignal(), done=asyncio.Event())
+        execution = _Execution(
+            action=action, stop=StopSignal(), done=asyncio.Event(), admitted_at=time.time()
+        )
         self._active[action.execution_id] = execution
         return action, name, ticket, execution
 
@@ -221,7 +224,8 @@ class ExecutionEngine:
         try:
             executor = self._executors[name]
             yield Accepted(action.execution_id, name, executor.isolation, ticket.queue_position)
-            async with contextlib.aclosing(self._run(action, executor, ticket, execution.stop)) as events:
+            run = self._run(action, executor, ticket, execution.stop, execution.admitted_at)
+            async with contextlib.aclosing(run) as events:
                 async for event in events:
                     yield event
         finally:
@@ -230,9 +234,8 @@ class ExecutionEngine:
             execution.done.set()
 
     async def _run(
-        self, action: Action, executor: Executor, ticket: Ticket, stop: StopSignal
+        self, action: Action, executor: Executor, ticket: Ticket, stop: StopSignal, queued: float
     ) -> AsyncGenerator[ActionEvent, None]:
-        queued = time.time()
         if not ticket.running:
             stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
             waits: set[asyncio.Future[object]] = {ticket.granted, stop_wait}  # type: ignore[arg-type]
