@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,11 +29,23 @@ class StopSignal:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._reason: ExecutionStatus | None = None
+        self._callbacks: list[Callable[[ExecutionStatus], None]] = []
 
     def request(self, reason: ExecutionStatus) -> None:
         if self._reason is None:
             self._reason = reason
             self._event.set()
+            for callback in self._callbacks:
+                callback(reason)
+
+    def on_request(self, callback: Callable[[ExecutionStatus], None]) -> Callable[[], None]:
+        """Call ``callback(reason)`` when a stop is requested (at once if it already was); returns
+        a function that unregisters it. Cheaper than a task waiting per action on the hot path."""
+        if self._reason is not None:
+            callback(self._reason)
+            return lambda: None
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
     @property
     def reason(self) -> ExecutionStatus | None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import os
 import resource
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from expbuild_worker.config import CgroupMode
@@ -284,12 +283,11 @@ class HostExecutor:
             memory_limit=limits.memory_bytes if leaf is not None else None,
         )
         self._runs.add(run)
-        stop_waiter: asyncio.Task[ExecutionStatus] | None = None
+        forget_stop: Callable[[], None] | None = None
         try:
             run.start()
             # Acted on in a callback, so a consumer that is slow to pull events cannot delay the kill.
-            stop_waiter = asyncio.ensure_future(stop.wait())
-            stop_waiter.add_done_callback(functools.partial(_on_stop, run))
+            forget_stop = stop.on_request(run.request_stop)
             yield Started(at=run.started_at)
             while True:
                 run.wake.clear()
@@ -310,8 +308,8 @@ class HostExecutor:
             await run.cgroup_emptied()
             yield run.outcome()
         finally:
-            if stop_waiter is not None:
-                stop_waiter.cancel()
+            if forget_stop is not None:
+                forget_stop()
             run.release()
             self._runs.discard(run)
             self._dispose(leaf)
@@ -414,11 +412,6 @@ class HostExecutor:
         if limits.max_processes is not None and not self._root and not pids:
             rlimits.append(rlimit(resource.RLIMIT_NPROC, limits.max_processes))
         return rlimits
-
-
-def _on_stop(run: Run, waiter: asyncio.Task[ExecutionStatus]) -> None:
-    if not waiter.cancelled():
-        run.request_stop(waiter.result())
 
 
 def _remove_quietly(leaf: ActionCgroup) -> bool:
