@@ -8,7 +8,12 @@ PYTEST_ARGS ?=
 .PHONY: run test protos check-protos lint unit bench venv docker clean
 
 $(BIN)/activate: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@# A fresh Debian has python3 without the venv module: install it when we can (root), else say so.
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	  $(PYTHON) -m venv --clear $(VENV); \
+	} || { echo "make: cannot create $(VENV); install python3-venv (apt-get install python3-venv)" >&2; exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/activate
