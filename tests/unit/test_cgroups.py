@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _support import wait_gone
 
 from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.cgroups import (
@@ -37,19 +38,6 @@ def _real_cgroups(executor: str) -> ActionCgroups:
         )
     except PreconditionError as err:
         pytest.skip(f"this process cannot create cgroups: {err}")
-
-
-def _gone_within(pid: int, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # ---- layout --------------------------------------------------------------------------------------
@@ -238,7 +226,7 @@ def test_stale_lists_only_cgroups_whose_owner_is_gone() -> None:
         stale = cgroups.stale(owner_alive)
         assert [leaf.token for leaf in stale] == [theirs.token]
         stale[0].kill()
-        assert _gone_within(sleeper.pid)
+        assert wait_gone(sleeper.pid)
     finally:
         sleeper.kill()
         sleeper.wait()

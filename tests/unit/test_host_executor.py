@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _support import wait_gone
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
@@ -187,28 +188,6 @@ async def until_exists(path: Path) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{path.name} never appeared")
-
-
-def is_gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs (absent, or a zombie some other parent has not reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def gone_within(pid: int, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not is_gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def reaped(pid: int) -> bool:
@@ -465,7 +444,7 @@ def test_stop_kills_the_command_and_its_grandchildren(tmp_path: Path) -> None:
     assert time.monotonic() - began < 5
     assert result.outcome.status is ExecutionStatus.TIMED_OUT
     assert reaped(int((tmp_path / "leader").read_text()))
-    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
 
 
 def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> None:
@@ -505,7 +484,7 @@ def test_background_grandchild_dies_with_the_command(tmp_path: Path, redirect: s
     assert result.outcome.status is ExecutionStatus.COMPLETED
     assert result.outcome.exit_code == 0
     assert result.stdout == b"done\n"
-    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
 
 
 def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -520,7 +499,7 @@ def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> Non
 
     fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
     assert reaped(int((tmp_path / "leader").read_text()))
-    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
     assert fds_after == fds_before
     assert callbacks_after == callbacks_before
 
@@ -539,7 +518,7 @@ def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
 
     fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
     assert reaped(int((tmp_path / "leader").read_text()))
-    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
     assert fds_after == fds_before
     assert callbacks_after == callbacks_before
 
@@ -561,7 +540,7 @@ def test_close_kills_running_commands_and_refuses_new_ones(tmp_path: Path) -> No
 
     result = run(scenario())
     assert result.outcome.status is ExecutionStatus.CANCELLED
-    assert gone_within(int((tmp_path / "grandchild").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
 
 
 # ---- limits and usage without cgroups (rlimits) ----------------------------------------------
@@ -865,7 +844,7 @@ def test_process_limit_contains_a_fork_bomb_even_for_root(tmp_path: Path) -> Non
     children = [int(pid) for pid in result.stdout.split()]
     assert result.outcome.status is ExecutionStatus.COMPLETED
     assert 0 < len(children) < 16
-    assert all(gone_within(pid) for pid in children)
+    assert all(wait_gone(pid) for pid in children)
 
 
 @needs_cgroups
@@ -878,7 +857,7 @@ def test_a_process_that_left_the_session_dies_with_the_action(tmp_path: Path) ->
     assert result.outcome.status is ExecutionStatus.COMPLETED
     assert result.outcome.exit_code == 0
     assert result.stdout == b"started\n"
-    assert gone_within(int((tmp_path / "escapee").read_text()))
+    assert wait_gone(int((tmp_path / "escapee").read_text()))
 
 
 @needs_cgroups
