@@ -10,9 +10,10 @@ Prints, measured in this run on this machine:
    (target ratio >= 0.5);
 5. actions per second with 16 concurrent clients.
 
-Topology: with ``--topology inprocess`` (default) the worker, the baseline servers and the
-clients share one process and one event loop; with ``--topology subprocess`` the worker and
-the baseline servers each run in a child process, so client and server use both cores. Each
+Topology: with ``--topology subprocess`` (default, as a worker is deployed) the worker and the
+baseline servers each run in a child process, so client and server use both cores; with
+``--topology inprocess`` the worker, the baseline servers and the clients share one process and
+one event loop. Each
 baseline runs in the same topology as the worker, so the ratios compare like with like.
 Everything binds 127.0.0.1 on a free port and is stopped at the end. Exit status is 0 whether
 or not a target is met: this is a measurement, not a test.
@@ -256,7 +257,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--topology", choices=["inprocess", "subprocess"], default="inprocess")
+    parser.add_argument("--topology", choices=["inprocess", "subprocess"], default="subprocess")
     parser.add_argument("--runs", type=int, default=300, help="samples per latency measurement (>= 200)")
     parser.add_argument("--stream-bytes", type=int, default=1 << 30, help="bytes streamed (default 1 GiB)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
