@@ -89,7 +89,6 @@ async def build_worker(config: WorkerConfig) -> Worker:
         work_root=work_root,
         limits=EngineLimits(
             max_inline_input_bytes=config.execution.max_inline_input_bytes,
-            max_log_bytes_per_stream=config.execution.max_log_bytes_per_stream,
             max_output_bytes=config.execution.max_output_bytes,
             default_timeout_seconds=config.execution.default_timeout_seconds,
             max_timeout_seconds=config.execution.max_timeout_seconds,

@@ -54,7 +54,6 @@ class EngineLimits:
     """Worker-wide caps applied to every action, whatever the front door."""
 
     max_inline_input_bytes: int
-    max_log_bytes_per_stream: int
     max_output_bytes: int
     default_timeout_seconds: float
     max_timeout_seconds: float
@@ -123,15 +122,10 @@ class ExecutionEngine:
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop accepting, give running actions ``grace_seconds``, cancel the rest, close executors."""
         self.stop_accepting()
-        deadline = time.monotonic() + grace_seconds
-        while self._active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._until_idle(grace_seconds)
         for execution in list(self._active.values()):
             execution.stop.request(ExecutionStatus.CANCELLED)
-        waits = [e.done.wait() for e in self._active.values()]
-        if waits:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
+        await self._until_idle(30)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         for executor in self._executors.values():
@@ -140,6 +134,14 @@ class ExecutionEngine:
             except Exception:
                 _log.exception("closing executor %s failed", executor.name)
         await self._directories.close()
+
+    async def _until_idle(self, seconds: float) -> None:
+        """Wait until every admitted action has finished, or ``seconds`` have passed."""
+        waits = [asyncio.ensure_future(e.done.wait()) for e in self._active.values()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=seconds)
+            for waiter in pending:
+                waiter.cancel()
 
     # ---- queries ---------------------------------------------------------------------------
 

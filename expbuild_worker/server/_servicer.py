@@ -135,12 +135,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def FindMissingBlobs(
         self, request: pb.FindMissingBlobsRequest, context: Context
     ) -> pb.FindMissingBlobsResponse:
-        for i, d in enumerate(request.digests):
-            check_digest(tr.digest_from_pb(d), f"digests[{i}]")
-        store = self._engine.store
-        return pb.FindMissingBlobsResponse(
-            missing_digests=[d for d in request.digests if not store.contains(tr.digest_from_pb(d))]
-        )
+        digests = [tr.digest_from_pb(d) for d in request.digests]
+        for i, d in enumerate(digests):
+            check_digest(d, f"digests[{i}]")
+        missing = self._engine.store.find_missing(digests)
+        return pb.FindMissingBlobsResponse(missing_digests=[tr.digest_to_pb(d) for d in missing])
 
     @maps_errors
     async def ReadBlob(  # type: ignore[override]  # writes with context.write; see maps_errors

@@ -152,11 +152,8 @@ def test_duplicate_running_execution_id_is_already_exists(stub):
 
 def test_worker_environment_is_invisible(stub, monkeypatch):
     """An action sees exactly the environment it asked for, none of the worker's."""
-    os.environ["EXPBUILD_SECRET_FOR_TEST"] = "leak"
-    try:
-        run = execute(stub, request(["/usr/bin/env"], environment={"ONLY": "this"}))
-    finally:
-        del os.environ["EXPBUILD_SECRET_FOR_TEST"]
+    monkeypatch.setenv("EXPBUILD_SECRET_FOR_TEST", "leak")
+    run = execute(stub, request(["/usr/bin/env"], environment={"ONLY": "this"}))
     assert bytes(run.stdout) == b"ONLY=this\n"
 
 

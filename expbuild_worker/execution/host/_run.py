@@ -136,24 +136,32 @@ class Run:
         # writer's bytes are batched into large chunks instead of one event per read.
         got = 0
         while got < CHUNK_MAX:
-            try:
-                data = os.read(pipe.fd, READ_SIZE)
-            except BlockingIOError:
+            n = self._read(pipe, READ_SIZE)
+            if not n:  # empty for now, or end-of-file (closed)
                 break
-            except OSError:
-                data = b""
-            if not data:
-                self._close_pipe(pipe)
-                break
-            pipe.add(data)
-            got += len(data)
+            got += n
             if pipe.pending_bytes >= HIGH_WATER:
                 self._loop.remove_reader(pipe.fd)
                 pipe.paused = True
                 break
-            if len(data) < READ_SIZE:
+            if n < READ_SIZE:
                 break  # the pipe is empty now; another read would only say EAGAIN
         self.wake.set()
+
+    def _read(self, pipe: _Pipe, size: int) -> int | None:
+        """Read up to ``size`` bytes into ``pipe``: their count, 0 at end-of-file (the pipe is then
+        closed), None when nothing is there yet."""
+        try:
+            data = os.read(pipe.fd, size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._close_pipe(pipe)
+            return 0
+        pipe.add(data)
+        return len(data)
 
     def _write_stdin(self) -> None:
         try:
@@ -266,22 +274,15 @@ class Run:
         for pipe in self.pipes:
             budget = FINAL_DRAIN_BYTES
             while pipe.fd >= 0 and budget > 0:
-                try:
-                    data = os.read(pipe.fd, min(READ_SIZE, budget))
-                except BlockingIOError:
+                n = self._read(pipe, min(READ_SIZE, budget))
+                if n is None:
                     self._notes.append(
                         f"stopped reading {pipe.stream.value}: still open {DRAIN_SECONDS:g}s after the "
                         "process group was killed (held by a process that left the group?)"
                     )
                     self._close_pipe(pipe)
                     break
-                except OSError:
-                    data = b""
-                if not data:
-                    self._close_pipe(pipe)
-                    break
-                pipe.add(data)
-                budget -= len(data)
+                budget -= n
             if pipe.fd >= 0:
                 self._notes.append(
                     f"stopped reading {pipe.stream.value} after {FINAL_DRAIN_BYTES} more bytes"
