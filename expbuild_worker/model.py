@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class IsolationLevel(enum.IntEnum):
@@ -52,6 +54,18 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{self.sha256}/{self.size}"
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> Digest:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
+
+    @classmethod
+    def of_file(cls, path: Path) -> Digest:
+        """Hash a file by streaming it from disk; it never sits whole in memory."""
+        with open(path, "rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256")
+            size = fh.tell()
+        return cls(sha.hexdigest(), size)
 
 
 @dataclass(frozen=True, slots=True)

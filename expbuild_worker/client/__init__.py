@@ -1,7 +1,6 @@
 """A small client for one worker: upload inputs, run an action, stream logs, write its outputs."""
 
 from expbuild_worker.client._client import UPLOAD_CHUNK_BYTES, Execution, WorkerClient
-from expbuild_worker.client._digests import digest_bytes, digest_file
 from expbuild_worker.client._inputs import InputSpec, InputTree, LocalFile, collect_inputs, parse_input_spec
 from expbuild_worker.client._logs import LogReassembler
 from expbuild_worker.client._outputs import BlobReader, OutputError, OutputWriter
@@ -18,7 +17,5 @@ __all__ = [
     "OutputWriter",
     "WorkerClient",
     "collect_inputs",
-    "digest_bytes",
-    "digest_file",
     "parse_input_spec",
 ]

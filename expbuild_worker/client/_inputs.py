@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.client._digests import digest_file, to_proto
+from expbuild_worker.client._digests import to_proto
 from expbuild_worker.client._paths import is_safe_relative_path
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Digest
@@ -151,7 +151,7 @@ class _Collector:
         self._claim(remote, local)
         try:
             executable = bool(local.stat().st_mode & 0o111)
-            digest = digest_file(local)
+            digest = Digest.of_file(local)
         except OSError as err:
             raise InvalidRequestError(f"input {local}: cannot read: {err.strerror}") from err
         self.files[remote] = LocalFile(local, remote, digest, executable)

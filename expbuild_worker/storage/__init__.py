@@ -1,5 +1,5 @@
 """The content-addressed store shared by blob upload, input staging and output collection."""
 
-from expbuild_worker.storage._cas import BlobWriter, ContentAddressedStore, sha256_file
+from expbuild_worker.storage._cas import BlobWriter, ContentAddressedStore
 
-__all__ = ["BlobWriter", "ContentAddressedStore", "sha256_file"]
+__all__ = ["BlobWriter", "ContentAddressedStore"]

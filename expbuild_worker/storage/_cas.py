@@ -23,17 +23,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _READ_CHUNK = 1 << 20
 
 
-def sha256_file(path: Path) -> Digest:
-    """Hash a file by streaming it; never holds more than one chunk in memory."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return Digest(h.hexdigest(), size)
-
-
 def check_digest(digest: Digest, field: str) -> None:
     """Raise InvalidRequestError naming ``field`` unless ``digest`` is well formed."""
     if len(digest.sha256) != 64 or any(c not in "0123456789abcdef" for c in digest.sha256):
@@ -134,7 +123,7 @@ class ContentAddressedStore:
         return BlobWriter(store=self, digest=digest)
 
     def put_bytes(self, data: bytes) -> Digest:
-        digest = Digest(hashlib.sha256(data).hexdigest(), len(data))
+        digest = Digest.of_bytes(data)
         if not self.contains(digest):
             w = self.writer(digest)
             w.write(data)
@@ -168,7 +157,7 @@ class ContentAddressedStore:
                     shutil.copyfileobj(fin, fout, _READ_CHUNK)
             finally:
                 os.close(src)
-        digest = sha256_file(tmp)
+        digest = Digest.of_file(tmp)
         self.publish(tmp, digest)
         return digest
 

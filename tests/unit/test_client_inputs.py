@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.client import InputSpec, collect_inputs, digest_file, parse_input_spec
+from expbuild_worker.client import InputSpec, collect_inputs, parse_input_spec
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Digest
 
@@ -74,7 +74,7 @@ def test_directory_walk(tmp_path: Path) -> None:
     assert set(files) == {"in/blank", "in/run.sh", "in/sub/data", "in/ext"}
     assert files["in/run.sh"].is_executable and not files["in/sub/data"].is_executable
     assert files["in/sub/data"].digest == Digest(hashlib.sha256(b"data").hexdigest(), 4)
-    assert files["in/ext"].digest == digest_file(outside)
+    assert files["in/ext"].digest == Digest.of_file(outside)
     assert tree.directories == ("in", "in/sub", "in/sub/empty")
     assert tree.symlinks == (("in/alias", "sub/data"),)
 

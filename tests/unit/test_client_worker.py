@@ -18,8 +18,8 @@ from expbuild_worker.client import (
     OutputWriter,
     WorkerClient,
     collect_inputs,
-    digest_bytes,
 )
+from expbuild_worker.model import Digest
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_blob_uploaded_once_serves_two_actions(client: WorkerClient, tmp_path: P
     data = os.urandom(2 * UPLOAD_CHUNK_BYTES + 5)
     (tmp_path / "in.bin").write_bytes(data)
     tree = collect_inputs([InputSpec(tmp_path / "in.bin", "in.bin")])
-    assert client.upload_inputs(tree) == [digest_bytes(data)]
+    assert client.upload_inputs(tree) == [Digest.of_bytes(data)]
     assert client.upload_inputs(tree) == []
     for _ in range(2):
         request = _request("sha256sum in.bin")
@@ -50,7 +50,7 @@ def test_blob_uploaded_once_serves_two_actions(client: WorkerClient, tmp_path: P
 
 def test_unknown_digest_is_missing_and_unreadable(client: WorkerClient) -> None:
     """The store answers honestly about what it lacks; reading it is NOT_FOUND."""
-    digest = digest_bytes(b"never uploaded " + os.urandom(8))
+    digest = Digest.of_bytes(b"never uploaded " + os.urandom(8))
     assert client.find_missing_blobs([digest]) == [digest]
     with pytest.raises(grpc.RpcError) as err:
         list(client.read_blob(pb.Digest(sha256=digest.sha256, size_bytes=digest.size)))
