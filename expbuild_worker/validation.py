@@ -43,6 +43,15 @@ def check_relative_path(value: str, field: str, *, allow_empty: bool = False) ->
         )
 
 
+def is_valid_relative_path(value: str) -> bool:
+    """The same rule as ``check_relative_path``, as a yes/no (for clients checking what a worker sent)."""
+    try:
+        check_relative_path(value, "path")
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def _check_symlink_target(path: str, target: str, field: str) -> None:
     if target == "" or "\x00" in target:
         raise InvalidRequestError(f"{field}: must be a non-empty target without NUL bytes")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.client._digests import to_proto
-from expbuild_worker.client._paths import is_safe_relative_path
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Digest
+from expbuild_worker.validation import is_valid_relative_path
 
 __all__ = ["InputSpec", "InputTree", "LocalFile", "collect_inputs", "parse_input_spec"]
 
@@ -85,13 +85,13 @@ def parse_input_spec(spec: str) -> InputSpec:
         norm = posixpath.normpath(local)
         if norm == ".":
             remote = ""
-        elif is_safe_relative_path(norm):
+        elif is_valid_relative_path(norm):
             remote = norm
         else:
             remote = Path(local).resolve().name
     elif remote in ("", "."):
         remote = ""
-    elif not is_safe_relative_path(remote):
+    elif not is_valid_relative_path(remote):
         raise InvalidRequestError(
             f"input {spec!r}: REMOTE must be a normalised relative path without '..', got {remote!r}"
         )

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.client._paths import is_safe_relative_path
 from expbuild_worker.errors import WorkerError
+from expbuild_worker.validation import is_valid_relative_path
 
 __all__ = ["BlobReader", "OutputError", "OutputWriter"]
 
@@ -138,7 +138,7 @@ class OutputWriter:
 
     def _open_parent(self, path: str) -> tuple[int, str]:
         """Open the directory that holds ``path`` (creating it), never following a symlink."""
-        if not is_safe_relative_path(path):
+        if not is_valid_relative_path(path):
             raise OutputError(f"output {path!r}: not a normalised relative path; refusing to write it")
         *parents, name = path.split("/")
         fd = os.open(self._destination, os.O_RDONLY | os.O_DIRECTORY)
