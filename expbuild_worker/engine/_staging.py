@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from expbuild_worker.fs import make_dirs
 from expbuild_worker.model import Action
 from expbuild_worker.storage import ContentAddressedStore
 
@@ -17,13 +18,13 @@ def stage_inputs(action: Action, root: Path, store: ContentAddressedStore) -> No
     later write outside ``root``.
     """
     for d in action.input_directories:
-        _mkdirs(root, d)
+        make_dirs(root, d)
     if action.working_directory:
-        _mkdirs(root, action.working_directory)
+        make_dirs(root, action.working_directory)
     for f in action.input_files:
         parent = os.path.dirname(f.path)
         if parent:
-            _mkdirs(root, parent)
+            make_dirs(root, parent)
         dest = root / f.path
         if f.digest is not None:
             store.copy_to(f.digest, dest, executable=f.executable)
@@ -41,19 +42,5 @@ def stage_inputs(action: Action, root: Path, store: ContentAddressedStore) -> No
     for link in action.input_symlinks:
         parent = os.path.dirname(link.path)
         if parent:
-            _mkdirs(root, parent)
+            make_dirs(root, parent)
         os.symlink(link.target, root / link.path)
-
-
-def _mkdirs(root: Path, rel: str) -> None:
-    """Create ``root/rel`` one component at a time, refusing to pass through a symlink."""
-    current = root
-    for part in rel.split("/"):
-        current = current / part
-        try:
-            os.mkdir(current, 0o755)
-        except FileExistsError as err:
-            if current.is_symlink() or not current.is_dir():
-                raise NotADirectoryError(
-                    f"input path component {current.relative_to(root)} is not a directory"
-                ) from err

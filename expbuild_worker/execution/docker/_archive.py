@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from expbuild_worker.errors import InternalError
+from expbuild_worker.fs import make_dirs
 
 _COPY_CHUNK = 1 << 20
 
@@ -76,21 +77,10 @@ class _ChunkReader(io.RawIOBase):
 
 def _checked_parent(root: Path, rel_parent: str) -> Path:
     """``root / rel_parent``, creating missing directories, refusing any symlink on the way."""
-    current = root
-    for part in [p for p in rel_parent.split("/") if p]:
-        if part in (".", ".."):
-            raise UnsafeArchiveError(f"path component {part!r} in {rel_parent!r} is not allowed")
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeArchiveError(
-                f"{rel_parent!r}: {part!r} is not a directory (a symlink is never followed)"
-            )
-    return current
+    try:
+        return make_dirs(root, rel_parent)
+    except (ValueError, NotADirectoryError) as err:
+        raise UnsafeArchiveError(f"{rel_parent!r}: {err}") from err
 
 
 def clear_output(root: Path, output_path: str) -> bool:
