@@ -487,6 +487,16 @@ def test_background_grandchild_dies_with_the_command(tmp_path: Path, redirect: s
     assert wait_gone(int((tmp_path / "grandchild").read_text()))
 
 
+def assert_nothing_left(
+    tmp_path: Path, fds_before: int, fds_after: int, cbs_before: int, cbs_after: int
+) -> None:
+    """The leader is reaped, the grandchild gone, and no descriptor or loop callback is left."""
+    assert reaped(int((tmp_path / "leader").read_text()))
+    assert wait_gone(int((tmp_path / "grandchild").read_text()))
+    assert fds_after == fds_before
+    assert cbs_after == cbs_before
+
+
 def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
     """aclose() kills and reaps everything, and releases every descriptor and loop callback."""
 
@@ -497,11 +507,7 @@ def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> Non
         await events.aclose()
         return fds, open_fds(), callbacks, registered_callbacks()
 
-    fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
-    assert reaped(int((tmp_path / "leader").read_text()))
-    assert wait_gone(int((tmp_path / "grandchild").read_text()))
-    assert fds_after == fds_before
-    assert callbacks_after == callbacks_before
+    assert_nothing_left(tmp_path, *run(scenario()))
 
 
 def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -516,11 +522,7 @@ def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
             await task
         return fds, open_fds(), callbacks, registered_callbacks()
 
-    fds_before, fds_after, callbacks_before, callbacks_after = run(scenario())
-    assert reaped(int((tmp_path / "leader").read_text()))
-    assert wait_gone(int((tmp_path / "grandchild").read_text()))
-    assert fds_after == fds_before
-    assert callbacks_after == callbacks_before
+    assert_nothing_left(tmp_path, *run(scenario()))
 
 
 def test_close_kills_running_commands_and_refuses_new_ones(tmp_path: Path) -> None:
