@@ -6,6 +6,11 @@ Prints, measured in this run on this machine:
 2. a gRPC echo round trip (a trivial unary echo server built with a generic handler, same grpc
    aio stack, same topology as the worker);
 3. end-to-end Execute of /bin/true through the worker, and the ratio 3 / (1 + 2) (target <= 1.5);
+   beside it the transport floor: a bare streaming handler in the baseline server that writes
+   three messages (accepted, started, result) around a Popen of /bin/true and a pidfd wait, with
+   no engine, directory, pipes or cgroup, i.e. what any worker with this API pays before doing
+   any work of its own (e2e minus floor is the worker's own overhead), and the same handler
+   writing one message (what a wire that batches events could save);
 4. 1 GiB of stdout streamed through Execute against a raw gRPC server stream of 64 KiB chunks
    (target ratio >= 0.5);
 5. actions per second with 16 concurrent clients.
@@ -43,6 +48,8 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 STREAM_CHUNK = 64 * 1024
 ECHO_METHOD = "/bench.Echo/Echo"
 STREAM_METHOD = "/bench.Echo/Stream"
+FLOOR_METHOD = "/bench.Echo/Floor"
+FLOOR1_METHOD = "/bench.Echo/Floor1"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
@@ -64,11 +71,38 @@ def _baseline_handler() -> grpc.GenericRpcHandler:
             remaining -= len(piece)
             yield piece
 
+    def floor(messages: int) -> Any:
+        """A handler that spawns /bin/true and waits for it, writing ``messages`` (3 or 1) messages."""
+
+        async def handle(request: bytes, context: Any) -> None:
+            # The request is a serialized ExecuteRequest: the floor receives what the worker does.
+            loop = asyncio.get_running_loop()
+            if messages == 3:
+                await context.write(b"accepted".ljust(48))
+            # As the worker does: a vfork spawn on the loop is quicker than a thread hop.
+            child = subprocess.Popen(["/bin/true"], env=ENV, start_new_session=True)  # noqa: ASYNC220
+            pidfd = os.pidfd_open(child.pid)
+            exited = loop.create_future()
+            loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+            if messages == 3:
+                await context.write(b"started".ljust(16))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            child.wait()
+            await context.write(b"result".ljust(160))
+
+        return grpc.unary_stream_rpc_method_handler(handle)
+
     return grpc.method_handlers_generic_handler(
         "bench.Echo",
         {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Floor": floor(3),
+            "Floor1": floor(1),
         },
     )
 
@@ -151,6 +185,11 @@ async def run_action(stub: pb_grpc.WorkerServiceAsyncStub, request: pb.ExecuteRe
     return result
 
 
+async def drain(call: grpc.aio.UnaryStreamCall[bytes, bytes]) -> None:
+    async for _ in call:
+        pass
+
+
 async def stream_through_worker(stub: pb_grpc.WorkerServiceAsyncStub, total: int) -> tuple[float, int]:
     """Seconds to receive ``total`` bytes of stdout through Execute, and the bytes counted."""
     request = pb.ExecuteRequest(argv=["head", "-c", str(total), "/dev/zero"], environment=ENV)
@@ -213,6 +252,8 @@ async def bench(args: argparse.Namespace) -> None:
         stub = pb_grpc.WorkerServiceStub(ch)
 
         echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = base_ch.unary_unary(ECHO_METHOD)
+        floor_call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = base_ch.unary_stream(FLOOR_METHOD)
+        floor1_call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = base_ch.unary_stream(FLOOR1_METHOD)
         payload = true_request().SerializeToString()
         print(f"\nper-action overhead ({args.runs} runs each, interleaved in batches of 20):")
         timings = await interleaved(
@@ -221,6 +262,8 @@ async def bench(args: argparse.Namespace) -> None:
                 "aspawn": _asyncio_spawn,
                 "echo": lambda: echo_call(payload),
                 "e2e": lambda: run_action(stub, true_request()),
+                "floor": lambda: drain(floor_call(payload)),
+                "floor1": lambda: drain(floor1_call(payload)),
             },
             args.runs,
         )
@@ -233,6 +276,14 @@ async def bench(args: argparse.Namespace) -> None:
         ratio90 = e2e.p90 / (spawn.p90 + echo.p90)
         print(f"  ratio 3 / (1 + 2): median {ratio:.3f}, p90 {ratio90:.3f}   (target <= 1.5: "
               f"{'met' if ratio <= 1.5 else 'NOT met'})")  # fmt: skip
+        base_median = spawn.median + echo.median
+        floor, floor1 = timings["floor"], timings["floor1"]
+        print(floor.row("   transport floor: 3 messages around Popen, no engine"))
+        print(floor1.row("   the same with 1 message (a wire with batched events)"))
+        print(f"  floors / (1 + 2): median {floor.median / base_median:.3f} (3 messages), "
+              f"{floor1.median / base_median:.3f} (1 message)")  # fmt: skip
+        print(f"  the worker's own overhead, 3 - floor: median {(e2e.median - floor.median) * 1e3:.3f} ms; "
+              f"the target leaves {(1.5 * base_median - floor.median) * 1e3:.3f} ms for it")  # fmt: skip
 
         print(f"\nstreaming {args.stream_bytes / (1 << 30):g} GiB of stdout:")
         # raw, worker, raw: the worker is compared with the mean of the raw runs around it.

@@ -74,20 +74,19 @@ def _seconds(d: Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
 
-def _duration(seconds: float | None) -> Duration | None:
-    if seconds is None:
-        return None
-    d = Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
+_NANOS = 1_000_000_000
 
 
-def _timestamp(at: float | None) -> Timestamp | None:
-    if at is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(round(at * 1e9))
-    return ts
+def _set_timestamp(ts: Timestamp, at: float | None) -> None:
+    """Fill ``ts`` in place (a field of the message being built: no copy, unlike a constructor)."""
+    if at is not None:
+        ts.seconds, ts.nanos = divmod(round(at * 1e9), _NANOS)
+
+
+def _set_duration(d: Duration, seconds: float | None) -> None:
+    """Fill ``d`` in place with a non-negative duration; None leaves the field unset."""
+    if seconds is not None:
+        d.seconds, d.nanos = divmod(round(max(0.0, seconds) * 1e9), _NANOS)
 
 
 def action_from_pb(req: pb.ExecuteRequest) -> Action:
@@ -164,62 +163,58 @@ def event_to_pb(event: ActionEvent) -> pb.ExecuteResponse:
         chunk.data = event.data
         return resp
     if isinstance(event, Started):
-        return pb.ExecuteResponse(started=pb.ExecutionStarted(start_time=_timestamp(event.at)))
+        _set_timestamp(resp.started.start_time, event.at)
+        return resp
     if isinstance(event, Accepted):
-        return pb.ExecuteResponse(
-            accepted=pb.ExecutionAccepted(
-                execution_id=event.execution_id,
-                executor=event.executor,
-                isolation_level=_ISOLATION_TO_PB[event.isolation],
-                queue_position=event.queue_position,
-            )
-        )
-    return pb.ExecuteResponse(result=result_to_pb(event))
+        accepted = resp.accepted
+        accepted.execution_id = event.execution_id
+        accepted.executor = event.executor
+        accepted.isolation_level = _ISOLATION_TO_PB[event.isolation]
+        accepted.queue_position = event.queue_position
+        return resp
+    _fill_result(resp.result, event)
+    return resp
 
 
-def _log_summary(s: LogSummary) -> pb.LogSummary:
-    return pb.LogSummary(size_bytes=s.size_bytes, streamed_bytes=s.streamed_bytes, truncated=s.truncated)
+def _fill_log_summary(out: pb.LogSummary, s: LogSummary) -> None:
+    out.size_bytes = s.size_bytes
+    out.streamed_bytes = s.streamed_bytes
+    out.truncated = s.truncated
 
 
-def result_to_pb(r: ActionResult) -> pb.ExecutionResult:
-    t = r.times
-    queue_time = None
+def _fill_result(out: pb.ExecutionResult, r: ActionResult) -> None:
+    """Fill ``out`` in place: nested messages built first and passed to constructors are copied."""
+    out.execution_id = r.execution_id
+    out.status = _STATUS_TO_PB[r.status]
+    out.message = r.message
+    out.exit_code = r.exit_code or 0
+    out.signal = r.signal or 0
+    for f in r.outputs.files:
+        item = out.output_files.add(path=f.path, is_executable=f.executable)
+        item.digest.sha256 = f.digest.sha256
+        item.digest.size_bytes = f.digest.size
+    for link in r.outputs.symlinks:
+        out.output_symlinks.add(path=link.path, target=link.target)
+    for directory in r.outputs.directories:
+        out.output_directories.add(path=directory)
+    _fill_log_summary(out.stdout, r.stdout)
+    _fill_log_summary(out.stderr, r.stderr)
+    out.executor = r.executor
+    out.isolation_level = _ISOLATION_TO_PB[r.isolation]
+    stats, t, usage = out.stats, r.times, r.usage
     if t.worker_start is not None and t.queued is not None:
-        queue_time = _duration(max(0.0, t.worker_start - t.queued))
-    wall = None
+        _set_duration(stats.queue_time, t.worker_start - t.queued)
     if t.command_start is not None and t.command_end is not None:
-        wall = _duration(max(0.0, t.command_end - t.command_start))
-    stats = pb.ExecutionStats(
-        wall_time=wall,
-        user_cpu_time=_duration(r.usage.user_cpu_seconds),
-        system_cpu_time=_duration(r.usage.system_cpu_seconds),
-        peak_memory_bytes=r.usage.peak_memory_bytes or 0,
-        queue_time=queue_time,
-        queued_time=_timestamp(t.queued),
-        worker_start_time=_timestamp(t.worker_start),
-        inputs_staged_time=_timestamp(t.inputs_staged),
-        command_start_time=_timestamp(t.command_start),
-        command_end_time=_timestamp(t.command_end),
-        outputs_collected_time=_timestamp(t.outputs_collected),
-    )
-    return pb.ExecutionResult(
-        execution_id=r.execution_id,
-        status=_STATUS_TO_PB[r.status],
-        message=r.message,
-        exit_code=r.exit_code or 0,
-        signal=r.signal or 0,
-        output_files=[
-            pb.OutputFile(path=f.path, digest=digest_to_pb(f.digest), is_executable=f.executable)
-            for f in r.outputs.files
-        ],
-        output_symlinks=[pb.OutputSymlink(path=s.path, target=s.target) for s in r.outputs.symlinks],
-        output_directories=[pb.OutputDirectory(path=d) for d in r.outputs.directories],
-        stdout=_log_summary(r.stdout),
-        stderr=_log_summary(r.stderr),
-        stats=stats,
-        executor=r.executor,
-        isolation_level=_ISOLATION_TO_PB[r.isolation],
-    )
+        _set_duration(stats.wall_time, t.command_end - t.command_start)
+    _set_duration(stats.user_cpu_time, usage.user_cpu_seconds)
+    _set_duration(stats.system_cpu_time, usage.system_cpu_seconds)
+    stats.peak_memory_bytes = usage.peak_memory_bytes or 0
+    _set_timestamp(stats.queued_time, t.queued)
+    _set_timestamp(stats.worker_start_time, t.worker_start)
+    _set_timestamp(stats.inputs_staged_time, t.inputs_staged)
+    _set_timestamp(stats.command_start_time, t.command_start)
+    _set_timestamp(stats.command_end_time, t.command_end)
+    _set_timestamp(stats.outputs_collected_time, t.outputs_collected)
 
 
 def _limits_to_pb(limits: ResourceLimits) -> pb.ResourceLimits:
@@ -256,6 +251,6 @@ def warmup_to_pb(w: WarmupReport) -> pb.ExecutorWarmup:
 
 
 def duration_to_pb(seconds: float) -> Duration:
-    d = _duration(seconds)
-    assert d is not None
+    d = Duration()
+    _set_duration(d, seconds)
     return d
