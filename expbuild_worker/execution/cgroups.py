@@ -332,17 +332,8 @@ class ActionCgroups:
             for path in leaf.dirs:
                 os.mkdir(path)
                 made.append(path)
-            memory = leaf.dirs[0]
             if memory_bytes is not None:
-                limit = str(memory_bytes).encode()
-                if self._version == 2:
-                    _write(f"{memory}/memory.max", limit)
-                    with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap to limit
-                        _write(f"{memory}/memory.swap.max", b"0")
-                else:
-                    _write(f"{memory}/memory.limit_in_bytes", limit)
-                    if self._memsw:
-                        _write(f"{memory}/memory.memsw.limit_in_bytes", limit)
+                self._write_memory_limit(leaf, memory_bytes)
             if max_processes is not None:
                 _write(f"{leaf.dirs[-1]}/pids.max", str(max_processes).encode())
         except OSError as err:
@@ -353,6 +344,28 @@ class ActionCgroups:
                 f"could not create cgroup {rel} for action {token}: {err.strerror} ({err.filename})"
             ) from err
         return leaf
+
+    def limit_memory(self, leaf: ActionCgroup, memory_bytes: int) -> None:
+        """Give a cgroup ``create`` made without a memory limit one, before anything runs in it
+        (so a cgroup can be made ahead of need). Raises InternalError naming the file that failed."""
+        try:
+            self._write_memory_limit(leaf, memory_bytes)
+        except OSError as err:
+            raise InternalError(
+                f"could not limit the memory of cgroup {self.parent_for(leaf.token)}: "
+                f"{err.strerror} ({err.filename})"
+            ) from err
+
+    def _write_memory_limit(self, leaf: ActionCgroup, memory_bytes: int) -> None:
+        memory, limit = leaf.dirs[0], str(memory_bytes).encode()
+        if self._version == 2:
+            _write(f"{memory}/memory.max", limit)
+            with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap to limit
+                _write(f"{memory}/memory.swap.max", b"0")
+        else:
+            _write(f"{memory}/memory.limit_in_bytes", limit)
+            if self._memsw:
+                _write(f"{memory}/memory.memsw.limit_in_bytes", limit)
 
     @contextlib.contextmanager
     def spawning_into(self, leaf: ActionCgroup) -> Iterator[None]:

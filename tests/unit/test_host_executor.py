@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableEr
 from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
+from expbuild_worker.execution.host._executor import SPARE_CGROUPS
 from expbuild_worker.execution.host._run import CHUNK_MAX
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -59,6 +60,17 @@ needs_cgroups = pytest.mark.skipif(
 )
 
 
+_MADE: list[HostExecutor] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_executors() -> Iterator[None]:
+    """Close every executor a test made, so none leaves its spare cgroups behind."""
+    yield
+    while _MADE:
+        asyncio.run(_MADE.pop().close())
+
+
 def make_executor(
     *,
     refuse: bool = True,
@@ -68,7 +80,7 @@ def make_executor(
     mountinfo: str | None = None,
     name: str = "host",
 ) -> HostExecutor:
-    return HostExecutor(
+    executor = HostExecutor(
         name=name,
         kill_grace_seconds=GRACE,
         refuse_unenforceable_limits=refuse,
@@ -78,6 +90,8 @@ def make_executor(
         worker_id=WORKER,
         mountinfo=mountinfo,
     )
+    _MADE.append(executor)
+    return executor
 
 
 def command(
@@ -743,6 +757,41 @@ def test_each_action_runs_in_its_own_cgroup_which_is_removed_afterwards(tmp_path
     own = result.stdout.decode().strip()
     assert own.startswith(f"/expbuild/{WORKER}/host/"), own
     assert cgroup_gone_within(memory_root() / own.lstrip("/"))
+
+
+@needs_cgroups
+def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Path) -> None:
+    """start() makes SPARE_CGROUPS unused cgroups; an action runs in one of them (with its memory
+    limit written when taken), the spares are topped up, and close() removes them all."""
+    base = memory_root() / "expbuild" / WORKER / "ahead"
+    limit = 96 << 20
+    limit_file = (
+        "memory.limit_in_bytes" if (memory_root() / "memory.limit_in_bytes").exists() else "memory.max"
+    )
+
+    def spares() -> set[str]:
+        return {p.name for p in base.iterdir() if p.is_dir()}
+
+    async def scenario() -> tuple[set[str], str, str, set[str]]:
+        executor = make_executor(name="ahead")
+        await executor.start()
+        before = spares()
+        script = f'own=$({OWN_CGROUP}); echo "$own"; cat "{memory_root()}$own/{limit_file}"'
+        result = await execute(
+            sh(tmp_path, script, limits=ResourceLimits(memory_bytes=limit)), executor=executor
+        )
+        await asyncio.sleep(0)  # the refill runs on the loop after the action took its cgroup
+        after = spares()
+        await executor.close()
+        own, limit_seen = result.stdout.decode().split()
+        return before, own, limit_seen, after
+
+    before, own, limit_seen, after = run(scenario())
+    assert len(before) == SPARE_CGROUPS
+    assert own.rsplit("/", 1)[1] in before
+    assert int(limit_seen) == limit
+    assert len(after) == SPARE_CGROUPS and own.rsplit("/", 1)[1] not in after
+    assert not base.exists()
 
 
 @needs_cgroups
