@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -74,15 +75,30 @@ async def build_worker(config: WorkerConfig) -> Worker:
         max_bytes=config.storage.max_bytes,
     )
     executors: dict[str, Executor] = {}
-    for name, ex_config in config.executors.items():
-        executor = _build_executor(name, ex_config, worker_id=worker_id)
-        start = getattr(executor, "start", None)
-        if start is not None:
-            await start()
-        executors[name] = DeadlineExecutor(
-            LogLimitingExecutor(executor, max_bytes_per_stream=config.execution.max_log_bytes_per_stream)
-        )
-    engine = ExecutionEngine(
+    try:
+        for name, ex_config in config.executors.items():
+            executor = _build_executor(name, ex_config, worker_id=worker_id)
+            executors[name] = DeadlineExecutor(
+                LogLimitingExecutor(executor, max_bytes_per_stream=config.execution.max_log_bytes_per_stream)
+            )
+            start = getattr(executor, "start", None)
+            if start is not None:
+                await start()
+        engine = _build_engine(config, executors, store, work_root)
+        await engine.start()
+    except BaseException:
+        # A worker that cannot start leaves nothing running or made (cgroups, spares) behind.
+        for started in executors.values():
+            with contextlib.suppress(Exception):
+                await started.close()
+        raise
+    return Worker(worker_id=worker_id, engine=engine, store=store, executors=executors)
+
+
+def _build_engine(
+    config: WorkerConfig, executors: Mapping[str, Executor], store: ContentAddressedStore, work_root: Path
+) -> ExecutionEngine:
+    return ExecutionEngine(
         executors=executors,
         default_executor=config.default_executor,
         store=store,
@@ -99,5 +115,3 @@ async def build_worker(config: WorkerConfig) -> Worker:
             per_executor={name: ex.max_concurrency for name, ex in config.executors.items()},
         ),
     )
-    await engine.start()
-    return Worker(worker_id=worker_id, engine=engine, store=store, executors=executors)

@@ -20,7 +20,7 @@ from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableEr
 from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.host._executor import SPARE_CGROUPS
+from expbuild_worker.execution.host._executor import SPARE_CGROUPS, _new_token, _owner_alive
 from expbuild_worker.execution.host._run import CHUNK_MAX
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -772,24 +772,27 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
     def spares() -> set[str]:
         return {p.name for p in base.iterdir() if p.is_dir()}
 
-    async def scenario() -> tuple[set[str], str, str, set[str]]:
+    async def scenario() -> tuple[set[str], str, list[str], set[str]]:
         executor = make_executor(name="ahead")
         await executor.start()
         before = spares()
-        script = f'own=$({OWN_CGROUP}); echo "$own"; cat "{memory_root()}$own/{limit_file}"'
+        script = (
+            f'own=$({OWN_CGROUP}); echo "$own"; for f in {limit_file} memory.memsw.limit_in_bytes; '
+            f'do [ -e "{memory_root()}$own/$f" ] && cat "{memory_root()}$own/$f"; done; true'
+        )
         result = await execute(
             sh(tmp_path, script, limits=ResourceLimits(memory_bytes=limit)), executor=executor
         )
         await asyncio.sleep(0)  # the refill runs on the loop after the action took its cgroup
         after = spares()
         await executor.close()
-        own, limit_seen = result.stdout.decode().split()
-        return before, own, limit_seen, after
+        own, *limits_seen = result.stdout.decode().split()
+        return before, own, limits_seen, after
 
-    before, own, limit_seen, after = run(scenario())
+    before, own, limits_seen, after = run(scenario())
     assert len(before) == SPARE_CGROUPS
     assert own.rsplit("/", 1)[1] in before
-    assert int(limit_seen) == limit
+    assert limits_seen and all(int(seen) == limit for seen in limits_seen)  # memory (and swap, if counted)
     assert len(after) == SPARE_CGROUPS and own.rsplit("/", 1)[1] not in after
     assert not base.exists()
 
@@ -911,15 +914,33 @@ def test_a_process_that_left_the_session_dies_with_the_action(tmp_path: Path) ->
     assert wait_gone(int((tmp_path / "escapee").read_text()))
 
 
+def test_cgroup_owner_is_this_process_only_with_its_pid_and_start_time() -> None:
+    """A token names its worker by pid and start time: ours is alive; one with our pid but another
+    start (a crashed predecessor that had our pid), a dead pid or a malformed name is stale."""
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    assert _owner_alive(_new_token())
+    assert not _owner_alive(f"{os.getpid()}.1-1")
+    assert not _owner_alive(f"{dead.pid}-3")  # the older form: the pid alone decides
+    assert _owner_alive(f"{os.getpid()}-3")
+    assert not _owner_alive("nonsense")
+
+
 @needs_cgroups
-def test_a_stale_cgroup_of_a_previous_run_is_swept_at_start(tmp_path: Path) -> None:
-    """What a dead worker left (a cgroup with a process still in it) is killed and removed at start."""
+@pytest.mark.parametrize("owner", ["dead pid", "our pid, earlier start"])
+def test_a_stale_cgroup_of_a_previous_run_is_swept_at_start(tmp_path: Path, owner: str) -> None:
+    """What a dead worker left (a cgroup with a process still in it) is killed and removed at start,
+    also when that worker had the pid this process has now (a restarted container's pid 1)."""
     cgroups = ActionCgroups.for_host(
         mountinfo=read_mountinfo(), parent="expbuild", worker_id=WORKER, executor="sweep-test"
     )
-    dead = subprocess.Popen(["/bin/true"])
-    dead.wait()
-    leaf = cgroups.create(f"{dead.pid}-7", memory_bytes=None, max_processes=None)
+    if owner == "dead pid":
+        dead = subprocess.Popen(["/bin/true"])
+        dead.wait()
+        token = f"{dead.pid}-7"
+    else:
+        token = f"{os.getpid()}.1-1"  # our pid, but a process that started at boot
+    leaf = cgroups.create(token, memory_bytes=None, max_processes=None)
     orphan = subprocess.Popen(["/bin/sleep", "600"])
     try:
         leaf.attach(orphan.pid)

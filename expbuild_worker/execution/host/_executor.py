@@ -32,9 +32,24 @@ from expbuild_worker.model import (
 
 _log = logging.getLogger(__name__)
 
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # the name in parentheses may hold spaces
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+_STARTED = _process_start(os.getpid())
+_OWNER = f"{os.getpid()}.{_STARTED}" if _STARTED else str(os.getpid())
 _TOKENS = itertools.count(1)
-"""Action cgroup names are ``<worker pid>-<n>``: unique in this process, and a later run can tell
-whose owner is gone (only those are swept)."""
+"""Action cgroup names are ``<worker pid>.<its start time>-<n>``: unique in this process, and a
+later run can tell whose owner is gone (only those are swept), even when it has the same pid as a
+crashed predecessor or the pid went to an unrelated process since."""
 
 SPARE_CGROUPS = 4
 """Action cgroups kept made ahead of need. Creating one (two v1 directories) takes ~0.12 ms, which
@@ -340,19 +355,18 @@ class HostExecutor:
     ) -> ActionCgroup:
         """A cgroup for one action with its limits set: a spare when no process limit is asked for
         (spares have no pids directory), else a new one. Schedules making the next spares."""
-        if max_processes is None and self._spare_cgroups:
-            leaf = self._spare_cgroups.pop()
-            if memory_bytes is not None:
-                try:
-                    cgroups.limit_memory(leaf, memory_bytes)
-                except BaseException:
-                    self._dispose(leaf)
-                    raise
-        else:
-            leaf = cgroups.create(_new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
         if not self._spares_scheduled:
             self._spares_scheduled = True
             asyncio.get_running_loop().call_soon(self._make_spare_cgroups)
+        if max_processes is not None or not self._spare_cgroups:
+            return cgroups.create(_new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
+        leaf = self._spare_cgroups.pop()
+        if memory_bytes is not None:
+            try:
+                cgroups.limit_memory(leaf, memory_bytes)
+            except BaseException:
+                self._dispose(leaf)
+                raise
         return leaf
 
     def _make_spare_cgroups(self) -> None:
@@ -458,7 +472,7 @@ class HostExecutor:
 
 
 def _new_token() -> str:
-    return f"{os.getpid()}-{next(_TOKENS)}"
+    return f"{_OWNER}-{next(_TOKENS)}"
 
 
 def _remove_quietly(leaf: ActionCgroup) -> bool:
@@ -470,12 +484,16 @@ def _remove_quietly(leaf: ActionCgroup) -> bool:
 
 
 def _owner_alive(token: str) -> bool:
-    """Whether the worker process that made the action cgroup ``token`` still runs (then it is not stale)."""
+    """Whether the worker process that made the action cgroup ``token`` still runs (then it is not
+    stale): the pid runs and, when the token records it, that process started when the owner did."""
     owner, _, _ = token.partition("-")
-    if not owner.isdigit() or int(owner) <= 0:
+    pid, _, started = owner.partition(".")
+    if not pid.isdigit() or int(pid) <= 0:
         return False
-    try:
-        os.kill(int(owner), 0)
+    if started:
+        return _process_start(int(pid)) == started
+    try:  # a name without a start time (made by an older version): the pid alone decides
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
