@@ -39,11 +39,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
-from _common import child_target, interleaved, mb_s, worker_target
+from expbuild_worker.execution.host import disable_grpc_fork_handlers
 
-from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+disable_grpc_fork_handlers()  # as the expbuild-worker command does, before grpc is imported
+
+import grpc  # noqa: E402
+from _common import child_target, interleaved, mb_s, worker_target  # noqa: E402
+
+from expbuild_worker.api.v1 import worker_pb2 as pb  # noqa: E402
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 
 STREAM_CHUNK = 64 * 1024
 ECHO_METHOD = "/bench.Echo/Echo"

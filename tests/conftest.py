@@ -9,12 +9,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-import pytest
+from expbuild_worker.execution.host import disable_grpc_fork_handlers
 
-from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-from expbuild_worker.config import parse_config
-from expbuild_worker.server import RunningServer, start_server
+disable_grpc_fork_handlers()  # as the expbuild-worker command does, before grpc is imported
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
+
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
+from expbuild_worker.config import parse_config  # noqa: E402
+from expbuild_worker.server import RunningServer, start_server  # noqa: E402
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

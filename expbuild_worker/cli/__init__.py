@@ -6,7 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from expbuild_worker.cli import _client, _serve
+from expbuild_worker.execution.host import disable_grpc_fork_handlers
+
+disable_grpc_fork_handlers()  # before anything below imports grpc
+
+from expbuild_worker.cli import _client, _serve  # noqa: E402
 
 __all__ = ["main"]
 

@@ -15,6 +15,7 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.composition import Worker, build_worker
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import UnavailableError
+from expbuild_worker.execution.host import GRPC_FORK_SUPPORT, grpc_fork_handlers_disabled
 from expbuild_worker.server import _translate as tr
 from expbuild_worker.server._servicer import WorkerServicer
 
@@ -58,7 +59,17 @@ class RunningServer:
 
 
 async def start_server(config: WorkerConfig) -> RunningServer:
-    """Build the worker from ``config`` and serve it; port 0 binds a free port (see ``.port``)."""
+    """Build the worker from ``config`` and serve it; port 0 binds a free port (see ``.port``).
+
+    A process embedding the worker must call ``disable_grpc_fork_handlers`` before importing grpc
+    (the ``expbuild-worker`` command does): host actions with limits are forked, and gRPC's fork
+    handlers crash such children."""
+    if not grpc_fork_handlers_disabled():
+        _log.warning(
+            "gRPC fork handlers are on (%s is not 0): host actions with limits may die with SIGSEGV; "
+            "call expbuild_worker.execution.host.disable_grpc_fork_handlers() before importing grpc",
+            GRPC_FORK_SUPPORT,
+        )
     worker = await build_worker(config)
     server = grpc.aio.server(
         options=[

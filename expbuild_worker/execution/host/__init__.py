@@ -3,5 +3,10 @@
 from __future__ import annotations
 
 from expbuild_worker.execution.host._executor import HostExecutor
+from expbuild_worker.execution.host._spawn import (
+    GRPC_FORK_SUPPORT,
+    disable_grpc_fork_handlers,
+    grpc_fork_handlers_disabled,
+)
 
-__all__ = ["HostExecutor"]
+__all__ = ["GRPC_FORK_SUPPORT", "HostExecutor", "disable_grpc_fork_handlers", "grpc_fork_handlers_disabled"]

@@ -15,6 +15,21 @@ from pathlib import Path
 
 from expbuild_worker.errors import InternalError
 
+GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
+"""gRPC's fork handlers, on by default in grpcio, start threads in a forked child; a child forked
+to apply limits before exec then crashed with SIGSEGV about one time in four. The worker process
+turns them off (``disable_grpc_fork_handlers``) before grpc is imported, which reads this once."""
+
+
+def disable_grpc_fork_handlers() -> None:
+    """Turn gRPC's fork handlers off for this process; call it before grpc is imported. Commands
+    never see it: they get their own environment, never the worker's."""
+    os.environ[GRPC_FORK_SUPPORT] = "0"
+
+
+def grpc_fork_handlers_disabled() -> bool:
+    return os.environ.get(GRPC_FORK_SUPPORT, "").strip().lower() in ("0", "false")
+
 
 class SpawnFailure(Exception):
     """The command never ran; ``str(self)`` is the message its FAILED_TO_START outcome carries."""
