@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Action, ResourceLimits
@@ -13,6 +14,13 @@ from expbuild_worker.storage._cas import check_digest
 _EXECUTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ENV_NAME = re.compile(r"[^=\x00]+")
 MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component) Linux filesystems take."""
+MAX_PATH_DEPTH = 256
+"""The most components a path may have: deeper trees serve no build and make every walk costly."""
+MAX_PROCESSES = 4_194_304
+"""The kernel's highest possible pid count (PID_MAX_LIMIT); a larger process limit means nothing."""
+MAX_CPU_CORES = 65_536.0
 
 
 def check_execution_id(value: str, field: str = "execution_id") -> None:
@@ -41,6 +49,13 @@ def check_relative_path(value: str, field: str, *, allow_empty: bool = False) ->
         raise InvalidRequestError(
             f"{field}: must be normalised (no empty, '.' or trailing '/' components), got {value!r}"
         )
+    if len(parts) > MAX_PATH_DEPTH:
+        raise InvalidRequestError(f"{field}: more than {MAX_PATH_DEPTH} components")
+    for part in parts:
+        if len(part.encode()) > MAX_NAME_BYTES:
+            raise InvalidRequestError(
+                f"{field}: component {part[:40]!r}... is longer than {MAX_NAME_BYTES} bytes"
+            )
 
 
 def is_valid_relative_path(value: str) -> bool:
@@ -52,14 +67,31 @@ def is_valid_relative_path(value: str) -> bool:
     return True
 
 
-def _check_symlink_target(path: str, target: str, field: str) -> None:
+def _check_symlink_target(path: str, target: str, field: str, links: Collection[str]) -> None:
+    """The target must resolve inside the root without passing through another input symlink
+    (``links``): a symlink's own target is not known here, so ``x/..`` with ``x -> .`` could
+    leave the root. Pointing at a symlink (as the last component) is fine."""
     if target == "" or "\x00" in target:
         raise InvalidRequestError(f"{field}: must be a non-empty target without NUL bytes")
+    if len(target.encode()) >= MAX_PATH_BYTES:
+        raise InvalidRequestError(f"{field}: longer than {MAX_PATH_BYTES - 1} bytes")
     if target.startswith("/"):
         raise InvalidRequestError(f"{field}: must be relative, got absolute {target!r}")
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    if resolved == ".." or resolved.startswith("../"):
-        raise InvalidRequestError(f"{field}: {target!r} from {path!r} points outside the action root")
+    parts = [p for p in posixpath.dirname(path).split("/") if p]
+    steps = [p for p in target.split("/") if p not in ("", ".")]
+    for i, step in enumerate(steps):
+        if step == "..":
+            if not parts:
+                raise InvalidRequestError(f"{field}: {target!r} from {path!r} points outside the action root")
+            parts.pop()
+            continue
+        parts.append(step)
+        through = "/".join(parts)
+        if i < len(steps) - 1 and through in links:
+            raise InvalidRequestError(
+                f"{field}: {target!r} from {path!r} passes through the input symlink {through!r}; "
+                "point at the path it leads to instead"
+            )
 
 
 def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str) -> None:
@@ -71,8 +103,11 @@ def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str)
     for name, value, maximum in pairs:
         if value is None:
             continue
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise InvalidRequestError(f"limits.{name}: expected a positive number, got {value}")
+        ceiling = {"cpu_cores": MAX_CPU_CORES, "max_processes": MAX_PROCESSES}.get(name)
+        if ceiling is not None and value > ceiling:
+            raise InvalidRequestError(f"limits.{name}: {value:g} is more than any machine has ({ceiling:g})")
         if maximum is not None and value > maximum:
             raise InvalidRequestError(
                 f"limits.{name}: {value} is above executor {executor!r}'s maximum of {maximum}"
@@ -134,10 +169,11 @@ def validate_action(
         )
     for i, d in enumerate(action.input_directories):
         check_relative_path(d, f"input_directories[{i}]")
+    links = {link.path for link in action.input_symlinks}
     for i, link in enumerate(action.input_symlinks):
         field = f"input_symlinks[{i}]"
         check_relative_path(link.path, f"{field}.path")
-        _check_symlink_target(link.path, link.target, f"{field}.target")
+        _check_symlink_target(link.path, link.target, f"{field}.target", links)
         leaves.append((f"{field}.path", link.path))
     _check_unique(leaves)
     leaf_set = {p for _, p in leaves}

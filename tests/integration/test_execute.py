@@ -75,6 +75,26 @@ def test_missing_program_fails_to_start(stub):
     assert "/nonexistent/tool" in run.result.message
 
 
+def test_arguments_beyond_the_kernel_limit_fail_to_start_saying_so(stub):
+    """argv and environment larger than exec takes are FAILED_TO_START blaming their size, not argv[0]."""
+    run = execute(stub, request(["/bin/echo", "x" * (1 << 20)] * 4))
+    assert run.status == pb.EXECUTION_STATUS_FAILED_TO_START
+    assert run.result.message.startswith("argv and environment together are too large"), run.result.message
+
+
+def test_a_symlink_may_point_at_another_symlink(stub):
+    """Chains are fine as long as no target passes through a symlink: b -> a -> f reads f."""
+    run = execute(
+        stub,
+        request(
+            ["/bin/cat", "b"],
+            input_files=[pb.InputFile(path="f", content=b"chained")],
+            input_symlinks=[pb.InputSymlink(path="a", target="f"), pb.InputSymlink(path="b", target="a")],
+        ),
+    )
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED and run.stdout == b"chained"
+
+
 def test_timeout_kills_command_and_grandchild(stub):
     """TIMED_OUT within a few seconds, and no process of the action survives it."""
     started = time.monotonic()
@@ -272,6 +292,22 @@ def test_missing_input_blob_is_failed_precondition(stub):
         ("execution_id", {"execution_id": "bad id/"}),
         ("limits.memory_bytes", {"limits": pb.ResourceLimits(memory_bytes=-1)}),
         ("executor.name", {"executor": pb.ExecutorSelector(name="warp-drive")}),
+        ("input_files[0].path", {"input_files": [pb.InputFile(path="a" * 256, content=b"")]}),
+        ("output_directories[0]", {"output_directories": ["/".join(["d"] * 257)]}),
+        ("working_directory", {"working_directory": "w/" + "n" * 300}),
+        (
+            "input_symlinks[1].target",
+            {
+                "input_symlinks": [
+                    pb.InputSymlink(path="x", target="."),
+                    pb.InputSymlink(path="y", target="x/.."),
+                ]
+            },
+        ),
+        ("input_symlinks[0].target", {"input_symlinks": [pb.InputSymlink(path="l", target="t" * 4096)]}),
+        ("limits.max_processes", {"limits": pb.ResourceLimits(max_processes=10**7)}),
+        ("limits.cpu_cores", {"limits": pb.ResourceLimits(cpu_cores=float("nan"))}),
+        ("limits.cpu_cores", {"limits": pb.ResourceLimits(cpu_cores=float("inf"))}),
     ],
     ids=[
         "dotdot",
@@ -287,6 +323,14 @@ def test_missing_input_blob_is_failed_precondition(stub):
         "bad-id",
         "negative-memory",
         "unknown-executor",
+        "name-too-long",
+        "too-deep",
+        "workdir-name-too-long",
+        "symlink-through-symlink",
+        "symlink-target-too-long",
+        "processes-beyond-any-kernel",
+        "cpu-nan",
+        "cpu-infinite",
     ],
 )
 def test_bad_requests_are_invalid_argument_naming_the_field(stub, field, kwargs):

@@ -192,6 +192,8 @@ def _describe(err: BaseException, *, argv0: str, cwd: str, working_directory: st
             return f"working directory {working_directory or '.'!r}: {reason}"
         if err.errno == errno.ENOENT:
             return f"argv[0] {argv0!r}: {reason} (or its #! interpreter is missing)"
+        if err.errno == errno.E2BIG:
+            return f"argv and environment together are too large for exec on this machine ({reason})"
         if err.errno == errno.ENOEXEC:
             return f"argv[0] {argv0!r}: {reason} (not a binary for this machine and no #! line)"
         return f"argv[0] {argv0!r}: {reason}"
