@@ -224,6 +224,9 @@ class OutputManifest:
     files: tuple[OutputFile, ...] = ()
     symlinks: tuple[OutputSymlink, ...] = ()
     directories: tuple[str, ...] = ()
+    unreportable: tuple[str, ...] = ()
+    """Outputs that exist but the API cannot carry (a name or symlink target that is not UTF-8),
+    as printable paths; they are not collected, and the result's message names them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,3 +97,18 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return not pid_alive(pid)
+
+
+def action_leftovers(work_root: str, *, timeout: float = 3.0) -> list[str]:
+    """What is left under ``work_root/actions`` once finished actions' directories had ``timeout``
+    seconds to go: [] when nothing leaked. Up to 4 fresh, empty spares are made ahead of need."""
+    actions = os.path.join(work_root, "actions")
+
+    def leftovers() -> list[str]:
+        entries = os.listdir(actions)
+        return entries if len(entries) > 4 else [d for d in entries if os.listdir(os.path.join(actions, d))]
+
+    deadline = time.monotonic() + timeout
+    while (found := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from expbuild_worker.engine._admission import Admission, Ticket
 from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
-from expbuild_worker.engine._staging import stage_inputs
+from expbuild_worker.engine._staging import StagingStopped, stage_inputs
 from expbuild_worker.engine._workdirs import ActionDirectories
 from expbuild_worker.errors import (
     AlreadyExistsError,
@@ -264,7 +265,16 @@ class ExecutionEngine:
                 or action.working_directory
             ):
                 try:
-                    await asyncio.to_thread(stage_inputs, action, root, self.store)
+                    await self._stage(action, root, stop)
+                except StagingStopped:
+                    yield self._result(
+                        action,
+                        executor,
+                        stop.reason or ExecutionStatus.CANCELLED,
+                        "stopped while staging inputs",
+                        times=StageTimes(queued=queued, worker_start=worker_start),
+                    )
+                    return
                 except (OSError, NotFoundError) as err:  # disk full, a blob evicted meanwhile, ...
                     _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
                     yield self._result(
@@ -281,6 +291,24 @@ class ExecutionEngine:
                     yield event
         finally:
             self._directories.release(root)
+
+    async def _stage(self, action: Action, root: Path, stop: StopSignal) -> None:
+        """Stage on a worker thread. A stop request or a cancelled caller (the client went away)
+        stops it at the next file; a cancelled caller also waits for the thread to stop, so the
+        action's directory is never removed while the thread still writes into it."""
+        halt = threading.Event()
+        forget_stop = stop.on_request(lambda _reason: halt.set())
+        staging = asyncio.ensure_future(asyncio.to_thread(stage_inputs, action, root, self.store, halt))
+        try:
+            await asyncio.shield(staging)
+        except asyncio.CancelledError:
+            halt.set()
+            await asyncio.wait({staging})
+            if not staging.cancelled():
+                staging.exception()  # retrieved: StagingStopped or a failure nobody waits for now
+            raise
+        finally:
+            forget_stop()
 
     async def _run_staged(
         self, action: Action, executor: Executor, root: Path, stop: StopSignal, times: StageTimes
@@ -339,6 +367,13 @@ class ExecutionEngine:
                     )
                 except OutputLimitExceeded as err:
                     status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
+                if manifest.unreportable:
+                    skipped = ", ".join(repr(path) for path in manifest.unreportable[:10])
+                    more = len(manifest.unreportable) - 10
+                    note = f"not collected, their names are not UTF-8: {skipped}" + (
+                        f" and {more} more" if more > 0 else ""
+                    )
+                    message = f"{message}; {note}" if message else note
             times = dataclasses.replace(times, outputs_collected=time.time())
 
             if action.stream_output_contents:

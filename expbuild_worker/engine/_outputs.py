@@ -9,6 +9,7 @@ from pathlib import Path
 
 from expbuild_worker.model import OutputFile, OutputManifest, OutputSymlink
 from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.validation import MAX_PATH_DEPTH
 
 
 class OutputLimitExceeded(Exception):
@@ -24,6 +25,17 @@ class _Collector:
     files: dict[str, OutputFile] = field(default_factory=dict)
     symlinks: dict[str, OutputSymlink] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)
+    unreportable: list[str] = field(default_factory=list)
+
+    def _reportable(self, rel: str, *, target: str = "") -> bool:
+        """Whether ``rel`` (and a symlink's ``target``) can travel as UTF-8; notes it when not."""
+        try:
+            rel.encode()
+            target.encode()
+        except UnicodeEncodeError:
+            self.unreportable.append(os.fsencode(rel).decode(errors="backslashreplace"))
+            return False
+        return True
 
     def _open_parent(self, rel: str) -> int | None:
         """Open the directory holding ``rel`` by walking with O_NOFOLLOW; None if any part is missing
@@ -50,7 +62,7 @@ class _Collector:
             except FileNotFoundError:
                 return
             if stat.S_ISLNK(st.st_mode):
-                self.symlinks[rel] = OutputSymlink(rel, os.readlink(name, dir_fd=parent))
+                self._add_symlink(rel, parent, name)
             elif stat.S_ISREG(st.st_mode) and not want_directory:
                 self._add_file(rel, parent, name, st)
             elif stat.S_ISDIR(st.st_mode) and want_directory:
@@ -66,9 +78,15 @@ class _Collector:
         self.directories.add(rel)
         for entry in sorted(os.listdir(dfd)):
             child = f"{rel}/{entry}"
+            if child.count("/") >= MAX_PATH_DEPTH:
+                raise OutputLimitExceeded(
+                    f"output {child[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} levels"
+                )
+            if not self._reportable(child):
+                continue
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                self.symlinks[child] = OutputSymlink(child, os.readlink(entry, dir_fd=dfd))
+                self._add_symlink(child, dfd, entry)
             elif stat.S_ISREG(st.st_mode):
                 self._add_file(child, dfd, entry, st)
             elif stat.S_ISDIR(st.st_mode):
@@ -78,6 +96,11 @@ class _Collector:
                 finally:
                     os.close(sub)
             # sockets, fifos and devices are not outputs
+
+    def _add_symlink(self, rel: str, dfd: int, name: str) -> None:
+        target = os.readlink(name, dir_fd=dfd)
+        if self._reportable(rel, target=target):
+            self.symlinks[rel] = OutputSymlink(rel, target)
 
     def _add_file(self, rel: str, dfd: int, name: str, st: os.stat_result) -> None:
         self.total += st.st_size
@@ -107,4 +130,5 @@ def collect_outputs(
         files=tuple(collector.files[k] for k in sorted(collector.files)),
         symlinks=tuple(collector.symlinks[k] for k in sorted(collector.symlinks)),
         directories=tuple(sorted(collector.directories)),
+        unreportable=tuple(collector.unreportable),
     )

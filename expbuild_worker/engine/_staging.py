@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from expbuild_worker.fs import make_dirs
@@ -10,18 +11,27 @@ from expbuild_worker.model import Action
 from expbuild_worker.storage import ContentAddressedStore
 
 
-def stage_inputs(action: Action, root: Path, store: ContentAddressedStore) -> None:
+class StagingStopped(Exception):
+    """Staging was asked to stop (the action was cancelled or its client went away)."""
+
+
+def stage_inputs(
+    action: Action, root: Path, store: ContentAddressedStore, stop: threading.Event | None = None
+) -> None:
     """Create directories, files (copied out of the store or written inline) and symlinks.
 
     Paths were validated (relative, normalised, no file under a file); creating each file
     with O_EXCL|O_NOFOLLOW means an input symlink declared earlier can never redirect a
-    later write outside ``root``.
+    later write outside ``root``. Runs on a worker thread: ``stop`` is checked before each
+    file, raising StagingStopped, so a cancelled action stops writing within one file.
     """
     for d in action.input_directories:
         make_dirs(root, d)
     if action.working_directory:
         make_dirs(root, action.working_directory)
     for f in action.input_files:
+        if stop is not None and stop.is_set():
+            raise StagingStopped
         parent = os.path.dirname(f.path)
         if parent:
             make_dirs(root, parent)

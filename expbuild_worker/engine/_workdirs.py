@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import uuid
 from pathlib import Path
+
+from expbuild_worker.fs import remove_tree
 
 _log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ class ActionDirectories:
 
     async def start(self) -> None:
         """Remove whatever a previous run left behind and make the first spares."""
-        if self.root.exists():
-            await asyncio.to_thread(shutil.rmtree, self.root, True)
+        if not await asyncio.to_thread(remove_tree, self.root):
+            _log.warning("could not remove everything a previous run left under %s", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._refill()
 
@@ -78,4 +79,5 @@ async def _remove(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError:
-        await asyncio.to_thread(shutil.rmtree, path, True)
+        if not await asyncio.to_thread(remove_tree, path):
+            _log.warning("could not remove everything in action directory %s", path)

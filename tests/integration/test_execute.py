@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from _support import BASE_ENV, execute, request, wait_gone
+from _support import BASE_ENV, action_leftovers, execute, request, wait_gone
 from google.protobuf.duration_pb2 import Duration
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
@@ -145,17 +145,35 @@ def test_client_disconnect_kills_the_action(stub, worker):
     while worker.server.worker.engine.active_count and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker.server.worker.engine.active_count == 0
-    actions = os.path.join(worker.config.execution.work_root, "actions")
+    assert action_leftovers(worker.config.execution.work_root) == []
 
-    def leftovers() -> list[str]:
-        entries = os.listdir(actions)
-        # Up to 4 fresh, empty spare directories are made ahead of need; anything else leaked.
-        return entries if len(entries) > 4 else [d for d in entries if os.listdir(os.path.join(actions, d))]
 
-    deadline = time.monotonic() + 3
-    while leftovers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert leftovers() == []
+DEEP = "i=0; while [ $i -lt 1100 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done; echo bottom > f"
+"""Nests 1100 directories: deeper than a recursive walk or one descriptor per level survives."""
+
+
+def test_a_tree_nested_deeper_than_any_recursion_is_removed_after_the_action(worker, stub):
+    run = execute(stub, request([SH, "-c", DEEP]))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED and run.result.exit_code == 0
+    assert action_leftovers(worker.config.execution.work_root) == []
+
+
+def test_an_output_directory_nested_too_deep_is_an_output_limit_with_the_exit_code(worker, stub):
+    run = execute(stub, request([SH, "-c", DEEP], output_directories=["d"]))
+    assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED
+    assert run.result.exit_code == 0 and "nested deeper than 256 levels" in run.result.message
+    assert action_leftovers(worker.config.execution.work_root) == []
+
+
+def test_outputs_whose_names_are_not_utf8_are_named_in_the_message_and_the_rest_arrive(stub):
+    """The API carries UTF-8 paths only: such a file is not collected, the result says which,
+    and the exit code and the other outputs arrive as usual."""
+    script = "mkdir out && echo ok > out/good && echo bad > \"out/a$(printf '\\377')b\" && exit 3"
+    run = execute(stub, request([SH, "-c", script], output_directories=["out"]))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED and run.result.exit_code == 3
+    assert bytes(run.outputs["out/good"]) == b"ok\n"
+    assert [f.path for f in run.result.output_files] == ["out/good"]
+    assert "not UTF-8: 'out/a\\\\xffb'" in run.result.message, run.result.message
 
 
 def test_duplicate_running_execution_id_is_already_exists(stub):
@@ -236,6 +254,37 @@ def _upload(stub, data: bytes, chunk: int = 1 << 16) -> pb.Digest:
     resp = stub.UploadBlobs(iter(pieces))
     assert list(resp.stored) == [digest]
     return digest
+
+
+def _slow_to_stage(stub, execution_id: str) -> pb.ExecuteRequest:
+    """An action whose staging takes a while: 300 copies of a 2 MB blob (600 MB)."""
+    digest = _upload(stub, os.urandom(2 << 20), chunk=1 << 20)
+    inputs = [pb.InputFile(path=f"in/{i}", digest=digest) for i in range(300)]
+    return request(["/bin/true"], input_files=inputs, execution_id=execution_id)
+
+
+def test_a_client_gone_while_inputs_are_staged_leaves_no_directory(worker, stub):
+    """Staging runs on a thread; a vanished client stops it at the next file, and the directory
+    is removed only once the thread has stopped writing into it."""
+    responses = stub.Execute(_slow_to_stage(stub, "gone-while-staging"), timeout=60)
+    assert next(responses).WhichOneof("event") == "accepted"
+    time.sleep(0.1)
+    responses.cancel()
+    deadline = time.monotonic() + 10
+    while worker.server.worker.engine.active_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.server.worker.engine.active_count == 0
+    assert action_leftovers(worker.config.execution.work_root) == []
+
+
+def test_cancel_while_inputs_are_staged_stops_the_staging(stub):
+    responses = stub.Execute(_slow_to_stage(stub, "cancel-while-staging"), timeout=60)
+    assert next(responses).WhichOneof("event") == "accepted"
+    time.sleep(0.1)
+    stub.CancelExecution(pb.CancelExecutionRequest(execution_id="cancel-while-staging"))
+    result = next(r.result for r in responses if r.WhichOneof("event") == "result")
+    assert result.status == pb.EXECUTION_STATUS_CANCELLED
+    assert result.message == "stopped while staging inputs"
 
 
 def test_blob_uploaded_once_serves_two_actions(stub):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from expbuild_worker.errors import InternalError
-from expbuild_worker.fs import make_dirs
+from expbuild_worker.fs import make_dirs, remove_tree
 
 _COPY_CHUNK = 1 << 20
 
@@ -91,15 +91,7 @@ def clear_output(root: Path, output_path: str) -> bool:
         parent = _checked_parent(root, parent_rel)
     except UnsafeArchiveError:
         return False
-    target = parent / name
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        return True
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(target)
-    else:
-        os.unlink(target)
+    _unlink_if_present(parent / name)
     return True
 
 
@@ -160,11 +152,6 @@ def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> i
 
 
 def _unlink_if_present(path: Path) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    """Remove whatever is at ``path`` (a whole tree for a directory) without following symlinks."""
+    if not remove_tree(path):
+        raise OSError(errno.ENOTEMPTY, "could not remove what is in the way", str(path))
