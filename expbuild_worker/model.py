@@ -284,6 +284,10 @@ class ExecutorCapabilities:
     default_limits: ResourceLimits = field(default_factory=ResourceLimits)
     details: Mapping[str, str] = field(default_factory=dict)
     images_present: tuple[str, ...] = ()
+    refuses_unenforced_limits: bool = False
+    """An action asking for a limit in ``unenforced_limits`` is refused (before it is accepted)."""
+    grants_network: bool = True
+    """Whether an action may ask for network access (``network = true``); refused up front if not."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from expbuild_worker.errors import (
     InvalidRequestError,
     NotFoundError,
     PreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
     WorkerError,
 )
@@ -39,6 +40,8 @@ from expbuild_worker.model import (
     LogSummary,
     OutputChunk,
     OutputManifest,
+    ResourceLimit,
+    ResourceLimits,
     ResourceUsage,
     RunOutcome,
     StageTimes,
@@ -207,6 +210,7 @@ class ExecutionEngine:
             max_limits=caps.max_limits,
             executor=name,
         )
+        _check_enforceable(action.limits.with_defaults(caps.default_limits), caps)
         for i, f in enumerate(action.input_files):
             if f.digest is not None and not self.store.contains(f.digest):
                 raise PreconditionError(
@@ -365,7 +369,7 @@ class ExecutionEngine:
                         store=self.store,
                         max_bytes=self.limits.max_output_bytes,
                     )
-                except OutputLimitExceeded as err:
+                except (OutputLimitExceeded, ResourceExhaustedError) as err:  # over the cap, or the store
                     status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
                 if manifest.unreportable:
                     skipped = ", ".join(repr(path) for path in manifest.unreportable[:10])
@@ -424,3 +428,26 @@ class ExecutionEngine:
             executor=executor.name,
             isolation=executor.isolation,
         )
+
+
+_ASKED_FOR: dict[ResourceLimit, tuple[str, Callable[[ResourceLimits], bool]]] = {
+    ResourceLimit.CPU: ("cpu_cores", lambda limits: limits.cpu_cores is not None),
+    ResourceLimit.MEMORY: ("memory_bytes", lambda limits: limits.memory_bytes is not None),
+    ResourceLimit.PROCESSES: ("max_processes", lambda limits: limits.max_processes is not None),
+    ResourceLimit.NETWORK: ("network", lambda limits: limits.network is False),
+}
+"""For each kind of limit: its request field, and whether an action's limits ask for it."""
+
+
+def _check_enforceable(limits: ResourceLimits, caps: ExecutorCapabilities) -> None:
+    """Refuse, before the action is accepted, what its executor says it would refuse anyway."""
+    if limits.network is True and not caps.grants_network:
+        raise PreconditionError(f"limits.network: executor {caps.name!r} does not grant network access")
+    if not caps.refuses_unenforced_limits:
+        return
+    for limit, (name, asks) in _ASKED_FOR.items():
+        if limit in caps.unenforced_limits and asks(limits):
+            raise PreconditionError(
+                f"limits.{name}: executor {caps.name!r} cannot enforce it and refuses limits it cannot "
+                "enforce (refuse_unenforceable_limits)"
+            )

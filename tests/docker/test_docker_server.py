@@ -123,6 +123,20 @@ def test_missing_image_is_failed_precondition(docker_worker: Any) -> None:
     assert "expbuild-test/not-there:1" in info.value.details()
 
 
+def test_network_access_is_refused_before_accepted_unless_configured(docker_worker: Any) -> None:
+    """Without network_mode_when_enabled, asking for network is FAILED_PRECONDITION before the
+    action is accepted: it never ran."""
+    worker = docker_worker()
+    events = []
+    with pytest.raises(grpc.RpcError) as info:
+        req = request(["true"], limits=pb.ResourceLimits(network=pb.NETWORK_ACCESS_ENABLED))
+        for resp in worker.stub().Execute(req, timeout=30):
+            events.append(resp.WhichOneof("event"))
+    assert events == []
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("limits.network:"), info.value.details()
+
+
 def test_capabilities_list_the_docker_executor(docker_worker: Any) -> None:
     """GetCapabilities shows the Docker executor with container isolation and live engine details."""
     worker = docker_worker()

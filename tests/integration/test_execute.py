@@ -287,6 +287,28 @@ def test_cancel_while_inputs_are_staged_stops_the_staging(stub):
     assert result.message == "stopped while staging inputs"
 
 
+@pytest.mark.parametrize(
+    ("field", "limits"),
+    [
+        ("cpu_cores", pb.ResourceLimits(cpu_cores=1)),
+        ("network", pb.ResourceLimits(network=pb.NETWORK_ACCESS_DISABLED)),
+    ],
+    ids=["cpu", "no-network"],
+)
+def test_limits_a_host_cannot_enforce_are_refused_before_accepted(stub, field, limits):
+    """With refuse_unenforceable_limits (the default) the refusal comes before `accepted`:
+    the action never ran, and the client may safely send it elsewhere."""
+    events = []
+    with pytest.raises(grpc.RpcError) as info:
+        for resp in stub.Execute(request(["/bin/true"], limits=limits), timeout=30):
+            events.append(resp.WhichOneof("event"))
+    assert events == []
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith(f"limits.{field}: executor 'host' cannot enforce it"), (
+        info.value.details()
+    )
+
+
 def test_blob_uploaded_once_serves_two_actions(stub):
     """A blob referenced by digest is staged for every action that names it, each with its own bit."""
     data = os.urandom(300_000)

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from expbuild_worker.errors import InvalidRequestError, NotFoundError
+from expbuild_worker.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import ContentAddressedStore
 
@@ -99,3 +99,38 @@ def test_unknown_blob_is_not_found(tmp_path):
     with pytest.raises(NotFoundError, match=d.sha256):
         store.open_blob(d)
     assert store.find_missing([d, _digest(b"")]) == [d]
+
+
+def test_a_blob_larger_than_the_store_is_refused_before_a_byte_is_written(tmp_path):
+    """The size a client claims is checked first: nothing lands on disk, nothing is kept."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1000)
+    huge = Digest("a" * 64, 1 << 30)
+    with pytest.raises(ResourceExhaustedError, match="more than the store holds"):
+        store.writer(huge)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not store.contains(huge)
+
+
+def test_an_output_larger_than_the_store_is_refused_and_not_kept(tmp_path):
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1000)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "big").write_bytes(os.urandom(5000))
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ResourceExhaustedError):
+            store.adopt_file("big", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert store.total_bytes == 0 and list((tmp_path / "blobs").rglob("*")) == []
+    assert (work / "big").exists()
+
+
+def test_a_digest_with_the_right_hash_but_another_size_is_not_found(tmp_path):
+    """ReadBlob agrees with FindMissingBlobs: a digest is its hash and its size."""
+    store = ContentAddressedStore(root=tmp_path, max_bytes=1 << 20)
+    d = store.put_bytes(b"hello")
+    wrong = Digest(d.sha256, 99)
+    assert not store.contains(wrong)
+    with pytest.raises(NotFoundError, match="has 5 bytes"):
+        store.open_blob(wrong)

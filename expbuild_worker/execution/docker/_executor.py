@@ -409,6 +409,7 @@ class DockerExecutor:
             default_limits=self._default_limits,
             details=details,
             images_present=tuple(present),
+            grants_network=bool(self._hardening.network_mode_when_enabled),
         )
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:

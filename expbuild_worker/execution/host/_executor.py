@@ -246,6 +246,7 @@ class HostExecutor:
                 "processes": processes,
                 "network": "the host's network, always",
             },
+            refuses_unenforced_limits=self._refuse,
         )
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
