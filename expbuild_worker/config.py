@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from expbuild_worker.errors import ConfigError
+from expbuild_worker.validation import MAX_WORK_ROOT_BYTES
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 PullPolicy = Literal["always", "if-not-present", "never"]
@@ -220,6 +222,12 @@ def _check_semantics(config: WorkerConfig) -> None:
     for key, value in non_negative:
         if value < 0:
             raise ConfigError(f"{src}: {key}: expected zero or a positive number, got {value!r}")
+    work_root = config.execution.work_root
+    if work_root and len(os.path.abspath(work_root).encode()) > MAX_WORK_ROOT_BYTES:
+        raise ConfigError(
+            f"{src}: execution.work_root: expected at most {MAX_WORK_ROOT_BYTES} bytes as an absolute path, "
+            "so that every action path fits the kernel's path limit"
+        )
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{src}: server.port: expected 0-65535, got {config.server.port}")
     if config.execution.default_timeout_seconds > config.execution.max_timeout_seconds:

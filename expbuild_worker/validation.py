@@ -13,7 +13,13 @@ from expbuild_worker.storage._cas import check_digest
 
 _EXECUTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ENV_NAME = re.compile(r"[^=\x00]+")
-MAX_PATH_BYTES = 4096
+MAX_PATH_BYTES = 3072
+"""The longest path in a request or a result. The kernel takes paths of up to 4096 bytes; the
+rest is room for the worker's own prefix (``MAX_WORK_ROOT_BYTES`` and the action directory)."""
+MAX_WORK_ROOT_BYTES = 960
+"""The longest work root (absolute): with "/actions/<32 hex>/" and any allowed path it stays under 4096."""
+MAX_SYMLINK_TARGET_BYTES = 4095
+"""The longest symlink target the kernel stores."""
 MAX_NAME_BYTES = 255
 """The longest file name (one path component) Linux filesystems take."""
 MAX_PATH_DEPTH = 256
@@ -73,8 +79,8 @@ def _check_symlink_target(path: str, target: str, field: str, links: Collection[
     leave the root. Pointing at a symlink (as the last component) is fine."""
     if target == "" or "\x00" in target:
         raise InvalidRequestError(f"{field}: must be a non-empty target without NUL bytes")
-    if len(target.encode()) >= MAX_PATH_BYTES:
-        raise InvalidRequestError(f"{field}: longer than {MAX_PATH_BYTES - 1} bytes")
+    if len(target.encode()) > MAX_SYMLINK_TARGET_BYTES:
+        raise InvalidRequestError(f"{field}: longer than {MAX_SYMLINK_TARGET_BYTES} bytes")
     if target.startswith("/"):
         raise InvalidRequestError(f"{field}: must be relative, got absolute {target!r}")
     parts = [p for p in posixpath.dirname(path).split("/") if p]

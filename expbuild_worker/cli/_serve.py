@@ -50,7 +50,17 @@ async def _serve(config: WorkerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await stop_requested.wait()
-    _log.info("shutting down: %d actions running", running.worker.engine.active_count)
+    engine = running.worker.engine
+    queued = engine.queued_count
+    _log.info(
+        "shutting down: %d actions running get %gs to finish, %d queued are cancelled; "
+        "a second signal cancels the running ones at once",
+        engine.active_count - queued,
+        config.server.shutdown_grace_seconds,
+        queued,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, engine.cancel_all)
     await running.stop()
     _log.info("stopped")
 

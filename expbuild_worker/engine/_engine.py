@@ -69,6 +69,7 @@ class _Execution:
     stop: StopSignal
     done: asyncio.Event
     admitted_at: float
+    ticket: Ticket
 
 
 class ExecutionEngine:
@@ -117,18 +118,30 @@ class ExecutionEngine:
 
     @property
     def active_count(self) -> int:
+        """Actions admitted and not finished: running or queued."""
         return len(self._active)
+
+    @property
+    def queued_count(self) -> int:
+        return sum(not e.ticket.running for e in self._active.values())
+
+    def cancel_all(self, *, queued_only: bool = False) -> None:
+        """Stop every admitted action (or only those still queued) with CANCELLED."""
+        for execution in list(self._active.values()):
+            if not queued_only or not execution.ticket.running:
+                execution.stop.request(ExecutionStatus.CANCELLED)
 
     def stop_accepting(self) -> None:
         """Refuse new actions from now on (UNAVAILABLE); running ones continue."""
         self._accepting = False
 
     async def shutdown(self, grace_seconds: float) -> None:
-        """Stop accepting, give running actions ``grace_seconds``, cancel the rest, close executors."""
+        """Stop accepting, cancel what is still queued (it never started), give running actions
+        ``grace_seconds``, cancel the rest, close executors. ``cancel_all`` cuts the grace short."""
         self.stop_accepting()
+        self.cancel_all(queued_only=True)
         await self._until_idle(grace_seconds)
-        for execution in list(self._active.values()):
-            execution.stop.request(ExecutionStatus.CANCELLED)
+        self.cancel_all()
         await self._until_idle(30)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -221,7 +234,7 @@ class ExecutionEngine:
             raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
         ticket = self.admission.reserve(name)
         execution = _Execution(
-            action=action, stop=StopSignal(), done=asyncio.Event(), admitted_at=time.time()
+            action=action, stop=StopSignal(), done=asyncio.Event(), admitted_at=time.time(), ticket=ticket
         )
         self._active[action.execution_id] = execution
         return action, name, ticket, execution
@@ -371,13 +384,6 @@ class ExecutionEngine:
                     )
                 except (OutputLimitExceeded, ResourceExhaustedError) as err:  # over the cap, or the store
                     status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
-                if manifest.unreportable:
-                    skipped = ", ".join(repr(path) for path in manifest.unreportable[:10])
-                    more = len(manifest.unreportable) - 10
-                    note = f"not collected, their names are not UTF-8: {skipped}" + (
-                        f" and {more} more" if more > 0 else ""
-                    )
-                    message = f"{message}; {note}" if message else note
             times = dataclasses.replace(times, outputs_collected=time.time())
 
             if action.stream_output_contents:
@@ -386,15 +392,17 @@ class ExecutionEngine:
                     for chunk in self.store.open_blob(f.digest):
                         yield OutputChunk(f.path, offset, chunk)
                         offset += len(chunk)
+            stdout = outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT])
+            stderr = outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR])
             yield ActionResult(
                 execution_id=action.execution_id,
                 status=status,
-                message=message,
+                message=_message(message, manifest, stdout=stdout, stderr=stderr),
                 exit_code=outcome.exit_code,
                 signal=outcome.signal,
                 outputs=manifest,
-                stdout=outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT]),
-                stderr=outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR]),
+                stdout=stdout,
+                stderr=stderr,
                 usage=outcome.usage,
                 times=times,
                 executor=executor.name,
@@ -428,6 +436,24 @@ class ExecutionEngine:
             executor=executor.name,
             isolation=executor.isolation,
         )
+
+
+def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stderr: LogSummary) -> str:
+    """A result's message: how the action ended, then what was left out of its logs and outputs."""
+    notes = [ending] if ending else []
+    for name, summary in (("stdout", stdout), ("stderr", stderr)):
+        if summary.truncated:
+            notes.append(
+                f"{name} truncated: {summary.streamed_bytes} of {summary.size_bytes} bytes streamed "
+                "(execution.max_log_bytes_per_stream)"
+            )
+    if manifest.unreportable:
+        skipped = ", ".join(repr(path) for path in manifest.unreportable[:10])
+        more = len(manifest.unreportable) - 10
+        notes.append(
+            f"not collected, their names are not UTF-8: {skipped}" + (f" and {more} more" if more > 0 else "")
+        )
+    return "; ".join(notes)
 
 
 _ASKED_FOR: dict[ResourceLimit, tuple[str, Callable[[ResourceLimits], bool]]] = {

@@ -9,11 +9,19 @@ from pathlib import Path
 
 from expbuild_worker.model import OutputFile, OutputManifest, OutputSymlink
 from expbuild_worker.storage import ContentAddressedStore
-from expbuild_worker.validation import MAX_PATH_DEPTH
+from expbuild_worker.validation import MAX_PATH_BYTES, MAX_PATH_DEPTH
 
 
 class OutputLimitExceeded(Exception):
-    """The outputs add up to more than the configured cap."""
+    """The outputs are more than a result may carry: too many bytes, entries or levels, or too long a path."""
+
+
+MAX_LISTING_BYTES = 3 << 20
+"""What a result's list of outputs may take (paths and digests). A result must fit one gRPC
+message, and a client's default limit is 4 MiB; a tree with more entries belongs in an archive."""
+
+_ENTRY_BYTES = 80
+"""Roughly what one output entry adds to the result besides its path (digest, size, flags)."""
 
 
 @dataclass
@@ -26,6 +34,17 @@ class _Collector:
     symlinks: dict[str, OutputSymlink] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)
     unreportable: list[str] = field(default_factory=list)
+    listing: int = 0  # bytes the entries so far add to the result, roughly
+
+    def _listed(self, rel: str) -> None:
+        """Count one more entry of the result; past MAX_LISTING_BYTES the outputs are too many."""
+        self.listing += len(rel.encode()) + _ENTRY_BYTES
+        if self.listing > MAX_LISTING_BYTES:
+            entries = len(self.files) + len(self.symlinks) + len(self.directories)
+            raise OutputLimitExceeded(
+                f"outputs list more than {entries} entries, over what one result carries "
+                f"(~{MAX_LISTING_BYTES >> 20} MiB of paths and digests); pack large trees into one file"
+            )
 
     def _reportable(self, rel: str, *, target: str = "") -> bool:
         """Whether ``rel`` (and a symlink's ``target``) can travel as UTF-8; notes it when not."""
@@ -61,6 +80,7 @@ class _Collector:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except FileNotFoundError:
                 return
+            self._listed(rel)
             if stat.S_ISLNK(st.st_mode):
                 self._add_symlink(rel, parent, name)
             elif stat.S_ISREG(st.st_mode) and not want_directory:
@@ -84,6 +104,9 @@ class _Collector:
                 )
             if not self._reportable(child):
                 continue
+            if len(child.encode()) > MAX_PATH_BYTES:
+                raise OutputLimitExceeded(f"output {child[:100]!r}... is longer than {MAX_PATH_BYTES} bytes")
+            self._listed(child)
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 self._add_symlink(child, dfd, entry)

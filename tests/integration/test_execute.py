@@ -82,6 +82,22 @@ def test_arguments_beyond_the_kernel_limit_fail_to_start_saying_so(stub):
     assert run.result.message.startswith("argv and environment together are too large"), run.result.message
 
 
+def test_the_longest_path_allowed_is_staged_and_collected(stub):
+    """A 3072-byte path, the most the API allows, works whatever the worker's own prefix."""
+    path = "/".join(["p" * 254] * 12) + "/" + "f" * (3072 - 255 * 12)
+    assert len(path) == 3072
+    run = execute(
+        stub,
+        request(
+            ["/bin/cp", path, "copy"],
+            input_files=[pb.InputFile(path=path, content=b"deep")],
+            output_files=["copy"],
+        ),
+    )
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED, run.result.message
+    assert bytes(run.outputs["copy"]) == b"deep"
+
+
 def test_a_symlink_may_point_at_another_symlink(stub):
     """Chains are fine as long as no target passes through a symlink: b -> a -> f reads f."""
     run = execute(
@@ -367,6 +383,10 @@ def test_missing_input_blob_is_failed_precondition(stub):
         ("output_directories[0]", {"output_directories": ["/".join(["d"] * 257)]}),
         ("working_directory", {"working_directory": "w/" + "n" * 300}),
         (
+            "input_files[0].path",
+            {"input_files": [pb.InputFile(path="/".join(["p" * 200] * 16), content=b"")]},
+        ),
+        (
             "input_symlinks[1].target",
             {
                 "input_symlinks": [
@@ -397,6 +417,7 @@ def test_missing_input_blob_is_failed_precondition(stub):
         "name-too-long",
         "too-deep",
         "workdir-name-too-long",
+        "path-too-long",
         "symlink-through-symlink",
         "symlink-target-too-long",
         "processes-beyond-any-kernel",
@@ -420,7 +441,19 @@ def test_log_cap_truncates_and_says_so(start_worker):
     run = execute(worker.stub(), request([SH, "-c", "head -c 5000 /dev/zero"]))
     assert len(run.stdout) == 1000
     assert run.result.stdout.size_bytes == 5000 and run.result.stdout.streamed_bytes == 1000
-    assert run.result.stdout.truncated
+    assert run.result.stdout.truncated and not run.result.stderr.truncated
+    assert run.result.message == (
+        "stdout truncated: 1000 of 5000 bytes streamed (execution.max_log_bytes_per_stream)"
+    )
+
+
+def test_outputs_too_many_for_one_result_are_an_output_limit(stub):
+    """A result must fit one message: a tree of 40,000 files is refused as an output limit, with
+    the exit code, instead of a stream that breaks on a message too large."""
+    script = "mkdir out && cd out && seq 40000 | xargs touch"
+    run = execute(stub, request([SH, "-c", script], output_directories=["out"], omit_output_contents=True))
+    assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED and run.result.exit_code == 0
+    assert "pack large trees into one file" in run.result.message
 
 
 def test_output_cap_is_an_honest_status(start_worker):

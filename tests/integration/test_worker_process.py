@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 
 
 class WorkerProcess:
-    def __init__(self, tmp_path: Path, extra: str = "") -> None:
+    def __init__(self, tmp_path: Path, extra: str = "", grace: float = 1.0) -> None:
         self.work_root = tmp_path / "work"
         config = tmp_path / "worker.toml"
         config.write_text(
@@ -27,7 +28,7 @@ class WorkerProcess:
 [server]
 address = "127.0.0.1"
 port = 0
-shutdown_grace_seconds = 1.0
+shutdown_grace_seconds = {grace}
 [execution]
 work_root = "{self.work_root}"
 {extra}
@@ -59,6 +60,15 @@ kill_grace_seconds = 0.5
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def long_action(stub: pb_grpc.WorkerServiceStub) -> Any:
+    """Start an action that runs for ten minutes; return its stream once it is running."""
+    responses = stub.Execute(request(["/bin/sh", "-c", "echo go; sleep 600"]), timeout=60)
+    for resp in responses:
+        if resp.WhichOneof("event") == "log":
+            break
+    return responses
 
 
 @pytest.fixture
@@ -119,16 +129,37 @@ def test_sigterm_during_an_action_leaves_nothing_behind(worker_process):
     assert list((worker_process.work_root / "actions").iterdir()) == []
 
 
+def test_shutdown_cancels_queued_actions_at_once_and_a_second_signal_the_running_ones(tmp_path):
+    """Queued actions never start once the worker shuts down: CANCELLED at once, not after the
+    grace. The running one would get 60 s; a second SIGTERM cancels it now."""
+    wp = WorkerProcess(tmp_path, extra="max_concurrent_executions = 1", grace=60.0)
+    try:
+        with grpc.insecure_channel(wp.target) as ch:
+            stub = pb_grpc.WorkerServiceStub(ch)
+            running = long_action(stub)
+            queued = stub.Execute(request(["/bin/echo", "never"]), timeout=60)
+            assert next(queued).accepted.queue_position == 1
+            started = time.monotonic()
+            wp.proc.send_signal(signal.SIGTERM)
+            queued_events = list(queued)
+            assert time.monotonic() - started < 5
+            assert [e.WhichOneof("event") for e in queued_events] == ["result"]
+            assert queued_events[0].result.status == pb.EXECUTION_STATUS_CANCELLED
+            wp.proc.send_signal(signal.SIGTERM)
+            assert list(running)[-1].result.status == pb.EXECUTION_STATUS_CANCELLED
+            assert time.monotonic() - started < 10
+        assert wp.proc.wait(20) == 0
+    finally:
+        wp.stop()
+
+
 def test_new_work_during_shutdown_is_unavailable(tmp_path):
     """While draining, the worker refuses new actions with UNAVAILABLE and health says NOT_SERVING."""
     wp = WorkerProcess(tmp_path, extra="")
     try:
         with grpc.insecure_channel(wp.target) as ch:
             stub = pb_grpc.WorkerServiceStub(ch)
-            long = stub.Execute(request(["/bin/sh", "-c", "echo go; sleep 600"]), timeout=30)
-            for resp in long:
-                if resp.WhichOneof("event") == "log":
-                    break
+            long = long_action(stub)
             wp.proc.send_signal(signal.SIGTERM)
             health = health_pb2_grpc.HealthStub(ch)
             deadline = time.monotonic() + 5

@@ -7,7 +7,7 @@ action and reads a stream of events back.
 
 Paths: every path in this API is relative to the action's root directory, uses "/" as
 separator, is normalised (no "." or ".." components, no empty components, no trailing
-"/"), contains no NUL byte and is never absolute; it is at most 4096 bytes long, with at most
+"/"), contains no NUL byte and is never absolute; it is at most 3072 bytes long, with at most
 256 components of at most 255 bytes each. A request that breaks this rule is refused with
 INVALID_ARGUMENT naming the field.
 """
