@@ -191,7 +191,8 @@ class RunOutcome:
 
     ``status`` is COMPLETED when the command ended by itself (``exit_code`` or ``signal``
     set), TIMED_OUT or CANCELLED when the executor stopped it on request, OOM_KILLED when the
-    kernel killed something for memory, FAILED_TO_START when it never ran.
+    kernel killed something for memory, FAILED_TO_START when it never ran, OUTPUT_LIMIT_EXCEEDED
+    when the command ended but an executor that copies outputs back found them too large.
     Times are wall-clock seconds since the epoch.
     """
 
@@ -284,10 +285,6 @@ class ExecutorCapabilities:
     default_limits: ResourceLimits = field(default_factory=ResourceLimits)
     details: Mapping[str, str] = field(default_factory=dict)
     images_present: tuple[str, ...] = ()
-    refuses_unenforced_limits: bool = False
-    """An action asking for a limit in ``unenforced_limits`` is refused (before it is accepted)."""
-    grants_network: bool = True
-    """Whether an action may ask for network access (``network = true``); refused up front if not."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,14 @@ from expbuild_worker.model import Action, ResourceLimits
 from expbuild_worker.storage._cas import check_digest
 
 _EXECUTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_IMAGE_REFERENCE = re.compile(
+    r"(?:(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])(?:\.(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9]))*"
+    r"(?::[0-9]+)?/)?"  # registry host[:port]/
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"  # name
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"  # :tag
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"  # @digest
+)
+"""A container image reference as the engines read it: [host[:port]/]name[:tag][@digest]."""
 _ENV_NAME = re.compile(r"[^=\x00]+")
 MAX_PATH_BYTES = 3072
 """The longest path in a request or a result. The kernel takes paths of up to 4096 bytes; the
@@ -152,6 +160,11 @@ def validate_action(
         if "\x00" in value:
             raise InvalidRequestError(f"environment[{name!r}]: value contains a NUL byte")
     check_relative_path(action.working_directory, "working_directory", allow_empty=True)
+    if action.image is not None and (len(action.image) > 512 or not _IMAGE_REFERENCE.fullmatch(action.image)):
+        raise InvalidRequestError(
+            f"container_image: {action.image[:100]!r} is not an image reference ([host/]name[:tag][@digest], "
+            "lower-case name, at most 512 characters)"
+        )
 
     inline = 0
     files: list[str] = []

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,6 @@ from expbuild_worker.model import (
     LogSummary,
     OutputChunk,
     OutputManifest,
-    ResourceLimit,
-    ResourceLimits,
     ResourceUsage,
     RunOutcome,
     StageTimes,
@@ -61,6 +59,11 @@ class EngineLimits:
     max_output_bytes: int
     default_timeout_seconds: float
     max_timeout_seconds: float
+
+
+_NOTHING_TO_COLLECT = (ExecutionStatus.FAILED_TO_START, ExecutionStatus.OUTPUT_LIMIT_EXCEEDED)
+"""Outcomes after which outputs are not collected: the command never ran, or its executor
+already found the outputs too large to bring back."""
 
 
 @dataclass(eq=False)
@@ -223,7 +226,7 @@ class ExecutionEngine:
             max_limits=caps.max_limits,
             executor=name,
         )
-        _check_enforceable(action.limits.with_defaults(caps.default_limits), caps)
+        self._executors[name].check(action.limits.with_defaults(caps.default_limits), action.image)
         for i, f in enumerate(action.input_files):
             if f.digest is not None and not self.store.contains(f.digest):
                 raise PreconditionError(
@@ -372,7 +375,7 @@ class ExecutionEngine:
 
             manifest = OutputManifest()
             status, message = outcome.status, outcome.message
-            if command.output_paths and status is not ExecutionStatus.FAILED_TO_START:
+            if command.output_paths and status not in _NOTHING_TO_COLLECT:
                 try:
                     manifest = await asyncio.to_thread(
                         collect_outputs,
@@ -454,26 +457,3 @@ def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stder
             f"not collected, their names are not UTF-8: {skipped}" + (f" and {more} more" if more > 0 else "")
         )
     return "; ".join(notes)
-
-
-_ASKED_FOR: dict[ResourceLimit, tuple[str, Callable[[ResourceLimits], bool]]] = {
-    ResourceLimit.CPU: ("cpu_cores", lambda limits: limits.cpu_cores is not None),
-    ResourceLimit.MEMORY: ("memory_bytes", lambda limits: limits.memory_bytes is not None),
-    ResourceLimit.PROCESSES: ("max_processes", lambda limits: limits.max_processes is not None),
-    ResourceLimit.NETWORK: ("network", lambda limits: limits.network is False),
-}
-"""For each kind of limit: its request field, and whether an action's limits ask for it."""
-
-
-def _check_enforceable(limits: ResourceLimits, caps: ExecutorCapabilities) -> None:
-    """Refuse, before the action is accepted, what its executor says it would refuse anyway."""
-    if limits.network is True and not caps.grants_network:
-        raise PreconditionError(f"limits.network: executor {caps.name!r} does not grant network access")
-    if not caps.refuses_unenforced_limits:
-        return
-    for limit, (name, asks) in _ASKED_FOR.items():
-        if limit in caps.unenforced_limits and asks(limits):
-            raise PreconditionError(
-                f"limits.{name}: executor {caps.name!r} cannot enforce it and refuses limits it cannot "
-                "enforce (refuse_unenforceable_limits)"
-            )

@@ -88,7 +88,7 @@ class Executor(Protocol):
     """Runs commands with one kind of isolation.
 
     ``execute`` yields a ``Started`` event, then ``LogChunk`` events as the command writes
-    (each stream's chunks contiguous, in order, batched up to about 64 KiB), then exactly one
+    (each stream's chunks contiguous, in order, batched, at most 1 MiB each), then exactly one
     ``RunOutcome``. When ``stop`` is requested the executor kills the command (every process
     it started) and ends with an outcome whose status is ``stop.reason`` (OOM_KILLED wins if
     the kernel already killed something for memory). If the consumer closes the iterator
@@ -108,6 +108,12 @@ class Executor(Protocol):
     async def capabilities(self) -> ExecutorCapabilities: ...
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport: ...
+
+    def check(self, limits: ResourceLimits, image: str | None) -> None:
+        """Refuse up front what ``execute`` would refuse for these limits (defaults applied) and
+        this image: raise PreconditionError naming the field. Called for every action before it
+        is accepted, on the event loop, so it must be quick and never block."""
+        ...
 
     def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]: ...
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
-from _dockerkit import new_worker_id, remove_labelled
+from _dockerkit import gone_within, new_worker_id, remove_labelled
 from _support import execute, request
 from google.protobuf.duration_pb2 import Duration
 
@@ -112,6 +113,16 @@ def test_timeout_through_the_server(docker_worker: Any) -> None:
     worker = docker_worker()
     run = execute(worker.stub(), request(["sleep", "600"], timeout=Duration(seconds=1)))
     assert run.status == pb.EXECUTION_STATUS_TIMED_OUT
+    # Killed, not exited: the signal, not the init's 128 + N as an exit code.
+    assert run.result.exit_code == 0 and run.result.signal in (9, 15), run.result
+
+
+def test_a_process_limit_of_one_is_the_command_s_own(docker_worker: Any) -> None:
+    """max_processes counts the command's processes; the container's init does not eat into it."""
+    worker = docker_worker()
+    run = execute(worker.stub(), request(["echo", "alone"], limits=pb.ResourceLimits(max_processes=1)))
+    assert run.status == pb.EXECUTION_STATUS_COMPLETED and run.result.exit_code == 0, bytes(run.stderr)
+    assert bytes(run.stdout) == b"alone\n"
 
 
 def test_missing_image_is_failed_precondition(docker_worker: Any) -> None:
@@ -123,18 +134,72 @@ def test_missing_image_is_failed_precondition(docker_worker: Any) -> None:
     assert "expbuild-test/not-there:1" in info.value.details()
 
 
-def test_network_access_is_refused_before_accepted_unless_configured(docker_worker: Any) -> None:
-    """Without network_mode_when_enabled, asking for network is FAILED_PRECONDITION before the
-    action is accepted: it never ran."""
+@pytest.mark.parametrize(
+    ("code", "field", "kwargs"),
+    [
+        (
+            "FAILED_PRECONDITION",
+            "limits.network",
+            {"limits": pb.ResourceLimits(network=pb.NETWORK_ACCESS_ENABLED)},
+        ),
+        ("FAILED_PRECONDITION", "container_image", {"container_image": "expbuild-test/elsewhere:1"}),
+        ("INVALID_ARGUMENT", "container_image", {"container_image": "Bad Image"}),
+        ("FAILED_PRECONDITION", "limits.memory_bytes", {"limits": pb.ResourceLimits(memory_bytes=1)}),
+        ("FAILED_PRECONDITION", "limits.cpu_cores", {"limits": pb.ResourceLimits(cpu_cores=1e-12)}),
+        ("FAILED_PRECONDITION", "limits.cpu_cores", {"limits": pb.ResourceLimits(cpu_cores=10000)}),
+    ],
+    ids=[
+        "network",
+        "image-not-allowed",
+        "image-malformed",
+        "memory-tiny",
+        "cpu-tiny",
+        "cpu-more-than-machine",
+    ],
+)
+def test_what_the_executor_would_refuse_is_refused_before_accepted(
+    docker_worker: Any, code: str, field: str, kwargs: dict[str, Any]
+) -> None:
+    """The action never ran: no `accepted`, a status naming the field. Without this, a tiny CPU
+    limit rounded to none and ran unlimited, and the others failed only after `accepted`."""
     worker = docker_worker()
     events = []
     with pytest.raises(grpc.RpcError) as info:
-        req = request(["true"], limits=pb.ResourceLimits(network=pb.NETWORK_ACCESS_ENABLED))
-        for resp in worker.stub().Execute(req, timeout=30):
+        for resp in worker.stub().Execute(request(["true"], **kwargs), timeout=30):
             events.append(resp.WhichOneof("event"))
     assert events == []
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert info.value.details().startswith("limits.network:"), info.value.details()
+    assert info.value.code() == getattr(grpc.StatusCode, code)
+    assert info.value.details().startswith(f"{field}:"), info.value.details()
+
+
+def test_a_client_gone_while_the_container_is_created_leaves_no_container(
+    docker_worker: Any, docker_client: Any
+) -> None:
+    """Cancelling the call at any moment around the engine's create removes the container at
+    once (the periodic sweep is off here), instead of leaving it in `Created` for the janitor."""
+    worker = docker_worker()
+    worker_id = worker.config.server.worker_id
+    stub = worker.stub()
+    for delay in (0.0, 0.002, 0.005, 0.008, 0.012, 0.02, 0.03, 0.05):
+        responses = stub.Execute(request(["sleep", "5"]), timeout=30)
+        assert next(responses).WhichOneof("event") == "accepted"
+        time.sleep(delay)
+        responses.cancel()
+        assert gone_within(docker_client, worker_id, 10), f"container left after a cancel at {delay}s"
+
+
+@IO_MODES
+def test_outputs_nested_too_deep_end_as_an_output_limit_quickly(docker_worker: Any, io_mode: str) -> None:
+    """400 nested directories: OUTPUT_LIMIT_EXCEEDED with the exit code, in seconds (unpacking
+    such a tree from the engine's archive used to take minutes and hold a slot)."""
+    worker = docker_worker(io_mode=io_mode)
+    deep = "i=0; while [ $i -lt 400 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done; echo x > f"
+    started = time.monotonic()
+    run = execute(worker.stub(), request(["sh", "-c", deep], output_directories=["d"]))
+    assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED and run.result.exit_code == 0
+    assert "nested deeper than 256 levels" in run.result.message
+    assert list(run.result.output_files) == []
+    assert time.monotonic() - started < 30
 
 
 def test_capabilities_list_the_docker_executor(docker_worker: Any) -> None:

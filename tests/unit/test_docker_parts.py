@@ -97,7 +97,7 @@ def test_spec_hardens_by_default_and_sets_every_limit(tmp_path: Path) -> None:
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["Tmpfs"]["/tmp"].startswith("rw,exec,")
     assert host["Memory"] == host["MemorySwap"] == 64 << 20
-    assert host["NanoCpus"] == 1_500_000_000 and host["PidsLimit"] == 100
+    assert host["NanoCpus"] == 1_500_000_000 and host["PidsLimit"] == 101, "the init is not the command's"
     assert host["NetworkMode"] == "none" and host["CgroupParent"] == "/expbuild/w/t"
     assert host["Mounts"] == [{"Type": "bind", "Source": str(tmp_path), "Target": "/work", "ReadOnly": False}]
     assert not body["OpenStdin"]

@@ -652,9 +652,13 @@ def test_unenforceable_limits_are_refused_or_ignored_as_configured(
 ) -> None:
     """A limit a plain process cannot honour is refused when so configured, never silently pretended."""
     cmd = sh(tmp_path, "echo 1 > ran", limits=limits)
-    with pytest.raises(PreconditionError, match=rf"host executor cannot enforce limits\.{field_name}"):
-        run(execute(cmd, executor=make_executor(refuse=True, cgroups=cgroups)))
+    refusing = make_executor(refuse=True, cgroups=cgroups)
+    with pytest.raises(PreconditionError, match=rf"^limits\.{field_name}=.*cannot enforce it"):
+        refusing.check(limits, None)
+    with pytest.raises(PreconditionError, match=rf"^limits\.{field_name}=.*cannot enforce it"):
+        run(execute(cmd, executor=refusing))
     assert not (tmp_path / "ran").exists()
+    make_executor(refuse=False, cgroups=cgroups).check(limits, None)
     outcome = run(execute(cmd, executor=make_executor(refuse=False, cgroups=cgroups))).outcome
     assert outcome.exit_code == 0
     assert (tmp_path / "ran").exists()

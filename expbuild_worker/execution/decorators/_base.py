@@ -10,6 +10,7 @@ from expbuild_worker.model import (
     ExecutorEvent,
     IsolationLevel,
     Readiness,
+    ResourceLimits,
     WarmupReport,
 )
 
@@ -36,6 +37,9 @@ class ExecutorDecorator:
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
         return await self.inner.warmup(images)
+
+    def check(self, limits: ResourceLimits, image: str | None) -> None:
+        self.inner.check(limits, image)
 
     def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
         return self.inner.execute(command, stop)

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from expbuild_worker.errors import InternalError
 from expbuild_worker.fs import make_dirs, remove_tree
+from expbuild_worker.validation import MAX_PATH_BYTES, MAX_PATH_DEPTH
 
 _COPY_CHUNK = 1 << 20
 
@@ -95,13 +96,19 @@ def clear_output(root: Path, output_path: str) -> bool:
     return True
 
 
+class OutputTooLarge(Exception):
+    """An output holds a path deeper or longer than the API carries; nothing more is unpacked."""
+
+
 def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> int:
     """Extract the engine's archive of ``output_path`` into ``root``; returns bytes written.
 
     The archive's top member is the output's base name. Every member must stay under it;
     parents on the host must be real directories; symlinks are created as symlinks and never
     followed; hard links are re-created only to members already extracted; device nodes and
-    FIFOs are skipped. Raises UnsafeArchiveError for a member that breaks these rules.
+    FIFOs are skipped. Raises UnsafeArchiveError for a member that breaks these rules, and
+    OutputTooLarge at the first member nested deeper or named longer than a result may carry
+    (before unpacking it: a deep tree would otherwise take minutes).
     """
     parent_rel, name = posixpath.split(output_path)
     parent = _checked_parent(root, parent_rel)
@@ -116,6 +123,15 @@ def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> i
                 )
             if member_name.startswith("/") or ".." in member_name.split("/"):
                 raise UnsafeArchiveError(f"archive of {output_path!r} holds unsafe member {member.name!r}")
+            full = posixpath.join(parent_rel, member_name)
+            if (
+                full.count("/") >= MAX_PATH_DEPTH
+                or len(full.encode(errors="surrogateescape")) > MAX_PATH_BYTES
+            ):
+                raise OutputTooLarge(
+                    f"output {full[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} levels or longer than "
+                    f"{MAX_PATH_BYTES} bytes"
+                )
             sub_parent, base = posixpath.split(member_name)
             dest_dir = _checked_parent(parent, sub_parent)
             dest = dest_dir / base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import posixpath
@@ -23,6 +24,7 @@ from expbuild_worker.config import DockerExecutorConfig, IoMode
 from expbuild_worker.errors import InternalError, PreconditionError, UnavailableError, WorkerError
 from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo
 from expbuild_worker.execution.docker._archive import (
+    OutputTooLarge,
     UnsafeArchiveError,
     clear_output,
     pack_root,
@@ -81,6 +83,14 @@ _TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\
 _STDERR_HEAD = 512
 
 
+_STOPPED = (ExecutionStatus.TIMED_OUT, ExecutionStatus.CANCELLED, ExecutionStatus.OOM_KILLED)
+
+MIN_MEMORY_BYTES = 6 << 20
+"""The smallest memory limit the engine accepts for a container."""
+MIN_CPU_CORES = 0.01
+"""The smallest CPU limit the engine can express (its unit is 1e-9 CPU, and it refuses below 0.01)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineFacts:
     """What the engine said about itself (``docker info``), learned once per connection."""
@@ -95,6 +105,7 @@ class EngineFacts:
     swap_limit: bool
     pids_limit: bool
     cpu_quota: bool
+    cpus: int = 0  # the engine machine's CPU count; 0 = not reported
 
     @classmethod
     def from_info(cls, info: dict[str, Any], api_version: str) -> EngineFacts:
@@ -109,6 +120,7 @@ class EngineFacts:
             swap_limit=bool(info.get("SwapLimit", False)),
             pids_limit=bool(info.get("PidsLimit", False)),
             cpu_quota=bool(info.get("CpuCfsQuota", False)),
+            cpus=int(info.get("NCPU") or 0),
         )
 
 
@@ -119,6 +131,7 @@ class _Run:
     token: str
     execution_id: str
     container_id: str | None = None
+    creating: asyncio.Future[Any] | None = None  # the create call, which runs to its end even if we stop
     streams: AttachedStreams | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     killed: bool = False
@@ -409,7 +422,6 @@ class DockerExecutor:
             default_limits=self._default_limits,
             details=details,
             images_present=tuple(present),
-            grants_network=bool(self._hardening.network_mode_when_enabled),
         )
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
@@ -429,16 +441,37 @@ class DockerExecutor:
 
     # ---- running a command -------------------------------------------------------------------
 
-    def _check_limits(self, command: Command) -> str:
-        """Refuse limits above the configured maxima; returns the network mode to use."""
-        limits = command.limits
+    def check(self, limits: ResourceLimits, image: str | None) -> None:
+        """Refuses what ``execute`` would before anything runs: an image that is not allowed,
+        network access this executor does not grant, limits above its maxima, and more CPUs than
+        the engine's machine has (once the engine has said how many)."""
+        self._images.resolve(image)
+        self._check_limits(limits)
+
+    def _check_limits(self, limits: ResourceLimits) -> str:
+        """Refuse limits this executor cannot give; returns the network mode to use."""
         for key in ("cpu_cores", "memory_bytes", "max_processes"):
             value, cap = getattr(limits, key), getattr(self._max_limits, key)
             if value is not None and cap is not None and value > cap:
                 raise PreconditionError(
-                    f"limits.{key}: {value:g} exceeds the maximum {cap:g} of executor {self._name!r} "
-                    f"(action {command.execution_id})"
+                    f"limits.{key}: {value:g} exceeds the maximum {cap:g} of executor {self._name!r}"
                 )
+        if limits.memory_bytes is not None and limits.memory_bytes < MIN_MEMORY_BYTES:
+            raise PreconditionError(
+                f"limits.memory_bytes: {limits.memory_bytes} is below the {MIN_MEMORY_BYTES} bytes a "
+                "container needs at least (the engine's minimum)"
+            )
+        if limits.cpu_cores is not None and limits.cpu_cores < MIN_CPU_CORES:
+            raise PreconditionError(
+                f"limits.cpu_cores: {limits.cpu_cores:g} is below the smallest the engine takes, "
+                f"{MIN_CPU_CORES:g}"
+            )
+        cpus = self._facts.cpus if self._facts is not None else 0
+        if limits.cpu_cores is not None and cpus and limits.cpu_cores > cpus:
+            raise PreconditionError(
+                f"limits.cpu_cores: {limits.cpu_cores:g} is more than the {cpus} CPUs of executor "
+                f"{self._name!r}'s engine"
+            )
         return network_mode_for(limits, self._hardening, executor=self._name)
 
     async def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
@@ -451,7 +484,7 @@ class DockerExecutor:
         if self._closed:
             raise UnavailableError(f"docker executor {self._name!r} is closed")
         image = self._images.resolve(command.image)
-        network_mode = self._check_limits(command)
+        network_mode = self._check_limits(command.limits)
         await self._learn_engine()
         token = uuid.uuid4().hex
         run = _Run(token=token, execution_id=command.execution_id)
@@ -484,7 +517,7 @@ class DockerExecutor:
                 io_mode="bind" if self._io_mode == "bind" else "archive",
                 cgroup_parent=self._cgroups.parent_for(token) if self._cgroups is not None else None,
             )
-            created = await self._create(body, image, token, command, stop)
+            created = await self._create(body, image, run, command, stop)
             if created is None:
                 yield RunOutcome(status=_reason(stop), message="stopped before the container started")
                 outcome_sent = True
@@ -533,8 +566,12 @@ class DockerExecutor:
                 if self._cgroups is not None
                 else CgroupReading(ResourceUsage(), None)
             )
+            too_large = None
             if self._io_mode == "archive" and command.output_paths:
-                await self._engine.call(lambda api: self._collect_outputs(api, created, command))
+                try:
+                    await self._engine.call(lambda api: self._collect_outputs(api, created, command))
+                except OutputTooLarge as err:
+                    too_large = str(err)
             outcome = self._outcome(
                 run,
                 command,
@@ -546,6 +583,10 @@ class DockerExecutor:
                 ended_at=ended_at,
                 streams=streams,
             )
+            if too_large is not None and outcome.status is ExecutionStatus.COMPLETED:
+                outcome = dataclasses.replace(
+                    outcome, status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, message=too_large
+                )
             outcome_sent = True
             yield outcome
         finally:
@@ -579,19 +620,21 @@ class DockerExecutor:
         return False
 
     async def _create(
-        self, body: dict[str, Any], image: str, token: str, command: Command, stop: StopSignal
+        self, body: dict[str, Any], image: str, run: _Run, command: Command, stop: StopSignal
     ) -> str | None:
         """Create the container; a missing image is pulled (``if-not-present``) or refused.
 
-        None when ``stop`` came during a pull. The create itself is never abandoned half-way:
-        its thread would finish it anyway, and the container would be lost until a sweep.
+        None when ``stop`` came during a pull. The create call is kept in ``run.creating``: when
+        the action is abandoned meanwhile, its thread still finishes the create, and ``_dispose``
+        waits for it so that the container is removed, not left for a sweep.
         """
-        name = f"expbuild-{token}"
+        name = f"expbuild-{run.token}"
         for attempt in (1, 2):
             try:
-                created: dict[str, Any] = await self._engine.call(
-                    lambda api: api.create_container_from_config(body, name=name)
+                run.creating = asyncio.ensure_future(
+                    self._engine.call(lambda api: api.create_container_from_config(body, name=name))
                 )
+                created: dict[str, Any] = await asyncio.shield(run.creating)
                 return str(created["Id"])
             except docker.errors.ImageNotFound as err:
                 if attempt == 2:
@@ -753,6 +796,11 @@ class DockerExecutor:
                 status = ExecutionStatus.FAILED_TO_START
                 reason = match.group(2).decode(errors="replace")
                 notes.insert(0, f"cannot execute {command.argv[0]!r}: {reason}")
+        sig: int | None = None
+        if status in _STOPPED and exit_code is not None and exit_code > 128:
+            # Killed, not exited: the init reports 128 + the signal, as a shell would.
+            sig = exit_code - 128
+            exit_code = None
         if status is ExecutionStatus.COMPLETED and exit_code is not None and exit_code > 128:
             try:
                 name = signal.Signals(exit_code - 128).name
@@ -763,6 +811,7 @@ class DockerExecutor:
         return RunOutcome(
             status=status,
             exit_code=exit_code if status is not ExecutionStatus.FAILED_TO_START else None,
+            signal=sig,
             message="; ".join(notes),
             usage=reading.usage,
             started_at=started_at,
@@ -786,6 +835,10 @@ class DockerExecutor:
     async def _dispose(self, run: _Run) -> None:
         """Remove the container and the action's cgroup, then release its token."""
         try:
+            if run.container_id is None and run.creating is not None:
+                await asyncio.wait({run.creating})  # abandoned while the engine created it
+                if not run.creating.cancelled() and run.creating.exception() is None:
+                    run.container_id = str(run.creating.result()["Id"])
             if run.container_id is not None:
                 await self._remove_quietly(run.container_id)
             if self._cgroups is not None:

@@ -69,12 +69,13 @@ class ImagePolicy:
         if not requested:
             if not self._default:
                 raise PreconditionError(
-                    f"executor {self._executor!r} has no configured image and the action names none"
+                    f"container_image: executor {self._executor!r} has no configured image and the "
+                    "action names none"
                 )
             return self._default
         if not self.allowed(requested):
             raise PreconditionError(
-                f"image {requested!r} is not allowed on executor {self._executor!r}; "
+                f"container_image: {requested[:300]!r} is not allowed on executor {self._executor!r}; "
                 "configure it as image, in warmup_images or in allowed_images"
             )
         return requested

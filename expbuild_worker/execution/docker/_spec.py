@@ -134,7 +134,8 @@ def container_body(
     if limits.cpu_cores is not None:
         host_config["NanoCpus"] = round(limits.cpu_cores * 1e9)
     if limits.max_processes is not None:
-        overhead = RUNSC_PIDS_OVERHEAD if "runsc" in hardening.runtime else 0
+        # The limit is the command's: the init process (and gVisor's own tasks) come on top.
+        overhead = (RUNSC_PIDS_OVERHEAD if "runsc" in hardening.runtime else 0) + (1 if hardening.init else 0)
         host_config["PidsLimit"] = limits.max_processes + overhead
     if cgroup_parent:
         host_config["CgroupParent"] = cgroup_parent

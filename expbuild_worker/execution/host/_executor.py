@@ -246,7 +246,6 @@ class HostExecutor:
                 "processes": processes,
                 "network": "the host's network, always",
             },
-            refuses_unenforced_limits=self._refuse,
         )
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
@@ -432,6 +431,20 @@ class HostExecutor:
             return f"max_processes={limits.max_processes} (RLIMIT_NPROC does not apply to root)"
         return ""
 
+    def check(self, limits: ResourceLimits, image: str | None) -> None:
+        """Refuses what ``execute`` would: a limit a plain process cannot have while
+        ``refuse_unenforceable_limits`` is set. An image means nothing here and is ignored."""
+        self._activate()
+        self._refuse_unenforceable(limits)
+
+    def _refuse_unenforceable(self, limits: ResourceLimits) -> None:
+        problem = self._unenforceable(limits) if self._refuse else ""
+        if problem:
+            raise PreconditionError(
+                f"limits.{problem}: executor {self._name!r} cannot enforce it, and refuses limits it "
+                "cannot enforce (refuse_unenforceable_limits)"
+            )
+
     def _limits(self, command: Command) -> _Limits:
         """Check ``command.limits`` against this executor's policy and resolve what to enforce.
 
@@ -447,13 +460,7 @@ class HostExecutor:
                     f"host executor {self._name!r} cannot run action {command.execution_id}: "
                     f"limits.{field}={value:g} exceeds the maximum {cap:g}"
                 )
-        if self._refuse:
-            problem = self._unenforceable(limits)
-            if problem:
-                raise PreconditionError(
-                    f"host executor cannot enforce limits.{problem} for action {command.execution_id} "
-                    f"(executor {self._name!r})"
-                )
+        self._refuse_unenforceable(limits)
         memory = limits.memory_bytes if limits.memory_bytes is not None else self._max_limits.memory_bytes
         processes = (
             limits.max_processes if limits.max_processes is not None else self._max_limits.max_processes
