@@ -53,25 +53,22 @@ def remove_tree(path: Path) -> bool:
         return True
     try:
         try:
-            os.unlink(path.name, dir_fd=parent)  # anything but a directory
-            return True
+            if stat.S_ISDIR(os.stat(path.name, dir_fd=parent, follow_symlinks=False).st_mode):
+                return _remove_directory(parent, path.name)
+            os.unlink(path.name, dir_fd=parent)
         except FileNotFoundError:
-            return True
-        except IsADirectoryError:
             pass
-        return _remove_directory(parent, path.name)
+        except OSError:
+            return False
+        return True
     finally:
         os.close(parent)
 
 
 def _remove_directory(parent: int, name: str) -> bool:
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    try:
-        fd = os.open(name, flags, dir_fd=parent)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
+    fd = _open_writable_directory(parent, name)
+    if fd is None:
+        return not _exists(parent, name)
     ok = True
     levels = [_Level(_identity(fd), name)]
     try:
@@ -82,12 +79,9 @@ def _remove_directory(parent: int, name: str) -> bool:
                 ok = ok and emptied
             if level.subdirs:
                 child_name = level.subdirs.pop()
-                try:
-                    child = os.open(child_name, flags, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    ok = False
+                child = _open_writable_directory(fd, child_name)
+                if child is None:
+                    ok = ok and not _exists(fd, child_name)
                     continue
                 os.close(fd)
                 fd = child
@@ -96,7 +90,10 @@ def _remove_directory(parent: int, name: str) -> bool:
             levels.pop()
             if not levels:
                 break
-            up = os.open("..", flags, dir_fd=fd)
+            try:
+                up = os.open("..", _DIRECTORY, dir_fd=fd)
+            except OSError:
+                return False
             os.close(fd)
             fd = up
             if _identity(fd) != levels[-1].ident:
@@ -105,6 +102,61 @@ def _remove_directory(parent: int, name: str) -> bool:
     finally:
         os.close(fd)
     return _rmdir(parent, name) and ok
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _open_writable_directory(parent: int, name: str) -> int | None:
+    """Open directory ``name`` of ``parent`` (never through a symlink) so that its entries can be
+    removed: a directory the command made read-only, or unreadable (a build's read-only trees),
+    is given back to its owner first. None when it is gone or cannot be opened."""
+    try:
+        fd = os.open(name, _DIRECTORY, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        if not _make_owner_writable(parent, name):
+            return None
+        try:
+            fd = os.open(name, _DIRECTORY, dir_fd=parent)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o700 != 0o700:
+            os.fchmod(fd, stat.S_IMODE(mode) | 0o700)
+    except OSError:
+        pass  # not ours to change: removing its entries will say whether it mattered
+    return fd
+
+
+def _make_owner_writable(parent: int, name: str) -> bool:
+    """chmod u+rwx a directory that cannot be opened, through an O_PATH descriptor (chmod by name
+    would follow a symlink swapped in meanwhile)."""
+    try:
+        handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError:
+        return False
+    try:
+        os.chmod(f"/proc/self/fd/{handle}", 0o700)
+    except OSError:
+        return False
+    finally:
+        os.close(handle)
+    return True
+
+
+def _exists(parent: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _empty_files(fd: int) -> tuple[list[str], bool]:

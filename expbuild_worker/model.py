@@ -227,7 +227,9 @@ class OutputManifest:
     directories: tuple[str, ...] = ()
     unreportable: tuple[str, ...] = ()
     """Outputs that exist but the API cannot carry (a name or symlink target that is not UTF-8),
-    as printable paths; they are not collected, and the result's message names them."""
+    the first few as printable paths; they are not collected, and the result's message names them."""
+    unreportable_count: int = 0
+    """How many such outputs there were in all."""
 
 
 @dataclass(frozen=True, slots=True)

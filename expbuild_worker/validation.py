@@ -35,6 +35,7 @@ MAX_PATH_DEPTH = 256
 MAX_PROCESSES = 4_194_304
 """The kernel's highest possible pid count (PID_MAX_LIMIT); a larger process limit means nothing."""
 MAX_CPU_CORES = 65_536.0
+_CEILINGS = {"cpu_cores": MAX_CPU_CORES, "max_processes": float(MAX_PROCESSES)}
 
 
 def check_execution_id(value: str, field: str = "execution_id") -> None:
@@ -65,11 +66,23 @@ def check_relative_path(value: str, field: str, *, allow_empty: bool = False) ->
         )
     if len(parts) > MAX_PATH_DEPTH:
         raise InvalidRequestError(f"{field}: more than {MAX_PATH_DEPTH} components")
+    if len(value) <= MAX_NAME_BYTES // 4:  # no component can be too long (UTF-8: 4 bytes a character)
+        return
     for part in parts:
         if len(part.encode()) > MAX_NAME_BYTES:
             raise InvalidRequestError(
                 f"{field}: component {part[:40]!r}... is longer than {MAX_NAME_BYTES} bytes"
             )
+
+
+def output_path_problem(path: str, size: int) -> str:
+    """Why an output path a command made (``size`` bytes as UTF-8) cannot travel in a result:
+    nested deeper or longer than a request's paths may be; '' when it can."""
+    if path.count("/") >= MAX_PATH_DEPTH:
+        return f"output {path[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} levels"
+    if size > MAX_PATH_BYTES:
+        return f"output {path[:100]!r}... is longer than {MAX_PATH_BYTES} bytes"
+    return ""
 
 
 def is_valid_relative_path(value: str) -> bool:
@@ -119,7 +132,7 @@ def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str)
             continue
         if not math.isfinite(value) or value <= 0:
             raise InvalidRequestError(f"limits.{name}: expected a positive number, got {value}")
-        ceiling = {"cpu_cores": MAX_CPU_CORES, "max_processes": MAX_PROCESSES}.get(name)
+        ceiling = _CEILINGS.get(name)
         if ceiling is not None and value > ceiling:
             raise InvalidRequestError(f"limits.{name}: {value:g} is more than any machine has ({ceiling:g})")
         if maximum is not None and value > maximum:

@@ -10,6 +10,7 @@ from typing import Any
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+from expbuild_worker.engine._workdirs import SPARE_DIRECTORIES
 
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 
@@ -101,12 +102,14 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
 
 def action_leftovers(work_root: str, *, timeout: float = 3.0) -> list[str]:
     """What is left under ``work_root/actions`` once finished actions' directories had ``timeout``
-    seconds to go: [] when nothing leaked. Up to 4 fresh, empty spares are made ahead of need."""
+    seconds to go: [] when nothing leaked (fresh, empty spares are made ahead of need)."""
     actions = os.path.join(work_root, "actions")
 
     def leftovers() -> list[str]:
         entries = os.listdir(actions)
-        return entries if len(entries) > 4 else [d for d in entries if os.listdir(os.path.join(actions, d))]
+        if len(entries) > SPARE_DIRECTORIES:
+            return entries
+        return [d for d in entries if os.listdir(os.path.join(actions, d))]
 
     deadline = time.monotonic() + timeout
     while (found := leftovers()) and time.monotonic() < deadline:

@@ -386,7 +386,10 @@ class ExecutionEngine:
                         max_bytes=self.limits.max_output_bytes,
                     )
                 except (OutputLimitExceeded, ResourceExhaustedError) as err:  # over the cap, or the store
-                    status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
+                    if status is ExecutionStatus.COMPLETED:
+                        status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
+                    else:  # timed out, cancelled, out of memory: that stays the headline
+                        message = f"{message}; outputs not collected: {err}" if message else str(err)
             times = dataclasses.replace(times, outputs_collected=time.time())
 
             if action.stream_output_contents:
@@ -451,8 +454,8 @@ def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stder
                 "(execution.max_log_bytes_per_stream)"
             )
     if manifest.unreportable:
-        skipped = ", ".join(repr(path) for path in manifest.unreportable[:10])
-        more = len(manifest.unreportable) - 10
+        skipped = ", ".join(repr(path) for path in manifest.unreportable)
+        more = manifest.unreportable_count - len(manifest.unreportable)
         notes.append(
             f"not collected, their names are not UTF-8: {skipped}" + (f" and {more} more" if more > 0 else "")
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from expbuild_worker.model import OutputFile, OutputManifest, OutputSymlink
 from expbuild_worker.storage import ContentAddressedStore
-from expbuild_worker.validation import MAX_PATH_BYTES, MAX_PATH_DEPTH
+from expbuild_worker.validation import output_path_problem
 
 
 class OutputLimitExceeded(Exception):
@@ -19,6 +19,9 @@ class OutputLimitExceeded(Exception):
 MAX_LISTING_BYTES = 3 << 20
 """What a result's list of outputs may take (paths and digests). A result must fit one gRPC
 message, and a client's default limit is 4 MiB; a tree with more entries belongs in an archive."""
+
+MAX_NAMED_UNREPORTABLE = 10
+"""How many outputs with names that are not UTF-8 a result names (the rest are counted)."""
 
 _ENTRY_BYTES = 80
 """Roughly what one output entry adds to the result besides its path (digest, size, flags)."""
@@ -33,12 +36,13 @@ class _Collector:
     files: dict[str, OutputFile] = field(default_factory=dict)
     symlinks: dict[str, OutputSymlink] = field(default_factory=dict)
     directories: set[str] = field(default_factory=set)
-    unreportable: list[str] = field(default_factory=list)
+    unreportable: list[str] = field(default_factory=list)  # the first few, as printable paths
+    unreportable_count: int = 0
     listing: int = 0  # bytes the entries so far add to the result, roughly
 
-    def _listed(self, rel: str) -> None:
-        """Count one more entry of the result; past MAX_LISTING_BYTES the outputs are too many."""
-        self.listing += len(rel.encode()) + _ENTRY_BYTES
+    def _listed(self, size: int) -> None:
+        """Count one more entry of ``size`` path bytes; past MAX_LISTING_BYTES the outputs are too many."""
+        self.listing += size + _ENTRY_BYTES
         if self.listing > MAX_LISTING_BYTES:
             entries = len(self.files) + len(self.symlinks) + len(self.directories)
             raise OutputLimitExceeded(
@@ -46,15 +50,17 @@ class _Collector:
                 f"(~{MAX_LISTING_BYTES >> 20} MiB of paths and digests); pack large trees into one file"
             )
 
-    def _reportable(self, rel: str, *, target: str = "") -> bool:
-        """Whether ``rel`` (and a symlink's ``target``) can travel as UTF-8; notes it when not."""
+    def _utf8_size(self, rel: str, *, target: str = "") -> int | None:
+        """``rel``'s size in UTF-8, or None (noted) when it or a symlink's ``target`` is not UTF-8."""
         try:
-            rel.encode()
+            size = len(rel.encode())
             target.encode()
         except UnicodeEncodeError:
-            self.unreportable.append(os.fsencode(rel).decode(errors="backslashreplace"))
-            return False
-        return True
+            self.unreportable_count += 1
+            if len(self.unreportable) < MAX_NAMED_UNREPORTABLE:
+                self.unreportable.append(os.fsencode(rel).decode(errors="backslashreplace"))
+            return None
+        return size
 
     def _open_parent(self, rel: str) -> int | None:
         """Open the directory holding ``rel`` by walking with O_NOFOLLOW; None if any part is missing
@@ -80,7 +86,7 @@ class _Collector:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except FileNotFoundError:
                 return
-            self._listed(rel)
+            self._listed(len(rel.encode()))
             if stat.S_ISLNK(st.st_mode):
                 self._add_symlink(rel, parent, name)
             elif stat.S_ISREG(st.st_mode) and not want_directory:
@@ -98,15 +104,13 @@ class _Collector:
         self.directories.add(rel)
         for entry in sorted(os.listdir(dfd)):
             child = f"{rel}/{entry}"
-            if child.count("/") >= MAX_PATH_DEPTH:
-                raise OutputLimitExceeded(
-                    f"output {child[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} levels"
-                )
-            if not self._reportable(child):
+            size = self._utf8_size(child)
+            if size is None:
                 continue
-            if len(child.encode()) > MAX_PATH_BYTES:
-                raise OutputLimitExceeded(f"output {child[:100]!r}... is longer than {MAX_PATH_BYTES} bytes")
-            self._listed(child)
+            problem = output_path_problem(child, size)
+            if problem:
+                raise OutputLimitExceeded(problem)
+            self._listed(size)
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 self._add_symlink(child, dfd, entry)
@@ -122,7 +126,7 @@ class _Collector:
 
     def _add_symlink(self, rel: str, dfd: int, name: str) -> None:
         target = os.readlink(name, dir_fd=dfd)
-        if self._reportable(rel, target=target):
+        if self._utf8_size(rel, target=target) is not None:
             self.symlinks[rel] = OutputSymlink(rel, target)
 
     def _add_file(self, rel: str, dfd: int, name: str, st: os.stat_result) -> None:
@@ -154,4 +158,5 @@ def collect_outputs(
         symlinks=tuple(collector.symlinks[k] for k in sorted(collector.symlinks)),
         directories=tuple(sorted(collector.directories)),
         unreportable=tuple(collector.unreportable),
+        unreportable_count=collector.unreportable_count,
     )

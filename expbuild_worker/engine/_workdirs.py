@@ -13,6 +13,10 @@ from expbuild_worker.fs import remove_tree
 _log = logging.getLogger(__name__)
 
 
+SPARE_DIRECTORIES = 4
+"""Fresh action directories kept made ahead of need."""
+
+
 class ActionDirectories:
     """Hands out fresh, empty, never-used directories under ``root`` and removes them afterwards.
 
@@ -23,7 +27,7 @@ class ActionDirectories:
     could still write into the old one.
     """
 
-    def __init__(self, *, root: Path, spare: int = 4) -> None:
+    def __init__(self, *, root: Path, spare: int = SPARE_DIRECTORIES) -> None:
         self.root = root
         self._spare_target = spare
         self._spares: list[Path] = []

@@ -67,7 +67,14 @@ def digest_from_pb(d: pb.Digest) -> Digest:
 
 
 def digest_to_pb(d: Digest) -> pb.Digest:
-    return pb.Digest(sha256=d.sha256, size_bytes=d.size)
+    out = pb.Digest()
+    _fill_digest(out, d)
+    return out
+
+
+def _fill_digest(out: pb.Digest, d: Digest) -> None:
+    out.sha256 = d.sha256
+    out.size_bytes = d.size
 
 
 def _seconds(d: Duration) -> float:
@@ -190,9 +197,7 @@ def _fill_result(out: pb.ExecutionResult, r: ActionResult) -> None:
     out.exit_code = r.exit_code or 0
     out.signal = r.signal or 0
     for f in r.outputs.files:
-        item = out.output_files.add(path=f.path, is_executable=f.executable)
-        item.digest.sha256 = f.digest.sha256
-        item.digest.size_bytes = f.digest.size
+        _fill_digest(out.output_files.add(path=f.path, is_executable=f.executable).digest, f.digest)
     for link in r.outputs.symlinks:
         out.output_symlinks.add(path=link.path, target=link.target)
     for directory in r.outputs.directories:

@@ -124,12 +124,14 @@ class ContentAddressedStore:
         self._check_fits(digest)
         return BlobWriter(store=self, digest=digest)
 
+    def _too_large(self, what: object, size: int) -> str:
+        return (
+            f"{what}: {size} bytes are more than the store holds ({self.max_bytes} bytes, storage.max_bytes)"
+        )
+
     def _check_fits(self, digest: Digest) -> None:
         if digest.size > self.max_bytes:
-            raise ResourceExhaustedError(
-                f"blob {digest}: {digest.size} bytes are more than the store holds "
-                f"({self.max_bytes} bytes, storage.max_bytes)"
-            )
+            raise ResourceExhaustedError(self._too_large(f"blob {digest}", digest.size))
         free = shutil.disk_usage(self._tmp).free
         if digest.size > free:
             raise ResourceExhaustedError(
@@ -156,6 +158,8 @@ class ContentAddressedStore:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidRequestError(f"output {name!r} is not a regular file")
+        if st.st_size > self.max_bytes:
+            raise ResourceExhaustedError(self._too_large(name, st.st_size))
         linked = False
         if st.st_nlink == 1:
             try:
@@ -182,7 +186,7 @@ class ContentAddressedStore:
             return
         if digest.size > self.max_bytes:
             tmp.unlink(missing_ok=True)
-            self._check_fits(digest)
+            raise ResourceExhaustedError(self._too_large(f"blob {digest}", digest.size))
         final = self.path_of(digest)
         os.chmod(tmp, 0o444)
         # Check, rename and count under one lock: two writers finishing the same blob at once

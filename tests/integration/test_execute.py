@@ -279,12 +279,21 @@ def _slow_to_stage(stub, execution_id: str) -> pb.ExecuteRequest:
     return request(["/bin/true"], input_files=inputs, execution_id=execution_id)
 
 
+def _until_staging(work_root: str) -> None:
+    """Wait until an action directory holds staged inputs (staging is under way)."""
+    actions = os.path.join(work_root, "actions")
+    deadline = time.monotonic() + 10
+    while not any(os.path.isdir(os.path.join(actions, d, "in")) for d in os.listdir(actions)):
+        assert time.monotonic() < deadline, "staging never began"
+        time.sleep(0.002)
+
+
 def test_a_client_gone_while_inputs_are_staged_leaves_no_directory(worker, stub):
     """Staging runs on a thread; a vanished client stops it at the next file, and the directory
     is removed only once the thread has stopped writing into it."""
     responses = stub.Execute(_slow_to_stage(stub, "gone-while-staging"), timeout=60)
     assert next(responses).WhichOneof("event") == "accepted"
-    time.sleep(0.1)
+    _until_staging(worker.config.execution.work_root)
     responses.cancel()
     deadline = time.monotonic() + 10
     while worker.server.worker.engine.active_count and time.monotonic() < deadline:
@@ -293,10 +302,10 @@ def test_a_client_gone_while_inputs_are_staged_leaves_no_directory(worker, stub)
     assert action_leftovers(worker.config.execution.work_root) == []
 
 
-def test_cancel_while_inputs_are_staged_stops_the_staging(stub):
+def test_cancel_while_inputs_are_staged_stops_the_staging(worker, stub):
     responses = stub.Execute(_slow_to_stage(stub, "cancel-while-staging"), timeout=60)
     assert next(responses).WhichOneof("event") == "accepted"
-    time.sleep(0.1)
+    _until_staging(worker.config.execution.work_root)
     stub.CancelExecution(pb.CancelExecutionRequest(execution_id="cancel-while-staging"))
     result = next(r.result for r in responses if r.WhichOneof("event") == "result")
     assert result.status == pb.EXECUTION_STATUS_CANCELLED
@@ -432,6 +441,20 @@ def test_bad_requests_are_invalid_argument_naming_the_field(stub, field, kwargs)
         execute(stub, req)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field), info.value.details()
+
+
+def test_a_limit_above_the_executor_s_maximum_is_refused_up_front(start_worker, tmp_path):
+    """The engine refuses it for every executor, naming the limit, before anything runs."""
+    worker = start_worker({"executor": {"host": {"type": "host", "max_limits": {"memory_bytes": 1 << 30}}}})
+    marker = tmp_path / "ran"
+    with pytest.raises(grpc.RpcError) as info:
+        execute(
+            worker.stub(),
+            request([SH, "-c", f"touch {marker}"], limits=pb.ResourceLimits(memory_bytes=2 << 30)),
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("limits.memory_bytes:") and "maximum" in info.value.details()
+    assert not marker.exists()
 
 
 def test_log_cap_truncates_and_says_so(start_worker):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from expbuild_worker.engine._workdirs import ActionDirectories
 from expbuild_worker.fs import remove_tree
@@ -56,24 +61,49 @@ def test_a_file_a_symlink_and_a_missing_path(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_what_cannot_be_removed_is_reported_and_left(tmp_path: Path) -> None:
-    """A directory whose entries cannot be unlinked (here: read-only for a non-root worker, or
-    made immutable-like by removing the parent's write bit) leaves the tree and says so."""
-    tree = tmp_path / "tree"
-    (tree / "locked").mkdir(parents=True)
-    (tree / "locked" / "f").write_text("x")
-    (tree / "gone").write_text("y")
-    os.chmod(tree / "locked", 0o500)
+NOBODY = 65534
+
+
+def as_nobody(work: Callable[[], bool]) -> bool:
+    """Run ``work`` in a forked child that became user and group nobody; its answer."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os._exit(0 if work() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 1), f"the child failed ({code})"
+    return code == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_read_only_trees_are_removed_and_what_is_not_ours_is_reported(tmp_path: Path) -> None:
+    """As an unprivileged worker: directories the command made read-only, unlistable or
+    untraversable (a build's read-only trees) are made writable again and removed; a directory
+    owned by someone else cannot be, so the removal says False and leaves only that."""
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # a pytest tmp_path is not reachable by another user
     try:
-        removed = remove_tree(tree)
-        if os.geteuid() == 0:  # root may unlink anywhere
-            assert removed and not tree.exists()
-        else:
-            assert not removed
-            assert (tree / "locked" / "f").exists() and not (tree / "gone").exists()
+        os.chmod(top, 0o755)
+        tree = top / "tree"
+        for mode, name in ((0o555, "ro"), (0o400, "no-x"), (0o000, "none"), (0o300, "no-r")):
+            (tree / name / "sub").mkdir(parents=True)
+            (tree / name / "sub" / "f").write_text("x")
+            (tree / name / "f").write_text("x")
+            os.chmod(tree / name / "sub", mode)
+            os.chmod(tree / name, mode)
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(top)], check=True)
+        (tree / "foreign").mkdir(mode=0o755)
+        (tree / "foreign" / "f").write_text("root's")  # owned by root: nobody may not remove it
+        assert as_nobody(lambda: remove_tree(tree)) is False
+        assert sorted(p.name for p in tree.iterdir()) == ["foreign"]
+        assert (tree / "foreign" / "f").read_text() == "root's"
     finally:
-        if (tree / "locked").exists():
-            os.chmod(tree / "locked", 0o700)
+        assert remove_tree(top)
 
 
 def test_a_previous_run_s_deep_leftover_does_not_stop_the_next_start(tmp_path: Path) -> None:

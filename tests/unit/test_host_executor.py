@@ -606,15 +606,6 @@ def test_without_cgroups_a_small_command_is_not_charged_the_worker_memory(tmp_pa
     assert peak is None or peak < worker_peak
 
 
-def test_limit_above_the_maximum_is_refused(tmp_path: Path) -> None:
-    """An action asking for more than the executor allows is refused before anything runs."""
-    executor = make_executor(max_limits=ResourceLimits(memory_bytes=1 << 30))
-    cmd = sh(tmp_path, "touch ran", limits=ResourceLimits(memory_bytes=2 << 30))
-    with pytest.raises(PreconditionError, match="memory_bytes"):
-        run(execute(cmd, executor=executor))
-    assert not (tmp_path / "ran").exists()
-
-
 @pytest.mark.parametrize("cgroups", ["off", pytest.param("auto", marks=needs_cgroups)])
 def test_usage_reports_cpu_time_and_peak_memory(tmp_path: Path, cgroups: CgroupMode) -> None:
     """User CPU of a busy loop and the peak of a 300 MB allocation are reported, plausibly; without a

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from expbuild_worker.errors import InternalError
 from expbuild_worker.fs import make_dirs, remove_tree
-from expbuild_worker.validation import MAX_PATH_BYTES, MAX_PATH_DEPTH
+from expbuild_worker.validation import output_path_problem
 
 _COPY_CHUNK = 1 << 20
 
@@ -124,14 +124,9 @@ def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> i
             if member_name.startswith("/") or ".." in member_name.split("/"):
                 raise UnsafeArchiveError(f"archive of {output_path!r} holds unsafe member {member.name!r}")
             full = posixpath.join(parent_rel, member_name)
-            if (
-                full.count("/") >= MAX_PATH_DEPTH
-                or len(full.encode(errors="surrogateescape")) > MAX_PATH_BYTES
-            ):
-                raise OutputTooLarge(
-                    f"output {full[:100]!r}... is nested deeper than {MAX_PATH_DEPTH} levels or longer than "
-                    f"{MAX_PATH_BYTES} bytes"
-                )
+            problem = output_path_problem(full, len(full.encode(errors="surrogateescape")))
+            if problem:
+                raise OutputTooLarge(problem)
             sub_parent, base = posixpath.split(member_name)
             dest_dir = _checked_parent(parent, sub_parent)
             dest = dest_dir / base

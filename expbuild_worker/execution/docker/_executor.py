@@ -443,19 +443,14 @@ class DockerExecutor:
 
     def check(self, limits: ResourceLimits, image: str | None) -> None:
         """Refuses what ``execute`` would before anything runs: an image that is not allowed,
-        network access this executor does not grant, limits above its maxima, and more CPUs than
-        the engine's machine has (once the engine has said how many)."""
+        network access this executor does not grant, limits the engine would refuse (too little
+        memory or CPU, more CPUs than its machine has, once it has said how many). Limits above the
+        configured maxima are the engine's to refuse."""
         self._images.resolve(image)
         self._check_limits(limits)
 
     def _check_limits(self, limits: ResourceLimits) -> str:
         """Refuse limits this executor cannot give; returns the network mode to use."""
-        for key in ("cpu_cores", "memory_bytes", "max_processes"):
-            value, cap = getattr(limits, key), getattr(self._max_limits, key)
-            if value is not None and cap is not None and value > cap:
-                raise PreconditionError(
-                    f"limits.{key}: {value:g} exceeds the maximum {cap:g} of executor {self._name!r}"
-                )
         if limits.memory_bytes is not None and limits.memory_bytes < MIN_MEMORY_BYTES:
             raise PreconditionError(
                 f"limits.memory_bytes: {limits.memory_bytes} is below the {MIN_MEMORY_BYTES} bytes a "
@@ -583,9 +578,12 @@ class DockerExecutor:
                 ended_at=ended_at,
                 streams=streams,
             )
-            if too_large is not None and outcome.status is ExecutionStatus.COMPLETED:
+            if too_large is not None:  # an output limit replaces only a plain completion
+                completed = outcome.status is ExecutionStatus.COMPLETED
                 outcome = dataclasses.replace(
-                    outcome, status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, message=too_large
+                    outcome,
+                    status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED if completed else outcome.status,
+                    message=too_large if completed else f"{outcome.message}; no outputs: {too_large}",
                 )
             outcome_sent = True
             yield outcome
@@ -684,6 +682,10 @@ class DockerExecutor:
                 continue
             try:
                 unpack_output(chunks, root=command.root, output_path=path)
+            except OutputTooLarge:
+                for unpacked in command.output_paths:  # none is returned, rather than some cut short
+                    clear_output(command.root, unpacked)
+                raise
             except UnsafeArchiveError as err:
                 raise InternalError(
                     f"action {command.execution_id}: output {path!r} of container {container_id[:12]}: {err}"

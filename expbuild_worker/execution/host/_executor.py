@@ -446,20 +446,10 @@ class HostExecutor:
             )
 
     def _limits(self, command: Command) -> _Limits:
-        """Check ``command.limits`` against this executor's policy and resolve what to enforce.
-
-        Unset limits take the default, then the maximum (a maximum caps every action); a limit
-        above the maximum, or one this executor cannot enforce while refusing those, is a
-        PreconditionError.
-        """
+        """Resolve what to enforce for ``command.limits``: unset limits take the default, then the
+        maximum (the engine already refused limits above the maxima). A limit this executor cannot
+        enforce while refusing those is a PreconditionError."""
         limits = command.limits.with_defaults(self._default_limits)
-        for field in ("cpu_cores", "memory_bytes", "max_processes"):
-            value, cap = getattr(limits, field), getattr(self._max_limits, field)
-            if value is not None and cap is not None and value > cap:
-                raise PreconditionError(
-                    f"host executor {self._name!r} cannot run action {command.execution_id}: "
-                    f"limits.{field}={value:g} exceeds the maximum {cap:g}"
-                )
         self._refuse_unenforceable(limits)
         memory = limits.memory_bytes if limits.memory_bytes is not None else self._max_limits.memory_bytes
         processes = (
