@@ -222,6 +222,14 @@ def _check_semantics(config: WorkerConfig) -> None:
     for key, value in non_negative:
         if value < 0:
             raise ConfigError(f"{src}: {key}: expected zero or a positive number, got {value!r}")
+    for name, ex in config.executors.items():
+        for key in ("cpu_cores", "memory_bytes", "max_processes"):
+            default, maximum = getattr(ex.default_limits, key), getattr(ex.max_limits, key)
+            if default and maximum and default > maximum:
+                raise ConfigError(
+                    f"{src}: executor.{name}.default_limits.{key}: expected at most max_limits.{key} "
+                    f"({maximum}), got {default}"
+                )
     work_root = config.execution.work_root
     if work_root and len(os.path.abspath(work_root).encode()) > MAX_WORK_ROOT_BYTES:
         raise ConfigError(

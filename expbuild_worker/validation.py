@@ -45,6 +45,14 @@ def check_execution_id(value: str, field: str = "execution_id") -> None:
         )
 
 
+def check_image_reference(image: str, field: str) -> None:
+    if len(image) > 512 or not _IMAGE_REFERENCE.fullmatch(image):
+        raise InvalidRequestError(
+            f"{field}: {image[:100]!r} is not an image reference ([host/]name[:tag][@digest], "
+            "lower-case name, at most 512 characters)"
+        )
+
+
 def check_relative_path(value: str, field: str, *, allow_empty: bool = False) -> None:
     """Refuse anything but a normalised relative path that stays inside the action root."""
     if value == "":
@@ -173,11 +181,8 @@ def validate_action(
         if "\x00" in value:
             raise InvalidRequestError(f"environment[{name!r}]: value contains a NUL byte")
     check_relative_path(action.working_directory, "working_directory", allow_empty=True)
-    if action.image is not None and (len(action.image) > 512 or not _IMAGE_REFERENCE.fullmatch(action.image)):
-        raise InvalidRequestError(
-            f"container_image: {action.image[:100]!r} is not an image reference ([host/]name[:tag][@digest], "
-            "lower-case name, at most 512 characters)"
-        )
+    if action.image is not None:
+        check_image_reference(action.image, "container_image")
 
     inline = 0
     files: list[str] = []

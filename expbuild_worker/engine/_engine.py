@@ -46,7 +46,7 @@ from expbuild_worker.model import (
     WarmupReport,
 )
 from expbuild_worker.storage import ContentAddressedStore
-from expbuild_worker.validation import validate_action
+from expbuild_worker.validation import check_image_reference, validate_action
 
 _log = logging.getLogger(__name__)
 
@@ -171,12 +171,14 @@ class ExecutionEngine:
         return caps
 
     async def warmup(self, executors: Sequence[str], images: Sequence[str]) -> list[WarmupReport]:
-        names = list(executors) or list(self._executors)
+        names = list(dict.fromkeys(executors)) or list(self._executors)
         for i, name in enumerate(names):
             if name not in self._executors:
                 raise InvalidRequestError(
                     f"executors[{i}]: unknown executor {name!r}; have {sorted(self._executors)}"
                 )
+        for i, image in enumerate(images):
+            check_image_reference(image, f"images[{i}]")
         return [await self._executors[name].warmup(images) for name in names]
 
     def cancel(self, execution_id: str) -> None:
@@ -454,9 +456,10 @@ def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stder
                 "(execution.max_log_bytes_per_stream)"
             )
     if manifest.unreportable:
-        skipped = ", ".join(repr(path) for path in manifest.unreportable)
+        skipped = ", ".join(f"'{path}'" for path in manifest.unreportable)  # already escaped
         more = manifest.unreportable_count - len(manifest.unreportable)
         notes.append(
-            f"not collected, their names are not UTF-8: {skipped}" + (f" and {more} more" if more > 0 else "")
+            f"not collected, their names or symlink targets are not UTF-8: {skipped}"
+            + (f" and {more} more" if more > 0 else "")
         )
     return "; ".join(notes)

@@ -17,7 +17,7 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.server import _translate as tr
-from expbuild_worker.server._status import maps_errors
+from expbuild_worker.server._status import maps_errors, send
 from expbuild_worker.storage import BlobWriter
 from expbuild_worker.storage._cas import check_digest
 from expbuild_worker.validation import check_execution_id
@@ -46,7 +46,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._limits = limits
 
     @maps_errors
-    async def Execute(  # type: ignore[override]  # writes with context.write; see maps_errors
+    async def Execute(  # type: ignore[override]  # writes with send; see maps_errors
         self, request: pb.ExecuteRequest, context: Context
     ) -> None:
         action = tr.action_from_pb(request)
@@ -54,7 +54,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         # killed) right here, not whenever a suspended generator is garbage-collected.
         async with contextlib.aclosing(self._engine.execute(action)) as events:
             async for event in events:
-                await context.write(tr.event_to_pb(event))
+                await send(context, tr.event_to_pb(event))
 
     @maps_errors
     async def CancelExecution(
@@ -142,12 +142,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return pb.FindMissingBlobsResponse(missing_digests=[tr.digest_to_pb(d) for d in missing])
 
     @maps_errors
-    async def ReadBlob(  # type: ignore[override]  # writes with context.write; see maps_errors
+    async def ReadBlob(  # type: ignore[override]  # writes with send; see maps_errors
         self, request: pb.ReadBlobRequest, context: Context
     ) -> None:
         digest = tr.digest_from_pb(request.digest)
         check_digest(digest, "digest")
         offset = 0
         for chunk in self._engine.store.open_blob(digest):
-            await context.write(pb.ReadBlobResponse(offset=offset, data=chunk))
+            await send(context, pb.ReadBlobResponse(offset=offset, data=chunk))
             offset += len(chunk)

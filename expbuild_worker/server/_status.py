@@ -40,6 +40,20 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception) ->
     await context.abort(code, str(err))
 
 
+class _CallGone(Exception):
+    """A response could not be written: the client cancelled or disconnected."""
+
+
+async def send(context: grpc.aio.ServicerContext[Any, Any], message: Any) -> None:
+    """Write one response of a stream; a failed write means the call is over (see maps_errors)."""
+    try:
+        await context.write(message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as err:
+        raise _CallGone(str(err)) from err
+
+
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 _Self = TypeVar("_Self")
@@ -50,10 +64,11 @@ def maps_errors(
 ) -> Callable[[_Self, _Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Resp]]:
     """Wrap a handler coroutine so any error ends the RPC with its mapped status and message.
 
-    Streaming handlers are coroutines that ``await context.write(...)`` rather than async
-    generators: when a client vanishes, gRPC cancels the handler task, and the cancellation
-    must land in our code (where ``finally`` and ``aclosing`` kill the action at once), not
-    in a generator that gRPC stops iterating and the garbage collector finalises later.
+    A stream whose client went away (a failed ``send``) ends quietly. Streaming handlers are
+    coroutines that ``await send(context, ...)`` rather than async generators: when a client
+    vanishes, gRPC cancels the handler task, and the cancellation must land in our code (where
+    ``finally`` and ``aclosing`` kill the action at once), not in a generator that gRPC stops
+    iterating and the garbage collector finalises later.
     """
 
     @functools.wraps(method)
@@ -62,6 +77,9 @@ def maps_errors(
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
+        except _CallGone as gone:  # nobody is left to tell; the handler has cleaned up on the way out
+            _log.info("%s: the client went away (%s)", method.__name__, gone)
+            return None  # type: ignore[return-value]
         except Exception as err:
             await _abort(context, err)
             raise  # unreachable: abort raises

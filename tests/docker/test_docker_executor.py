@@ -149,6 +149,21 @@ def test_missing_program_fails_to_start(busybox_image: str, tmp_path: Path) -> N
     assert ran.outcome.exit_code is None
 
 
+def test_a_command_printing_the_init_s_failure_line_is_still_its_own_exit(
+    busybox_image: str, tmp_path: Path
+) -> None:
+    """Only the init's report about argv[0] itself means "failed to start"; a build step that
+    prints such a line (running another tini, say) and exits 127 completed with exit code 127."""
+    script = "echo '[FATAL tini (7)] exec gcc failed: No such file or directory' >&2; exit 127"
+
+    async def main() -> Any:
+        async with docker_executor(busybox_image) as ex:
+            return await run_command(ex, tmp_path, ["sh", "-c", script])
+
+    ran = asyncio.run(main())
+    assert ran.status is ExecutionStatus.COMPLETED and ran.outcome.exit_code == 127
+
+
 def test_missing_program_fails_to_start_without_an_init(busybox_image: str, tmp_path: Path) -> None:
     """Without the init process the engine refuses the start itself; that too is FAILED_TO_START."""
 

@@ -64,6 +64,19 @@ def test_host_example_documents_every_option():
             {"executor": {"d": {"type": "docker", "security_opts": "x"}}},
             "executor.d.security_opts: expected a list",
         ),
+        (
+            {
+                "executor": {
+                    "d": {
+                        "type": "docker",
+                        "default_limits": {"memory_bytes": 2 << 30},
+                        "max_limits": {"memory_bytes": 256 << 20},
+                    }
+                }
+            },
+            "executor.d.default_limits.memory_bytes: expected at most max_limits.memory_bytes",
+        ),
+        ({"execution": {"work_root": "/" + "w" * 1000}}, "execution.work_root: expected at most 960 bytes"),
     ],
     ids=[
         "unknown-section",
@@ -78,6 +91,8 @@ def test_host_example_documents_every_option():
         "bool-as-string",
         "negative-limit",
         "list-as-string",
+        "default-above-maximum",
+        "work-root-too-long",
     ],
 )
 def test_bad_config_names_key_and_expectation(raw, message):

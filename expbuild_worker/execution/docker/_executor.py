@@ -794,7 +794,7 @@ class DockerExecutor:
             notes.insert(0, f"stopped ({status.value}): the container got {how}")
         elif self._hardening.init and exit_code in (126, 127):
             match = _TINI_EXEC_FAILED.match(stderr_head)
-            if match is not None:
+            if match is not None and match.group(1) == command.argv[0].encode():  # not just any such line
                 status = ExecutionStatus.FAILED_TO_START
                 reason = match.group(2).decode(errors="replace")
                 notes.insert(0, f"cannot execute {command.argv[0]!r}: {reason}")

@@ -425,7 +425,7 @@ class HostExecutor:
         if limits.cpu_cores is not None:
             return f"cpu_cores={limits.cpu_cores:g} (a plain process shares every host CPU)"
         if limits.network is False:
-            return "network=false (a plain process always has the host's network)"
+            return "network=NETWORK_ACCESS_DISABLED (a plain process always has the host's network)"
         pids = self._cgroups is not None and self._cgroups.enforces_processes
         if processes and limits.max_processes is not None and self._root and not pids:
             return f"max_processes={limits.max_processes} (RLIMIT_NPROC does not apply to root)"
