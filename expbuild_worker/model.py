@@ -238,6 +238,7 @@ class StageTimes:
 
     queued: float | None = None
     worker_start: float | None = None
+    left_queue: float | None = None  # cancelled while waiting: when it gave up its place
     inputs_staged: float | None = None
     command_start: float | None = None
     command_end: float | None = None

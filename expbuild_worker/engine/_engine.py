@@ -274,7 +274,7 @@ class ExecutionEngine:
                     executor,
                     ExecutionStatus.CANCELLED,
                     "cancelled while queued",
-                    times=StageTimes(queued=queued),
+                    times=StageTimes(queued=queued, left_queue=time.time()),
                 )
                 return
         worker_start = time.time()

@@ -207,8 +207,9 @@ def _fill_result(out: pb.ExecutionResult, r: ActionResult) -> None:
     out.executor = r.executor
     out.isolation_level = _ISOLATION_TO_PB[r.isolation]
     stats, t, usage = out.stats, r.times, r.usage
-    if t.worker_start is not None and t.queued is not None:
-        _set_duration(stats.queue_time, t.worker_start - t.queued)
+    left_queue = t.worker_start if t.worker_start is not None else t.left_queue
+    if left_queue is not None and t.queued is not None:
+        _set_duration(stats.queue_time, left_queue - t.queued)
     if t.command_start is not None and t.command_end is not None:
         _set_duration(stats.wall_time, t.command_end - t.command_start)
     _set_duration(stats.user_cpu_time, usage.user_cpu_seconds)

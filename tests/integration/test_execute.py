@@ -569,10 +569,12 @@ def test_cancel_while_queued_never_runs(start_worker):
             break
     queued = s.Execute(request([SH, "-c", "echo ran"], execution_id="waiting"), timeout=30)
     assert next(queued).accepted.queue_position == 1
+    time.sleep(0.3)
     s.CancelExecution(pb.CancelExecutionRequest(execution_id="waiting"))
     rest = list(queued)
     assert [r.WhichOneof("event") for r in rest] == ["result"]
     assert rest[0].result.status == pb.EXECUTION_STATUS_CANCELLED
+    assert rest[0].result.stats.queue_time.ToMilliseconds() >= 300  # the time it did wait
     running.cancel()
 
 
