@@ -41,7 +41,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: Exception) ->
 
 
 class _CallGone(Exception):
-    """A response could not be written: the client cancelled or disconnected."""
+    """A response could not be written: the client cancelled or disconnected (or, a bug, the
+    message was over gRPC's send limit: gRPC then tells the client itself). Either way the call
+    is over; gRPC raises the same error for both."""
 
 
 async def send(context: grpc.aio.ServicerContext[Any, Any], message: Any) -> None:
@@ -78,7 +80,7 @@ def maps_errors(
         except grpc.aio.AbortError:
             raise
         except _CallGone as gone:  # nobody is left to tell; the handler has cleaned up on the way out
-            _log.info("%s: the client went away (%s)", method.__name__, gone)
+            _log.warning("%s: the call ended while a response was written: %s", method.__name__, gone)
             return None  # type: ignore[return-value]
         except Exception as err:
             await _abort(context, err)

@@ -335,7 +335,8 @@ def test_limits_a_host_cannot_enforce_are_refused_before_accepted(stub, field, l
 
 
 def test_a_client_gone_while_outputs_stream_is_no_error(stub, caplog):
-    """Cancelling while output contents stream ends the call quietly: an info line, no error."""
+    """Cancelling while output contents stream ends the call quietly: a warning line at most,
+    no error with a traceback."""
     caplog.set_level(logging.INFO)
     script = "head -c 20000000 /dev/zero > big"
     for after in (1, 2, 3, 5, 8, 1, 2, 3, 5, 8):
