@@ -40,6 +40,7 @@ from expbuild_worker.model import (
     LogSummary,
     OutputChunk,
     OutputManifest,
+    ResourceLimits,
     ResourceUsage,
     RunOutcome,
     StageTimes,
@@ -68,11 +69,15 @@ already found the outputs too large to bring back."""
 
 @dataclass(eq=False)
 class _Execution:
+    """An admitted action: what runs it, with which limits (defaults applied), and its state."""
+
     action: Action
-    stop: StopSignal
-    done: asyncio.Event
-    admitted_at: float
+    executor: Executor
+    limits: ResourceLimits
     ticket: Ticket
+    admitted_at: float
+    stop: StopSignal = dataclasses.field(default_factory=StopSignal)
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class ExecutionEngine:
@@ -114,10 +119,6 @@ class ExecutionEngine:
         await self._directories.start()
         for name, executor in self._executors.items():
             self._caps[name] = await executor.capabilities()
-
-    @property
-    def executor_names(self) -> list[str]:
-        return list(self._executors)
 
     @property
     def active_count(self) -> int:
@@ -213,7 +214,7 @@ class ExecutionEngine:
             return min(fits, key=lambda ex: ex.isolation).name
         return self._default
 
-    def _admit(self, action: Action) -> tuple[Action, str, Ticket, _Execution]:
+    def _admit(self, action: Action) -> _Execution:
         """Everything that may refuse an action happens here, before its first event."""
         if not self._accepting:
             raise UnavailableError("worker is shutting down and accepts no new actions")
@@ -228,7 +229,9 @@ class ExecutionEngine:
             max_limits=caps.max_limits,
             executor=name,
         )
-        self._executors[name].check(action.limits.with_defaults(caps.default_limits), action.image)
+        executor = self._executors[name]
+        limits = action.limits.with_defaults(caps.default_limits)
+        executor.check(limits, action.image)
         for i, f in enumerate(action.input_files):
             if f.digest is not None and not self.store.contains(f.digest):
                 raise PreconditionError(
@@ -237,20 +240,22 @@ class ExecutionEngine:
                 )
         if action.execution_id in self._active:
             raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
-        ticket = self.admission.reserve(name)
         execution = _Execution(
-            action=action, stop=StopSignal(), done=asyncio.Event(), admitted_at=time.time(), ticket=ticket
+            action=action,
+            executor=executor,
+            limits=limits,
+            ticket=self.admission.reserve(name),
+            admitted_at=time.time(),
         )
         self._active[action.execution_id] = execution
-        return action, name, ticket, execution
+        return execution
 
     async def execute(self, action: Action) -> AsyncGenerator[ActionEvent, None]:
-        action, name, ticket, execution = self._admit(action)
+        execution = self._admit(action)
+        action, executor, ticket = execution.action, execution.executor, execution.ticket
         try:
-            executor = self._executors[name]
-            yield Accepted(action.execution_id, name, executor.isolation, ticket.queue_position)
-            run = self._run(action, executor, ticket, execution.stop, execution.admitted_at)
-            async with contextlib.aclosing(run) as events:
+            yield Accepted(action.execution_id, executor.name, executor.isolation, ticket.queue_position)
+            async with contextlib.aclosing(self._run(execution)) as events:
                 async for event in events:
                     yield event
         finally:
@@ -258,9 +263,14 @@ class ExecutionEngine:
             del self._active[action.execution_id]
             execution.done.set()
 
-    async def _run(
-        self, action: Action, executor: Executor, ticket: Ticket, stop: StopSignal, queued: float
-    ) -> AsyncGenerator[ActionEvent, None]:
+    async def _run(self, execution: _Execution) -> AsyncGenerator[ActionEvent, None]:
+        action, executor, ticket, stop = (
+            execution.action,
+            execution.executor,
+            execution.ticket,
+            execution.stop,
+        )
+        queued = execution.admitted_at
         if not ticket.running:
             stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
             waits: set[asyncio.Future[object]] = {ticket.granted, stop_wait}  # type: ignore[arg-type]
@@ -288,27 +298,20 @@ class ExecutionEngine:
             ):
                 try:
                     await self._stage(action, root, stop)
-                except StagingStopped:
-                    yield self._result(
-                        action,
-                        executor,
-                        stop.reason or ExecutionStatus.CANCELLED,
-                        "stopped while staging inputs",
-                        times=StageTimes(queued=queued, worker_start=worker_start),
-                    )
-                    return
-                except (OSError, NotFoundError) as err:  # disk full, a blob evicted meanwhile, ...
-                    _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
-                    yield self._result(
-                        action,
-                        executor,
-                        ExecutionStatus.INTERNAL,
-                        f"staging inputs failed: {err}",
-                        times=StageTimes(queued=queued, worker_start=worker_start),
-                    )
+                except (StagingStopped, OSError, NotFoundError) as err:  # stopped, disk full, blob evicted
+                    if isinstance(err, StagingStopped):
+                        status, message = (
+                            stop.reason or ExecutionStatus.CANCELLED,
+                            "stopped while staging inputs",
+                        )
+                    else:
+                        _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
+                        status, message = ExecutionStatus.INTERNAL, f"staging inputs failed: {err}"
+                    times = StageTimes(queued=queued, worker_start=worker_start)
+                    yield self._result(action, executor, status, message, times=times)
                     return
             times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
-            async with contextlib.aclosing(self._run_staged(action, executor, root, stop, times)) as events:
+            async with contextlib.aclosing(self._run_staged(execution, root, times)) as events:
                 async for event in events:
                     yield event
         finally:
@@ -333,9 +336,9 @@ class ExecutionEngine:
             forget_stop()
 
     async def _run_staged(
-        self, action: Action, executor: Executor, root: Path, stop: StopSignal, times: StageTimes
+        self, execution: _Execution, root: Path, times: StageTimes
     ) -> AsyncGenerator[ActionEvent, None]:
-        caps = self._caps[executor.name]
+        action, executor, stop = execution.action, execution.executor, execution.stop
         command = Command(
             execution_id=action.execution_id,
             argv=action.argv,
@@ -343,7 +346,7 @@ class ExecutionEngine:
             root=root,
             working_directory=action.working_directory,
             stdin=action.stdin,
-            limits=action.limits.with_defaults(caps.default_limits),
+            limits=execution.limits,
             output_paths=(*action.output_files, *action.output_directories),
             image=action.image,
             platform_properties=action.platform_properties,

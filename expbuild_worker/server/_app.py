@@ -54,9 +54,6 @@ class RunningServer:
         await self._server.stop(grace=1.0)
         self._stopped.set()
 
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
-
 
 async def start_server(config: WorkerConfig) -> RunningServer:
     """Build the worker from ``config`` and serve it; port 0 binds a free port (see ``.port``).

@@ -23,7 +23,6 @@ from expbuild_worker.storage._cas import check_digest
 from expbuild_worker.validation import check_execution_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
-_READ_BLOB_CHUNK = 1 << 20
 
 
 def _platform() -> pb.Platform:

@@ -279,11 +279,6 @@ class DockerExecutor:
             _log.warning("docker executor %s: %s", self._name, err)
         self._janitor.start_periodic()
 
-    async def sweep_orphans(self) -> int:
-        """Remove this worker's containers that no live action owns, now; returns how many."""
-        await self._learn_engine()
-        return await self._janitor.sweep()
-
     async def close(self) -> None:
         """Stop the sweeper, remove every container this executor still owns; idempotent."""
         if self._closed:
