@@ -39,6 +39,7 @@ def limits_from_config(limits: LimitsConfig) -> ResourceLimits:
         cpu_cores=limits.cpu_cores or None,
         memory_bytes=limits.memory_bytes or None,
         max_processes=limits.max_processes or None,
+        disk_bytes=limits.disk_bytes or None,
     )
 
 

@@ -16,6 +16,7 @@ from expbuild_worker.errors import ConfigError
 from expbuild_worker.validation import MAX_WORK_ROOT_BYTES
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogLimitPolicy = Literal["truncate", "end-action"]
 PullPolicy = Literal["always", "if-not-present", "never"]
 IoMode = Literal["auto", "bind", "archive"]
 CgroupMode = Literal["auto", "off", "required"]
@@ -48,6 +49,11 @@ class ExecutionConfig:
     max_inline_input_bytes: int = 16 * MiB
     max_log_bytes_per_stream: int = 64 * MiB
     max_output_bytes: int = 4 * GiB
+    on_log_limit: LogLimitPolicy = "truncate"
+    staging_timeout_seconds: float = 600.0
+    max_input_entries: int = 200_000
+    max_digests_per_request: int = 100_000
+    disk_check_interval_seconds: float = 0.5
     work_root: str = ""
 
 
@@ -57,6 +63,7 @@ class StorageConfig:
 
     path: str = ""
     max_bytes: int = 10 * GiB
+    output_retention_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +73,7 @@ class LimitsConfig:
     cpu_cores: float = 0.0
     memory_bytes: int = 0
     max_processes: int = 0
+    disk_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +196,9 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
     return config
 
 
+_LIMIT_KEYS = ("cpu_cores", "memory_bytes", "max_processes", "disk_bytes")
+
+
 def _check_semantics(config: WorkerConfig) -> None:
     src = config.source
     if config.execution.default_executor and config.execution.default_executor not in config.executors:
@@ -203,16 +214,21 @@ def _check_semantics(config: WorkerConfig) -> None:
         ("execution.max_log_bytes_per_stream", config.execution.max_log_bytes_per_stream),
         ("execution.max_output_bytes", config.execution.max_output_bytes),
         ("storage.max_bytes", config.storage.max_bytes),
+        ("execution.staging_timeout_seconds", config.execution.staging_timeout_seconds),
+        ("execution.max_input_entries", config.execution.max_input_entries),
+        ("execution.max_digests_per_request", config.execution.max_digests_per_request),
+        ("execution.disk_check_interval_seconds", config.execution.disk_check_interval_seconds),
     ]
     non_negative: list[tuple[str, float]] = [
         ("server.shutdown_grace_seconds", config.server.shutdown_grace_seconds),
         ("execution.max_queued_executions", config.execution.max_queued_executions),
         ("execution.max_inline_input_bytes", config.execution.max_inline_input_bytes),
+        ("storage.output_retention_seconds", config.storage.output_retention_seconds),
     ]
     for name, ex in config.executors.items():
         for table in ("default_limits", "max_limits"):
             limits: LimitsConfig = getattr(ex, table)
-            for key in ("cpu_cores", "memory_bytes", "max_processes"):
+            for key in _LIMIT_KEYS:
                 non_negative.append((f"executor.{name}.{table}.{key}", getattr(limits, key)))
         non_negative.append((f"executor.{name}.max_concurrency", ex.max_concurrency))
         positive.append((f"executor.{name}.kill_grace_seconds", ex.kill_grace_seconds))
@@ -223,7 +239,7 @@ def _check_semantics(config: WorkerConfig) -> None:
         if value < 0:
             raise ConfigError(f"{src}: {key}: expected zero or a positive number, got {value!r}")
     for name, ex in config.executors.items():
-        for key in ("cpu_cores", "memory_bytes", "max_processes"):
+        for key in _LIMIT_KEYS:
             default, maximum = getattr(ex.default_limits, key), getattr(ex.max_limits, key)
             if default and maximum and default > maximum:
                 raise ConfigError(

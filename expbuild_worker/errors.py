@@ -27,6 +27,14 @@ class PreconditionError(WorkerError):
     """The worker cannot run this action as asked (image missing, executor not ready)."""
 
 
+class MissingBlobsError(PreconditionError):
+    """Blobs an action needs are not in the store; ``digests`` lists exactly which (upload them again)."""
+
+    def __init__(self, message: str, *, digests: tuple[object, ...]) -> None:
+        super().__init__(message)
+        self.digests = digests
+
+
 class UnavailableError(WorkerError):
     """The worker is shutting down or an engine it needs does not answer."""
 

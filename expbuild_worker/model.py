@@ -28,6 +28,7 @@ class ExecutionStatus(enum.Enum):
     FAILED_TO_START = "failed_to_start"
     INTERNAL = "internal"
     OUTPUT_LIMIT_EXCEEDED = "output_limit_exceeded"
+    DISK_LIMIT_EXCEEDED = "disk_limit_exceeded"
 
 
 class LogStream(enum.Enum):
@@ -43,6 +44,7 @@ class ResourceLimit(enum.Enum):
     PROCESSES = "processes"
     NETWORK = "network"
     TIMEOUT = "timeout"
+    DISK = "disk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,8 @@ class ResourceLimits:
     memory_bytes: int | None = None
     max_processes: int | None = None
     network: bool | None = None  # True = allowed, False = no network, None = executor default
+    disk_bytes: int | None = None
+    """Bytes the action's directory may hold on disk (inputs, outputs, temporaries)."""
 
     def with_defaults(self, defaults: ResourceLimits) -> ResourceLimits:
         """Fill every unset limit from ``defaults``."""
@@ -84,6 +88,7 @@ class ResourceLimits:
             memory_bytes=self.memory_bytes if self.memory_bytes is not None else defaults.memory_bytes,
             max_processes=self.max_processes if self.max_processes is not None else defaults.max_processes,
             network=self.network if self.network is not None else defaults.network,
+            disk_bytes=self.disk_bytes if self.disk_bytes is not None else defaults.disk_bytes,
         )
 
 
@@ -230,6 +235,9 @@ class OutputManifest:
     the first few as printable paths; they are not collected, and the result's message names them."""
     unreportable_count: int = 0
     """How many such outputs there were in all."""
+    problems: tuple[str, ...] = ()
+    """Outputs that exist but could not be collected (an OS error while reading them), each as
+    "path: reason"; they are absent from the listing and the result's message names them."""
 
 
 @dataclass(frozen=True, slots=True)

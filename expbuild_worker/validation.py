@@ -134,6 +134,7 @@ def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str)
         ("cpu_cores", limits.cpu_cores, maxima.cpu_cores),
         ("memory_bytes", limits.memory_bytes, maxima.memory_bytes),
         ("max_processes", limits.max_processes, maxima.max_processes),
+        ("disk_bytes", limits.disk_bytes, maxima.disk_bytes),
     ]
     for name, value, maximum in pairs:
         if value is None:

@@ -46,6 +46,7 @@ _STATUS_TO_PB = {
     ExecutionStatus.FAILED_TO_START: pb.EXECUTION_STATUS_FAILED_TO_START,
     ExecutionStatus.INTERNAL: pb.EXECUTION_STATUS_INTERNAL,
     ExecutionStatus.OUTPUT_LIMIT_EXCEEDED: pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED,
+    ExecutionStatus.DISK_LIMIT_EXCEEDED: pb.EXECUTION_STATUS_DISK_LIMIT_EXCEEDED,
 }
 _STREAM_TO_PB = {LogStream.STDOUT: pb.LOG_STREAM_STDOUT, LogStream.STDERR: pb.LOG_STREAM_STDERR}
 _LIMIT_TO_PB = {
@@ -54,6 +55,7 @@ _LIMIT_TO_PB = {
     ResourceLimit.PROCESSES: pb.RESOURCE_LIMIT_PROCESSES,
     ResourceLimit.NETWORK: pb.RESOURCE_LIMIT_NETWORK,
     ResourceLimit.TIMEOUT: pb.RESOURCE_LIMIT_TIMEOUT,
+    ResourceLimit.DISK: pb.RESOURCE_LIMIT_DISK,
 }
 _NETWORK_FROM_PB: Mapping[int, bool | None] = {
     pb.NETWORK_ACCESS_UNSPECIFIED: None,
@@ -114,7 +116,7 @@ def action_from_pb(req: pb.ExecuteRequest) -> Action:
     limits = req.limits
     if limits.network not in _NETWORK_FROM_PB:
         raise InvalidRequestError(f"limits.network: unknown value {limits.network}")
-    for name in ("cpu_cores", "memory_bytes", "max_processes"):
+    for name in ("cpu_cores", "memory_bytes", "max_processes", "disk_bytes"):
         if getattr(limits, name) < 0:
             raise InvalidRequestError(f"limits.{name}: expected zero (default) or a positive number")
     min_iso = req.executor.min_isolation
@@ -142,6 +144,7 @@ def action_from_pb(req: pb.ExecuteRequest) -> Action:
             memory_bytes=limits.memory_bytes or None,
             max_processes=limits.max_processes or None,
             network=_NETWORK_FROM_PB[limits.network],
+            disk_bytes=limits.disk_bytes or None,
         ),
         executor=ExecutorSelector(
             name=req.executor.name or None,
@@ -232,6 +235,7 @@ def _limits_to_pb(limits: ResourceLimits) -> pb.ResourceLimits:
         memory_bytes=limits.memory_bytes or 0,
         max_processes=limits.max_processes or 0,
         network=network,
+        disk_bytes=limits.disk_bytes or 0,
     )
 
 

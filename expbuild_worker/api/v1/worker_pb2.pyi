@@ -34,6 +34,7 @@ class ResourceLimit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESOURCE_LIMIT_PROCESSES: _ClassVar[ResourceLimit]
     RESOURCE_LIMIT_NETWORK: _ClassVar[ResourceLimit]
     RESOURCE_LIMIT_TIMEOUT: _ClassVar[ResourceLimit]
+    RESOURCE_LIMIT_DISK: _ClassVar[ResourceLimit]
 
 class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ class ExecutionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXECUTION_STATUS_FAILED_TO_START: _ClassVar[ExecutionStatus]
     EXECUTION_STATUS_INTERNAL: _ClassVar[ExecutionStatus]
     EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED: _ClassVar[ExecutionStatus]
+    EXECUTION_STATUS_DISK_LIMIT_EXCEEDED: _ClassVar[ExecutionStatus]
 ISOLATION_LEVEL_UNSPECIFIED: IsolationLevel
 ISOLATION_LEVEL_HOST: IsolationLevel
 ISOLATION_LEVEL_NAMESPACE_SANDBOX: IsolationLevel
@@ -65,6 +67,7 @@ RESOURCE_LIMIT_MEMORY: ResourceLimit
 RESOURCE_LIMIT_PROCESSES: ResourceLimit
 RESOURCE_LIMIT_NETWORK: ResourceLimit
 RESOURCE_LIMIT_TIMEOUT: ResourceLimit
+RESOURCE_LIMIT_DISK: ResourceLimit
 LOG_STREAM_UNSPECIFIED: LogStream
 LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
@@ -76,6 +79,7 @@ EXECUTION_STATUS_OOM_KILLED: ExecutionStatus
 EXECUTION_STATUS_FAILED_TO_START: ExecutionStatus
 EXECUTION_STATUS_INTERNAL: ExecutionStatus
 EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED: ExecutionStatus
+EXECUTION_STATUS_DISK_LIMIT_EXCEEDED: ExecutionStatus
 
 class Digest(_message.Message):
     __slots__ = ("sha256", "size_bytes")
@@ -86,16 +90,18 @@ class Digest(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ResourceLimits(_message.Message):
-    __slots__ = ("cpu_cores", "memory_bytes", "max_processes", "network")
+    __slots__ = ("cpu_cores", "memory_bytes", "max_processes", "network", "disk_bytes")
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_cores: float
     memory_bytes: int
     max_processes: int
     network: NetworkAccess
-    def __init__(self, cpu_cores: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_processes: _Optional[int] = ..., network: _Optional[_Union[NetworkAccess, str]] = ...) -> None: ...
+    disk_bytes: int
+    def __init__(self, cpu_cores: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_processes: _Optional[int] = ..., network: _Optional[_Union[NetworkAccess, str]] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecutorSelector(_message.Message):
     __slots__ = ("name", "min_isolation")
