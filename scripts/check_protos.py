@@ -1,4 +1,4 @@
-"""Fail when expbuild_worker/api/v1 differs from what `make protos` generates now."""
+"""Fail when expbuild_worker/api/{v1,reapi} differ from what `make protos` generates now."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ROOT / "expbuild_worker" / "api" / "v1"
+GENERATED = (ROOT / "expbuild_worker" / "api" / "v1", ROOT / "expbuild_worker" / "api" / "reapi")
+
+
+def snapshot() -> dict[str, bytes]:
+    return {
+        str(path.relative_to(ROOT)): path.read_bytes()
+        for directory in GENERATED
+        for path in directory.glob("*_pb2*")
+    }
 
 
 def main() -> int:
-    before = {p.name: p.read_bytes() for p in GENERATED.glob("*_pb2*")}
+    before = snapshot()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py")], check=True)
-    after = {p.name: p.read_bytes() for p in GENERATED.glob("*_pb2*")}
+    after = snapshot()
     stale = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if stale:
         print(f"generated code is stale; run `make protos` and commit: {', '.join(stale)}", file=sys.stderr)
