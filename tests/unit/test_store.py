@@ -69,16 +69,18 @@ def test_concurrent_writers_of_one_blob(tmp_path):
 
 
 def test_least_recently_used_blobs_are_evicted(tmp_path):
-    """Past the bound the oldest blobs go and the newest stays."""
-    store = ContentAddressedStore(root=tmp_path, max_bytes=3000)
-    digests = []
-    for i in range(5):
-        d = store.put_bytes(bytes([i]) * 1000)
-        os.utime(store.path_of(d), (1000 + i, 1000 + i))
-        digests.append(d)
-    assert store.contains(digests[-1])
-    assert not store.contains(digests[0])
-    assert store.total_bytes <= 3000
+    """Past the bound the least recently used blobs go (a read counts as a use) and the newest stays."""
+    blob = 64 << 10
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(blob))
+    on_disk = probe.stat().st_blocks * 512
+    store = ContentAddressedStore(root=tmp_path / "cas", max_bytes=3 * on_disk + on_disk // 2)
+    digests = [store.put_bytes(bytes([i]) * blob) for i in range(3)]
+    b"".join(store.open_blob(digests[0]))
+    digests += [store.put_bytes(bytes([i]) * blob) for i in range(3, 5)]
+    assert store.contains(digests[-1]) and store.contains(digests[0])
+    assert not store.contains(digests[1])
+    assert store.size_on_disk <= store.max_bytes
 
 
 def test_copies_are_independent_of_the_store(tmp_path):
