@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -97,22 +98,65 @@ def clear_output(root: Path, output_path: str) -> bool:
 
 
 class OutputTooLarge(Exception):
-    """An output holds a path deeper or longer than the API carries; nothing more is unpacked."""
+    """An output holds more bytes than it may, or a path deeper or longer than the API carries;
+    nothing more is read and nothing of it is left under the root."""
 
 
-def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> int:
-    """Extract the engine's archive of ``output_path`` into ``root``; returns bytes written.
+def distinct_outputs(output_paths: Iterable[str]) -> list[str]:
+    """Each output once, in a stable order: duplicates and paths inside another listed output
+    are dropped, since the archive of the outer one holds them (copying them again would count
+    their bytes twice against the cap)."""
+    kept: set[str] = set()
+    for path in sorted(set(output_paths), key=lambda p: (p.count("/"), p)):
+        parts = path.split("/")
+        if not any("/".join(parts[:i]) in kept for i in range(1, len(parts))):
+            kept.add(path)
+    return sorted(kept)
+
+
+def unpack_output(
+    chunks: Iterable[bytes], *, root: Path, output_path: str, max_bytes: int | None = None
+) -> int:
+    """Extract the engine's archive of ``output_path`` into ``root``; returns the file bytes written.
 
     The archive's top member is the output's base name. Every member must stay under it;
     parents on the host must be real directories; symlinks are created as symlinks and never
-    followed; hard links are re-created only to members already extracted; device nodes and
-    FIFOs are skipped. Raises UnsafeArchiveError for a member that breaks these rules, and
-    OutputTooLarge at the first member nested deeper or named longer than a result may carry
-    (before unpacking it: a deep tree would otherwise take minutes).
+    followed; hard links are re-created only to members already extracted (their bytes count
+    once); device nodes and FIFOs are skipped. Raises UnsafeArchiveError for a member that
+    breaks these rules, and OutputTooLarge at the first member nested deeper or named longer
+    than a result may carry (before unpacking it: a deep tree would otherwise take minutes) or
+    that would take the file bytes past ``max_bytes`` (judged by its tar header before any of
+    it is written, and counted again as it is written: a sparse terabyte must never reach the
+    disk). On any failure the stream is closed unread and what was unpacked of this output is
+    removed.
     """
     parent_rel, name = posixpath.split(output_path)
     parent = _checked_parent(root, parent_rel)
+    try:
+        return _unpack(chunks, parent=parent, parent_rel=parent_rel, name=name, max_bytes=max_bytes)
+    except BaseException:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+        with contextlib.suppress(OSError):
+            remove_tree(parent / name)
+        raise
+
+
+def _unpack(
+    chunks: Iterable[bytes], *, parent: Path, parent_rel: str, name: str, max_bytes: int | None
+) -> int:
+    output_path = posixpath.join(parent_rel, name)
     written = 0
+
+    def check_room(size: int, member: str) -> None:
+        if max_bytes is not None and written + size > max_bytes:
+            raise OutputTooLarge(
+                f"outputs exceed execution.max_output_bytes at {member!r}: more than the "
+                f"{max_bytes} bytes {output_path!r} may take"
+            )
+
     stream = io.BufferedReader(_ChunkReader(chunks), buffer_size=_COPY_CHUNK)
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
@@ -127,6 +171,8 @@ def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> i
             problem = output_path_problem(full, len(full.encode(errors="surrogateescape")))
             if problem:
                 raise OutputTooLarge(problem)
+            if member.isfile():
+                check_room(member.size, full)
             sub_parent, base = posixpath.split(member_name)
             dest_dir = _checked_parent(parent, sub_parent)
             dest = dest_dir / base
@@ -156,6 +202,7 @@ def unpack_output(chunks: Iterable[bytes], *, root: Path, output_path: str) -> i
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, member.mode & 0o777)
                 with os.fdopen(fd, "wb") as out:
                     while block := source_file.read(_COPY_CHUNK):
+                        check_room(len(block), full)
                         out.write(block)
                         written += len(block)
                 os.chmod(dest, member.mode & 0o777)
