@@ -39,8 +39,13 @@ class WorkerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-worker", daemon=True)
         self._thread.start()
-        self.server: RunningServer = self.call(start_server(self.config))
         self._channels: list[grpc.Channel] = []
+        self._stopped = False
+        try:
+            self.server: RunningServer = self.call(start_server(self.config))
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -56,14 +61,21 @@ class WorkerThread:
         return pb_grpc.WorkerServiceStub(channel)
 
     def stop(self, grace: float = 0.0) -> None:
+        """Stop the worker and its loop; safe to call again (a test may stop a worker itself)."""
+        if self._stopped:
+            return
         for channel in self._channels:
             channel.close()
         try:
             self.call(self.server.stop(grace))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._stopped = True
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture

@@ -16,10 +16,12 @@ from pathlib import Path
 from expbuild_worker.engine._admission import Admission, Ticket
 from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
 from expbuild_worker.engine._staging import StagingStopped, stage_inputs
+from expbuild_worker.engine._work_root import DirectoryLock
 from expbuild_worker.engine._workdirs import ActionDirectories
 from expbuild_worker.errors import (
     AlreadyExistsError,
     InvalidRequestError,
+    MissingBlobsError,
     NotFoundError,
     PreconditionError,
     ResourceExhaustedError,
@@ -32,6 +34,7 @@ from expbuild_worker.model import (
     Action,
     ActionEvent,
     ActionResult,
+    Digest,
     ExecutionStatus,
     ExecutorCapabilities,
     ExecutorSelector,
@@ -46,7 +49,7 @@ from expbuild_worker.model import (
     StageTimes,
     WarmupReport,
 )
-from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.storage import BlobPin, ContentAddressedStore
 from expbuild_worker.validation import check_image_reference, validate_action
 
 _log = logging.getLogger(__name__)
@@ -60,7 +63,20 @@ class EngineLimits:
     max_output_bytes: int
     default_timeout_seconds: float
     max_timeout_seconds: float
+    max_input_entries: int | None = None
+    staging_timeout_seconds: float = 600.0
+    output_retention_seconds: float = 300.0
+    """How long outputs stay pinned after a result that did not carry their contents."""
 
+
+_VALIDATE_IN_THREAD_ENTRIES = 256
+"""Actions with more input entries are validated on a thread: the work grows with the request,
+and the event loop must keep answering every other call (health included) meanwhile. Smaller
+ones are checked inline, where a thread hop would cost more than the checks."""
+
+
+_NAMED_MISSING = 10
+"""How many missing blobs a refusal names (the rest are counted; ``MissingBlobsError.digests`` has all)."""
 
 _NOTHING_TO_COLLECT = (ExecutionStatus.FAILED_TO_START, ExecutionStatus.OUTPUT_LIMIT_EXCEEDED)
 """Outcomes after which outputs are not collected: the command never ran, or its executor
@@ -76,6 +92,8 @@ class _Execution:
     limits: ResourceLimits
     ticket: Ticket
     admitted_at: float
+    inputs: BlobPin
+    """The input blobs, pinned from admission until they are staged: never evicted while queued."""
     stop: StopSignal = dataclasses.field(default_factory=StopSignal)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -98,6 +116,7 @@ class ExecutionEngine:
         work_root: Path,
         limits: EngineLimits,
         admission: Admission,
+        directory_locks: Sequence[DirectoryLock] = (),
     ) -> None:
         if default_executor not in executors:
             raise ValueError(f"default executor {default_executor!r} is not among {sorted(executors)}")
@@ -111,6 +130,7 @@ class ExecutionEngine:
         self._active: dict[str, _Execution] = {}
         self._closing: set[asyncio.Future[None]] = set()
         self._accepting = True
+        self._locks = tuple(directory_locks)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -155,6 +175,8 @@ class ExecutionEngine:
             except Exception:
                 _log.exception("closing executor %s failed", executor.name)
         await self._directories.close()
+        for lock in self._locks:  # last: nothing of ours is left in the directories
+            lock.release()
 
     async def _until_idle(self, seconds: float) -> None:
         """Wait until every admitted action has finished, or ``seconds`` have passed."""
@@ -214,44 +236,80 @@ class ExecutionEngine:
             return min(fits, key=lambda ex: ex.isolation).name
         return self._default
 
-    def _admit(self, action: Action) -> _Execution:
-        """Everything that may refuse an action happens here, before its first event."""
+    async def _admit(self, action: Action) -> _Execution:
+        """Everything that may refuse an action happens here, before its first event.
+
+        Work that grows with the request (path rules, pinning thousands of inputs) runs on a
+        thread for large actions; the checks that read shared state (shutting down, duplicate
+        id, a free place in the queue) run on the event loop after it, with no await between
+        them and the reservation."""
         if not self._accepting:
             raise UnavailableError("worker is shutting down and accepts no new actions")
         if not action.execution_id:
             action = dataclasses.replace(action, execution_id=uuid.uuid4().hex)
         name = self._select(action.executor)
         caps = self._caps[name]
+        executor = self._executors[name]
+        entries = len(action.input_files) + len(action.input_directories) + len(action.input_symlinks)
+        if entries > _VALIDATE_IN_THREAD_ENTRIES:
+            inputs = await asyncio.to_thread(self._check_and_pin, action, name, caps, executor)
+        else:
+            inputs = self._check_and_pin(action, name, caps, executor)
+        try:
+            if not self._accepting:
+                raise UnavailableError("worker is shutting down and accepts no new actions")
+            if action.execution_id in self._active:
+                raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
+            execution = _Execution(
+                action=action,
+                executor=executor,
+                limits=action.limits.with_defaults(caps.default_limits),
+                ticket=self.admission.reserve(name),
+                admitted_at=time.time(),
+                inputs=inputs,
+            )
+        except BaseException:
+            inputs.release()
+            raise
+        self._active[action.execution_id] = execution
+        return execution
+
+    def _check_and_pin(
+        self, action: Action, name: str, caps: ExecutorCapabilities, executor: Executor
+    ) -> BlobPin:
+        """Validate ``action`` and pin its input blobs; MissingBlobsError names exactly the absent ones."""
         validate_action(
             action,
             max_inline_input_bytes=self.limits.max_inline_input_bytes,
             max_timeout_seconds=self.limits.max_timeout_seconds,
             max_limits=caps.max_limits,
             executor=name,
+            max_input_entries=self.limits.max_input_entries,
         )
-        executor = self._executors[name]
-        limits = action.limits.with_defaults(caps.default_limits)
-        executor.check(limits, action.image)
-        for i, f in enumerate(action.input_files):
-            if f.digest is not None and not self.store.contains(f.digest):
-                raise PreconditionError(
-                    f"input_files[{i}].digest: blob {f.digest} is not in the worker's store; "
-                    "upload it with UploadBlobs first"
-                )
-        if action.execution_id in self._active:
-            raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
-        execution = _Execution(
-            action=action,
-            executor=executor,
-            limits=limits,
-            ticket=self.admission.reserve(name),
-            admitted_at=time.time(),
-        )
-        self._active[action.execution_id] = execution
-        return execution
+        executor.check(action.limits.with_defaults(caps.default_limits), action.image)
+        wanted = [f.digest for f in action.input_files if f.digest is not None]
+        try:
+            return self.store.pin(wanted)
+        except MissingBlobsError as err:
+            missing = set(err.digests)
+            fields = [
+                f"input_files[{i}].digest"
+                for i, f in enumerate(action.input_files)
+                if f.digest is not None and f.digest in missing
+            ]
+            named = ", ".join(fields[:_NAMED_MISSING]) + (
+                f" and {len(fields) - _NAMED_MISSING} more" if len(fields) > _NAMED_MISSING else ""
+            )
+            raise MissingBlobsError(
+                f"{named}: {len(err.digests)} blob(s) are not in the worker's store "
+                f"({', '.join(str(d) for d in err.digests[:_NAMED_MISSING])}"
+                f"{' …' if len(err.digests) > _NAMED_MISSING else ''}); upload them with UploadBlobs "
+                "and send the action again",
+                digests=err.digests,
+            ) from None
 
     async def execute(self, action: Action) -> AsyncGenerator[ActionEvent, None]:
-        execution = self._admit(action)
+        execution = await self._admit(action)
         action, executor, ticket = execution.action, execution.executor, execution.ticket
         try:
             yield Accepted(action.execution_id, executor.name, executor.isolation, ticket.queue_position)
@@ -259,6 +317,7 @@ class ExecutionEngine:
                 async for event in events:
                     yield event
         finally:
+            execution.inputs.release()
             self.admission.release(ticket)
             del self._active[action.execution_id]
             execution.done.set()
@@ -298,18 +357,25 @@ class ExecutionEngine:
             ):
                 try:
                     await self._stage(action, root, stop)
-                except (StagingStopped, OSError, NotFoundError) as err:  # stopped, disk full, blob evicted
+                except (StagingStopped, OSError, WorkerError) as err:  # stopped, too slow, disk full
                     if isinstance(err, StagingStopped):
                         status, message = (
                             stop.reason or ExecutionStatus.CANCELLED,
                             "stopped while staging inputs",
                         )
+                        if stop.reason is ExecutionStatus.TIMED_OUT:
+                            message = (
+                                f"staging inputs took longer than {self.limits.staging_timeout_seconds:g}s "
+                                "(execution.staging_timeout_seconds)"
+                            )
                     else:
                         _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
                         status, message = ExecutionStatus.INTERNAL, f"staging inputs failed: {err}"
                     times = StageTimes(queued=queued, worker_start=worker_start)
                     yield self._result(action, executor, status, message, times=times)
                     return
+                finally:
+                    execution.inputs.release()  # staged copies are the action's own now
             times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
             async with contextlib.aclosing(self._run_staged(execution, root, times)) as events:
                 async for event in events:
@@ -323,6 +389,10 @@ class ExecutionEngine:
         action's directory is never removed while the thread still writes into it."""
         halt = threading.Event()
         forget_stop = stop.on_request(lambda _reason: halt.set())
+        # The staging deadline is a stop like any other: the thread sees it at its next step.
+        deadline = asyncio.get_running_loop().call_later(
+            self.limits.staging_timeout_seconds, stop.request, ExecutionStatus.TIMED_OUT
+        )
         staging = asyncio.ensure_future(asyncio.to_thread(stage_inputs, action, root, self.store, halt))
         try:
             await asyncio.shield(staging)
@@ -333,6 +403,7 @@ class ExecutionEngine:
                 staging.exception()  # retrieved: StagingStopped or a failure nobody waits for now
             raise
         finally:
+            deadline.cancel()
             forget_stop()
 
     async def _run_staged(
@@ -348,12 +419,16 @@ class ExecutionEngine:
             stdin=action.stdin,
             limits=execution.limits,
             output_paths=(*action.output_files, *action.output_directories),
+            max_output_bytes=self.limits.max_output_bytes,
             image=action.image,
             platform_properties=action.platform_properties,
             timeout_seconds=action.timeout_seconds or self.limits.default_timeout_seconds,
         )
         outcome: RunOutcome | None = None
         counted = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
+        # Outputs are pinned as they enter the store, so no other action's blobs can evict them
+        # before they are streamed; a result without their contents keeps them for a while.
+        outputs = self.store.pin(())
         events = executor.execute(command, stop)
         try:
             try:
@@ -389,20 +464,28 @@ class ExecutionEngine:
                         output_directories=action.output_directories,
                         store=self.store,
                         max_bytes=self.limits.max_output_bytes,
+                        pin=outputs,
                     )
                 except (OutputLimitExceeded, ResourceExhaustedError) as err:  # over the cap, or the store
                     if status is ExecutionStatus.COMPLETED:
                         status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
                     else:  # timed out, cancelled, out of memory: that stays the headline
                         message = f"{message}; outputs not collected: {err}" if message else str(err)
+                except Exception:  # a fault of ours: the command's own result still counts
+                    error_id = uuid.uuid4().hex[:12]
+                    _log.exception(
+                        "collecting outputs of %s failed (error id %s)", action.execution_id, error_id
+                    )
+                    note = f"outputs not collected: internal worker error (error id {error_id})"
+                    if status is ExecutionStatus.COMPLETED:
+                        status = ExecutionStatus.INTERNAL
+                    message = f"{message}; {note}" if message else note
             times = dataclasses.replace(times, outputs_collected=time.time())
 
             if action.stream_output_contents:
                 for f in manifest.files:
-                    offset = 0
-                    for chunk in self.store.open_blob(f.digest):
+                    async for offset, chunk in self._blob_chunks(f.digest):
                         yield OutputChunk(f.path, offset, chunk)
-                        offset += len(chunk)
             stdout = outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT])
             stderr = outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR])
             yield ActionResult(
@@ -420,6 +503,10 @@ class ExecutionEngine:
                 isolation=executor.isolation,
             )
         finally:
+            if action.stream_output_contents or outcome is None:
+                outputs.release()
+            else:
+                outputs.release_after(self.limits.output_retention_seconds)
             if outcome is None:
                 await events.aclose()  # stopped early: the executor kills the command now
             else:
@@ -428,6 +515,19 @@ class ExecutionEngine:
                 closing = asyncio.ensure_future(events.aclose())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
+
+    async def _blob_chunks(self, digest: Digest) -> AsyncGenerator[tuple[int, bytes], None]:
+        """A stored blob's chunks with their offsets, each read on a thread (never on the loop)."""
+        chunks = await asyncio.to_thread(self.store.open_blob, digest)
+        offset = 0
+        try:
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                yield offset, chunk
+                offset += len(chunk)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     @staticmethod
     def _result(
@@ -458,6 +558,8 @@ def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stder
                 f"{name} truncated: {summary.streamed_bytes} of {summary.size_bytes} bytes streamed "
                 "(execution.max_log_bytes_per_stream)"
             )
+    if manifest.problems:
+        notes.append("outputs that could not be collected: " + "; ".join(manifest.problems))
     if manifest.unreportable:
         skipped = ", ".join(f"'{path}'" for path in manifest.unreportable)  # already escaped
         more = manifest.unreportable_count - len(manifest.unreportable)

@@ -22,16 +22,22 @@ def stage_inputs(
 
     Paths were validated (relative, normalised, no file under a file); creating each file
     with O_EXCL|O_NOFOLLOW means an input symlink declared earlier can never redirect a
-    later write outside ``root``. Runs on a worker thread: ``stop`` is checked before each
-    file, raising StagingStopped, so a cancelled action stops writing within one file.
+    later write outside ``root``. Runs on a worker thread: ``stop`` is checked before every
+    entry (directory, file, symlink), raising StagingStopped, so a cancelled action stops
+    within one file's copy however many entries it declared.
     """
+
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise StagingStopped
+
     for d in action.input_directories:
+        check_stop()
         make_dirs(root, d)
     if action.working_directory:
         make_dirs(root, action.working_directory)
     for f in action.input_files:
-        if stop is not None and stop.is_set():
-            raise StagingStopped
+        check_stop()
         parent = os.path.dirname(f.path)
         if parent:
             make_dirs(root, parent)
@@ -50,6 +56,7 @@ def stage_inputs(
                 os.close(fd)
             os.chmod(dest, mode)  # the umask must not strip the execute bit
     for link in action.input_symlinks:
+        check_stop()
         parent = os.path.dirname(link.path)
         if parent:
             make_dirs(root, parent)

@@ -79,6 +79,8 @@ class Command:
     stdin: bytes
     limits: ResourceLimits
     output_paths: Sequence[str] = ()
+    max_output_bytes: int | None = None
+    """The most file bytes the outputs may hold; an executor that copies outputs back stops at it."""
     image: str | None = None
     platform_properties: Mapping[str, str] = field(default_factory=dict)
     timeout_seconds: float | None = None
