@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-import posixpath
 import re
 from collections.abc import Collection, Iterable
 
@@ -30,6 +30,10 @@ MAX_SYMLINK_TARGET_BYTES = 4095
 """The longest symlink target the kernel stores."""
 MAX_NAME_BYTES = 255
 """The longest file name (one path component) Linux filesystems take."""
+_LONG_NAME = re.compile(f"(?<![^/])[^/]{{{MAX_NAME_BYTES + 1}}}")
+"""A path component longer than a file name may be (the look-behind makes the scan linear:
+a match is tried only where a component starts)."""
+_LONG_NAME_BYTES = re.compile(_LONG_NAME.pattern.encode())
 MAX_PATH_DEPTH = 256
 """The most components a path may have: deeper trees serve no build and make every walk costly."""
 MAX_PROCESSES = 4_194_304
@@ -53,34 +57,43 @@ def check_image_reference(image: str, field: str) -> None:
         )
 
 
+def _path_problem(value: str) -> str:
+    """Why ``value`` is not a normalised relative path inside the action root; '' when it is.
+
+    Only whole-string operations (no loop over components in Python): a request may carry
+    hundreds of thousands of paths, each up to ``MAX_PATH_DEPTH`` components deep."""
+    if value == "":
+        return "must not be empty"
+    if "\x00" in value:
+        return "contains a NUL byte"
+    ascii_only = value.isascii()
+    size = len(value) if ascii_only else len(value.encode())
+    if size > MAX_PATH_BYTES:
+        return f"longer than {MAX_PATH_BYTES} bytes"
+    if value.startswith("/"):
+        return f"must be relative to the action root, got absolute {value!r}"
+    padded = f"/{value}/"
+    if "/../" in padded:
+        return f"must not contain '..' components, got {value!r}"
+    if "//" in padded or "/./" in padded:
+        return f"must be normalised (no empty, '.' or trailing '/' components), got {value!r}"
+    if value.count("/") >= MAX_PATH_DEPTH:
+        return f"more than {MAX_PATH_DEPTH} components"
+    if size > MAX_NAME_BYTES:  # only then can one component be too long
+        long = _LONG_NAME.search(value) if ascii_only else _LONG_NAME_BYTES.search(value.encode())
+        if long is not None:
+            start = long.group()[:40]
+            name = start if isinstance(start, str) else start.decode(errors="replace")
+            return f"component {name!r}... is longer than {MAX_NAME_BYTES} bytes"
+    return ""
+
+
 def check_relative_path(value: str, field: str, *, allow_empty: bool = False) -> None:
     """Refuse anything but a normalised relative path that stays inside the action root."""
-    if value == "":
-        if allow_empty:
-            return
-        raise InvalidRequestError(f"{field}: must not be empty")
-    if "\x00" in value:
-        raise InvalidRequestError(f"{field}: contains a NUL byte")
-    if len(value.encode()) > MAX_PATH_BYTES:
-        raise InvalidRequestError(f"{field}: longer than {MAX_PATH_BYTES} bytes")
-    if value.startswith("/"):
-        raise InvalidRequestError(f"{field}: must be relative to the action root, got absolute {value!r}")
-    parts = value.split("/")
-    if any(p == ".." for p in parts):
-        raise InvalidRequestError(f"{field}: must not contain '..' components, got {value!r}")
-    if any(p in ("", ".") for p in parts):
-        raise InvalidRequestError(
-            f"{field}: must be normalised (no empty, '.' or trailing '/' components), got {value!r}"
-        )
-    if len(parts) > MAX_PATH_DEPTH:
-        raise InvalidRequestError(f"{field}: more than {MAX_PATH_DEPTH} components")
-    if len(value) <= MAX_NAME_BYTES // 4:  # no component can be too long (UTF-8: 4 bytes a character)
+    if value == "" and allow_empty:
         return
-    for part in parts:
-        if len(part.encode()) > MAX_NAME_BYTES:
-            raise InvalidRequestError(
-                f"{field}: component {part[:40]!r}... is longer than {MAX_NAME_BYTES} bytes"
-            )
+    if problem := _path_problem(value):
+        raise InvalidRequestError(f"{field}: {problem}")
 
 
 def output_path_problem(path: str, size: int) -> str:
@@ -102,18 +115,23 @@ def is_valid_relative_path(value: str) -> bool:
     return True
 
 
-def _check_symlink_target(path: str, target: str, field: str, links: Collection[str]) -> None:
+def _check_symlink_target(
+    path: str, target: str, field: str, links: Collection[str], link_names: Collection[str]
+) -> None:
     """The target must resolve inside the root without passing through another input symlink
-    (``links``): a symlink's own target is not known here, so ``x/..`` with ``x -> .`` could
-    leave the root. Pointing at a symlink (as the last component) is fine."""
+    (``links``, whose last components are ``link_names``): a symlink's own target is not known
+    here, so ``x/..`` with ``x -> .`` could leave the root. Pointing at a symlink (as the last
+    component) is fine. A prefix is joined only when its last step names some input symlink,
+    so a long target costs one pass over its steps, not one join per step."""
     if target == "" or "\x00" in target:
         raise InvalidRequestError(f"{field}: must be a non-empty target without NUL bytes")
     if len(target.encode()) > MAX_SYMLINK_TARGET_BYTES:
         raise InvalidRequestError(f"{field}: longer than {MAX_SYMLINK_TARGET_BYTES} bytes")
     if target.startswith("/"):
         raise InvalidRequestError(f"{field}: must be relative, got absolute {target!r}")
-    parts = [p for p in posixpath.dirname(path).split("/") if p]
+    parts = path.split("/")[:-1]
     steps = [p for p in target.split("/") if p not in ("", ".")]
+    last = len(steps) - 1
     for i, step in enumerate(steps):
         if step == "..":
             if not parts:
@@ -121,12 +139,13 @@ def _check_symlink_target(path: str, target: str, field: str, links: Collection[
             parts.pop()
             continue
         parts.append(step)
-        through = "/".join(parts)
-        if i < len(steps) - 1 and through in links:
-            raise InvalidRequestError(
-                f"{field}: {target!r} from {path!r} passes through the input symlink {through!r}; "
-                "point at the path it leads to instead"
-            )
+        if i < last and step in link_names and len(parts) <= MAX_PATH_DEPTH:
+            through = "/".join(parts)
+            if through in links:
+                raise InvalidRequestError(
+                    f"{field}: {target!r} from {path!r} passes through the input symlink {through!r}; "
+                    "point at the path it leads to instead"
+                )
 
 
 def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str) -> None:
@@ -150,13 +169,85 @@ def _check_limits(limits: ResourceLimits, maxima: ResourceLimits, executor: str)
             )
 
 
-def _check_unique(paths: Iterable[tuple[str, str]]) -> None:
-    """No path may be declared twice, nor under a path declared as a file or symlink."""
-    seen: dict[str, str] = {}
-    for field, path in paths:
-        if path in seen:
-            raise InvalidRequestError(f"{field}: path {path!r} is already declared by {seen[path]}")
-        seen[path] = field
+def check_input_entries(files: int, directories: int, symlinks: int, maximum: int | None) -> None:
+    """Refuse an action declaring more than ``maximum`` inputs (None: no limit), before any
+    per-path work: every entry costs validation, staging and memory."""
+    total = files + directories + symlinks
+    if maximum is not None and total > maximum:
+        raise InvalidRequestError(
+            f"input_files, input_directories, input_symlinks: {total} entries, more than "
+            f"execution.max_input_entries ({maximum})"
+        )
+
+
+def check_digest_count(count: int, maximum: int) -> None:
+    """Refuse a FindMissingBlobs request with more than ``maximum`` digests, before reading any."""
+    if count > maximum:
+        raise InvalidRequestError(
+            f"digests: {count} digests, more than execution.max_digests_per_request ({maximum}); "
+            "split the request"
+        )
+
+
+def _field_of(action: Action, path: str) -> str:
+    """The first field declaring ``path`` (for error messages only: a scan of the whole action)."""
+    for i, f in enumerate(action.input_files):
+        if f.path == path:
+            return f"input_files[{i}].path"
+    for i, link in enumerate(action.input_symlinks):
+        if link.path == path:
+            return f"input_symlinks[{i}].path"
+    for i, d in enumerate(action.input_directories):
+        if d == path:
+            return f"input_directories[{i}]"
+    return "working_directory"
+
+
+def _check_input_tree(action: Action) -> None:
+    """No path is declared twice as a file or symlink, no directory is also a file or symlink,
+    and nothing (the working directory included) lies under a file or symlink.
+
+    Everything under ``leaf/`` is one contiguous run of the sorted paths, so each file or
+    symlink costs one binary search. Walking every path's parents instead costs depth times
+    length per path, and remembering the parents already
+    checked only helps when paths share them: distinct deep paths would fill that memo with
+    millions of prefixes."""
+    leaves = [f.path for f in action.input_files]
+    leaves.extend(link.path for link in action.input_symlinks)
+    leaf_set = set(leaves)
+    if len(leaf_set) != len(leaves):
+        first: dict[str, int] = {}
+        for i, path in enumerate(leaves):
+            if path in first:
+                raise InvalidRequestError(
+                    f"{_leaf_field(action, i)}: path {path!r} is already declared by "
+                    f"{_leaf_field(action, first[path])}"
+                )
+            first[path] = i
+    if not leaf_set.isdisjoint(action.input_directories):
+        for i, d in enumerate(action.input_directories):
+            if d in leaf_set:
+                raise InvalidRequestError(
+                    f"input_directories[{i}]: {d!r} is also declared as a file or symlink"
+                )
+    if action.working_directory in leaf_set:
+        raise InvalidRequestError(
+            f"working_directory: {action.working_directory!r} is declared as a file or symlink"
+        )
+    ordered = sorted(leaf_set.union(action.input_directories, (action.working_directory,)))
+    for leaf in leaves:
+        prefix = leaf + "/"
+        i = bisect.bisect_left(ordered, prefix)
+        if i < len(ordered) and ordered[i].startswith(prefix):
+            path = ordered[i]
+            raise InvalidRequestError(
+                f"{_field_of(action, path)}: {path!r} lies under {leaf!r}, which is a file or symlink"
+            )
+
+
+def _leaf_field(action: Action, index: int) -> str:
+    files = len(action.input_files)
+    return f"input_files[{index}].path" if index < files else f"input_symlinks[{index - files}].path"
 
 
 def validate_action(
@@ -166,8 +257,16 @@ def validate_action(
     max_timeout_seconds: float,
     max_limits: ResourceLimits,
     executor: str,
+    max_input_entries: int | None = None,
 ) -> None:
-    """Raise InvalidRequestError naming the first offending field; return quietly when valid."""
+    """Raise InvalidRequestError naming the first offending field; return quietly when valid.
+
+    Takes time linear in the size of the action (sorting aside), with no loop over path
+    components in Python; still, a large action takes a noticeable time, so callers on an
+    event loop hand large ones to a thread."""
+    check_input_entries(
+        len(action.input_files), len(action.input_directories), len(action.input_symlinks), max_input_entries
+    )
     check_execution_id(action.execution_id)
     if not action.argv:
         raise InvalidRequestError("argv: must hold at least the program to run")
@@ -186,59 +285,30 @@ def validate_action(
         check_image_reference(action.image, "container_image")
 
     inline = 0
-    files: list[str] = []
-    leaves: list[tuple[str, str]] = []
     for i, f in enumerate(action.input_files):
-        field = f"input_files[{i}]"
-        check_relative_path(f.path, f"{field}.path")
+        if problem := _path_problem(f.path):
+            raise InvalidRequestError(f"input_files[{i}].path: {problem}")
         if (f.content is None) == (f.digest is None):
-            raise InvalidRequestError(f"{field}: set exactly one of content and digest")
+            raise InvalidRequestError(f"input_files[{i}]: set exactly one of content and digest")
         if f.digest is not None:
-            check_digest(f.digest, f"{field}.digest")
+            check_digest(f.digest, f"input_files[{i}].digest")
         else:
             assert f.content is not None
             inline += len(f.content)
-        files.append(f.path)
-        leaves.append((f"{field}.path", f.path))
     if inline > max_inline_input_bytes:
         raise InvalidRequestError(
             f"input_files: {inline} bytes of inline content exceed the cap of {max_inline_input_bytes} "
             "(upload large inputs with UploadBlobs and reference them by digest)"
         )
-    for i, d in enumerate(action.input_directories):
-        check_relative_path(d, f"input_directories[{i}]")
+    _check_paths(action.input_directories, "input_directories[{}]")
     links = {link.path for link in action.input_symlinks}
+    link_names = {path.rpartition("/")[2] for path in links}
     for i, link in enumerate(action.input_symlinks):
-        field = f"input_symlinks[{i}]"
-        check_relative_path(link.path, f"{field}.path")
-        _check_symlink_target(link.path, link.target, f"{field}.target", links)
-        leaves.append((f"{field}.path", link.path))
-    _check_unique(leaves)
-    leaf_set = {p for _, p in leaves}
-    for i, d in enumerate(action.input_directories):
-        if d in leaf_set:
-            raise InvalidRequestError(f"input_directories[{i}]: {d!r} is also declared as a file or symlink")
-    if action.working_directory in leaf_set:
-        raise InvalidRequestError(
-            f"working_directory: {action.working_directory!r} is declared as a file or symlink"
-        )
-    for field, path in [
-        *((f"input_files[{i}].path", f.path) for i, f in enumerate(action.input_files)),
-        *((f"input_symlinks[{i}].path", s.path) for i, s in enumerate(action.input_symlinks)),
-        *((f"input_directories[{i}]", d) for i, d in enumerate(action.input_directories)),
-        *([("working_directory", action.working_directory)] if action.working_directory else []),
-    ]:
-        parent = posixpath.dirname(path)
-        while parent:
-            if parent in leaf_set:
-                raise InvalidRequestError(
-                    f"{field}: {path!r} lies under {parent!r}, which is a file or symlink"
-                )
-            parent = posixpath.dirname(parent)
-    for i, out in enumerate(action.output_files):
-        check_relative_path(out, f"output_files[{i}]")
-    for i, out in enumerate(action.output_directories):
-        check_relative_path(out, f"output_directories[{i}]")
+        check_relative_path(link.path, f"input_symlinks[{i}].path")
+        _check_symlink_target(link.path, link.target, f"input_symlinks[{i}].target", links, link_names)
+    _check_input_tree(action)
+    _check_paths(action.output_files, "output_files[{}]")
+    _check_paths(action.output_directories, "output_directories[{}]")
 
     if action.timeout_seconds is not None:
         if action.timeout_seconds <= 0:
@@ -248,3 +318,10 @@ def validate_action(
                 f"timeout: {action.timeout_seconds}s is above the maximum of {max_timeout_seconds}s"
             )
     _check_limits(action.limits, max_limits, executor)
+
+
+def _check_paths(paths: Iterable[str], field: str) -> None:
+    """``check_relative_path`` for each path, the field (a format with the index) built only on error."""
+    for i, path in enumerate(paths):
+        if problem := _path_problem(path):
+            raise InvalidRequestError(f"{field.format(i)}: {problem}")

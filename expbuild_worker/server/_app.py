@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +23,15 @@ from expbuild_worker.server._servicer import WorkerServicer
 _log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
+POOL_THREADS = 4
+"""Threads of the servicer's pool (store I/O, large translations): a few uploads and lookups
+proceed at once, and a flood of requests queues instead of spawning threads that would only
+contend for the disk and the interpreter lock."""
+MAX_SEND_BYTES = 16 << 20
+"""gRPC's send limit, raised when a FindMissingBlobs reply at the configured cap needs more."""
+DIGEST_REPLY_BYTES = 80
+"""The most one missing digest adds to a reply: tag and length (2), sha256 (2 + 64) and a
+size of up to 2**63 - 1 (1 + 9)."""
 
 
 @dataclass(eq=False)
@@ -34,6 +44,7 @@ class RunningServer:
     config: WorkerConfig
     _server: grpc.aio.Server
     _health: health.aio.HealthServicer
+    _pool: concurrent.futures.ThreadPoolExecutor
     _stopped: asyncio.Event
 
     @property
@@ -52,7 +63,15 @@ class RunningServer:
         engine.stop_accepting()
         await engine.shutdown(grace)
         await self._server.stop(grace=1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
+
+
+def send_limit(config: WorkerConfig) -> int:
+    """gRPC's send limit: large enough for any reply, a FindMissingBlobs reply at the cap
+    included (every digest missing)."""
+    digests = config.execution.max_digests_per_request * DIGEST_REPLY_BYTES + 1024
+    return max(MAX_SEND_BYTES, digests)
 
 
 async def start_server(config: WorkerConfig) -> RunningServer:
@@ -71,7 +90,7 @@ async def start_server(config: WorkerConfig) -> RunningServer:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.server.max_request_bytes),
-            ("grpc.max_send_message_length", 16 << 20),
+            ("grpc.max_send_message_length", send_limit(config)),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -83,9 +102,16 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         default_timeout=tr.duration_to_pb(config.execution.default_timeout_seconds),
         max_timeout=tr.duration_to_pb(config.execution.max_timeout_seconds),
     )
-    pb_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(engine=worker.engine, worker_id=worker.worker_id, limits=limits), server
+    pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="expbuild-servicer")
+    servicer = WorkerServicer(
+        engine=worker.engine,
+        worker_id=worker.worker_id,
+        limits=limits,
+        pool=pool,
+        max_input_entries=config.execution.max_input_entries,
+        max_digests_per_request=config.execution.max_digests_per_request,
     )
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -97,6 +123,7 @@ async def start_server(config: WorkerConfig) -> RunningServer:
     try:
         port = server.add_insecure_port(f"{host}:{config.server.port}")
     except RuntimeError as err:
+        pool.shutdown(wait=False)
         await worker.engine.shutdown(0)
         raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
     await server.start()
@@ -110,5 +137,6 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         config=config,
         _server=server,
         _health=health_servicer,
+        _pool=pool,
         _stopped=asyncio.Event(),
     )

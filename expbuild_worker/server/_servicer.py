@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import platform
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,13 +18,20 @@ from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
+from expbuild_worker.model import Digest
 from expbuild_worker.server import _translate as tr
 from expbuild_worker.server._status import maps_errors, send
-from expbuild_worker.storage import BlobWriter
+from expbuild_worker.storage import BlobWriter, ContentAddressedStore
 from expbuild_worker.storage._cas import check_digest
-from expbuild_worker.validation import check_execution_id
+from expbuild_worker.validation import check_digest_count, check_execution_id, check_input_entries
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_T = TypeVar("_T")
+
+INLINE_INPUT_ENTRIES = 256
+"""An Execute with at most this many input entries is translated on the event loop: for a
+small action a thread hop costs more than the work, and the host path's per-action overhead
+is a benchmarked target. Larger ones are translated on the servicer's pool."""
 
 
 def _platform() -> pb.Platform:
@@ -36,19 +45,118 @@ def _platform() -> pb.Platform:
     )
 
 
-class WorkerServicer(pb_grpc.WorkerServiceServicer):
-    """Holds no business logic; errors are mapped to statuses by ``maps_errors``."""
+class _PoolCalls:
+    """Runs one handler's blocking calls on the servicer's pool, one after another.
 
-    def __init__(self, *, engine: ExecutionEngine, worker_id: str, limits: pb.WorkerLimits) -> None:
+    When the handler is cancelled while a call runs, the call cannot be stopped: ``finish``
+    therefore runs the clean-up only once that call has returned (on the pool thread), never
+    beside it (closing a file another thread is writing)."""
+
+    def __init__(self, pool: concurrent.futures.Executor) -> None:
+        self._pool = pool
+        self._last: concurrent.futures.Future[Any] | None = None
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        future = self._pool.submit(fn, *args)
+        self._last = future
+        return await asyncio.wrap_future(future)
+
+    def finish(self, cleanup: Callable[[], None]) -> None:
+        last = self._last
+        if last is None or last.done():
+            cleanup()
+        else:
+            last.add_done_callback(lambda _: cleanup())
+
+
+class _Upload:
+    """The state of one UploadBlobs stream: each piece is checked and written by ``take``,
+    on a pool thread (opening, writing, hashing and publishing are disk and CPU work)."""
+
+    def __init__(self, store: ContentAddressedStore) -> None:
+        self._store = store
+        self._writer: BlobWriter | None = None
+        self._index = 0
+
+    def take(self, digest: Digest, offset: int, data: bytes) -> bool:
+        """Write one piece; True when it completed (and published) its blob."""
+        writer = self._writer
+        if writer is not None and writer.digest != digest:
+            raise InvalidRequestError(
+                f"blob {writer.digest}: stream moved on to {digest} after {writer.received} of "
+                f"{writer.digest.size} bytes"
+            )
+        if writer is None:
+            check_digest(digest, f"requests[{self._index}].digest")
+            if offset != 0:
+                raise InvalidRequestError(f"blob {digest}: first piece must start at offset 0, got {offset}")
+            writer = self._writer = self._store.writer(digest)
+        elif offset != writer.received:
+            raise InvalidRequestError(f"blob {digest}: expected offset {writer.received}, got {offset}")
+        self._index += 1
+        writer.write(data)
+        if writer.received < digest.size:
+            return False
+        writer.commit()
+        self._writer = None
+        return True
+
+    def finish(self) -> None:
+        """Refuse a stream that ended inside a blob (its partial file is removed by ``abort``)."""
+        if self._writer is not None:
+            writer = self._writer
+            raise InvalidRequestError(
+                f"blob {writer.digest}: stream ended after {writer.received} of {writer.digest.size} bytes"
+            )
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """Holds no business logic; errors are mapped to statuses by ``maps_errors``.
+
+    Which thread runs what: every call into the store, and any work that grows with the
+    request (translating a large action, checking many digests), runs on ``pool``, a small
+    bounded executor the caller owns, so no request can hold the event loop (and with it
+    every other call, health checks included) for long, and a flood of requests queues
+    there instead of spawning threads. Everything else runs on the event loop."""
+
+    def __init__(
+        self,
+        *,
+        engine: ExecutionEngine,
+        worker_id: str,
+        limits: pb.WorkerLimits,
+        pool: concurrent.futures.Executor,
+        max_input_entries: int | None,
+        max_digests_per_request: int,
+    ) -> None:
         self._engine = engine
         self._worker_id = worker_id
         self._limits = limits
+        self._pool = pool
+        self._max_input_entries = max_input_entries
+        self._max_digests = max_digests_per_request
 
     @maps_errors
     async def Execute(  # type: ignore[override]  # writes with send; see maps_errors
         self, request: pb.ExecuteRequest, context: Context
     ) -> None:
-        action = tr.action_from_pb(request)
+        entries = (files, directories, symlinks) = (
+            len(request.input_files),
+            len(request.input_directories),
+            len(request.input_symlinks),
+        )
+        # Refused here, before translation spends time on it; the engine checks the same rule
+        # for every front door.
+        check_input_entries(files, directories, symlinks, self._max_input_entries)
+        if sum(entries) <= INLINE_INPUT_ENTRIES:
+            action = tr.action_from_pb(request)
+        else:
+            action = await _PoolCalls(self._pool).run(tr.action_from_pb, request)
         # aclosing: a vanished client cancels this task; the engine is closed (and the command
         # killed) right here, not whenever a suspended generator is garbage-collected.
         async with contextlib.aclosing(self._engine.execute(action)) as events:
@@ -92,53 +200,34 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def UploadBlobs(
         self, request_iterator: AsyncIterator[pb.UploadBlobsRequest], context: Context
     ) -> pb.UploadBlobsResponse:
-        store = self._engine.store
+        upload = _Upload(self._engine.store)
+        calls = _PoolCalls(self._pool)
         stored: list[pb.Digest] = []
-        writer: BlobWriter | None = None
-        index = 0
         try:
             async for piece in request_iterator:
                 digest = tr.digest_from_pb(piece.digest)
-                if writer is not None and writer.digest != digest:
-                    raise InvalidRequestError(
-                        f"blob {writer.digest}: stream moved on to {digest} after {writer.received} of "
-                        f"{writer.digest.size} bytes"
-                    )
-                if writer is None:
-                    check_digest(digest, f"requests[{index}].digest")
-                    if piece.offset != 0:
-                        raise InvalidRequestError(
-                            f"blob {digest}: first piece must start at offset 0, got {piece.offset}"
-                        )
-                    writer = store.writer(digest)
-                elif piece.offset != writer.received:
-                    raise InvalidRequestError(
-                        f"blob {digest}: expected offset {writer.received}, got {piece.offset}"
-                    )
-                writer.write(piece.data)
-                index += 1
-                if writer.received == digest.size:
-                    writer.commit()
-                    writer = None
+                if await calls.run(upload.take, digest, piece.offset, piece.data):
                     stored.append(piece.digest)
+            upload.finish()
         finally:
-            if writer is not None:
-                writer.abort()
-        if writer is not None:
-            raise InvalidRequestError(
-                f"blob {writer.digest}: stream ended after {writer.received} of {writer.digest.size} bytes"
-            )
+            calls.finish(upload.abort)
         return pb.UploadBlobsResponse(stored=stored)
 
     @maps_errors
     async def FindMissingBlobs(
         self, request: pb.FindMissingBlobsRequest, context: Context
     ) -> pb.FindMissingBlobsResponse:
-        digests = [tr.digest_from_pb(d) for d in request.digests]
+        check_digest_count(len(request.digests), self._max_digests)
+        return await _PoolCalls(self._pool).run(self._find_missing, request)
+
+    def _find_missing(self, request: pb.FindMissingBlobsRequest) -> pb.FindMissingBlobsResponse:
+        """Runs on the pool: a check and a stat per digest, and a reply as long as the request."""
+        digests = tr.digests_from_pb(request.digests)
         for i, d in enumerate(digests):
             check_digest(d, f"digests[{i}]")
-        missing = self._engine.store.find_missing(digests)
-        return pb.FindMissingBlobsResponse(missing_digests=[tr.digest_to_pb(d) for d in missing])
+        reply = pb.FindMissingBlobsResponse()
+        tr.add_digests(reply.missing_digests, self._engine.store.find_missing(digests))
+        return reply
 
     @maps_errors
     async def ReadBlob(  # type: ignore[override]  # writes with send; see maps_errors
@@ -146,7 +235,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     ) -> None:
         digest = tr.digest_from_pb(request.digest)
         check_digest(digest, "digest")
-        offset = 0
-        for chunk in self._engine.store.open_blob(digest):
-            await send(context, pb.ReadBlobResponse(offset=offset, data=chunk))
-            offset += len(chunk)
+        calls = _PoolCalls(self._pool)
+        chunks = await calls.run(self._engine.store.open_blob, digest)
+        try:
+            offset = 0
+            while chunk := await calls.run(next, chunks, b""):
+                await send(context, pb.ReadBlobResponse(offset=offset, data=chunk))
+                offset += len(chunk)
+        finally:
+            calls.finish(lambda: _close(chunks))
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    """Close the blob's file now rather than when the garbage collector finds the generator."""
+    if isinstance(chunks, Generator):
+        chunks.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
@@ -72,6 +73,17 @@ def digest_to_pb(d: Digest) -> pb.Digest:
     out = pb.Digest()
     _fill_digest(out, d)
     return out
+
+
+def digests_from_pb(digests: Iterable[pb.Digest]) -> list[Digest]:
+    return [Digest(d.sha256, d.size_bytes) for d in digests]
+
+
+def add_digests(out: RepeatedCompositeFieldContainer[pb.Digest], digests: Iterable[Digest]) -> None:
+    """Append to a repeated field in place: a message built first and then added is copied."""
+    add = out.add
+    for d in digests:
+        add(sha256=d.sha256, size_bytes=d.size)
 
 
 def _fill_digest(out: pb.Digest, d: Digest) -> None:
