@@ -26,7 +26,7 @@ def test_mixed_load_arrives_byte_exact_once_and_leaves_nothing_behind(tmp_path):
     docker = docker_engine_answers()
     image = build_docker_image() if docker else None
     with worker_process(
-        tmp_path, docker_image=image, concurrency=4, queued=64, store_bytes=16 << 20
+        tmp_path, docker_image=image, concurrency=4, queued=64, store_bytes=6 << 20
     ) as worker:
         warmup = make_specs(
             12,
