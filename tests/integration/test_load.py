@@ -25,8 +25,9 @@ def test_mixed_load_arrives_byte_exact_once_and_leaves_nothing_behind(tmp_path):
     evicting under them, cancellations and timeouts among them, and the worker must end as it began."""
     docker = docker_engine_answers()
     image = build_docker_image() if docker else None
+    # 32 MiB: over what four running actions can pin at once (about 28 MiB), under what the load writes.
     with worker_process(
-        tmp_path, docker_image=image, concurrency=4, queued=64, store_bytes=6 << 20
+        tmp_path, docker_image=image, concurrency=4, queued=64, store_bytes=32 << 20
     ) as worker:
         warmup = make_specs(
             12,
