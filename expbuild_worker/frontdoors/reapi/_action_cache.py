@@ -1,0 +1,171 @@
+"""ActionCache: results a client can download in full, or none; updates that reference stored blobs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+from google.protobuf.message import DecodeError
+
+from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
+from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
+from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
+from expbuild_worker.frontdoors.reapi._cas import read_blob
+from expbuild_worker.frontdoors.reapi._digests import check_digest_function, digest_from_pb
+from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors
+from expbuild_worker.frontdoors.reapi._names import check_instance
+from expbuild_worker.frontdoors.reapi._threads import Calls
+from expbuild_worker.model import Digest
+from expbuild_worker.storage import ActionCache, BlobStore
+
+_log = logging.getLogger(__name__)
+
+INLINE_RESERVE_BYTES = 64 << 10
+"""Room left in a GetActionResult response, besides the result, when contents are inlined."""
+_MISSING_NAMED = 5
+
+
+def referenced_blobs(
+    store: BlobStore, result: re_pb.ActionResult, field: str = "action_result"
+) -> list[Digest]:
+    """Every blob a client needs to take ``result`` in full, deduplicated.
+
+    Output files, stdout and stderr, each output directory's Tree blob and every file the Tree
+    lists, and a root Directory when one is given. A Tree that is absent is listed itself (its
+    files cannot be known); one that is present is read (this does disk I/O: call on a thread).
+    InvalidRequestError names the field of a malformed digest or a blob that is not a Tree.
+    """
+    wanted: dict[Digest, None] = {}
+    for i, f in enumerate(result.output_files):
+        wanted[digest_from_pb(f.digest, f"{field}.output_files[{i}].digest")] = None
+    for name in ("stdout_digest", "stderr_digest"):
+        if result.HasField(name):
+            wanted[digest_from_pb(getattr(result, name), f"{field}.{name}")] = None
+    for i, d in enumerate(result.output_directories):
+        where = f"{field}.output_directories[{i}]"
+        if d.HasField("root_directory_digest"):
+            wanted[digest_from_pb(d.root_directory_digest, f"{where}.root_directory_digest")] = None
+        if not d.HasField("tree_digest") and d.HasField("root_directory_digest"):
+            continue
+        tree_digest = digest_from_pb(d.tree_digest, f"{where}.tree_digest")
+        wanted[tree_digest] = None
+        if store.find_missing((tree_digest,)):
+            continue
+        tree = re_pb.Tree()
+        try:
+            tree.ParseFromString(read_blob(store, tree_digest))
+        except DecodeError as err:
+            raise InvalidRequestError(f"{where}.tree_digest: blob {tree_digest} is not a Tree") from err
+        except NotFoundError:  # evicted since the check just above
+            continue
+        for j, directory in enumerate((tree.root, *tree.children)):
+            for k, node in enumerate(directory.files):
+                wanted[digest_from_pb(node.digest, f"{where}.tree_digest (directory {j}, file {k})")] = None
+    return list(wanted)
+
+
+class ActionCacheServicer(re_grpc.ActionCacheServicer):
+    """Results are stored as the client sent them (serialized) and checked when read back.
+
+    GetActionResult answers only when every blob the result references is in the store, and
+    then holds them there (``BlobPin.release_after``) for ``result_blobs_kept_seconds``, so the
+    client can download what it was promised. Store and cache calls run on ``pool`` (None: the
+    event loop's default executor).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: BlobStore,
+        cache: ActionCache,
+        instance_name: str,
+        max_message_bytes: int,
+        result_blobs_kept_seconds: float,
+        pool: concurrent.futures.Executor | None,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._instance = instance_name
+        self._max_message = max_message_bytes
+        self._keep = result_blobs_kept_seconds
+        self._pool = pool
+
+    @maps_errors
+    async def GetActionResult(
+        self, request: re_pb.GetActionResultRequest, context: Context
+    ) -> re_pb.ActionResult:
+        check_instance(request.instance_name, self._instance)
+        check_digest_function(request.digest_function)
+        action = digest_from_pb(request.action_digest, "action_digest")
+        return await Calls(self._pool).run(self._get, action, request)
+
+    def _get(self, action: Digest, request: re_pb.GetActionResultRequest) -> re_pb.ActionResult:
+        data = self._cache.get(action)
+        if data is None:
+            raise NotFoundError(f"action {action} has no cached result")
+        result = re_pb.ActionResult()
+        try:
+            result.ParseFromString(data)
+            blobs = referenced_blobs(self._store, result)
+        except (DecodeError, InvalidRequestError) as err:
+            _log.warning("cached result of action %s is unusable (%s); dropped", action, err)
+            self._cache.remove(action)
+            raise NotFoundError(f"action {action} has no cached result") from err
+        try:
+            pin = self._store.pin(blobs)
+        except MissingBlobsError as err:
+            raise NotFoundError(
+                f"action {action}: its cached result refers to {len(err.digests)} blob(s) no longer in "
+                f"the CAS ({_named(err.digests)}); run the action again"
+            ) from err
+        pin.release_after(self._keep)
+        self._inline(result, request)
+        return result
+
+    def _inline(self, result: re_pb.ActionResult, request: re_pb.GetActionResultRequest) -> None:
+        """Put the contents the client asked for into the result while the response stays under
+        the message limit; what does not fit is left to download by digest, as the REAPI allows."""
+        budget = self._max_message - INLINE_RESERVE_BYTES - result.ByteSize()
+        wanted_files = set(request.inline_output_files)
+        for asked, digest_field, raw_field in (
+            (request.inline_stdout, "stdout_digest", "stdout_raw"),
+            (request.inline_stderr, "stderr_digest", "stderr_raw"),
+        ):
+            if asked and result.HasField(digest_field) and not getattr(result, raw_field):
+                size = getattr(result, digest_field).size_bytes
+                if size <= budget:
+                    setattr(result, raw_field, read_blob(self._store, _digest(getattr(result, digest_field))))
+                    budget -= size + 8
+        for f in result.output_files:
+            if f.path in wanted_files and not f.contents and f.digest.size_bytes <= budget:
+                f.contents = read_blob(self._store, _digest(f.digest))
+                budget -= f.digest.size_bytes + 8
+
+    @maps_errors
+    async def UpdateActionResult(
+        self, request: re_pb.UpdateActionResultRequest, context: Context
+    ) -> re_pb.ActionResult:
+        check_instance(request.instance_name, self._instance)
+        check_digest_function(request.digest_function)
+        action = digest_from_pb(request.action_digest, "action_digest")
+        return await Calls(self._pool).run(self._update, action, request.action_result)
+
+    def _update(self, action: Digest, result: re_pb.ActionResult) -> re_pb.ActionResult:
+        missing = self._store.find_missing(referenced_blobs(self._store, result))
+        if missing:
+            raise MissingBlobsError(
+                f"action_result: refers to {len(missing)} blob(s) not in the CAS ({_named(missing)}); "
+                "upload them first",
+                digests=tuple(missing),
+            )
+        self._cache.put(action, result.SerializeToString(deterministic=True))
+        return result
+
+
+def _digest(digest: re_pb.Digest) -> Digest:
+    return Digest(digest.hash, digest.size_bytes)
+
+
+def _named(digests: tuple[object, ...] | list[Digest]) -> str:
+    named = ", ".join(str(d) for d in digests[:_MISSING_NAMED])
+    return named + (f" and {len(digests) - _MISSING_NAMED} more" if len(digests) > _MISSING_NAMED else "")
