@@ -63,7 +63,7 @@ class ReapiServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.services.add_to(server)
+        self.services.register(server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port

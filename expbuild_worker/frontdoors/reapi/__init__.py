@@ -1,5 +1,6 @@
 """The Remote Execution API front door: its storage services, digests and error wording."""
 
+from expbuild_worker.frontdoors.reapi._action_cache import referenced_blobs
 from expbuild_worker.frontdoors.reapi._capabilities import server_capabilities
 from expbuild_worker.frontdoors.reapi._digests import (
     blob_subject,
@@ -36,6 +37,7 @@ __all__ = [
     "digests_from_pb",
     "error_to_status",
     "maps_errors",
+    "referenced_blobs",
     "send",
     "server_capabilities",
 ]

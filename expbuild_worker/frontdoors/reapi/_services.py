@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,6 +19,9 @@ from expbuild_worker.frontdoors.reapi._cas import ContentAddressableStorageServi
 from expbuild_worker.frontdoors.reapi._names import check_instance_name
 from expbuild_worker.storage import ActionCache, BlobStore
 
+if TYPE_CHECKING:
+    from expbuild_worker.frontdoors import FrontDoor
+
 MIN_MESSAGE_BYTES = 64 << 10
 """The smallest message limit the services work with (a page of GetTree, a batch of blobs)."""
 
@@ -27,25 +31,29 @@ def batch_limit(max_message_bytes: int) -> int:
     return max_message_bytes - max_message_bytes // 16
 
 
-@dataclass(frozen=True, eq=False)
+SERVICE_NAMES = (
+    re_pb.DESCRIPTOR.services_by_name["Capabilities"].full_name,
+    re_pb.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
+    bs_pb.DESCRIPTOR.services_by_name["ByteStream"].full_name,
+    re_pb.DESCRIPTOR.services_by_name["ActionCache"].full_name,
+)
+"""Full names of the services ``ReapiStorageServices`` registers, for health checking and reflection."""
+
+
+@dataclass(eq=False)
 class ReapiStorageServices:
     """The Capabilities, ContentAddressableStorage, ByteStream and ActionCache servicers of one
-    instance. They do not register themselves: the server that hosts them calls ``add_to``."""
+    instance: a ``FrontDoor``. They do not register themselves: the server that hosts them calls
+    ``register``."""
 
     capabilities: CapabilitiesServicer
     content_addressable_storage: ContentAddressableStorageServicer
     byte_stream: ByteStreamServicer
     action_cache: ActionCacheServicer
+    name: str = "reapi-storage"
+    service_names: tuple[str, ...] = SERVICE_NAMES
 
-    SERVICE_NAMES = (
-        re_pb.DESCRIPTOR.services_by_name["Capabilities"].full_name,
-        re_pb.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
-        bs_pb.DESCRIPTOR.services_by_name["ByteStream"].full_name,
-        re_pb.DESCRIPTOR.services_by_name["ActionCache"].full_name,
-    )
-    """Full service names, for health checking and reflection."""
-
-    def add_to(self, server: grpc.aio.Server) -> None:
+    def register(self, server: grpc.aio.Server) -> None:
         """Register every servicer on ``server`` (before it starts)."""
         re_grpc.add_CapabilitiesServicer_to_server(self.capabilities, server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(self.content_addressable_storage, server)
@@ -117,3 +125,7 @@ def build_reapi_storage_services(
             pool=pool,
         ),
     )
+
+
+if TYPE_CHECKING:  # mypy proves the services are a front door the server can host
+    _front_door_contract: type[FrontDoor] = ReapiStorageServices
