@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import logging
+import re
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,21 +20,58 @@ from expbuild_worker.config import (
     LimitsConfig,
     WorkerConfig,
 )
-from expbuild_worker.engine import Admission, EngineLimits, ExecutionEngine
-from expbuild_worker.execution.decorators import DeadlineExecutor, LogLimitingExecutor
+from expbuild_worker.engine import (
+    ActionDirectories,
+    ActionRunner,
+    Admission,
+    DirectoryLock,
+    EngineLimits,
+    ExecutionEngine,
+    LocalActionRunner,
+    LogCapturingRunner,
+    RunnerLimits,
+    TimestampingRunner,
+)
+from expbuild_worker.execution.decorators import (
+    DeadlineExecutor,
+    DiskLimitingExecutor,
+    LogLimitingExecutor,
+)
 from expbuild_worker.execution.executor import Executor
+from expbuild_worker.frontdoors import FrontDoor
+from expbuild_worker.frontdoors.worker_v1 import AdvertisedLimits, WorkerApiFrontDoor
 from expbuild_worker.model import ResourceLimits
 from expbuild_worker.storage import ContentAddressedStore
+
+_log = logging.getLogger(__name__)
+
+
+POOL_THREADS = 4
+"""Threads for the front doors' blocking calls (store I/O, large translations): a few uploads and
+lookups proceed at once, and a flood of requests queues instead of spawning threads that would
+only contend for the disk and the interpreter lock."""
 
 
 @dataclass(frozen=True, slots=True)
 class Worker:
-    """Everything a front door needs, built and started."""
+    """The engine, its store and executors, and every enabled front door, built and started."""
 
     worker_id: str
     engine: ExecutionEngine
     store: ContentAddressedStore
     executors: Mapping[str, Executor]
+    front_doors: tuple[FrontDoor, ...]
+    pool: concurrent.futures.ThreadPoolExecutor
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Finish or cancel actions (see ``ExecutionEngine.shutdown``), then release the front doors."""
+        await self.engine.shutdown(grace_seconds)
+        for door in self.front_doors:
+            try:
+                await door.close()
+            except Exception:
+                _log.exception("closing front door %s failed", door.name)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def limits_from_config(limits: LimitsConfig) -> ResourceLimits:
@@ -63,56 +104,142 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
     return build_docker_executor(name=name, config=config, worker_id=worker_id)
 
 
+def worker_id_of(config: WorkerConfig) -> str:
+    return config.server.worker_id or socket.gethostname()
+
+
 def work_root_of(config: WorkerConfig) -> Path:
-    return Path(config.execution.work_root or Path(tempfile.gettempdir()) / "expbuild-worker")
+    """The configured work root, else one per worker id under the system's temporary directory,
+    so that two workers with different ids never share one by default."""
+    if config.execution.work_root:
+        return Path(config.execution.work_root)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", worker_id_of(config)).lstrip(".") or "worker"
+    return Path(tempfile.gettempdir()) / "expbuild-worker" / name
+
+
+def _claim_directories(config: WorkerConfig, work_root: Path) -> list[DirectoryLock]:
+    """Lock the work root, and the store when it lives elsewhere, before anything is swept."""
+    locks = [DirectoryLock(work_root, what="work root", config_key="execution.work_root")]
+    if config.storage.path:
+        try:
+            locks.append(DirectoryLock(Path(config.storage.path), what="store", config_key="storage.path"))
+        except BaseException:
+            locks[0].release()
+            raise
+    return locks
 
 
 async def build_worker(config: WorkerConfig) -> Worker:
-    """Build the store, the decorated executors and the engine, and start them."""
-    worker_id = config.server.worker_id or socket.gethostname()
+    """Claim the work root, then build the store, the decorated executors and the engine, and start them."""
+    worker_id = worker_id_of(config)
     work_root = work_root_of(config)
-    store = ContentAddressedStore(
-        root=Path(config.storage.path) if config.storage.path else work_root / "cas",
-        max_bytes=config.storage.max_bytes,
-    )
+    locks = await asyncio.to_thread(_claim_directories, config, work_root)
     executors: dict[str, Executor] = {}
     try:
+        store = await asyncio.to_thread(
+            ContentAddressedStore,
+            root=Path(config.storage.path) if config.storage.path else work_root / "cas",
+            max_bytes=config.storage.max_bytes,
+        )
         for name, ex_config in config.executors.items():
             executor = _build_executor(name, ex_config, worker_id=worker_id)
             executors[name] = DeadlineExecutor(
-                LogLimitingExecutor(executor, max_bytes_per_stream=config.execution.max_log_bytes_per_stream)
+                DiskLimitingExecutor(
+                    LogLimitingExecutor(
+                        executor,
+                        max_bytes_per_stream=config.execution.max_log_bytes_per_stream,
+                        end_action=config.execution.on_log_limit == "end-action",
+                    ),
+                    interval_seconds=config.execution.disk_check_interval_seconds,
+                )
             )
             start = getattr(executor, "start", None)
             if start is not None:
                 await start()
-        engine = _build_engine(config, executors, store, work_root)
+        engine = _build_engine(config, executors, store, work_root, locks)
         await engine.start()
+        pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="expbuild-io")
+        front_doors = _build_front_doors(config, engine, worker_id, pool)
     except BaseException:
         # A worker that cannot start leaves nothing running or made (cgroups, spares) behind.
         for started in executors.values():
             with contextlib.suppress(Exception):
                 await started.close()
+        for lock in locks:
+            lock.release()
         raise
-    return Worker(worker_id=worker_id, engine=engine, store=store, executors=executors)
+    return Worker(
+        worker_id=worker_id,
+        engine=engine,
+        store=store,
+        executors=executors,
+        front_doors=front_doors,
+        pool=pool,
+    )
+
+
+def _build_front_doors(
+    config: WorkerConfig, engine: ExecutionEngine, worker_id: str, pool: concurrent.futures.Executor
+) -> tuple[FrontDoor, ...]:
+    """Every enabled way in, over the one engine; all are served on the server's one port."""
+    doors: list[FrontDoor] = []
+    if config.worker_api.enabled:
+        doors.append(
+            WorkerApiFrontDoor(
+                engine=engine,
+                worker_id=worker_id,
+                limits=AdvertisedLimits(
+                    max_request_bytes=config.server.max_request_bytes,
+                    max_inline_input_bytes=config.execution.max_inline_input_bytes,
+                    max_log_bytes_per_stream=config.execution.max_log_bytes_per_stream,
+                    max_output_bytes=config.execution.max_output_bytes,
+                    default_timeout_seconds=config.execution.default_timeout_seconds,
+                    max_timeout_seconds=config.execution.max_timeout_seconds,
+                ),
+                pool=pool,
+                max_input_entries=config.execution.max_input_entries,
+                max_digests_per_request=config.execution.max_digests_per_request,
+            )
+        )
+    return tuple(doors)
 
 
 def _build_engine(
-    config: WorkerConfig, executors: Mapping[str, Executor], store: ContentAddressedStore, work_root: Path
+    config: WorkerConfig,
+    executors: Mapping[str, Executor],
+    store: ContentAddressedStore,
+    work_root: Path,
+    locks: Sequence[DirectoryLock],
 ) -> ExecutionEngine:
+    """The engine and its action runner: the local runner, its decorators outermost last."""
+    runner: ActionRunner = LocalActionRunner(
+        store=store,
+        directories=ActionDirectories(root=work_root / "actions"),
+        limits=RunnerLimits(
+            max_output_bytes=config.execution.max_output_bytes,
+            default_timeout_seconds=config.execution.default_timeout_seconds,
+            staging_timeout_seconds=config.execution.staging_timeout_seconds,
+            output_retention_seconds=config.storage.output_retention_seconds,
+        ),
+    )
+    runner = LogCapturingRunner(
+        runner, store=store, retention_seconds=config.storage.output_retention_seconds
+    )
+    runner = TimestampingRunner(runner)
     return ExecutionEngine(
         executors=executors,
         default_executor=config.default_executor,
         store=store,
-        work_root=work_root,
+        runner=runner,
         limits=EngineLimits(
             max_inline_input_bytes=config.execution.max_inline_input_bytes,
-            max_output_bytes=config.execution.max_output_bytes,
-            default_timeout_seconds=config.execution.default_timeout_seconds,
             max_timeout_seconds=config.execution.max_timeout_seconds,
+            max_input_entries=config.execution.max_input_entries,
         ),
         admission=Admission(
             max_running=config.execution.max_concurrent_executions,
             max_queued=config.execution.max_queued_executions,
             per_executor={name: ex.max_concurrency for name, ex in config.executors.items()},
         ),
+        directory_locks=locks,
     )

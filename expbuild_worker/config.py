@@ -67,6 +67,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerApiConfig:
+    """[worker_api]: the own API, expbuild.worker.v1.WorkerService, on the server's port."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """Resource limits in a config table; 0 means unset (no default, or no maximum)."""
 
@@ -146,6 +153,7 @@ class WorkerConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    worker_api: WorkerApiConfig = field(default_factory=WorkerApiConfig)
     executors: Mapping[str, ExecutorConfig] = field(default_factory=lambda: {"host": HostExecutorConfig()})
 
     @property
@@ -168,13 +176,14 @@ def load_config(path: str | Path) -> WorkerConfig:
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerConfig:
     """Validate an already-decoded TOML document."""
-    known = {"server", "execution", "storage", "executor"}
+    known = {"server", "execution", "storage", "worker_api", "executor"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(known)}")
     server = _parse_table(ServerConfig, raw.get("server", {}), source, "server")
     execution = _parse_table(ExecutionConfig, raw.get("execution", {}), source, "execution")
     storage = _parse_table(StorageConfig, raw.get("storage", {}), source, "storage")
+    worker_api = _parse_table(WorkerApiConfig, raw.get("worker_api", {}), source, "worker_api")
     executors_raw = raw.get("executor", {"host": {"type": "host"}})
     if not isinstance(executors_raw, Mapping) or not executors_raw:
         raise ConfigError(f"{source}: [executor] must hold at least one [executor.NAME] table")
@@ -190,7 +199,12 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
             )
         executors[name] = _parse_table(_EXECUTOR_TYPES[kind], table, source, where)
     config = WorkerConfig(
-        source=source, server=server, execution=execution, storage=storage, executors=executors
+        source=source,
+        server=server,
+        execution=execution,
+        storage=storage,
+        worker_api=worker_api,
+        executors=executors,
     )
     _check_semantics(config)
     return config

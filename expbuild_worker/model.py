@@ -31,6 +31,16 @@ class ExecutionStatus(enum.Enum):
     DISK_LIMIT_EXCEEDED = "disk_limit_exceeded"
 
 
+class ExecutionStage(enum.Enum):
+    """Where an admitted action is on its path; each stage is entered once, in this order."""
+
+    QUEUED = "queued"
+    STAGING_INPUTS = "staging_inputs"
+    RUNNING = "running"
+    COLLECTING_OUTPUTS = "collecting_outputs"
+    COMPLETED = "completed"
+
+
 class LogStream(enum.Enum):
     STDOUT = "stdout"
     STDERR = "stderr"
@@ -135,7 +145,12 @@ class Action:
     executor: ExecutorSelector = field(default_factory=ExecutorSelector)
     image: str | None = None
     platform_properties: Mapping[str, str] = field(default_factory=dict)
-    stream_output_contents: bool = True
+    retain_outputs: bool = False
+    """The caller reads outputs after the result (they are not streamed before it): keep them
+    in the store, pinned, for the configured retention time after the result."""
+    capture_logs: bool = False
+    """Keep stdout and stderr as blobs as well (the result names their digests); live chunks
+    are delivered either way."""
 
 
 # ---- events an action's stream carries -------------------------------------------------
@@ -147,6 +162,13 @@ class Accepted:
     executor: str
     isolation: IsolationLevel
     queue_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageEntered:
+    """The action moved to ``stage`` (COMPLETED comes right before its result)."""
+
+    stage: ExecutionStage
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +272,7 @@ class StageTimes:
     inputs_staged: float | None = None
     command_start: float | None = None
     command_end: float | None = None
+    outputs_started: float | None = None
     outputs_collected: float | None = None
 
 
@@ -267,12 +290,15 @@ class ActionResult:
     times: StageTimes
     executor: str
     isolation: IsolationLevel
+    stdout_digest: Digest | None = None
+    """stdout as a blob in the store, when the action asked for ``capture_logs``."""
+    stderr_digest: Digest | None = None
 
 
 ExecutorEvent = Started | LogChunk | RunOutcome
 """What an executor yields: Started, then LogChunks, then exactly one RunOutcome."""
 
-ActionEvent = Accepted | Started | LogChunk | OutputChunk | ActionResult
+ActionEvent = Accepted | StageEntered | Started | LogChunk | ActionResult
 """What the engine yields to a front door: Accepted first, ActionResult last."""
 
 

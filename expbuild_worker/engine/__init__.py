@@ -1,7 +1,25 @@
-"""The execution engine every front door shares: admission, staging, execution, collection, clean-up."""
+"""The execution engine every front door shares: admission, the executions table, the action runner."""
 
 from expbuild_worker.engine._admission import Admission
 from expbuild_worker.engine._engine import EngineLimits, ExecutionEngine
+from expbuild_worker.engine._executions import Execution, ExecutionTable
+from expbuild_worker.engine._log_capture import LogCapturingRunner
+from expbuild_worker.engine._runner import ActionRunner, LocalActionRunner, RunnerLimits
+from expbuild_worker.engine._timestamps import TimestampingRunner
 from expbuild_worker.engine._work_root import DirectoryLock
+from expbuild_worker.engine._workdirs import ActionDirectories
 
-__all__ = ["Admission", "DirectoryLock", "EngineLimits", "ExecutionEngine"]
+__all__ = [
+    "ActionDirectories",
+    "ActionRunner",
+    "Admission",
+    "DirectoryLock",
+    "EngineLimits",
+    "Execution",
+    "ExecutionEngine",
+    "ExecutionTable",
+    "LocalActionRunner",
+    "LogCapturingRunner",
+    "RunnerLimits",
+    "TimestampingRunner",
+]

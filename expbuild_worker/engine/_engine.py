@@ -1,4 +1,4 @@
-"""The execution engine: admit, stage, execute, collect, report, clean up — for every front door."""
+"""The execution engine: admits actions from every front door, keeps the table of executions, runs them."""
 
 from __future__ import annotations
 
@@ -6,50 +6,37 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from expbuild_worker.engine._admission import Admission, Ticket
-from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
-from expbuild_worker.engine._staging import StagingStopped, stage_inputs
+from expbuild_worker.engine._admission import Admission
+from expbuild_worker.engine._executions import Execution, ExecutionTable
+from expbuild_worker.engine._runner import ActionRunner
 from expbuild_worker.engine._work_root import DirectoryLock
-from expbuild_worker.engine._workdirs import ActionDirectories
 from expbuild_worker.errors import (
     AlreadyExistsError,
     InvalidRequestError,
     MissingBlobsError,
     NotFoundError,
     PreconditionError,
-    ResourceExhaustedError,
     UnavailableError,
-    WorkerError,
 )
-from expbuild_worker.execution.executor import Command, Executor, StopSignal
+from expbuild_worker.execution.executor import Executor
 from expbuild_worker.model import (
     Accepted,
     Action,
     ActionEvent,
     ActionResult,
-    Digest,
     ExecutionStatus,
     ExecutorCapabilities,
     ExecutorSelector,
     LogChunk,
-    LogStream,
-    LogSummary,
-    OutputChunk,
-    OutputManifest,
-    ResourceLimits,
-    ResourceUsage,
-    RunOutcome,
-    StageTimes,
+    StageEntered,
     WarmupReport,
 )
-from expbuild_worker.storage import BlobPin, ContentAddressedStore
+from expbuild_worker.storage import BlobPin, BlobStore
 from expbuild_worker.validation import check_image_reference, validate_action
 
 _log = logging.getLogger(__name__)
@@ -57,16 +44,11 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineLimits:
-    """Worker-wide caps applied to every action, whatever the front door."""
+    """Worker-wide rules every action is admitted by, whatever the front door."""
 
     max_inline_input_bytes: int
-    max_output_bytes: int
-    default_timeout_seconds: float
     max_timeout_seconds: float
     max_input_entries: int | None = None
-    staging_timeout_seconds: float = 600.0
-    output_retention_seconds: float = 300.0
-    """How long outputs stay pinned after a result that did not carry their contents."""
 
 
 _VALIDATE_IN_THREAD_ENTRIES = 256
@@ -74,37 +56,19 @@ _VALIDATE_IN_THREAD_ENTRIES = 256
 and the event loop must keep answering every other call (health included) meanwhile. Smaller
 ones are checked inline, where a thread hop would cost more than the checks."""
 
-
 _NAMED_MISSING = 10
 """How many missing blobs a refusal names (the rest are counted; ``MissingBlobsError.digests`` has all)."""
 
-_NOTHING_TO_COLLECT = (ExecutionStatus.FAILED_TO_START, ExecutionStatus.OUTPUT_LIMIT_EXCEEDED)
-"""Outcomes after which outputs are not collected: the command never ran, or its executor
-already found the outputs too large to bring back."""
-
-
-@dataclass(eq=False)
-class _Execution:
-    """An admitted action: what runs it, with which limits (defaults applied), and its state."""
-
-    action: Action
-    executor: Executor
-    limits: ResourceLimits
-    ticket: Ticket
-    admitted_at: float
-    inputs: BlobPin
-    """The input blobs, pinned from admission until they are staged: never evicted while queued."""
-    stop: StopSignal = dataclasses.field(default_factory=StopSignal)
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
 
 class ExecutionEngine:
-    """Runs actions through: validate → admit → stage → execute → collect → report → clean up.
+    """Admits actions, keeps every execution in a table, and runs each through the action runner.
 
-    Knows nothing of any wire protocol. ``execute`` either raises a WorkerError before its
-    first event (the action was refused) or yields ``Accepted`` first and exactly one
-    ``ActionResult`` last; the action directory is removed on every path, including a
-    consumer that stops iterating (the client went away), which kills the command.
+    Knows nothing of any wire protocol. Two ways to run an action, one per front-door policy:
+    ``execute`` is driven by its caller, who receives every event and whose going away kills
+    the action (the own API); ``submit`` runs the action on its own, so it outlives the call
+    that started it, and identical actions in flight (same key) run once (REAPI, the bot).
+    Either way a refusal is a WorkerError before anything runs, and an admitted action ends
+    with exactly one ``ActionResult``.
     """
 
     def __init__(
@@ -112,10 +76,11 @@ class ExecutionEngine:
         *,
         executors: Mapping[str, Executor],
         default_executor: str,
-        store: ContentAddressedStore,
-        work_root: Path,
+        store: BlobStore,
+        runner: ActionRunner,
         limits: EngineLimits,
         admission: Admission,
+        table: ExecutionTable | None = None,
         directory_locks: Sequence[DirectoryLock] = (),
     ) -> None:
         if default_executor not in executors:
@@ -123,35 +88,35 @@ class ExecutionEngine:
         self._executors = dict(executors)
         self._default = default_executor
         self.store = store
-        self._directories = ActionDirectories(root=work_root / "actions")
+        self._runner = runner
         self.limits = limits
         self.admission = admission
+        self._table = table or ExecutionTable()
         self._caps: dict[str, ExecutorCapabilities] = {}
-        self._active: dict[str, _Execution] = {}
-        self._closing: set[asyncio.Future[None]] = set()
+        self._drivers: set[asyncio.Task[None]] = set()
         self._accepting = True
         self._locks = tuple(directory_locks)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Clear action directories a previous run left behind and learn each executor's limits."""
-        await self._directories.start()
+        """Prepare the runner (clears what a previous run left behind) and learn each executor's limits."""
+        await self._runner.start()
         for name, executor in self._executors.items():
             self._caps[name] = await executor.capabilities()
 
     @property
     def active_count(self) -> int:
         """Actions admitted and not finished: running or queued."""
-        return len(self._active)
+        return len(self._table)
 
     @property
     def queued_count(self) -> int:
-        return sum(not e.ticket.running for e in self._active.values())
+        return sum(not e.ticket.running for e in self._table.active())
 
     def cancel_all(self, *, queued_only: bool = False) -> None:
         """Stop every admitted action (or only those still queued) with CANCELLED."""
-        for execution in list(self._active.values()):
+        for execution in self._table.active():
             if not queued_only or not execution.ticket.running:
                 execution.stop.request(ExecutionStatus.CANCELLED)
 
@@ -167,20 +132,20 @@ class ExecutionEngine:
         await self._until_idle(grace_seconds)
         self.cancel_all()
         await self._until_idle(30)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._drivers:
+            await asyncio.gather(*self._drivers, return_exceptions=True)
+        await self._runner.close()
         for executor in self._executors.values():
             try:
                 await executor.close()
             except Exception:
                 _log.exception("closing executor %s failed", executor.name)
-        await self._directories.close()
         for lock in self._locks:  # last: nothing of ours is left in the directories
             lock.release()
 
     async def _until_idle(self, seconds: float) -> None:
         """Wait until every admitted action has finished, or ``seconds`` have passed."""
-        waits = [asyncio.ensure_future(e.done.wait()) for e in self._active.values()]
+        waits = [asyncio.ensure_future(e.done.wait()) for e in self._table.active()]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=seconds)
             for waiter in pending:
@@ -194,24 +159,87 @@ class ExecutionEngine:
         return caps
 
     async def warmup(self, executors: Sequence[str], images: Sequence[str]) -> list[WarmupReport]:
-        names = list(dict.fromkeys(executors)) or list(self._executors)
-        for i, name in enumerate(names):
+        for i, name in enumerate(executors):  # numbered as the caller sent them
             if name not in self._executors:
                 raise InvalidRequestError(
                     f"executors[{i}]: unknown executor {name!r}; have {sorted(self._executors)}"
                 )
+        names = list(dict.fromkeys(executors)) or list(self._executors)
         for i, image in enumerate(images):
             check_image_reference(image, f"images[{i}]")
         return [await self._executors[name].warmup(images) for name in names]
 
     def cancel(self, execution_id: str) -> None:
         """Ask a queued or running action to stop with CANCELLED; NotFoundError when unknown."""
-        execution = self._active.get(execution_id)
+        execution = self._table.get_active(execution_id)
         if execution is None:
             raise NotFoundError(f"execution {execution_id!r} is not queued or running on this worker")
         execution.stop.request(ExecutionStatus.CANCELLED)
 
-    # ---- the path of an action ---------------------------------------------------------------
+    def get(self, execution_id: str) -> Execution:
+        """A running or recently finished execution; NotFoundError when unknown or forgotten."""
+        execution = self._table.get(execution_id)
+        if execution is None:
+            raise NotFoundError(
+                f"execution {execution_id!r} is unknown to this worker (or finished long ago)"
+            )
+        return execution
+
+    # ---- running actions ---------------------------------------------------------------------
+
+    async def execute(self, action: Action) -> AsyncGenerator[ActionEvent, None]:
+        """Admit ``action`` and yield its events: ``Accepted`` first, the result last.
+
+        The caller drives the action: closing this generator early kills the command."""
+        execution = await self._admit(action, key=None)
+        try:
+            async for event in self._events(execution):
+                yield event
+        finally:
+            self._finished(execution)
+
+    async def submit(self, action: Action, *, key: str | None = None) -> Execution:
+        """Admit ``action`` and run it on its own; watch it with ``Execution.watch``.
+
+        With a ``key``, an identical action already queued or running is returned instead of
+        running a second one. The execution keeps running when its callers go away; only
+        ``cancel`` (or shutdown) stops it. Live log chunks are dropped: ask for ``capture_logs``."""
+        if key is not None and (running := self._table.in_flight(key)) is not None:
+            return running
+        execution = await self._admit(action, key=key)
+        driver = asyncio.get_running_loop().create_task(self._drive(execution))
+        self._drivers.add(driver)
+        driver.add_done_callback(self._drivers.discard)
+        return execution
+
+    async def _drive(self, execution: Execution) -> None:
+        try:
+            async for event in self._events(execution):
+                if not isinstance(event, LogChunk):
+                    _log.debug("%s: %s", execution.execution_id, type(event).__name__)
+        except Exception:
+            _log.exception("running %s failed", execution.execution_id)
+        finally:
+            self._finished(execution)
+
+    async def _events(self, execution: Execution) -> AsyncGenerator[ActionEvent, None]:
+        executor, ticket = execution.executor, execution.ticket
+        yield Accepted(execution.execution_id, executor.name, executor.isolation, ticket.queue_position)
+        async with contextlib.aclosing(self._runner.run(execution)) as events:
+            async for event in events:
+                if isinstance(event, StageEntered):
+                    execution.enter(event.stage)
+                elif isinstance(event, ActionResult):
+                    execution.result = event
+                yield event
+
+    def _finished(self, execution: Execution) -> None:
+        execution.inputs.release()
+        self.admission.release(execution.ticket)
+        execution.finish(execution.result)
+        self._table.finished(execution)
+
+    # ---- admission -----------------------------------------------------------------------------
 
     def _select(self, selector: ExecutorSelector) -> str:
         if selector.name:
@@ -236,7 +264,7 @@ class ExecutionEngine:
             return min(fits, key=lambda ex: ex.isolation).name
         return self._default
 
-    async def _admit(self, action: Action) -> _Execution:
+    async def _admit(self, action: Action, *, key: str | None) -> Execution:
         """Everything that may refuse an action happens here, before its first event.
 
         Work that grows with the request (path rules, pinning thousands of inputs) runs on a
@@ -258,20 +286,21 @@ class ExecutionEngine:
         try:
             if not self._accepting:
                 raise UnavailableError("worker is shutting down and accepts no new actions")
-            if action.execution_id in self._active:
+            if self._table.get_active(action.execution_id) is not None:
                 raise AlreadyExistsError(f"execution {action.execution_id!r} is already queued or running")
-            execution = _Execution(
+            execution = Execution(
                 action=action,
                 executor=executor,
                 limits=action.limits.with_defaults(caps.default_limits),
                 ticket=self.admission.reserve(name),
                 admitted_at=time.time(),
                 inputs=inputs,
+                key=key,
             )
         except BaseException:
             inputs.release()
             raise
-        self._active[action.execution_id] = execution
+        self._table.add(execution)
         return execution
 
     def _check_and_pin(
@@ -307,264 +336,3 @@ class ExecutionEngine:
                 "and send the action again",
                 digests=err.digests,
             ) from None
-
-    async def execute(self, action: Action) -> AsyncGenerator[ActionEvent, None]:
-        execution = await self._admit(action)
-        action, executor, ticket = execution.action, execution.executor, execution.ticket
-        try:
-            yield Accepted(action.execution_id, executor.name, executor.isolation, ticket.queue_position)
-            async with contextlib.aclosing(self._run(execution)) as events:
-                async for event in events:
-                    yield event
-        finally:
-            execution.inputs.release()
-            self.admission.release(ticket)
-            del self._active[action.execution_id]
-            execution.done.set()
-
-    async def _run(self, execution: _Execution) -> AsyncGenerator[ActionEvent, None]:
-        action, executor, ticket, stop = (
-            execution.action,
-            execution.executor,
-            execution.ticket,
-            execution.stop,
-        )
-        queued = execution.admitted_at
-        if not ticket.running:
-            stop_wait: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
-            waits: set[asyncio.Future[object]] = {ticket.granted, stop_wait}  # type: ignore[arg-type]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop_wait.cancel()
-            if not ticket.running:
-                yield self._result(
-                    action,
-                    executor,
-                    ExecutionStatus.CANCELLED,
-                    "cancelled while queued",
-                    times=StageTimes(queued=queued, left_queue=time.time()),
-                )
-                return
-        worker_start = time.time()
-        root = self._directories.acquire()
-        try:
-            if (
-                action.input_files
-                or action.input_symlinks
-                or action.input_directories
-                or action.working_directory
-            ):
-                try:
-                    await self._stage(action, root, stop)
-                except (StagingStopped, OSError, WorkerError) as err:  # stopped, too slow, disk full
-                    if isinstance(err, StagingStopped):
-                        status, message = (
-                            stop.reason or ExecutionStatus.CANCELLED,
-                            "stopped while staging inputs",
-                        )
-                        if stop.reason is ExecutionStatus.TIMED_OUT:
-                            message = (
-                                f"staging inputs took longer than {self.limits.staging_timeout_seconds:g}s "
-                                "(execution.staging_timeout_seconds)"
-                            )
-                    else:
-                        _log.warning("staging inputs of %s failed: %s", action.execution_id, err)
-                        status, message = ExecutionStatus.INTERNAL, f"staging inputs failed: {err}"
-                    times = StageTimes(queued=queued, worker_start=worker_start)
-                    yield self._result(action, executor, status, message, times=times)
-                    return
-                finally:
-                    execution.inputs.release()  # staged copies are the action's own now
-            times = StageTimes(queued=queued, worker_start=worker_start, inputs_staged=time.time())
-            async with contextlib.aclosing(self._run_staged(execution, root, times)) as events:
-                async for event in events:
-                    yield event
-        finally:
-            self._directories.release(root)
-
-    async def _stage(self, action: Action, root: Path, stop: StopSignal) -> None:
-        """Stage on a worker thread. A stop request or a cancelled caller (the client went away)
-        stops it at the next file; a cancelled caller also waits for the thread to stop, so the
-        action's directory is never removed while the thread still writes into it."""
-        halt = threading.Event()
-        forget_stop = stop.on_request(lambda _reason: halt.set())
-        # The staging deadline is a stop like any other: the thread sees it at its next step.
-        deadline = asyncio.get_running_loop().call_later(
-            self.limits.staging_timeout_seconds, stop.request, ExecutionStatus.TIMED_OUT
-        )
-        staging = asyncio.ensure_future(asyncio.to_thread(stage_inputs, action, root, self.store, halt))
-        try:
-            await asyncio.shield(staging)
-        except asyncio.CancelledError:
-            halt.set()
-            await asyncio.wait({staging})
-            if not staging.cancelled():
-                staging.exception()  # retrieved: StagingStopped or a failure nobody waits for now
-            raise
-        finally:
-            deadline.cancel()
-            forget_stop()
-
-    async def _run_staged(
-        self, execution: _Execution, root: Path, times: StageTimes
-    ) -> AsyncGenerator[ActionEvent, None]:
-        action, executor, stop = execution.action, execution.executor, execution.stop
-        command = Command(
-            execution_id=action.execution_id,
-            argv=action.argv,
-            environment=action.environment,
-            root=root,
-            working_directory=action.working_directory,
-            stdin=action.stdin,
-            limits=execution.limits,
-            output_paths=(*action.output_files, *action.output_directories),
-            max_output_bytes=self.limits.max_output_bytes,
-            image=action.image,
-            platform_properties=action.platform_properties,
-            timeout_seconds=action.timeout_seconds or self.limits.default_timeout_seconds,
-        )
-        outcome: RunOutcome | None = None
-        counted = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
-        # Outputs are pinned as they enter the store, so no other action's blobs can evict them
-        # before they are streamed; a result without their contents keeps them for a while.
-        outputs = self.store.pin(())
-        events = executor.execute(command, stop)
-        try:
-            try:
-                async for event in events:
-                    if isinstance(event, RunOutcome):
-                        outcome = event
-                        break
-                    if isinstance(event, LogChunk):
-                        counted[event.stream] += len(event.data)
-                    yield event
-            except WorkerError:
-                raise
-            except Exception as err:
-                _log.exception("executor %s failed on %s", executor.name, action.execution_id)
-                outcome = RunOutcome(
-                    status=ExecutionStatus.INTERNAL, message=f"executor {executor.name} failed: {err}"
-                )
-            if outcome is None:
-                outcome = RunOutcome(
-                    status=ExecutionStatus.INTERNAL,
-                    message=f"executor {executor.name} ended without an outcome",
-                )
-            times = dataclasses.replace(times, command_start=outcome.started_at, command_end=outcome.ended_at)
-
-            manifest = OutputManifest()
-            status, message = outcome.status, outcome.message
-            if command.output_paths and status not in _NOTHING_TO_COLLECT:
-                try:
-                    manifest = await asyncio.to_thread(
-                        collect_outputs,
-                        root,
-                        output_files=action.output_files,
-                        output_directories=action.output_directories,
-                        store=self.store,
-                        max_bytes=self.limits.max_output_bytes,
-                        pin=outputs,
-                    )
-                except (OutputLimitExceeded, ResourceExhaustedError) as err:  # over the cap, or the store
-                    if status is ExecutionStatus.COMPLETED:
-                        status, message = ExecutionStatus.OUTPUT_LIMIT_EXCEEDED, str(err)
-                    else:  # timed out, cancelled, out of memory: that stays the headline
-                        message = f"{message}; outputs not collected: {err}" if message else str(err)
-                except Exception:  # a fault of ours: the command's own result still counts
-                    error_id = uuid.uuid4().hex[:12]
-                    _log.exception(
-                        "collecting outputs of %s failed (error id %s)", action.execution_id, error_id
-                    )
-                    note = f"outputs not collected: internal worker error (error id {error_id})"
-                    if status is ExecutionStatus.COMPLETED:
-                        status = ExecutionStatus.INTERNAL
-                    message = f"{message}; {note}" if message else note
-            times = dataclasses.replace(times, outputs_collected=time.time())
-
-            if action.stream_output_contents:
-                for f in manifest.files:
-                    async for offset, chunk in self._blob_chunks(f.digest):
-                        yield OutputChunk(f.path, offset, chunk)
-            stdout = outcome.stdout or LogSummary(counted[LogStream.STDOUT], counted[LogStream.STDOUT])
-            stderr = outcome.stderr or LogSummary(counted[LogStream.STDERR], counted[LogStream.STDERR])
-            yield ActionResult(
-                execution_id=action.execution_id,
-                status=status,
-                message=_message(message, manifest, stdout=stdout, stderr=stderr),
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                outputs=manifest,
-                stdout=stdout,
-                stderr=stderr,
-                usage=outcome.usage,
-                times=times,
-                executor=executor.name,
-                isolation=executor.isolation,
-            )
-        finally:
-            if action.stream_output_contents or outcome is None:
-                outputs.release()
-            else:
-                outputs.release_after(self.limits.output_retention_seconds)
-            if outcome is None:
-                await events.aclose()  # stopped early: the executor kills the command now
-            else:
-                # The command is over: the executor's clean-up (a cgroup, a container) runs after
-                # the report instead of delaying it; shutdown waits for it.
-                closing = asyncio.ensure_future(events.aclose())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
-
-    async def _blob_chunks(self, digest: Digest) -> AsyncGenerator[tuple[int, bytes], None]:
-        """A stored blob's chunks with their offsets, each read on a thread (never on the loop)."""
-        chunks = await asyncio.to_thread(self.store.open_blob, digest)
-        offset = 0
-        try:
-            while chunk := await asyncio.to_thread(next, chunks, b""):
-                yield offset, chunk
-                offset += len(chunk)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-
-    @staticmethod
-    def _result(
-        action: Action, executor: Executor, status: ExecutionStatus, message: str, *, times: StageTimes
-    ) -> ActionResult:
-        return ActionResult(
-            execution_id=action.execution_id,
-            status=status,
-            message=message,
-            exit_code=None,
-            signal=None,
-            outputs=OutputManifest(),
-            stdout=LogSummary(),
-            stderr=LogSummary(),
-            usage=ResourceUsage(),
-            times=times,
-            executor=executor.name,
-            isolation=executor.isolation,
-        )
-
-
-def _message(ending: str, manifest: OutputManifest, *, stdout: LogSummary, stderr: LogSummary) -> str:
-    """A result's message: how the action ended, then what was left out of its logs and outputs."""
-    notes = [ending] if ending else []
-    for name, summary in (("stdout", stdout), ("stderr", stderr)):
-        if summary.truncated:
-            notes.append(
-                f"{name} truncated: {summary.streamed_bytes} of {summary.size_bytes} bytes streamed "
-                "(execution.max_log_bytes_per_stream)"
-            )
-    if manifest.problems:
-        notes.append("outputs that could not be collected: " + "; ".join(manifest.problems))
-    if manifest.unreportable:
-        skipped = ", ".join(f"'{path}'" for path in manifest.unreportable)  # already escaped
-        more = manifest.unreportable_count - len(manifest.unreportable)
-        notes.append(
-            f"not collected, their names or symlink targets are not UTF-8: {skipped}"
-            + (f" and {more} more" if more > 0 else "")
-        )
-    return "; ".join(notes)

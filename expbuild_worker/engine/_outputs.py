@@ -7,15 +7,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Digest, OutputFile, OutputManifest, OutputSymlink
-from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.storage import BlobPin, BlobStore
 from expbuild_worker.validation import output_path_problem
-
-if TYPE_CHECKING:
-    from expbuild_worker.storage import BlobPin
 
 
 class OutputLimitExceeded(Exception):
@@ -64,7 +61,7 @@ def _reason(err: OSError) -> str:
 
 @dataclass
 class _Collector:
-    store: ContentAddressedStore
+    store: BlobStore
     max_bytes: int
     pin: BlobPin | None
     total: int = 0  # file bytes so far, each inode once
@@ -213,10 +210,8 @@ class _Collector:
         self.files[rel] = OutputFile(rel, digest, bool(st.st_mode & 0o111))
 
     def _adopt(self, name: str, dfd: int) -> Digest:
-        """The store's digest of ``name``, held by the pin when there is one (only then is ``pin``
-        passed: stores without pins take files too)."""
-        pinned = {"pin": self.pin} if self.pin is not None else {}
-        return self.store.adopt_file(name, dir_fd=dfd, **pinned)
+        """The store's digest of ``name``, held by the pin when there is one."""
+        return self.store.adopt_file(name, dir_fd=dfd, pin=self.pin)
 
     def _count_bytes(self, rel: str, size: int) -> None:
         self.total += size
@@ -264,7 +259,7 @@ def collect_outputs(
     *,
     output_files: tuple[str, ...],
     output_directories: tuple[str, ...],
-    store: ContentAddressedStore,
+    store: BlobStore,
     max_bytes: int,
     pin: BlobPin | None = None,
 ) -> OutputManifest:

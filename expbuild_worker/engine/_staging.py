@@ -8,16 +8,14 @@ from pathlib import Path
 
 from expbuild_worker.fs import make_dirs
 from expbuild_worker.model import Action
-from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.storage import BlobStore
 
 
 class StagingStopped(Exception):
     """Staging was asked to stop (the action was cancelled or its client went away)."""
 
 
-def stage_inputs(
-    action: Action, root: Path, store: ContentAddressedStore, stop: threading.Event | None = None
-) -> None:
+def stage_inputs(action: Action, root: Path, store: BlobStore, stop: threading.Event | None = None) -> None:
     """Create directories, files (copied out of the store or written inline) and symlinks.
 
     Paths were validated (relative, normalised, no file under a file); creating each file

@@ -1,4 +1,4 @@
-"""The gRPC front door for expbuild.worker.v1: server factory, servicer, status mapping."""
+"""Hosting only: the gRPC server for the worker's front doors, health, reflection, shutdown."""
 
 from expbuild_worker.server._app import RunningServer, start_server
 

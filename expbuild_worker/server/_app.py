@@ -1,9 +1,8 @@
-"""The gRPC server factory: builds the worker, registers the services, binds, and shuts down gracefully."""
+"""Hosting: one gRPC server for every front door the worker was built with, health, reflection, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from dataclasses import dataclass
 
@@ -11,22 +10,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.composition import Worker, build_worker
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.host import GRPC_FORK_SUPPORT, grpc_fork_handlers_disabled
-from expbuild_worker.server import _translate as tr
-from expbuild_worker.server._servicer import WorkerServicer
 
 _log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
-POOL_THREADS = 4
-"""Threads of the servicer's pool (store I/O, large translations): a few uploads and lookups
-proceed at once, and a flood of requests queues instead of spawning threads that would only
-contend for the disk and the interpreter lock."""
 MAX_SEND_BYTES = 16 << 20
 """gRPC's send limit, raised when a FindMissingBlobs reply at the configured cap needs more."""
 DIGEST_REPLY_BYTES = 80
@@ -44,7 +34,6 @@ class RunningServer:
     config: WorkerConfig
     _server: grpc.aio.Server
     _health: health.aio.HealthServicer
-    _pool: concurrent.futures.ThreadPoolExecutor
     _stopped: asyncio.Event
 
     @property
@@ -59,11 +48,9 @@ class RunningServer:
             return
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         await self._health.enter_graceful_shutdown()
-        engine = self.worker.engine
-        engine.stop_accepting()
-        await engine.shutdown(grace)
+        self.worker.engine.stop_accepting()
+        await self.worker.shutdown(grace)
         await self._server.stop(grace=1.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
 
@@ -94,28 +81,14 @@ async def start_server(config: WorkerConfig) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    limits = pb.WorkerLimits(
-        max_request_bytes=config.server.max_request_bytes,
-        max_inline_input_bytes=config.execution.max_inline_input_bytes,
-        max_log_bytes_per_stream=config.execution.max_log_bytes_per_stream,
-        max_output_bytes=config.execution.max_output_bytes,
-        default_timeout=tr.duration_to_pb(config.execution.default_timeout_seconds),
-        max_timeout=tr.duration_to_pb(config.execution.max_timeout_seconds),
-    )
-    pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="expbuild-servicer")
-    servicer = WorkerServicer(
-        engine=worker.engine,
-        worker_id=worker.worker_id,
-        limits=limits,
-        pool=pool,
-        max_input_entries=config.execution.max_input_entries,
-        max_digests_per_request=config.execution.max_digests_per_request,
-    )
-    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    services: list[str] = []
+    for door in worker.front_doors:
+        door.register(server)
+        services.extend(door.service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
     address = config.server.address
@@ -123,13 +96,12 @@ async def start_server(config: WorkerConfig) -> RunningServer:
     try:
         port = server.add_insecure_port(f"{host}:{config.server.port}")
     except RuntimeError as err:
-        pool.shutdown(wait=False)
-        await worker.engine.shutdown(0)
+        await worker.shutdown(0)
         raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
     await server.start()
-    for service in ("", SERVICE_NAME):
+    for service in ("", *services):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    _log.info("worker %s serving on %s:%d", worker.worker_id, host, port)
+    _log.info("worker %s serving %s on %s:%d", worker.worker_id, ", ".join(services), host, port)
     return RunningServer(
         port=port,
         address=address,
@@ -137,6 +109,5 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         config=config,
         _server=server,
         _health=health_servicer,
-        _pool=pool,
         _stopped=asyncio.Event(),
     )

@@ -329,7 +329,7 @@ def _digest_fault(draw: st.DrawFn, req: pb.ExecuteRequest, blobs: list[pb.Digest
     if kind == "size":
         sha = draw(GOOD_SHA256)
         req.input_files.add(
-            path="bad-digest", digest=pb.Digest(sha256=sha, size_bytes=draw(st.integers(max_value=-1)))
+            path="bad-digest", digest=pb.Digest(sha256=sha, size_bytes=draw(st.integers(-(1 << 63), -1)))
         )
         return refused("negative size", f"{field}.digest")
     if kind == "no-source":
@@ -357,7 +357,7 @@ def _limit_fault(draw: st.DrawFn, req: pb.ExecuteRequest, blobs: list[pb.Digest]
     if name == "cpu_cores":
         value: float = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -1e-300, 1e6, 1e300, -0.5]))
     elif name == "max_processes":
-        value = draw(st.one_of(st.integers(max_value=-1), st.integers(4_194_305, (1 << 63) - 1)))
+        value = draw(st.one_of(st.integers(-(1 << 63), -1), st.integers(4_194_305, (1 << 63) - 1)))
     else:
         value = draw(st.integers(-(1 << 63), -1))
     req.limits.Clear()
@@ -729,7 +729,7 @@ def test_random_and_adversarial_uploads(hostile_worker):
 def malformed_digest() -> st.SearchStrategy[pb.Digest]:
     return st.one_of(
         st.builds(lambda s: pb.Digest(sha256=s, size_bytes=1), BAD_SHA256),
-        st.builds(lambda s, n: pb.Digest(sha256=s, size_bytes=n), GOOD_SHA256, st.integers(max_value=-1)),
+        st.builds(lambda s, n: pb.Digest(sha256=s, size_bytes=n), GOOD_SHA256, st.integers(-(1 << 63), -1)),
     )
 
 

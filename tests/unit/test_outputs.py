@@ -12,6 +12,7 @@ import pytest
 
 from expbuild_worker.engine._outputs import MAX_NAMED_PROBLEMS, OutputLimitExceeded, collect_outputs
 from expbuild_worker.errors import ResourceExhaustedError
+from expbuild_worker.frontdoors.worker_v1._translate import event_to_pb
 from expbuild_worker.model import (
     ActionResult,
     Digest,
@@ -22,7 +23,6 @@ from expbuild_worker.model import (
     ResourceUsage,
     StageTimes,
 )
-from expbuild_worker.server._translate import event_to_pb
 from expbuild_worker.storage import ContentAddressedStore
 
 CLIENT_DEFAULT_RECEIVE_LIMIT = 4 << 20  # gRPC's default max_receive_message_length

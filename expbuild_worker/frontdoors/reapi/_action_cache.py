@@ -10,11 +10,11 @@ from google.protobuf.message import DecodeError
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
+from expbuild_worker.frontdoors._grpc import BlockingCalls
 from expbuild_worker.frontdoors.reapi._cas import read_blob
 from expbuild_worker.frontdoors.reapi._digests import check_digest_function, digest_from_pb
 from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors
 from expbuild_worker.frontdoors.reapi._names import check_instance
-from expbuild_worker.frontdoors.reapi._threads import Calls
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import ActionCache, BlobStore
 
@@ -97,7 +97,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         action = digest_from_pb(request.action_digest, "action_digest")
-        return await Calls(self._pool).run(self._get, action, request)
+        return await BlockingCalls(self._pool).run(self._get, action, request)
 
     def _get(self, action: Digest, request: re_pb.GetActionResultRequest) -> re_pb.ActionResult:
         data = self._cache.get(action)
@@ -148,7 +148,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         action = digest_from_pb(request.action_digest, "action_digest")
-        return await Calls(self._pool).run(self._update, action, request.action_result)
+        return await BlockingCalls(self._pool).run(self._update, action, request.action_result)
 
     def _update(self, action: Digest, result: re_pb.ActionResult) -> re_pb.ActionResult:
         missing = self._store.find_missing(referenced_blobs(self._store, result))

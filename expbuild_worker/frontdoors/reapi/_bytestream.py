@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from expbuild_worker.api.reapi import bytestream_pb2 as bs_pb
 from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.errors import InvalidRequestError, NotFoundError, UnavailableError
+from expbuild_worker.frontdoors._grpc import BlockingCalls
 from expbuild_worker.frontdoors.reapi._errors import Context, OutOfRangeError, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import BlobResource, parse_read_resource, parse_upload_resource
-from expbuild_worker.frontdoors.reapi._threads import Calls
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import BlobStore
 
@@ -41,7 +41,7 @@ class _Upload:
     name: str
     digest: Digest
     writer: BlobWriter
-    calls: Calls
+    calls: BlockingCalls
     owner: object | None = None
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -156,7 +156,7 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
             )
         if request.read_limit < 0:
             raise OutOfRangeError(f"read_limit: expected zero (no limit) or more, got {request.read_limit}")
-        calls = Calls(self._pool)
+        calls = BlockingCalls(self._pool)
         chunks = await calls.run(
             lambda: self._store.open_blob(
                 digest, offset=request.read_offset, limit=request.read_limit or None
@@ -225,7 +225,7 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
         """The kept upload for ``name``, taken over from any older stream, or a new one."""
         upload = self._uploads.get(name)
         if upload is None:
-            calls = Calls(self._pool)
+            calls = BlockingCalls(self._pool)
             made: list[BlobWriter] = []
             try:
                 await calls.run(lambda: made.append(self._store.writer(resource.digest)))

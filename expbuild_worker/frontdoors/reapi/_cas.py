@@ -13,6 +13,7 @@ from google.rpc import code_pb2, status_pb2
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.errors import InvalidRequestError, NotFoundError
+from expbuild_worker.frontdoors._grpc import BlockingCalls
 from expbuild_worker.frontdoors.reapi._digests import (
     check_digest_function,
     digest_from_pb,
@@ -21,7 +22,6 @@ from expbuild_worker.frontdoors.reapi._digests import (
 )
 from expbuild_worker.frontdoors.reapi._errors import Context, error_to_status, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import check_instance
-from expbuild_worker.frontdoors.reapi._threads import Calls
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import BlobStore
 
@@ -76,7 +76,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         check_count(len(request.blob_digests), self._max_digests, "blob_digests")
-        return await Calls(self._pool).run(self._find_missing, request)
+        return await BlockingCalls(self._pool).run(self._find_missing, request)
 
     def _find_missing(self, request: re_pb.FindMissingBlobsRequest) -> re_pb.FindMissingBlobsResponse:
         missing = self._store.find_missing(digests_from_pb(request.blob_digests, "blob_digests"))
@@ -89,7 +89,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         check_count(len(request.requests), self._max_digests, "requests")
-        return await Calls(self._pool).run(self._update_all, request)
+        return await BlockingCalls(self._pool).run(self._update_all, request)
 
     def _update_all(self, request: re_pb.BatchUpdateBlobsRequest) -> re_pb.BatchUpdateBlobsResponse:
         total = sum(len(r.data) for r in request.requests)
@@ -132,7 +132,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         check_count(len(request.digests), self._max_digests, "digests")
-        return await Calls(self._pool).run(self._read_all, request)
+        return await BlockingCalls(self._pool).run(self._read_all, request)
 
     def _read_all(self, request: re_pb.BatchReadBlobsRequest) -> re_pb.BatchReadBlobsResponse:
         digests = digests_from_pb(request.digests, "digests")
@@ -166,7 +166,7 @@ class ContentAddressableStorageServicer(re_grpc.ContentAddressableStorageService
         page_size = request.page_size or DEFAULT_TREE_PAGE
         start = _decode_token(request.page_token, root) if request.page_token else 0
         walk = TreeWalk(self._store, root)
-        calls = Calls(self._pool)
+        calls = BlockingCalls(self._pool)
         await calls.run(walk.skip, start)
         budget = self._max_message - self._max_message // 16
         while True:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from expbuild_worker import errors
+from expbuild_worker.frontdoors import _grpc
 from expbuild_worker.frontdoors.reapi._digests import blob_subject
 from expbuild_worker.model import Digest
 
 _log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = _grpc.Context
 
 
 class OutOfRangeError(errors.InvalidRequestError):
@@ -113,49 +111,6 @@ async def abort(context: Context, err: BaseException) -> None:
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-class _CallGone(Exception):
-    """A response could not be written: the client cancelled or disconnected (gRPC raises the
-    same error when a message is over the send limit, and then tells the client itself)."""
-
-
-async def send(context: Context, message: Any) -> None:
-    """Write one response of a stream; a failed write means the call is over (see maps_errors)."""
-    try:
-        await context.write(message)
-    except grpc.aio.AbortError:
-        raise
-    except Exception as err:
-        raise _CallGone(str(err)) from err
-
-
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-_Self = TypeVar("_Self")
-
-
-def maps_errors(
-    method: Callable[[_Self, _Req, Context], Awaitable[_Resp]],
-) -> Callable[[_Self, _Req, Context], Awaitable[_Resp]]:
-    """Wrap a handler coroutine so any error ends the RPC with its google.rpc status (``abort``).
-
-    A stream whose client went away (a failed ``send``) ends quietly. Streaming handlers are
-    coroutines that ``await send(context, ...)``, not async generators: when a client vanishes
-    gRPC cancels the handler task, and the cancellation must land in our code (where ``finally``
-    releases files and upload state at once), not in a generator that gRPC stops iterating and
-    the garbage collector finalises later.
-    """
-
-    @functools.wraps(method)
-    async def wrapper(self: _Self, request: _Req, context: Context) -> _Resp:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except _CallGone as gone:
-            _log.info("%s: the call ended while a response was written: %s", method.__name__, gone)
-            return None  # type: ignore[return-value]
-        except Exception as err:
-            await abort(context, err)
-            raise  # unreachable: abort raises
-
-    return wrapper
+maps_errors = _grpc.ErrorMapping(abort)
+"""Handler decorator: any error ends the RPC with its google.rpc status and details (``abort``)."""
+send = _grpc.send

@@ -12,6 +12,7 @@ from expbuild_worker.api.reapi import bytestream_pb2 as bs_pb
 from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
+from expbuild_worker.frontdoors import _grpc
 from expbuild_worker.frontdoors.reapi._action_cache import ActionCacheServicer
 from expbuild_worker.frontdoors.reapi._bytestream import ByteStreamServicer
 from expbuild_worker.frontdoors.reapi._capabilities import CapabilitiesServicer, server_capabilities
@@ -55,10 +56,12 @@ class ReapiStorageServices:
 
     def register(self, server: grpc.aio.Server) -> None:
         """Register every servicer on ``server`` (before it starts)."""
-        re_grpc.add_CapabilitiesServicer_to_server(self.capabilities, server)
-        re_grpc.add_ContentAddressableStorageServicer_to_server(self.content_addressable_storage, server)
-        bs_grpc.add_ByteStreamServicer_to_server(self.byte_stream, server)
-        re_grpc.add_ActionCacheServicer_to_server(self.action_cache, server)
+        _grpc.register(server, re_grpc.add_CapabilitiesServicer_to_server, self.capabilities)
+        _grpc.register(
+            server, re_grpc.add_ContentAddressableStorageServicer_to_server, self.content_addressable_storage
+        )
+        _grpc.register(server, bs_grpc.add_ByteStreamServicer_to_server, self.byte_stream)
+        _grpc.register(server, re_grpc.add_ActionCacheServicer_to_server, self.action_cache)
 
     async def close(self) -> None:
         """Drop unfinished uploads' bytes; call after the server has stopped."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import os
 import platform
 import sys
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -18,10 +17,11 @@ from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
-from expbuild_worker.model import Digest
-from expbuild_worker.server import _translate as tr
-from expbuild_worker.server._status import maps_errors, send
-from expbuild_worker.storage import BlobWriter, ContentAddressedStore
+from expbuild_worker.frontdoors._grpc import BlockingCalls
+from expbuild_worker.frontdoors.worker_v1 import _translate as tr
+from expbuild_worker.frontdoors.worker_v1._errors import maps_errors, send
+from expbuild_worker.model import ActionResult, Digest, OutputChunk, StageEntered
+from expbuild_worker.storage import BlobStore, BlobWriter
 from expbuild_worker.storage._cas import check_digest
 from expbuild_worker.validation import check_digest_count, check_execution_id, check_input_entries
 
@@ -45,35 +45,11 @@ def _platform() -> pb.Platform:
     )
 
 
-class _PoolCalls:
-    """Runs one handler's blocking calls on the servicer's pool, one after another.
-
-    When the handler is cancelled while a call runs, the call cannot be stopped: ``finish``
-    therefore runs the clean-up only once that call has returned (on the pool thread), never
-    beside it (closing a file another thread is writing)."""
-
-    def __init__(self, pool: concurrent.futures.Executor) -> None:
-        self._pool = pool
-        self._last: concurrent.futures.Future[Any] | None = None
-
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        future = self._pool.submit(fn, *args)
-        self._last = future
-        return await asyncio.wrap_future(future)
-
-    def finish(self, cleanup: Callable[[], None]) -> None:
-        last = self._last
-        if last is None or last.done():
-            cleanup()
-        else:
-            last.add_done_callback(lambda _: cleanup())
-
-
 class _Upload:
     """The state of one UploadBlobs stream: each piece is checked and written by ``take``,
     on a pool thread (opening, writing, hashing and publishing are disk and CPU work)."""
 
-    def __init__(self, store: ContentAddressedStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
         self._writer: BlobWriter | None = None
         self._index = 0
@@ -156,12 +132,30 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if sum(entries) <= INLINE_INPUT_ENTRIES:
             action = tr.action_from_pb(request)
         else:
-            action = await _PoolCalls(self._pool).run(tr.action_from_pb, request)
+            action = await BlockingCalls(self._pool).run(tr.action_from_pb, request)
         # aclosing: a vanished client cancels this task; the engine is closed (and the command
-        # killed) right here, not whenever a suspended generator is garbage-collected.
+        # killed) right here, not whenever a suspended generator is garbage-collected. While
+        # the outputs stream, the engine waits at the result it gave, holding them pinned.
         async with contextlib.aclosing(self._engine.execute(action)) as events:
             async for event in events:
+                if isinstance(event, StageEntered):
+                    continue  # this API tells stages by its own events (accepted, started, result)
+                if isinstance(event, ActionResult) and not request.omit_output_contents:
+                    await self._stream_outputs(event, context)
                 await send(context, tr.event_to_pb(event))
+
+    async def _stream_outputs(self, result: ActionResult, context: Context) -> None:
+        """Each collected file's bytes, in chunks read from the store on the pool."""
+        calls = BlockingCalls(self._pool)
+        for f in result.outputs.files:
+            chunks = await calls.run(self._engine.store.open_blob, f.digest)
+            try:
+                offset = 0
+                while chunk := await calls.run(next, chunks, b""):
+                    await send(context, tr.event_to_pb(OutputChunk(f.path, offset, chunk)))
+                    offset += len(chunk)
+            finally:
+                calls.finish(lambda chunks=chunks: _close(chunks))  # type: ignore[misc]
 
     @maps_errors
     async def CancelExecution(
@@ -201,7 +195,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadBlobsRequest], context: Context
     ) -> pb.UploadBlobsResponse:
         upload = _Upload(self._engine.store)
-        calls = _PoolCalls(self._pool)
+        calls = BlockingCalls(self._pool)
         stored: list[pb.Digest] = []
         try:
             async for piece in request_iterator:
@@ -218,7 +212,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.FindMissingBlobsRequest, context: Context
     ) -> pb.FindMissingBlobsResponse:
         check_digest_count(len(request.digests), self._max_digests)
-        return await _PoolCalls(self._pool).run(self._find_missing, request)
+        return await BlockingCalls(self._pool).run(self._find_missing, request)
 
     def _find_missing(self, request: pb.FindMissingBlobsRequest) -> pb.FindMissingBlobsResponse:
         """Runs on the pool: a check and a stat per digest, and a reply as long as the request."""
@@ -235,7 +229,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     ) -> None:
         digest = tr.digest_from_pb(request.digest)
         check_digest(digest, "digest")
-        calls = _PoolCalls(self._pool)
+        calls = BlockingCalls(self._pool)
         chunks = await calls.run(self._engine.store.open_blob, digest)
         try:
             offset = 0

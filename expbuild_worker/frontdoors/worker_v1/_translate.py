@@ -28,6 +28,7 @@ from expbuild_worker.model import (
     OutputChunk,
     ResourceLimit,
     ResourceLimits,
+    StageEntered,
     Started,
     WarmupReport,
 )
@@ -164,11 +165,12 @@ def action_from_pb(req: pb.ExecuteRequest) -> Action:
         ),
         image=req.container_image or None,
         platform_properties=dict(req.platform_properties),
-        stream_output_contents=not req.omit_output_contents,
+        retain_outputs=req.omit_output_contents,
     )
 
 
-def event_to_pb(event: ActionEvent) -> pb.ExecuteResponse:
+def event_to_pb(event: ActionEvent | OutputChunk) -> pb.ExecuteResponse:
+    """One event of the own API's Execute stream (stage events have no form of their own here)."""
     # Chunks are filled in place: building the inner message first and passing it to the
     # outer constructor copies the payload twice (20x slower for 1 MiB chunks).
     resp = pb.ExecuteResponse()
@@ -194,6 +196,8 @@ def event_to_pb(event: ActionEvent) -> pb.ExecuteResponse:
         accepted.isolation_level = _ISOLATION_TO_PB[event.isolation]
         accepted.queue_position = event.queue_position
         return resp
+    if isinstance(event, StageEntered):
+        raise TypeError("stage events are not sent on the own API")
     _fill_result(resp.result, event)
     return resp
 

@@ -1,0 +1,55 @@
+"""Stage timestamps for every action, taken in one place: a decorator over the action runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncGenerator
+
+from expbuild_worker.engine._executions import Execution
+from expbuild_worker.engine._runner import ActionRunner
+from expbuild_worker.model import ActionEvent, ActionResult, ExecutionStage, StageEntered, StageTimes
+
+
+class TimestampingRunner:
+    """Stamps the wall-clock time at which the action entered each stage into its result.
+
+    The inner runner reports only what it alone can know: when the command really started and
+    ended (the executor's own times). Everything else comes from the stage events as they pass,
+    so no stage of the runner takes a timestamp by hand, and metrics read the result alone.
+    """
+
+    def __init__(self, inner: ActionRunner) -> None:
+        self._inner = inner
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def run(self, execution: Execution) -> AsyncGenerator[ActionEvent, None]:
+        stamps: dict[ExecutionStage, float] = {}
+        async for event in self._inner.run(execution):
+            if isinstance(event, StageEntered):
+                stamps[event.stage] = time.time()
+            elif isinstance(event, ActionResult):
+                yield dataclasses.replace(event, times=_times(execution, stamps, event.times))
+                continue
+            yield event
+
+
+def _times(execution: Execution, stamps: dict[ExecutionStage, float], command: StageTimes) -> StageTimes:
+    started = ExecutionStage.STAGING_INPUTS in stamps
+    return StageTimes(
+        queued=execution.admitted_at,
+        worker_start=stamps.get(ExecutionStage.STAGING_INPUTS),
+        left_queue=None if started else stamps.get(ExecutionStage.COMPLETED),
+        inputs_staged=stamps.get(ExecutionStage.RUNNING),
+        command_start=command.command_start,
+        command_end=command.command_end,
+        outputs_started=stamps.get(ExecutionStage.COLLECTING_OUTPUTS),
+        outputs_collected=(
+            stamps.get(ExecutionStage.COMPLETED) if ExecutionStage.COLLECTING_OUTPUTS in stamps else None
+        ),
+    )
