@@ -2,6 +2,13 @@
 
 from expbuild_worker.execution.decorators._base import ExecutorDecorator
 from expbuild_worker.execution.decorators._deadline import DeadlineExecutor
-from expbuild_worker.execution.decorators._log_limit import LogLimitingExecutor
+from expbuild_worker.execution.decorators._disk_limit import DiskLimitingExecutor
+from expbuild_worker.execution.decorators._log_limit import LogLimitingExecutor, OutputHolding
 
-__all__ = ["DeadlineExecutor", "ExecutorDecorator", "LogLimitingExecutor"]
+__all__ = [
+    "DeadlineExecutor",
+    "DiskLimitingExecutor",
+    "ExecutorDecorator",
+    "LogLimitingExecutor",
+    "OutputHolding",
+]

@@ -85,7 +85,9 @@ class AttachedStreams:
     One thread per running container: docker-py's socket objects differ per transport (Unix,
     TCP, TLS, SSH), and a blocking read works on all of them. Reading pauses when more than
     ``BUFFER_LIMIT`` bytes wait for the consumer, so a slow client slows the command instead
-    of growing the worker's memory.
+    of growing the worker's memory, and while ``hold`` is in force (a log cap was reached):
+    the engine then stops copying the container's output (its log driver is ``none``, so it
+    keeps no copy of its own) and the command's next write blocks.
     """
 
     def __init__(self, sock: Any, *, loop: asyncio.AbstractEventLoop, name: str) -> None:
@@ -100,6 +102,7 @@ class AttachedStreams:
         self._eof = False
         self._error: BaseException | None = None
         self._closed = False
+        self._held = False
         self._woken = False
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._read_loop, name=f"expbuild-attach-{name}", daemon=True)
@@ -115,7 +118,7 @@ class AttachedStreams:
         try:
             while True:
                 with self._cond:
-                    while self._buffered > BUFFER_LIMIT and not self._closed:
+                    while (self._buffered > BUFFER_LIMIT or self._held) and not self._closed:
                         self._cond.wait()
                     if self._closed:
                         return
@@ -160,6 +163,17 @@ class AttachedStreams:
                 if self._eof:
                     return None
             await self._wake.wait()
+
+    def hold(self) -> None:
+        """Stop reading the socket after the read in progress, until ``release``."""
+        with self._cond:
+            self._held = True
+
+    def release(self) -> None:
+        """Read again (as after the container exits, to reach the end of its output)."""
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
 
     @property
     def error(self) -> BaseException | None:

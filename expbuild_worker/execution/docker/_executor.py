@@ -83,7 +83,13 @@ _TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\
 _STDERR_HEAD = 512
 
 
-_STOPPED = (ExecutionStatus.TIMED_OUT, ExecutionStatus.CANCELLED, ExecutionStatus.OOM_KILLED)
+_STOPPED = (
+    ExecutionStatus.TIMED_OUT,
+    ExecutionStatus.CANCELLED,
+    ExecutionStatus.OOM_KILLED,
+    ExecutionStatus.OUTPUT_LIMIT_EXCEEDED,
+    ExecutionStatus.DISK_LIMIT_EXCEEDED,
+)
 
 MIN_MEMORY_BYTES = 6 << 20
 """The smallest memory limit the engine accepts for a container."""
@@ -130,9 +136,11 @@ class _Run:
 
     token: str
     execution_id: str
+    stop: StopSignal | None = None
     container_id: str | None = None
     creating: asyncio.Future[Any] | None = None  # the create call, which runs to its end even if we stop
     streams: AttachedStreams | None = None
+    exit_watch: asyncio.Future[Any] | None = None  # only while its output is held
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     killed: bool = False
     escalated: bool = False
@@ -369,6 +377,8 @@ class DockerExecutor:
                     present.append(image)
         enforced = {ResourceLimit.NETWORK, ResourceLimit.TIMEOUT}
         unenforced: set[ResourceLimit] = set()
+        if self._io_mode == "archive":  # it writes to a volume on the engine, not the action directory
+            unenforced.add(ResourceLimit.DISK)
         for limit, supported in (
             (ResourceLimit.CPU, facts is None or facts.cpu_quota),
             (ResourceLimit.MEMORY, facts is None or facts.memory_limit),
@@ -477,7 +487,7 @@ class DockerExecutor:
         network_mode = self._check_limits(command.limits)
         await self._learn_engine()
         token = uuid.uuid4().hex
-        run = _Run(token=token, execution_id=command.execution_id)
+        run = _Run(token=token, execution_id=command.execution_id, stop=stop)
         self._runs[token] = run
         outcome_sent = False
         stopper: asyncio.Future[None] | None = None
@@ -583,7 +593,7 @@ class DockerExecutor:
             outcome_sent = True
             yield outcome
         finally:
-            for task in (stopper, stdin_task):
+            for task in (stopper, stdin_task, run.exit_watch):
                 if task is not None:
                     task.cancel()
             if run.streams is not None:
@@ -591,6 +601,33 @@ class DockerExecutor:
             cleanup = self._track(self._dispose(run))
             if not outcome_sent:
                 await asyncio.shield(cleanup)
+
+    def hold_output(self, stop: StopSignal) -> None:
+        """Stop reading the output of the action run with ``stop`` until it ends.
+
+        The engine's copy then fills (log driver ``none``: it keeps no log of its own) and the
+        command's next write blocks. Reading resumes, to the end of the output, when a stop is
+        requested: the engine completes a container's exit only once its output has been taken
+        (until then even ``wait`` and ``inspect`` block), so a held container could not be seen
+        to die. It also resumes when the container is seen to exit by itself, which the engine
+        reports while what the command left unread fits its buffers (about 1 MiB).
+        """
+        run = next((r for r in self._runs.values() if r.stop is stop), None)
+        if run is None or run.streams is None or run.exit_watch is not None:
+            return
+        streams = run.streams
+        streams.hold()
+        run.exit_watch = asyncio.ensure_future(self._release_on_exit(run, streams))
+        stop.on_request(lambda _reason: streams.release())
+
+    async def _release_on_exit(self, run: _Run, streams: AttachedStreams) -> None:
+        try:
+            # A failure here is met again, and reported, by the action's own wait after its output.
+            with contextlib.suppress(Exception):
+                if run.container_id is not None:
+                    await self._wait_for_exit(run, run.container_id)
+        finally:
+            streams.release()
 
     async def _until_stopped(self, work: Awaitable[None], stop: StopSignal) -> bool:
         """``await work`` unless ``stop`` is requested first; False when stopped.

@@ -135,7 +135,7 @@ class HostExecutor:
         self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
         self._spares_scheduled = False
         self._root = os.geteuid() == 0 or os.getuid() == 0
-        self._runs: set[Run] = set()
+        self._runs: dict[StopSignal, Run] = {}
         self._closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
         self._check_default_limits(processes=cgroups == "off")
@@ -305,7 +305,7 @@ class HostExecutor:
             cgroup=leaf,
             memory_limit=limits.memory_bytes if leaf is not None else None,
         )
-        self._runs.add(run)
+        self._runs[stop] = run
         forget_stop: Callable[[], None] | None = None
         try:
             run.start()
@@ -334,13 +334,20 @@ class HostExecutor:
             if forget_stop is not None:
                 forget_stop()
             run.release()
-            self._runs.discard(run)
+            self._runs.pop(stop, None)
             self._dispose(leaf)
+
+    def hold_output(self, stop: StopSignal) -> None:
+        """Stop reading the output of the command run with ``stop`` until it exits (by itself or
+        by a stop): once its pipes are full, its writes block."""
+        run = self._runs.get(stop)
+        if run is not None:
+            run.hold_output()
 
     async def close(self) -> None:
         """Kill (SIGKILL) and reap every command still running, remove the cgroups; idempotent."""
         self._closed = True
-        for run in list(self._runs):
+        for run in list(self._runs.values()):
             run.abort(ExecutionStatus.CANCELLED, f"host executor {self._name!r} closed while the command ran")
         while self._spare_cgroups:
             self._dispose(self._spare_cgroups.pop())

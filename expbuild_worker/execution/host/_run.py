@@ -117,6 +117,7 @@ class Run:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._drain_deadline: float | None = None
         self._notes: list[str] = []
+        self._held = False
         self.released = False
 
     # ---- starting -----------------------------------------------------------------------
@@ -182,6 +183,10 @@ class Run:
         if not self._reap():
             return
         self._kill_cgroup()
+        if self._held:  # the rest of the output is what the pipes hold: read it to the end
+            self._held = False
+            for pipe in self.pipes:
+                self._resume(pipe)
         self._drain_deadline = self._loop.time() + DRAIN_SECONDS
         self._drain_timer = self._loop.call_at(self._drain_deadline, self.wake.set)
         self.wake.set()
@@ -246,6 +251,22 @@ class Run:
 
     # ---- output ---------------------------------------------------------------------------
 
+    def hold_output(self) -> None:
+        """Stop reading both pipes until the command exits: once they are full, its writes block
+        (what was read is still delivered). At the exit, what the pipes hold is read as usual."""
+        if self._held or self._reaped:
+            return
+        self._held = True
+        for pipe in self.pipes:
+            if pipe.fd >= 0 and not pipe.paused:
+                self._loop.remove_reader(pipe.fd)
+                pipe.paused = True
+
+    def _resume(self, pipe: _Pipe) -> None:
+        if pipe.paused and pipe.fd >= 0 and pipe.pending_bytes < HIGH_WATER and not self._held:
+            pipe.paused = False
+            self._loop.add_reader(pipe.fd, self._on_output, pipe)
+
     def take_chunk(self, pipe: _Pipe) -> LogChunk | None:
         """The next at most CHUNK_MAX unsent bytes of ``pipe``; resumes reading below the high water."""
         if not pipe.pending:
@@ -253,9 +274,7 @@ class Run:
         data = pipe.take(CHUNK_MAX)
         chunk = LogChunk(stream=pipe.stream, offset=pipe.offset, data=data)
         pipe.offset += len(data)
-        if pipe.paused and pipe.fd >= 0 and pipe.pending_bytes < HIGH_WATER:
-            pipe.paused = False
-            self._loop.add_reader(pipe.fd, self._on_output, pipe)
+        self._resume(pipe)
         return chunk
 
     @property
