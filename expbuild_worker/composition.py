@@ -32,6 +32,7 @@ from expbuild_worker.engine import (
     RunnerLimits,
     TimestampingRunner,
 )
+from expbuild_worker.errors import ConfigError
 from expbuild_worker.execution.decorators import (
     DeadlineExecutor,
     DiskLimitingExecutor,
@@ -39,11 +40,25 @@ from expbuild_worker.execution.decorators import (
 )
 from expbuild_worker.execution.executor import Executor
 from expbuild_worker.frontdoors import FrontDoor
+from expbuild_worker.frontdoors.reapi import build_reapi_storage_services
 from expbuild_worker.frontdoors.worker_v1 import AdvertisedLimits, WorkerApiFrontDoor
 from expbuild_worker.model import ResourceLimits
-from expbuild_worker.storage import ContentAddressedStore
+from expbuild_worker.storage import ActionCache, ContentAddressedStore
 
 _log = logging.getLogger(__name__)
+
+MAX_SEND_BYTES = 16 << 20
+"""gRPC's send limit, raised when a FindMissingBlobs reply at the configured cap needs more."""
+DIGEST_REPLY_BYTES = 80
+"""The most one missing digest adds to a reply: tag and length (2), sha256 (2 + 64) and a
+size of up to 2**63 - 1 (1 + 9)."""
+
+
+def send_limit(config: WorkerConfig) -> int:
+    """gRPC's send limit: large enough for any reply, a FindMissingBlobs reply at the cap
+    included (every digest missing)."""
+    digests = config.execution.max_digests_per_request * DIGEST_REPLY_BYTES + 1024
+    return max(MAX_SEND_BYTES, digests)
 
 
 POOL_THREADS = 4
@@ -119,13 +134,19 @@ def work_root_of(config: WorkerConfig) -> Path:
 
 def _claim_directories(config: WorkerConfig, work_root: Path) -> list[DirectoryLock]:
     """Lock the work root, and the store when it lives elsewhere, before anything is swept."""
-    locks = [DirectoryLock(work_root, what="work root", config_key="execution.work_root")]
+    claims = [(work_root, "work root", "execution.work_root")]
     if config.storage.path:
-        try:
-            locks.append(DirectoryLock(Path(config.storage.path), what="store", config_key="storage.path"))
-        except BaseException:
-            locks[0].release()
-            raise
+        claims.append((Path(config.storage.path), "store", "storage.path"))
+    if config.reapi.enabled and config.reapi.action_cache_path:
+        claims.append((Path(config.reapi.action_cache_path), "action cache", "reapi.action_cache_path"))
+    locks: list[DirectoryLock] = []
+    try:
+        for directory, what, key in claims:
+            locks.append(DirectoryLock(directory, what=what, config_key=key))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
     return locks
 
 
@@ -159,7 +180,9 @@ async def build_worker(config: WorkerConfig) -> Worker:
         engine = _build_engine(config, executors, store, work_root, locks)
         await engine.start()
         pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="expbuild-io")
-        front_doors = _build_front_doors(config, engine, worker_id, pool)
+        front_doors = await _build_front_doors(
+            config, engine=engine, store=store, worker_id=worker_id, work_root=work_root, pool=pool
+        )
     except BaseException:
         # A worker that cannot start leaves nothing running or made (cgroups, spares) behind.
         for started in executors.values():
@@ -178,8 +201,14 @@ async def build_worker(config: WorkerConfig) -> Worker:
     )
 
 
-def _build_front_doors(
-    config: WorkerConfig, engine: ExecutionEngine, worker_id: str, pool: concurrent.futures.Executor
+async def _build_front_doors(
+    config: WorkerConfig,
+    *,
+    engine: ExecutionEngine,
+    store: ContentAddressedStore,
+    worker_id: str,
+    work_root: Path,
+    pool: concurrent.futures.Executor,
 ) -> tuple[FrontDoor, ...]:
     """Every enabled way in, over the one engine; all are served on the server's one port."""
     doors: list[FrontDoor] = []
@@ -201,6 +230,31 @@ def _build_front_doors(
                 max_digests_per_request=config.execution.max_digests_per_request,
             )
         )
+    if config.reapi.enabled:
+        action_cache = await asyncio.to_thread(
+            ActionCache,
+            root=Path(config.reapi.action_cache_path) if config.reapi.action_cache_path else work_root / "ac",
+            max_entries=config.reapi.action_cache_max_entries,
+            max_bytes=config.reapi.action_cache_max_bytes,
+        )
+        try:
+            doors.append(
+                build_reapi_storage_services(
+                    store=store,
+                    action_cache=action_cache,
+                    instance_name=config.reapi.instance_name,
+                    max_message_bytes=min(config.server.max_request_bytes, send_limit(config)),
+                    max_digests_per_request=config.execution.max_digests_per_request,
+                    exec_enabled=True,
+                    engine=engine,
+                    worker_name=worker_id,
+                    max_input_entries=config.execution.max_input_entries,
+                    pool=pool,
+                    result_blobs_kept_seconds=config.storage.output_retention_seconds,
+                )
+            )
+        except ValueError as err:
+            raise ConfigError(f"{config.source}: reapi: {err}") from err
     return tuple(doors)
 
 

@@ -74,6 +74,17 @@ class WorkerApiConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReapiConfig:
+    """[reapi]: the Remote Execution API v2 (executor, CAS and action cache) on the server's port."""
+
+    enabled: bool = True
+    instance_name: str = ""
+    action_cache_path: str = ""
+    action_cache_max_entries: int = 100_000
+    action_cache_max_bytes: int = 1 * GiB
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """Resource limits in a config table; 0 means unset (no default, or no maximum)."""
 
@@ -154,6 +165,7 @@ class WorkerConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     worker_api: WorkerApiConfig = field(default_factory=WorkerApiConfig)
+    reapi: ReapiConfig = field(default_factory=ReapiConfig)
     executors: Mapping[str, ExecutorConfig] = field(default_factory=lambda: {"host": HostExecutorConfig()})
 
     @property
@@ -176,7 +188,7 @@ def load_config(path: str | Path) -> WorkerConfig:
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerConfig:
     """Validate an already-decoded TOML document."""
-    known = {"server", "execution", "storage", "worker_api", "executor"}
+    known = {"server", "execution", "storage", "worker_api", "reapi", "executor"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(known)}")
@@ -184,6 +196,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
     execution = _parse_table(ExecutionConfig, raw.get("execution", {}), source, "execution")
     storage = _parse_table(StorageConfig, raw.get("storage", {}), source, "storage")
     worker_api = _parse_table(WorkerApiConfig, raw.get("worker_api", {}), source, "worker_api")
+    reapi = _parse_table(ReapiConfig, raw.get("reapi", {}), source, "reapi")
     executors_raw = raw.get("executor", {"host": {"type": "host"}})
     if not isinstance(executors_raw, Mapping) or not executors_raw:
         raise ConfigError(f"{source}: [executor] must hold at least one [executor.NAME] table")
@@ -204,6 +217,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
         execution=execution,
         storage=storage,
         worker_api=worker_api,
+        reapi=reapi,
         executors=executors,
     )
     _check_semantics(config)
@@ -232,6 +246,8 @@ def _check_semantics(config: WorkerConfig) -> None:
         ("execution.max_input_entries", config.execution.max_input_entries),
         ("execution.max_digests_per_request", config.execution.max_digests_per_request),
         ("execution.disk_check_interval_seconds", config.execution.disk_check_interval_seconds),
+        ("reapi.action_cache_max_entries", config.reapi.action_cache_max_entries),
+        ("reapi.action_cache_max_bytes", config.reapi.action_cache_max_bytes),
     ]
     non_negative: list[tuple[str, float]] = [
         ("server.shutdown_grace_seconds", config.server.shutdown_grace_seconds),
@@ -266,6 +282,8 @@ def _check_semantics(config: WorkerConfig) -> None:
             f"{src}: execution.work_root: expected at most {MAX_WORK_ROOT_BYTES} bytes as an absolute path, "
             "so that every action path fits the kernel's path limit"
         )
+    if not (config.worker_api.enabled or config.reapi.enabled):
+        raise ConfigError(f"{src}: worker_api.enabled, reapi.enabled: at least one way in must be enabled")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{src}: server.port: expected 0-65535, got {config.server.port}")
     if config.execution.default_timeout_seconds > config.execution.max_timeout_seconds:

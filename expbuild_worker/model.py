@@ -139,6 +139,8 @@ class Action:
     input_symlinks: tuple[InputSymlink, ...] = ()
     output_files: tuple[str, ...] = ()
     output_directories: tuple[str, ...] = ()
+    output_paths: tuple[str, ...] = ()
+    """Outputs that may be a file or a directory, whichever the command makes."""
     stdin: bytes = b""
     timeout_seconds: float | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)

@@ -309,6 +309,7 @@ def validate_action(
     _check_input_tree(action)
     _check_paths(action.output_files, "output_files[{}]")
     _check_paths(action.output_directories, "output_directories[{}]")
+    _check_paths(action.output_paths, "output_paths[{}]")
 
     if action.timeout_seconds is not None:
         if action.timeout_seconds <= 0:

@@ -96,6 +96,8 @@ class ExecutionEngine:
         self._drivers: set[asyncio.Task[None]] = set()
         self._accepting = True
         self._locks = tuple(directory_locks)
+        self.admitted_total = 0
+        """Actions admitted since start (each ran, or was cancelled while queued)."""
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -301,6 +303,7 @@ class ExecutionEngine:
             inputs.release()
             raise
         self._table.add(execution)
+        self.admitted_total += 1
         return execution
 
     def _check_and_pin(
@@ -332,7 +335,7 @@ class ExecutionEngine:
             raise MissingBlobsError(
                 f"{named}: {len(err.digests)} blob(s) are not in the worker's store "
                 f"({', '.join(str(d) for d in err.digests[:_NAMED_MISSING])}"
-                f"{' …' if len(err.digests) > _NAMED_MISSING else ''}); upload them with UploadBlobs "
-                "and send the action again",
+                f"{' …' if len(err.digests) > _NAMED_MISSING else ''}); upload them and send the "
+                "action again",
                 digests=err.digests,
             ) from None

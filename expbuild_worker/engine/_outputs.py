@@ -259,11 +259,15 @@ def collect_outputs(
     *,
     output_files: tuple[str, ...],
     output_directories: tuple[str, ...],
+    output_paths: tuple[str, ...] = (),
     store: BlobStore,
     max_bytes: int,
     pin: BlobPin | None = None,
 ) -> OutputManifest:
     """Return the manifest of every declared output that exists, each path once.
+
+    ``output_files`` must be files (or symlinks), ``output_directories`` directories (or
+    symlinks); an ``output_paths`` entry may be either, whichever the command made.
 
     Raises OutputLimitExceeded when the outputs hold more than ``max_bytes`` file bytes (each
     inode counted once) or would make a result larger than MAX_LISTING_BYTES, and lets the
@@ -284,6 +288,8 @@ def collect_outputs(
             collector.add_declared(root_fd, rel, want="file")
         for rel in output_directories:
             collector.add_declared(root_fd, rel, want="directory")
+        for rel in output_paths:
+            collector.add_declared(root_fd, rel, want="any")
     finally:
         os.close(root_fd)
     return collector.manifest()

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -122,3 +122,17 @@ class Executor(Protocol):
     async def close(self) -> None:
         """Release engine connections and remove anything still running; idempotent."""
         ...
+
+
+@runtime_checkable
+class OutputHolding(Protocol):
+    """An executor that can stop reading one action's output until the action ends.
+
+    An optional capability of an ``Executor``; the log-limiting decorator must wrap such an
+    executor directly (it asks its inner executor). ``hold_output(stop)`` names the action by
+    the ``StopSignal`` it was started with. What was already read is still delivered; once the
+    pipes (or the engine's stream) are full, the command's writes block. When the command
+    ends, by itself or by a stop, what the pipes still hold is read and the outcome follows.
+    """
+
+    def hold_output(self, stop: StopSignal) -> None: ...

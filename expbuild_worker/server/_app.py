@@ -10,18 +10,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expbuild_worker.composition import Worker, build_worker
+from expbuild_worker.composition import Worker, build_worker, send_limit
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.host import GRPC_FORK_SUPPORT, grpc_fork_handlers_disabled
 
 _log = logging.getLogger(__name__)
-
-MAX_SEND_BYTES = 16 << 20
-"""gRPC's send limit, raised when a FindMissingBlobs reply at the configured cap needs more."""
-DIGEST_REPLY_BYTES = 80
-"""The most one missing digest adds to a reply: tag and length (2), sha256 (2 + 64) and a
-size of up to 2**63 - 1 (1 + 9)."""
 
 
 @dataclass(eq=False)
@@ -52,13 +46,6 @@ class RunningServer:
         await self.worker.shutdown(grace)
         await self._server.stop(grace=1.0)
         self._stopped.set()
-
-
-def send_limit(config: WorkerConfig) -> int:
-    """gRPC's send limit: large enough for any reply, a FindMissingBlobs reply at the cap
-    included (every digest missing)."""
-    digests = config.execution.max_digests_per_request * DIGEST_REPLY_BYTES + 1024
-    return max(MAX_SEND_BYTES, digests)
 
 
 async def start_server(config: WorkerConfig) -> RunningServer:

@@ -3,12 +3,11 @@
 from expbuild_worker.execution.decorators._base import ExecutorDecorator
 from expbuild_worker.execution.decorators._deadline import DeadlineExecutor
 from expbuild_worker.execution.decorators._disk_limit import DiskLimitingExecutor
-from expbuild_worker.execution.decorators._log_limit import LogLimitingExecutor, OutputHolding
+from expbuild_worker.execution.decorators._log_limit import LogLimitingExecutor
 
 __all__ = [
     "DeadlineExecutor",
     "DiskLimitingExecutor",
     "ExecutorDecorator",
     "LogLimitingExecutor",
-    "OutputHolding",
 ]

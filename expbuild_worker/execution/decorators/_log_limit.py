@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator
-from typing import Protocol, runtime_checkable
 
 from expbuild_worker.execution.decorators._base import ExecutorDecorator
-from expbuild_worker.execution.executor import Command, Executor, StopSignal
+from expbuild_worker.execution.executor import Command, Executor, OutputHolding, StopSignal
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorEvent,
@@ -19,19 +18,6 @@ from expbuild_worker.model import (
 )
 
 LIMIT_KEY = "execution.max_log_bytes_per_stream"
-
-
-@runtime_checkable
-class OutputHolding(Protocol):
-    """An executor that can stop reading one action's output until the action ends.
-
-    ``hold_output(stop)`` names the action by the ``StopSignal`` it was started with. What was
-    already read is still delivered; once the pipes (or the engine's stream) are full, the
-    command's writes block. When the command ends, by itself or by a stop, what the pipes
-    still hold is read and the outcome follows as usual.
-    """
-
-    def hold_output(self, stop: StopSignal) -> None: ...
 
 
 class LogLimitingExecutor(ExecutorDecorator):

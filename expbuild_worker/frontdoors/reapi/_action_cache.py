@@ -64,6 +64,38 @@ def referenced_blobs(
     return list(wanted)
 
 
+def cached_result(
+    store: BlobStore, cache: ActionCache, action: Digest, *, keep_seconds: float
+) -> re_pb.ActionResult | None:
+    """The cached result of ``action`` when every blob it references is still in the store, and
+    then those blobs held there for ``keep_seconds`` so the client can download them; None
+    otherwise (a result whose blobs are gone, or that cannot be read, is dropped). Disk I/O:
+    call on a thread."""
+    data = cache.get(action)
+    if data is None:
+        return None
+    result = re_pb.ActionResult()
+    try:
+        result.ParseFromString(data)
+        blobs = referenced_blobs(store, result)
+    except (DecodeError, InvalidRequestError) as err:
+        _log.warning("cached result of action %s is unusable (%s); dropped", action, err)
+        cache.remove(action)
+        return None
+    try:
+        pin = store.pin(blobs)
+    except MissingBlobsError as err:
+        _log.info(
+            "cached result of action %s refers to %d blob(s) no longer in the CAS (%s)",
+            action,
+            len(err.digests),
+            _named(err.digests),
+        )
+        return None
+    pin.release_after(keep_seconds)
+    return result
+
+
 class ActionCacheServicer(re_grpc.ActionCacheServicer):
     """Results are stored as the client sent them (serialized) and checked when read back.
 
@@ -100,25 +132,9 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         return await BlockingCalls(self._pool).run(self._get, action, request)
 
     def _get(self, action: Digest, request: re_pb.GetActionResultRequest) -> re_pb.ActionResult:
-        data = self._cache.get(action)
-        if data is None:
-            raise NotFoundError(f"action {action} has no cached result")
-        result = re_pb.ActionResult()
-        try:
-            result.ParseFromString(data)
-            blobs = referenced_blobs(self._store, result)
-        except (DecodeError, InvalidRequestError) as err:
-            _log.warning("cached result of action %s is unusable (%s); dropped", action, err)
-            self._cache.remove(action)
-            raise NotFoundError(f"action {action} has no cached result") from err
-        try:
-            pin = self._store.pin(blobs)
-        except MissingBlobsError as err:
-            raise NotFoundError(
-                f"action {action}: its cached result refers to {len(err.digests)} blob(s) no longer in "
-                f"the CAS ({_named(err.digests)}); run the action again"
-            ) from err
-        pin.release_after(self._keep)
+        result = cached_result(self._store, self._cache, action, keep_seconds=self._keep)
+        if result is None:
+            raise NotFoundError(f"action {action} has no usable cached result (none, or its blobs are gone)")
         self._inline(result, request)
         return result
 

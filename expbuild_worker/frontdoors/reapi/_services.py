@@ -12,11 +12,13 @@ from expbuild_worker.api.reapi import bytestream_pb2 as bs_pb
 from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
+from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.frontdoors import _grpc
 from expbuild_worker.frontdoors.reapi._action_cache import ActionCacheServicer
 from expbuild_worker.frontdoors.reapi._bytestream import ByteStreamServicer
 from expbuild_worker.frontdoors.reapi._capabilities import CapabilitiesServicer, server_capabilities
 from expbuild_worker.frontdoors.reapi._cas import ContentAddressableStorageServicer
+from expbuild_worker.frontdoors.reapi._execution import ExecutionServicer
 from expbuild_worker.frontdoors.reapi._names import check_instance_name
 from expbuild_worker.storage import ActionCache, BlobStore
 
@@ -32,6 +34,7 @@ def batch_limit(max_message_bytes: int) -> int:
     return max_message_bytes - max_message_bytes // 16
 
 
+EXECUTION_SERVICE = re_pb.DESCRIPTOR.services_by_name["Execution"].full_name
 SERVICE_NAMES = (
     re_pb.DESCRIPTOR.services_by_name["Capabilities"].full_name,
     re_pb.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
@@ -44,18 +47,25 @@ SERVICE_NAMES = (
 @dataclass(eq=False)
 class ReapiStorageServices:
     """The Capabilities, ContentAddressableStorage, ByteStream and ActionCache servicers of one
-    instance: a ``FrontDoor``. They do not register themselves: the server that hosts them calls
-    ``register``."""
+    instance, and the Execution servicer when the worker executes: a ``FrontDoor``. They do not
+    register themselves: the server that hosts them calls ``register``."""
 
     capabilities: CapabilitiesServicer
     content_addressable_storage: ContentAddressableStorageServicer
     byte_stream: ByteStreamServicer
     action_cache: ActionCacheServicer
-    name: str = "reapi-storage"
+    execution: ExecutionServicer | None = None
+    name: str = "reapi"
     service_names: tuple[str, ...] = SERVICE_NAMES
+
+    def __post_init__(self) -> None:
+        if self.execution is not None:
+            self.service_names = (EXECUTION_SERVICE, *SERVICE_NAMES)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Register every servicer on ``server`` (before it starts)."""
+        if self.execution is not None:
+            _grpc.register(server, re_grpc.add_ExecutionServicer_to_server, self.execution)
         _grpc.register(server, re_grpc.add_CapabilitiesServicer_to_server, self.capabilities)
         _grpc.register(
             server, re_grpc.add_ContentAddressableStorageServicer_to_server, self.content_addressable_storage
@@ -64,7 +74,9 @@ class ReapiStorageServices:
         _grpc.register(server, re_grpc.add_ActionCacheServicer_to_server, self.action_cache)
 
     async def close(self) -> None:
-        """Drop unfinished uploads' bytes; call after the server has stopped."""
+        """Finish responses being built, drop unfinished uploads' bytes; after the server stopped."""
+        if self.execution is not None:
+            await self.execution.close()
         await self.byte_stream.close()
 
 
@@ -76,6 +88,9 @@ def build_reapi_storage_services(
     max_message_bytes: int,
     max_digests_per_request: int,
     exec_enabled: bool,
+    engine: ExecutionEngine | None = None,
+    worker_name: str = "",
+    max_input_entries: int | None = None,
     pool: concurrent.futures.Executor | None = None,
     upload_keep_seconds: float = 600.0,
     max_idle_uploads: int = 256,
@@ -86,7 +101,8 @@ def build_reapi_storage_services(
     ``max_message_bytes`` is the smaller of the server's send and receive limits: batch calls,
     GetTree pages and inlined results stay under it, and GetCapabilities advertises
     ``batch_limit(max_message_bytes)`` as max_batch_total_size_bytes. ``exec_enabled`` is what
-    GetCapabilities says about the Execution service (served, or not, by others). ``pool`` runs
+    GetCapabilities says about the Execution service: with an ``engine`` this front door serves
+    it, without one others do (or nobody). ``pool`` runs
     every blocking call (None: the event loop's default executor). A broken upload's bytes are
     kept ``upload_keep_seconds`` for a resumption, at most ``max_idle_uploads`` of them. The blobs
     of a result GetActionResult returns are held in the store ``result_blobs_kept_seconds``.
@@ -99,7 +115,22 @@ def build_reapi_storage_services(
     if max_digests_per_request < 1:
         raise ValueError(f"max_digests_per_request: {max_digests_per_request}, less than 1")
     max_batch = batch_limit(max_message_bytes)
+    execution = (
+        ExecutionServicer(
+            engine=engine,
+            store=store,
+            action_cache=action_cache,
+            instance_name=instance_name,
+            worker_name=worker_name,
+            pool=pool,
+            max_input_entries=max_input_entries,
+            result_blobs_kept_seconds=result_blobs_kept_seconds,
+        )
+        if exec_enabled and engine is not None
+        else None
+    )
     return ReapiStorageServices(
+        execution=execution,
         capabilities=CapabilitiesServicer(
             instance_name=instance_name,
             capabilities=server_capabilities(exec_enabled=exec_enabled, max_batch_total_size_bytes=max_batch),
