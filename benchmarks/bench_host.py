@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -144,7 +145,13 @@ async def baseline_target(topology: str) -> AsyncIterator[str]:
 
 def _worker_config(work: Path, concurrency: int, stream_bytes: int, cgroups: str) -> dict[str, Any]:
     return {
-        "server": {"address": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 0.0, "log_level": "warning"},
+        "server": {
+            "address": "127.0.0.1",
+            "port": 0,
+            "shutdown_grace_seconds": 0.0,
+            "log_level": "warning",
+            "worker_id": f"bench-{uuid.uuid4().hex[:8]}",
+        },
         "execution": {
             "work_root": str(work / "work"),
             "max_concurrent_executions": concurrency,

@@ -128,21 +128,32 @@ def work_root_of(config: WorkerConfig) -> Path:
     so that two workers with different ids never share one by default."""
     if config.execution.work_root:
         return Path(config.execution.work_root)
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", worker_id_of(config)).lstrip(".") or "worker"
-    return Path(tempfile.gettempdir()) / "expbuild-worker" / name
+    return Path(tempfile.gettempdir()) / "expbuild-worker" / _file_name(worker_id_of(config))
+
+
+def _file_name(worker_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", worker_id).lstrip(".") or "worker"
 
 
 def _claim_directories(config: WorkerConfig, work_root: Path) -> list[DirectoryLock]:
-    """Lock the work root, and the store when it lives elsewhere, before anything is swept."""
-    claims = [(work_root, "work root", "execution.work_root")]
+    """Lock the worker id on this host, the work root, and the store and action cache when they
+    live elsewhere, before anything is swept. Two workers with one id would remove each other's
+    cgroups and containers (both are named by the id), so the id is claimed even when the
+    configured directories differ."""
+    worker_id = worker_id_of(config)
+    ids = Path(tempfile.gettempdir()) / "expbuild-worker" / ".ids"
+    claims: list[tuple[Path, str, str, str | None]] = [
+        (ids / _file_name(worker_id), "worker id", "server.worker_id", f"{worker_id!r} on this host"),
+        (work_root, "work root", "execution.work_root", None),
+    ]
     if config.storage.path:
-        claims.append((Path(config.storage.path), "store", "storage.path"))
+        claims.append((Path(config.storage.path), "store", "storage.path", None))
     if config.reapi.enabled and config.reapi.action_cache_path:
-        claims.append((Path(config.reapi.action_cache_path), "action cache", "reapi.action_cache_path"))
+        claims.append((Path(config.reapi.action_cache_path), "action cache", "reapi.action_cache_path", None))
     locks: list[DirectoryLock] = []
     try:
-        for directory, what, key in claims:
-            locks.append(DirectoryLock(directory, what=what, config_key=key))
+        for directory, what, key, shown in claims:
+            locks.append(DirectoryLock(directory, what=what, config_key=key, shown=shown))
     except BaseException:
         for lock in locks:
             lock.release()

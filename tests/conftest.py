@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerThread]]:
 
     def factory(overrides: dict[str, Any] | None = None) -> WorkerThread:
         base = {
-            "server": {"address": "127.0.0.1", "port": 0, "shutdown_grace_seconds": 0.0},
+            # Each worker its own id: two live workers with one id on a host are refused.
+            "server": {
+                "address": "127.0.0.1",
+                "port": 0,
+                "shutdown_grace_seconds": 0.0,
+                "worker_id": f"test-{uuid.uuid4().hex[:12]}",
+            },
             "execution": {"work_root": str(tmp_path / f"work{len(started)}")},
             "executor": {"host": {"type": "host", "kill_grace_seconds": 0.5}},
         }

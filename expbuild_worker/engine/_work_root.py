@@ -22,7 +22,8 @@ class DirectoryLock:
     Locks conflict between open files, so two workers in one process are kept apart too.
     """
 
-    def __init__(self, directory: Path, *, what: str, config_key: str) -> None:
+    def __init__(self, directory: Path, *, what: str, config_key: str, shown: str | None = None) -> None:
+        """``what`` and ``shown`` (default: the directory) name the claim in a refusal."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -32,11 +33,13 @@ class DirectoryLock:
             holder = _read_holder(fd)
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UnavailableError(f"cannot lock {what} {directory}: {err.strerror}") from err
-            raise UnavailableError(
-                f"{what} {directory} is in use by another worker{f' (pid {holder})' if holder else ''}; "
-                f"give each worker its own {config_key} (or its own server.worker_id with the default)"
-            ) from err
+                raise UnavailableError(f"cannot lock {what} {shown or directory}: {err.strerror}") from err
+            by = f" (pid {holder})" if holder else ""
+            advice = f"give each worker its own {config_key}"
+            if config_key != "server.worker_id":
+                advice += " (or its own server.worker_id with the default)"
+            name = shown if shown is not None else str(directory)
+            raise UnavailableError(f"{what} {name} is in use by another worker{by}; {advice}") from err
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.directory = directory

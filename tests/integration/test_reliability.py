@@ -206,3 +206,10 @@ def test_lock_file_names_the_holder(tmp_path):
     finally:
         held.release()
     DirectoryLock(Path(tmp_path), what="work root", config_key="execution.work_root").release()
+
+
+def test_two_live_workers_with_one_id_are_refused_even_with_separate_work_roots(start_worker, tmp_path):
+    """Cgroups and containers are named by the worker id: a second worker with it would remove the first's."""
+    start_worker({"server": {"worker_id": "twin"}, "execution": {"work_root": str(tmp_path / "a")}})
+    with pytest.raises(UnavailableError, match=r"worker id 'twin' on this host is in use.*server\.worker_id"):
+        start_worker({"server": {"worker_id": "twin"}, "execution": {"work_root": str(tmp_path / "b")}})

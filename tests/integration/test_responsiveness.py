@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -45,6 +46,7 @@ def worker_process(tmp_path):
 [server]
 address = "127.0.0.1"
 port = 0
+worker_id = "proc-{uuid.uuid4().hex[:12]}"
 shutdown_grace_seconds = 0
 [execution]
 work_root = "{tmp_path / "work"}"

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class WorkerProcess:
 [server]
 address = "127.0.0.1"
 port = 0
+worker_id = "proc-{uuid.uuid4().hex[:12]}"
 shutdown_grace_seconds = {grace}
 [execution]
 work_root = "{self.work_root}"
