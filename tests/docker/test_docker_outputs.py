@@ -123,3 +123,16 @@ def test_symlinks_with_long_targets_that_would_not_fit_a_result_are_an_output_li
     run = execute(worker.stub(), request([SH, "-c", script], output_directories=["out"]))
     assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED, run.result.message
     assert run.result.exit_code == 5 and "pack large trees into one file" in run.result.message
+
+
+def test_the_executor_stops_reading_an_output_archive_at_the_cap(archive_worker: Any) -> None:
+    """The executor hands the cap to the archive reader: a 200 MiB sparse output under a 1 MiB
+    cap is refused from its header, with the exit code kept, and never reaches the worker's disk
+    (the work directory of an archive-mode container cannot hold a terabyte here)."""
+    worker = archive_worker(max_output_bytes=1 << 20)
+    before = _bytes_written_by_this_process()
+    script = "mkdir out && truncate -s 200M out/huge; exit 5"
+    run = execute(worker.stub(), request([SH, "-c", script], output_directories=["out"]), timeout=120)
+    assert run.status == pb.EXECUTION_STATUS_OUTPUT_LIMIT_EXCEEDED, run.result.message
+    assert run.result.exit_code == 5
+    assert _bytes_written_by_this_process() - before < 16 << 20

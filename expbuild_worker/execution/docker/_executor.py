@@ -27,6 +27,7 @@ from expbuild_worker.execution.docker._archive import (
     OutputTooLarge,
     UnsafeArchiveError,
     clear_output,
+    distinct_outputs,
     pack_root,
     unpack_output,
 )
@@ -701,7 +702,9 @@ class DockerExecutor:
         What the container has replaces what was staged; an output the container does not
         have is removed. Nothing is ever written through a symlink.
         """
-        for path in command.output_paths:
+        budget = command.max_output_bytes
+        # A path inside another listed output comes back with it: copied (and counted) once.
+        for path in distinct_outputs(command.output_paths):
             try:
                 chunks, _ = api.get_archive(container_id, posixpath.join(ARCHIVE_ROOT, path))
             except docker.errors.NotFound:
@@ -713,7 +716,8 @@ class DockerExecutor:
                 )
                 continue
             try:
-                unpack_output(chunks, root=command.root, output_path=path)
+                # Stops reading at the cap: a sparse terabyte in the container never reaches our disk.
+                written = unpack_output(chunks, root=command.root, output_path=path, max_bytes=budget)
             except OutputTooLarge:
                 for unpacked in command.output_paths:  # none is returned, rather than some cut short
                     clear_output(command.root, unpacked)
@@ -722,6 +726,8 @@ class DockerExecutor:
                 raise InternalError(
                     f"action {command.execution_id}: output {path!r} of container {container_id[:12]}: {err}"
                 ) from err
+            if budget is not None:
+                budget -= written
 
     def _start_failure(self, err: docker.errors.APIError, command: Command, container_id: str) -> RunOutcome:
         message = explain(err)
