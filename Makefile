@@ -50,6 +50,7 @@ docker:
 bench: venv
 	$(BIN)/python benchmarks/bench_host.py
 	$(BIN)/python benchmarks/bench_docker.py
+	$(BIN)/python benchmarks/bench_reapi.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

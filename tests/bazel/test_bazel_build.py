@@ -5,51 +5,16 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Bazel
+from _bazelkit import ACTIONS, EXPECTED, Bazel, remote_flags
 
 pytestmark = pytest.mark.timeout(900)
 
-EXPECTED = {
-    "hello.txt": b"hello from a genrule\n",
-    "upper.txt": b"HELLO FROM A GENRULE\n",
-    "tool.sh": b'#!/bin/sh\necho "tool read: $(cat "$1")"\n',
-    "tool_out.txt": b"tool read: HELLO FROM A GENRULE\n",
-    "nested/a/one.txt": b"one\n",
-    "nested/b/c/two.bin": b"two\x00\xff\n",
-}
-"""Every output of the workspace but where.txt, byte for byte, wherever it was built."""
-ACTIONS = 7
-"""Spawns of one full build: six genrules, and :tool twice (as a target and as a tool)."""
-CONTAINER_USER = 65534
-
-
-def remote_flags(target: str, *extra: str) -> list[str]:
-    """The flags a user puts in .bazelrc to build through the worker (see docs/reapi.md)."""
-    return [
-        f"--remote_executor=grpc://{target}",
-        "--spawn_strategy=remote",
-        "--genrule_strategy=remote",
-        "--noremote_local_fallback",
-        "--disk_cache=",
-        # Actions get a fixed PATH, not the test runner's: the same action digest everywhere.
-        "--incompatible_strict_action_env",
-        *extra,
-        "//...",
-    ]
-
-
-def where(bazel: Bazel) -> tuple[int, list[bytes]]:
-    """The user id where.txt's action ran as, and the argv of process 1 where it ran."""
-    uid, _, cmdline = bazel.output("where.txt").partition(b"\n")
-    return int(uid), cmdline.rstrip(b"\0").split(b"\0")
-
-
-def assert_outputs(bazel: Bazel) -> None:
-    got = {path: bazel.output(path) for path in EXPECTED}
-    assert got == EXPECTED
+CONTAINER_USER = 4242
+"""The Docker executor's user here: neither root nor the host executor's unprivileged user."""
 
 
 @pytest.fixture
@@ -90,8 +55,9 @@ def test_build_executes_remotely_then_comes_from_the_action_cache(
     cold = bazel("build", *flags)
     assert engine.admitted_total == ACTIONS
     assert cold.processes().get("remote") == ACTIONS, cold.output[-2000:]
-    assert_outputs(bazel)
-    assert where(bazel)[0] == bazel.uid_of_host
+    assert bazel.outputs() == EXPECTED
+    host_init = Path("/proc/1/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    assert bazel.where()[1] == host_init, "the action saw this machine's processes, no container"
 
     bazel("clean")
     cached = bazel("build", *flags)
@@ -99,30 +65,27 @@ def test_build_executes_remotely_then_comes_from_the_action_cache(
     counts = cached.processes()
     assert counts.get("remote cache hit") == ACTIONS, cached.output[-2000:]
     assert "remote" not in counts, cached.output[-2000:]
-    assert_outputs(bazel)
+    assert bazel.outputs() == EXPECTED
 
 
 @pytest.mark.docker
-def test_container_image_property_runs_every_action_in_docker(bazel: Bazel, docker_worker: Any) -> None:
+def test_container_image_property_runs_every_action_in_docker(
+    bazel: Bazel, docker_worker: Any, busybox_image: str
+) -> None:
     """container-image=docker://IMAGE moves every action into a container of IMAGE, outputs unchanged."""
     engine = docker_worker.server.worker.engine
-    # The image has busybox's sh but no bash, the shell genrules use by default.
     flags = remote_flags(
         docker_worker.target,
+        # The image has busybox's sh but no bash, the shell genrules use by default.
         "--shell_executable=/bin/sh",
-        f"--remote_default_exec_properties=container-image=docker://{docker_worker_image(docker_worker)}",
+        f"--remote_default_exec_properties=container-image=docker://{busybox_image}",
     )
 
     run = bazel("build", *flags)
     assert engine.admitted_total == ACTIONS
     assert run.processes().get("remote") == ACTIONS, run.output[-2000:]
-    assert_outputs(bazel)
-    uid, init = where(bazel)
-    assert uid == CONTAINER_USER
-    assert init[0].endswith(b"docker-init"), init
-
-
-def docker_worker_image(worker: Any) -> str:
-    """The image the worker's Docker executor runs by default (the one built for these tests)."""
-    image: str = worker.config.executors["docker"].image
-    return image
+    assert bazel.outputs() == EXPECTED
+    uid, init = bazel.where()
+    assert uid == CONTAINER_USER, "the action ran as the Docker executor's user"
+    assert init[0].endswith(b"docker-init"), f"process 1 was {init!r}, not the container's init"
+    assert any(b"where.txt" in arg for arg in init), "the container's init ran this very action"
