@@ -1,4 +1,4 @@
-"""Fail when expbuild_worker/api/{v1,reapi} differ from what `make protos` generates now."""
+"""Fail when expbuild_worker/api/{v1,reapi,rwapi} differ from what `make protos` generates now."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = (ROOT / "expbuild_worker" / "api" / "v1", ROOT / "expbuild_worker" / "api" / "reapi")
+GENERATED = (
+    ROOT / "expbuild_worker" / "api" / "v1",
+    ROOT / "expbuild_worker" / "api" / "reapi",
+    ROOT / "expbuild_worker" / "api" / "rwapi",
+)
 
 
 def snapshot() -> dict[str, bytes]:
