@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import grp
 import logging
+import os
+import pwd
 import re
 import socket
 import tempfile
@@ -112,11 +115,55 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
             cgroups=config.cgroups,
             cgroup_parent=config.cgroup_parent,
             worker_id=worker_id,
+            run_as=_action_user(name, config),
         )
     assert isinstance(config, DockerExecutorConfig)
     from expbuild_worker.execution.docker import build_docker_executor  # noqa: PLC0415 - loads the Docker SDK
 
     return build_docker_executor(name=name, config=config, worker_id=worker_id)
+
+
+def _action_user(name: str, config: HostExecutorConfig) -> tuple[int, int] | None:
+    """The (uid, gid) a root worker's host actions run as; None when the worker is not root
+    (actions are its own user then) or ``run_as_root`` is said explicitly."""
+    if os.geteuid() != 0 or config.run_as_root:
+        return None
+    where = f"executor.{name}"
+    user, group = config.run_as_user, config.run_as_group
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ConfigError(f"{where}.run_as_user: no user {user!r} on this host") from None
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}.run_as_group: no group {group!r} on this host") from None
+    if uid == 0 or gid == 0:
+        raise ConfigError(f"{where}.run_as_user: must not be root; say run_as_root = true instead")
+    return uid, gid
+
+
+def _check_reachable(work_root: Path, user: tuple[int, int], source: str) -> None:
+    """Refuse a work root the action user cannot reach: commands that name their own directory
+    by its full path (``$PWD``, ``/proc/self/cwd``) would fail in ways that look like their fault."""
+    uid, gid = user
+    for directory in [work_root, *work_root.parents]:
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid == gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            raise ConfigError(
+                f"{source}: execution.work_root: {directory} (mode {st.st_mode & 0o7777:o}) is not "
+                f"searchable by uid {uid}, the user host actions run as; allow others to search it "
+                "(chmod o+x) or choose another work_root"
+            )
 
 
 def worker_id_of(config: WorkerConfig) -> str:
@@ -174,6 +221,8 @@ async def build_worker(config: WorkerConfig) -> Worker:
             max_bytes=config.storage.max_bytes,
         )
         for name, ex_config in config.executors.items():
+            if isinstance(ex_config, HostExecutorConfig) and (user := _action_user(name, ex_config)):
+                _check_reachable(work_root, user, config.source)
             executor = _build_executor(name, ex_config, worker_id=worker_id)
             executors[name] = DeadlineExecutor(
                 DiskLimitingExecutor(

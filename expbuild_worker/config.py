@@ -85,6 +85,27 @@ class ReapiConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BotConfig:
+    """[bot]: take leases from a Remote Workers API scheduler (BuildGrid) as a bot, over the same engine."""
+
+    enabled: bool = False
+    scheduler: str = ""
+    cas: str = ""
+    instance_name: str = ""
+    bot_id: str = ""
+    capacity: int = 0
+    container_images: tuple[str, ...] = ()
+    poll_timeout_seconds: float = 30.0
+    reconnect_max_seconds: float = 30.0
+    fetch_parallelism: int = 8
+    max_batch_bytes: int = 2 * MiB
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    access_token_file: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """Resource limits in a config table; 0 means unset (no default, or no maximum)."""
 
@@ -104,6 +125,9 @@ class HostExecutorConfig:
     refuse_unenforceable_limits: bool = True
     cgroups: CgroupMode = "auto"
     cgroup_parent: str = "expbuild"
+    run_as_user: str = "nobody"
+    run_as_group: str = "nogroup"
+    run_as_root: bool = False
     default_limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -166,6 +190,7 @@ class WorkerConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     worker_api: WorkerApiConfig = field(default_factory=WorkerApiConfig)
     reapi: ReapiConfig = field(default_factory=ReapiConfig)
+    bot: BotConfig = field(default_factory=BotConfig)
     executors: Mapping[str, ExecutorConfig] = field(default_factory=lambda: {"host": HostExecutorConfig()})
 
     @property
@@ -188,7 +213,7 @@ def load_config(path: str | Path) -> WorkerConfig:
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerConfig:
     """Validate an already-decoded TOML document."""
-    known = {"server", "execution", "storage", "worker_api", "reapi", "executor"}
+    known = {"server", "execution", "storage", "worker_api", "reapi", "bot", "executor"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(known)}")
@@ -197,6 +222,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
     storage = _parse_table(StorageConfig, raw.get("storage", {}), source, "storage")
     worker_api = _parse_table(WorkerApiConfig, raw.get("worker_api", {}), source, "worker_api")
     reapi = _parse_table(ReapiConfig, raw.get("reapi", {}), source, "reapi")
+    bot = _parse_table(BotConfig, raw.get("bot", {}), source, "bot")
     executors_raw = raw.get("executor", {"host": {"type": "host"}})
     if not isinstance(executors_raw, Mapping) or not executors_raw:
         raise ConfigError(f"{source}: [executor] must hold at least one [executor.NAME] table")
@@ -218,6 +244,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
         storage=storage,
         worker_api=worker_api,
         reapi=reapi,
+        bot=bot,
         executors=executors,
     )
     _check_semantics(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -77,6 +78,21 @@ class WorkerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+@pytest.fixture(autouse=True)
+def _searchable_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A root worker runs host actions as an unprivileged user, who must be able to reach the
+    action's directory by its full path; pytest makes its temporary directories private (0700).
+    Let others search (not list) the test's tmp_path and the directories above it."""
+    if "tmp_path" not in request.fixturenames:
+        return
+    path: Path = request.getfixturevalue("tmp_path")
+    top = tmp_path_factory.getbasetemp().parent
+    for directory in [path, *path.parents]:
+        os.chmod(directory, os.stat(directory).st_mode | 0o011)
+        if directory == top:
+            break
 
 
 @pytest.fixture

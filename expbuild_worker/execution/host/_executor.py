@@ -10,6 +10,7 @@ import os
 import resource
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, InternalError, PreconditionError, UnavailableError
@@ -103,9 +104,13 @@ class HostExecutor:
         cgroup_parent: str = "expbuild",
         worker_id: str = "local",
         mountinfo: str | None = None,
+        run_as: tuple[int, int] | None = None,
     ) -> None:
         """``worker_id`` names this worker's cgroup directory; ``mountinfo`` replaces
-        ``/proc/self/mountinfo`` (tests). Cgroups are set up by ``start`` (or the first use)."""
+        ``/proc/self/mountinfo`` (tests). Cgroups are set up by ``start`` (or the first use).
+        ``run_as`` (uid, gid) runs every command as that unprivileged user (a root worker's
+        safe default): the action directory's directories are handed to it, the inputs stay
+        the worker's and read-only to it, and it cannot leave its cgroup or touch the worker."""
         if kill_grace_seconds <= 0:
             raise ConfigError(
                 f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
@@ -134,7 +139,9 @@ class HostExecutor:
         self._leftovers: dict[str, ActionCgroup] = {}
         self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
         self._spares_scheduled = False
-        self._root = os.geteuid() == 0 or os.getuid() == 0
+        self._run_as = run_as
+        self._root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
+        """Whether commands run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
         self._closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
@@ -240,7 +247,12 @@ class HostExecutor:
             max_limits=self._max_limits,
             default_limits=self._default_limits,
             details={
-                "euid": str(os.geteuid()),
+                "euid": str(self._run_as[0] if self._run_as is not None else os.geteuid()),
+                "user": (
+                    f"commands run as uid {self._run_as[0]}, gid {self._run_as[1]}"
+                    if self._run_as is not None
+                    else ("commands run as root (run_as_root)" if self._root else "the worker's own user")
+                ),
                 "cgroups": self._cgroup_state,
                 "memory": memory,
                 "processes": processes,
@@ -280,6 +292,8 @@ class HostExecutor:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
                     join = leaf.procs  # the forked child enters before exec
+            if self._run_as is not None:
+                await _hand_over(command.root, self._run_as, join)
             with born_inside:
                 child = spawn(
                     argv=command.argv,
@@ -290,6 +304,7 @@ class HostExecutor:
                     stdin=command.stdin,
                     rlimits=rlimits,
                     join=join,
+                    user=self._run_as,
                 )
         except SpawnFailure as failure:
             self._dispose(leaf)
@@ -504,3 +519,46 @@ def _owner_alive(token: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_HAND_OVER_INLINE = 64
+"""Entries looked at on the event loop; an action directory with more is walked on a thread."""
+
+
+async def _hand_over(root: Path, user: tuple[int, int], cgroup_procs: Sequence[str]) -> None:
+    """Give ``user`` the action's directories (to create and remove its files in) and the
+    ``cgroup.procs`` files its child writes to enter its cgroup. Files stay the worker's: inputs
+    are readable but not writable, as in Bazel's own sandboxes. A directory tree of a few
+    entries is handled inline (the common case costs a few microseconds); a larger one on a
+    thread."""
+    uid, gid = user
+    for procs in cgroup_procs:
+        os.chown(procs, uid, gid)
+    found = _directories(root, limit=_HAND_OVER_INLINE)
+    if found is None:
+        await asyncio.to_thread(_chown_all, _directories(root, limit=None) or [root], uid, gid)
+    else:
+        _chown_all(found, uid, gid)
+
+
+def _directories(root: Path, *, limit: int | None) -> list[Path] | None:
+    """``root`` and every directory below it (never following a symlink); None when more than
+    ``limit`` entries would have to be looked at."""
+    found = [root]
+    pending = [root]
+    seen = 0
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                if limit is not None and seen > limit:
+                    return None
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(Path(entry.path))
+                    pending.append(Path(entry.path))
+    return found
+
+
+def _chown_all(directories: Sequence[Path], uid: int, gid: int) -> None:
+    for directory in directories:
+        os.lchown(directory, uid, gid)

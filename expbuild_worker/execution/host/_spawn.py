@@ -101,13 +101,16 @@ def spawn(
     stdin: bytes,
     rlimits: Sequence[Rlimit],
     join: Sequence[str] = (),
+    user: tuple[int, int] | None = None,
 ) -> Child:
     """Start ``argv`` in its own session with piped stdout/stderr (and stdin when given).
 
     ``join`` lists ``cgroup.procs`` files the child enters before exec (so nothing it runs
-    escapes a cgroup limit). Raises SpawnFailure when the command cannot be started (missing,
-    not executable, bad working directory, cgroup refused) and InternalError when the worker
-    itself runs out of descriptors.
+    escapes a cgroup limit); they must be writable by ``user`` when one is given. ``user``
+    (uid, gid) runs the command as that user and group with no supplementary groups (the
+    worker must be root); None runs it as the worker's own user. Raises SpawnFailure when the
+    command cannot be started (missing, not executable, bad working directory, cgroup refused)
+    and InternalError when the worker itself runs out of descriptors.
     Without rlimits or ``join`` CPython spawns with vfork (fast); a preexec_fn forces a full
     fork (here ~1.5 ms more), so one is passed only when a limit must be applied before exec.
     """
@@ -123,12 +126,19 @@ def spawn(
         theirs.append(err_w)
         for fd in (out_r, err_r):
             _grow_pipe(fd)
+        if user is not None:
+            # The command's own ends belong to its user, so it can reopen them by name
+            # (/dev/stdout, /dev/stderr, /proc/self/fd/N) as a command of the worker's user can.
+            for fd in (out_w, err_w):
+                os.fchown(fd, *user)
         in_r: int = subprocess.DEVNULL
         in_w: int | None = None
         if stdin:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
             mine.append(in_w)
             theirs.append(in_r)
+            if user is not None:
+                os.fchown(in_r, *user)
     except OSError as err:
         _close_all(mine + theirs)
         raise InternalError(f"host executor could not create pipes for {argv0!r}: {err.strerror}") from err
@@ -143,6 +153,9 @@ def spawn(
             env=dict(environment),
             start_new_session=True,
             close_fds=True,
+            user=user[0] if user is not None else None,
+            group=user[1] if user is not None else None,
+            extra_groups=[] if user is not None else None,
             # Only cgroup writes and setrlimit run in the forked child; CPython's fork hooks make
             # that safe next to threads.
             preexec_fn=_prepare_child(join, rlimits) if join or rlimits else None,  # noqa: PLW1509

@@ -45,11 +45,18 @@ class LoadedAction:
         return posixpath.relpath(engine_path, self.working_directory)
 
 
-def load_action(store: BlobStore, digest: Digest, *, max_input_entries: int | None) -> LoadedAction:
-    """Read ``digest``'s Action, Command and input tree; MissingBlobsError lists every blob that
+def read_action(store: BlobStore, digest: Digest) -> re_pb.Action:
+    """The Action message alone (MissingBlobsError when absent). Disk I/O: call on a thread."""
+    return _parse(store, digest, re_pb.Action(), "action_digest")
+
+
+def load_action(
+    store: BlobStore, digest: Digest, reapi_action: re_pb.Action, *, max_input_entries: int | None
+) -> LoadedAction:
+    """Read ``reapi_action``'s Command and input tree; MissingBlobsError lists every blob that
     is needed and absent (as deep as the tree could be read), InvalidRequestError names what is
-    malformed. Disk I/O: call on a thread."""
-    reapi_action = _parse(store, digest, re_pb.Action(), "action_digest")
+    malformed. The directories above every output are created before the command runs, as the
+    REAPI asks of a worker. Disk I/O: call on a thread."""
     command_digest = digest_from_pb(reapi_action.command_digest, "action.command_digest")
     root_digest = digest_from_pb(reapi_action.input_root_digest, "action.input_root_digest")
     missing = store.find_missing((command_digest, root_digest))
@@ -93,7 +100,10 @@ def load_action(store: BlobStore, digest: Digest, *, max_input_entries: int | No
         environment={v.name: v.value for v in command.environment_variables},
         working_directory=working_directory,
         input_files=tuple(tree.files),
-        input_directories=tuple(tree.directories),
+        input_directories=(
+            *tree.directories,
+            *_output_parents(tree, output_files, output_dirs, output_paths),
+        ),
         input_symlinks=tuple(tree.symlinks),
         output_files=output_files,
         output_directories=output_dirs,
@@ -201,6 +211,20 @@ def _missing(digests: list[Digest], what: str) -> MissingBlobsError:
         f"{what}: {len(digests)} blob(s) are not in the CAS ({named}); upload them and execute again",
         digests=tuple(digests),
     )
+
+
+def _output_parents(tree: _InputTree, *outputs: tuple[str, ...]) -> list[str]:
+    """Every directory above an output that the input tree does not already have, once."""
+    known = set(tree.directories)
+    files = {f.path for f in tree.files} | {s.path for s in tree.symlinks}
+    parents: dict[str, None] = {}
+    for paths in outputs:
+        for path in paths:
+            parent = posixpath.dirname(path)
+            while parent and parent not in known and parent not in parents and parent not in files:
+                parents[parent] = None
+                parent = posixpath.dirname(parent)
+    return sorted(parents, key=lambda p: p.count("/"))
 
 
 def _normal(path: str, field: str) -> str:

@@ -17,7 +17,7 @@ from expbuild_worker.engine import Execution, ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError, NotFoundError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
 from expbuild_worker.frontdoors.reapi._action_cache import cached_result
-from expbuild_worker.frontdoors.reapi._actions import LoadedAction, load_action
+from expbuild_worker.frontdoors.reapi._actions import LoadedAction, load_action, read_action
 from expbuild_worker.frontdoors.reapi._digests import check_digest_function, digest_from_pb, digest_to_pb
 from expbuild_worker.frontdoors.reapi._errors import Context, error_to_status, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import check_instance
@@ -97,15 +97,18 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         check_digest_function(request.digest_function)
         digest = digest_from_pb(request.action_digest, "action_digest")
         calls = BlockingCalls(self._pool)
-        if not request.skip_cache_lookup:
+        reapi_action = await calls.run(read_action, self._store, digest)
+        # do_not_cache: never answered from the cache, never merged with an identical action.
+        shared = not (request.skip_cache_lookup or reapi_action.do_not_cache)
+        if shared:
             cached = await calls.run(self._cached, digest)
             if cached is not None:
                 response = re_pb.ExecuteResponse(result=cached, cached_result=True)
                 name = self._name(f"cached-{digest.sha256}")
                 await send(context, self._operation(name, digest, response=response))
                 return
-        loaded = await calls.run(self._load, digest)
-        key = None if request.skip_cache_lookup else f"reapi:{self._instance}:{digest}"
+        loaded = await calls.run(self._load, digest, reapi_action)
+        key = f"reapi:{self._instance}:{digest}" if shared else None
         execution = await self._engine.submit(loaded.action, key=key)
         tracked = self._track(loaded, execution)
         await self._stream(tracked, context)
@@ -125,8 +128,8 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
     def _cached(self, digest: Digest) -> re_pb.ActionResult | None:
         return cached_result(self._store, self._cache, digest, keep_seconds=self._keep_seconds)
 
-    def _load(self, digest: Digest) -> LoadedAction:
-        return load_action(self._store, digest, max_input_entries=self._max_entries)
+    def _load(self, digest: Digest, reapi_action: re_pb.Action) -> LoadedAction:
+        return load_action(self._store, digest, reapi_action, max_input_entries=self._max_entries)
 
     # ---- one execution's operations -------------------------------------------------------------
 
