@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from expbuild_worker.config import (
     DockerExecutorConfig,
@@ -47,6 +48,9 @@ from expbuild_worker.frontdoors.reapi import build_reapi_storage_services
 from expbuild_worker.frontdoors.worker_v1 import AdvertisedLimits, WorkerApiFrontDoor
 from expbuild_worker.model import ResourceLimits
 from expbuild_worker.storage import ActionCache, ContentAddressedStore
+
+if TYPE_CHECKING:
+    from expbuild_worker.frontdoors.bot import Bot
 
 _log = logging.getLogger(__name__)
 
@@ -356,4 +360,127 @@ def _build_engine(
             per_executor={name: ex.max_concurrency for name, ex in config.executors.items()},
         ),
         directory_locks=locks,
+    )
+
+
+_BOT_SCHEMES = ("grpc://", "http://")
+"""Scheduler addresses the bot connects to in plain text (or HOST:PORT alone)."""
+
+
+def _bot_target(address: str, key: str, source: str) -> str:
+    """HOST:PORT from ``grpc://HOST:PORT`` (or a bare HOST:PORT); ConfigError naming ``key`` otherwise."""
+    target = address
+    for scheme in _BOT_SCHEMES:
+        if address.startswith(scheme):
+            target = address[len(scheme) :]
+            break
+    else:
+        if "://" in address:
+            raise ConfigError(
+                f"{source}: {key}: {address!r}: only grpc://HOST:PORT is supported (TLS to the "
+                "scheduler is not yet supported)"
+            )
+    host, sep, port = target.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: {key}: expected grpc://HOST:PORT, got {address!r}")
+    return target.rstrip("/")
+
+
+def _check_bot_config(config: WorkerConfig) -> None:
+    """Refuse a [bot] table the bot could not work with, naming the key."""
+    bot, src = config.bot, config.source
+    if not bot.scheduler:
+        raise ConfigError(f"{src}: bot.scheduler: expected the scheduler's address (grpc://HOST:PORT)")
+    for key in ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file", "access_token_file"):
+        if getattr(bot, key):
+            raise ConfigError(
+                f"{src}: bot.{key}: not yet supported (the worker has no client-side TLS or tokens yet); "
+                "leave it empty and reach the scheduler over a trusted network"
+            )
+    for key, value in (
+        ("bot.capacity", bot.capacity),
+        ("bot.poll_timeout_seconds", bot.poll_timeout_seconds),
+        ("bot.reconnect_max_seconds", bot.reconnect_max_seconds),
+        ("bot.fetch_parallelism", bot.fetch_parallelism),
+        ("bot.max_batch_bytes", bot.max_batch_bytes),
+    ):
+        if value < 0 or (value == 0 and key != "bot.capacity"):
+            raise ConfigError(f"{src}: {key}: expected a positive number, got {value!r}")
+    if bot.poll_timeout_seconds < 5:
+        raise ConfigError(
+            f"{src}: bot.poll_timeout_seconds: expected at least 5 (BuildGrid assigns no work to a "
+            f"call with under 3 s left), got {bot.poll_timeout_seconds}"
+        )
+
+
+async def build_bot(config: WorkerConfig, worker: Worker) -> Bot:
+    """The Remote Workers API bot of [bot] over ``worker``'s engine and store, not yet started.
+
+    Its store fetches from the scheduler's CAS (``bot.cas``, else the scheduler's address) into
+    the worker's store; it offers the platform properties of the worker's ready executors and
+    the images in ``bot.container_images``; its capacity (``bot.capacity``, 0 = the worker's
+    ``execution.max_concurrent_executions``) shares the one engine with any other front door.
+    """
+    import grpc  # noqa: PLC0415 - only a process that runs a bot opens channels to a scheduler
+
+    from expbuild_worker.api.rwapi import bots_pb2_grpc  # noqa: PLC0415
+    from expbuild_worker.frontdoors.bot import (  # noqa: PLC0415
+        Bot,
+        BotSettings,
+        GrpcRemoteCas,
+        LeaseWork,
+        offered_properties,
+    )
+    from expbuild_worker.storage import RemoteStore  # noqa: PLC0415
+
+    _check_bot_config(config)
+    bot = config.bot
+    scheduler = _bot_target(bot.scheduler, "bot.scheduler", config.source)
+    cas_target = _bot_target(bot.cas, "bot.cas", config.source) if bot.cas else scheduler
+    capacity = bot.capacity or config.execution.max_concurrent_executions
+    limit = min(config.server.max_request_bytes, send_limit(config))
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Reconnect soon after a scheduler comes back, not after gRPC's default two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", int(bot.reconnect_max_seconds * 1000)),
+    ]
+    bots_channel = grpc.aio.insecure_channel(scheduler, options=options)
+    cas_channel = grpc.insecure_channel(cas_target, options=options)
+    remote = GrpcRemoteCas(
+        channel=cas_channel, instance_name=bot.instance_name, max_batch_bytes=bot.max_batch_bytes
+    )
+    store = RemoteStore(local=worker.store, remote=remote, parallelism=bot.fetch_parallelism)
+    pool = concurrent.futures.ThreadPoolExecutor(capacity + 2, thread_name_prefix="expbuild-bot")
+    properties = offered_properties(await worker.engine.capabilities(), bot.container_images)
+
+    async def release() -> None:
+        await bots_channel.close()
+        store.close()
+        cas_channel.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    bot_id = bot.bot_id or worker.worker_id
+    return Bot(
+        stub=bots_pb2_grpc.BotsStub(bots_channel),
+        work=LeaseWork(
+            engine=worker.engine,
+            store=store,
+            instance_name=bot.instance_name,
+            worker_name=bot_id,
+            pool=pool,
+            max_input_entries=config.execution.max_input_entries,
+        ),
+        engine=worker.engine,
+        settings=BotSettings(
+            bot_id=bot_id,
+            instance_name=bot.instance_name,
+            capacity=capacity,
+            properties=tuple(properties),
+            poll_timeout_seconds=bot.poll_timeout_seconds,
+            reconnect_max_seconds=bot.reconnect_max_seconds,
+        ),
+        on_close=release,
     )

@@ -1,4 +1,4 @@
-"""The ``expbuild-worker`` command: ``serve`` runs a worker; the other subcommands talk to one."""
+"""The ``expbuild-worker`` command: ``serve`` runs a worker, ``bot`` joins a scheduler; others talk to one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from expbuild_worker.execution.host import disable_grpc_fork_handlers
 
 disable_grpc_fork_handlers()  # before anything below imports grpc
 
-from expbuild_worker.cli import _client, _serve  # noqa: E402
+from expbuild_worker.cli import _bot, _client, _serve  # noqa: E402
 
 __all__ = ["main"]
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expbuild-worker", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve.register(subparsers)
+    _bot.register(subparsers)
     _client.register(subparsers)
     return parser
 

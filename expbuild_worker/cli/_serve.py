@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from expbuild_worker.composition import build_bot
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
 from expbuild_worker.server import start_server
@@ -43,6 +44,14 @@ def _apply_overrides(config: WorkerConfig, args: argparse.Namespace) -> WorkerCo
 
 async def _serve(config: WorkerConfig) -> None:
     running = await start_server(config)
+    bot = None
+    if config.bot.enabled:  # a bot beside the server, over the same engine
+        try:
+            bot = await build_bot(config, running.worker)
+        except BaseException:
+            await running.stop(0)
+            raise
+        bot.start()
     # One parseable line: scripts and tests that start the worker on port 0 read the port here.
     print(f"expbuild-worker listening on {running.target}", flush=True)
     loop = asyncio.get_running_loop()
@@ -61,6 +70,9 @@ async def _serve(config: WorkerConfig) -> None:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.cancel_all)
+    if bot is not None:  # leave the scheduler first: its leases finish or go back, no new ones come
+        await bot.drain(config.server.shutdown_grace_seconds)
+        await bot.close()
     await running.stop()
     _log.info("stopped")
 

@@ -1,0 +1,106 @@
+"""``expbuild-worker bot``: take leases from a BuildGrid scheduler until SIGTERM or SIGINT, then leave."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any
+
+from expbuild_worker.composition import build_bot, build_worker
+from expbuild_worker.config import WorkerConfig, load_config
+from expbuild_worker.errors import WorkerError
+
+_log = logging.getLogger("expbuild_worker")
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "bot", help="run as a bot of a Remote Workers API scheduler (BuildGrid)", description=__doc__
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
+    parser.add_argument(
+        "--scheduler", metavar="grpc://HOST:PORT", help="the scheduler (overrides bot.scheduler)"
+    )
+    parser.add_argument(
+        "--instance", metavar="NAME", help="the scheduler's instance (overrides bot.instance_name)"
+    )
+    parser.add_argument("--bot-id", metavar="ID", help="this bot's id (overrides bot.bot_id)")
+    parser.add_argument(
+        "--capacity", type=int, metavar="N", help="leases run at once (overrides bot.capacity)"
+    )
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides server.log_level"
+    )
+    parser.set_defaults(handler=bot_main)
+
+
+def _apply_overrides(config: WorkerConfig, args: argparse.Namespace) -> WorkerConfig:
+    bot = dataclasses.replace(config.bot, enabled=True)
+    if args.scheduler is not None:
+        bot = dataclasses.replace(bot, scheduler=args.scheduler)
+    if args.instance is not None:
+        bot = dataclasses.replace(bot, instance_name=args.instance)
+    if args.bot_id is not None:
+        bot = dataclasses.replace(bot, bot_id=args.bot_id)
+    if args.capacity is not None:
+        if args.capacity < 1:
+            raise WorkerError(f"--capacity: expected at least 1, got {args.capacity}")
+        bot = dataclasses.replace(bot, capacity=args.capacity)
+    server = config.server
+    if args.log_level is not None:
+        server = dataclasses.replace(server, log_level=args.log_level)
+    return dataclasses.replace(config, bot=bot, server=server)
+
+
+async def _run(config: WorkerConfig) -> None:
+    worker = await build_worker(config)
+    try:
+        bot = await build_bot(config, worker)
+    except BaseException:
+        await worker.shutdown(0)
+        raise
+    bot.start()
+    # One parseable line: scripts and tests read the bot's id and scheduler here.
+    print(f"expbuild-worker bot {bot.settings.bot_id} serving {config.bot.scheduler}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    grace = config.server.shutdown_grace_seconds
+    _log.info(
+        "leaving: running leases get %gs to finish, the rest are handed back; a second signal hands "
+        "them back at once",
+        grace,
+    )
+    leave = asyncio.ensure_future(bot.drain(grace))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.drain(0)))
+    await leave
+    await bot.close()
+    await worker.shutdown(0)
+    _log.info("stopped")
+
+
+def bot_main(args: argparse.Namespace) -> int:
+    try:
+        config = WorkerConfig() if args.config is None else load_config(args.config)
+        config = _apply_overrides(config, args)
+    except WorkerError as err:
+        print(f"expbuild-worker: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_run(config))
+    except WorkerError as err:
+        print(f"expbuild-worker: {err}", file=sys.stderr)
+        return 1
+    return 0
