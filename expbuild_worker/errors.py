@@ -36,7 +36,7 @@ class MissingBlobsError(PreconditionError):
 
 
 class UnavailableError(WorkerError):
-    """The worker is shutting down or an engine it needs does not answer."""
+    """The worker is shutting down or a service it needs (a Docker daemon, say) does not answer."""
 
 
 class ConfigError(WorkerError):

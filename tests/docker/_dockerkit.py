@@ -126,7 +126,7 @@ async def run_command(
 
 
 def labelled_containers(client: Any, worker_id: str) -> list[dict[str, Any]]:
-    """Every container, running or not, labelled with ``worker_id`` (the engine's list entries)."""
+    """Every container, running or not, labelled with ``worker_id`` (the daemon's list entries)."""
     found: list[dict[str, Any]] = client.api.containers(
         all=True, filters={"label": f"{LABEL_WORKER}={worker_id}"}
     )

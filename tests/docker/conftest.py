@@ -1,4 +1,4 @@
-"""Docker test fixtures: a real engine (or a skip, or a failure in CI) and locally built busybox images."""
+"""Docker test fixtures: a real daemon (or a skip, or a failure in CI) and locally built busybox images."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _static_busybox() -> Path | None:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[Any]:
-    """A client of the engine the tests use; skips (or fails in CI) when none answers."""
+    """A client of the daemon the tests use; skips (or fails in CI) when none answers."""
     try:
         import docker
 

@@ -1,4 +1,4 @@
-"""The Docker executor's contract on a real engine: logs, statuses, stats, images, stopping and removal."""
+"""The Docker executor's contract on a real daemon: logs, statuses, stats, images, stopping and removal."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def test_a_command_printing_the_init_s_failure_line_is_still_its_own_exit(
 
 
 def test_missing_program_fails_to_start_without_an_init(busybox_image: str, tmp_path: Path) -> None:
-    """Without the init process the engine refuses the start itself; that too is FAILED_TO_START."""
+    """Without the init process the daemon refuses the start itself; that too is FAILED_TO_START."""
 
     async def main() -> Any:
         async with docker_executor(busybox_image, init=False) as ex:
@@ -354,8 +354,8 @@ def test_per_request_image_must_be_allowed(busybox_image: str, nonroot_image: st
     assert "expbuild-test/other:1" in refusal
 
 
-def test_capabilities_report_live_engine_facts(busybox_image: str) -> None:
-    """Capabilities come from the engine itself: version, runtimes, cgroup version, limits, images present."""
+def test_capabilities_report_live_daemon_facts(busybox_image: str) -> None:
+    """Capabilities come from the daemon itself: version, runtimes, cgroup version, limits, images present."""
 
     async def main() -> Any:
         async with docker_executor(busybox_image, warmup_images=("expbuild-test/not-there:1",)) as ex:
@@ -386,7 +386,7 @@ def test_readiness_and_warmup_with_a_missing_image(busybox_image: str) -> None:
 
 
 def test_unknown_runtime_is_not_ready(busybox_image: str) -> None:
-    """A configured runtime the engine lacks makes the executor report itself not ready, naming it."""
+    """A configured runtime the daemon lacks makes the executor report itself not ready, naming it."""
 
     async def main() -> Any:
         async with docker_executor(busybox_image, runtime="runsc") as ex:

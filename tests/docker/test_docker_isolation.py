@@ -1,4 +1,4 @@
-"""The container holds: memory, processes, network, filesystem, privileges — proven on a real engine."""
+"""The container holds: memory, processes, network, filesystem, privileges — proven on a real daemon."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def test_inputs_cannot_be_rewritten_in_place(busybox_image: str, tmp_path: Path)
 
 
 def test_environment_is_exactly_the_actions(busybox_image: str, tmp_path: Path) -> None:
-    """Only the action's variables (plus the engine's PATH/HOSTNAME/HOME) reach the command."""
+    """Only the action's variables (plus the daemon's PATH/HOSTNAME/HOME) reach the command."""
 
     async def main() -> Any:
         async with docker_executor(busybox_image) as ex:

@@ -77,7 +77,7 @@ def test_stale_action_cgroups_are_removed_at_start(busybox_image: str, docker_cl
     memory = Path("/sys/fs/cgroup/memory")
     info = docker_client.info()
     if info.get("CgroupDriver") != "cgroupfs" or info.get("CgroupVersion") != "1" or not memory.is_dir():
-        pytest.skip("needs the engine's cgroupfs driver on cgroup v1, visible here")
+        pytest.skip("needs the daemon's cgroupfs driver on cgroup v1, visible here")
     stale = memory / "expbuild" / worker_id / "docker" / "stale-action"
     try:
         stale.mkdir(parents=True)

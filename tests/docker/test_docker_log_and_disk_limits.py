@@ -1,4 +1,4 @@
-"""The log cap and the disk limit on a real engine: a held container really stops writing."""
+"""The log cap and the disk limit on a real Docker daemon: a held container really stops writing."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ WRITER = (
 
 HELD_BOUND = CAP + 16 * MiB
 """Far more than a held container can write: what the worker reads ahead (4 MiB and one read),
-the socket, and the engine's own copy buffer (about 1 MiB; the log driver is "none", so the engine
+the socket, and the daemon's own copy buffer (about 1 MiB; the log driver is "none", so the daemon
 keeps no log). Unheld, the same writer passes this in a fraction of a second."""
 
 DISK_FILL = "while :; do head -c 1048576 /dev/urandom >> /work/fill || exit 3; done"
@@ -42,7 +42,7 @@ def _progress(root: Path) -> int:
 def test_container_past_the_log_cap_is_held_until_its_timeout(
     docker_client: Any, busybox_image: str, tmp_path: Path
 ) -> None:
-    """Past the cap the worker stops reading the attached stream and the engine stops copying,
+    """Past the cap the worker stops reading the attached stream and the daemon stops copying,
     so the container's writes block until its timeout instead of running (and costing a core of
     the worker's) at full speed."""
     worker_id = new_worker_id()
@@ -136,8 +136,8 @@ def test_container_filling_its_work_directory_ends_disk_limit_exceeded(
     ("io_mode", "enforced"), [("bind", True), ("archive", False)], ids=["bind", "archive"]
 )
 def test_disk_limit_is_claimed_only_with_bind_io(busybox_image: str, io_mode: str, enforced: bool) -> None:
-    """With archive I/O the command writes to a volume on the engine that the watcher cannot see
-    (and this engine's storage driver has no per-container quota), so DISK is not claimed there."""
+    """With archive I/O the command writes to a volume on the daemon that the watcher cannot see
+    (and this daemon's storage driver has no per-container quota), so DISK is not claimed there."""
 
     async def main() -> Any:
         async with docker_executor(busybox_image, io_mode=io_mode) as ex:

@@ -1,4 +1,4 @@
-"""Outputs copied out of containers (archive I/O) on a real engine: caps hold and results arrive."""
+"""Outputs copied out of containers (archive I/O) on a real Docker daemon: caps hold and results arrive."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _bytes_written_by_this_process() -> int:
 def test_a_sparse_output_past_the_cap_never_reaches_the_disk(
     docker_client: Any, busybox_image: str, tmp_path: Path
 ) -> None:
-    """A 256 MiB sparse file under a 1 MiB cap is refused from the engine's archive header:
+    """A 256 MiB sparse file under a 1 MiB cap is refused from the daemon's archive header:
     the worker writes next to nothing and keeps nothing of the output (`truncate -s 1T` must not
     fill its disk)."""
     worker_id = new_worker_id()

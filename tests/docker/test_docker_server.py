@@ -175,7 +175,7 @@ def test_what_the_executor_would_refuse_is_refused_before_accepted(
 def test_a_client_gone_while_the_container_is_created_leaves_no_container(
     docker_worker: Any, docker_client: Any
 ) -> None:
-    """Cancelling the call at any moment around the engine's create removes the container at
+    """Cancelling the call at any moment around the daemon's create removes the container at
     once (the periodic sweep is off here), instead of leaving it in `Created` for the janitor."""
     worker = docker_worker()
     worker_id = worker.config.server.worker_id
@@ -191,7 +191,7 @@ def test_a_client_gone_while_the_container_is_created_leaves_no_container(
 @IO_MODES
 def test_outputs_nested_too_deep_end_as_an_output_limit_quickly(docker_worker: Any, io_mode: str) -> None:
     """400 nested directories: OUTPUT_LIMIT_EXCEEDED with the exit code, in seconds (unpacking
-    such a tree from the engine's archive used to take minutes and hold a slot)."""
+    such a tree from the daemon's archive used to take minutes and hold a slot)."""
     worker = docker_worker(io_mode=io_mode)
     deep = "i=0; while [ $i -lt 400 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done; echo x > f"
     started = time.monotonic()
@@ -203,7 +203,7 @@ def test_outputs_nested_too_deep_end_as_an_output_limit_quickly(docker_worker: A
 
 
 def test_capabilities_list_the_docker_executor(docker_worker: Any) -> None:
-    """GetCapabilities shows the Docker executor with container isolation and live engine details."""
+    """GetCapabilities shows the Docker executor with container isolation and live Docker daemon details."""
     worker = docker_worker()
     caps = worker.stub().GetCapabilities(pb.GetCapabilitiesRequest(), timeout=30)
     docker = next(e for e in caps.executors if e.name == "docker")

@@ -1,4 +1,4 @@
-"""Unpacking an engine's archive of an output stops at the cap and leaves nothing partial behind."""
+"""Unpacking a daemon's archive of an output stops at the cap and leaves nothing partial behind."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ BLOCK = 1 << 16
 
 
 def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> bytes:
-    """One tar member (header and padded data), as an engine streams it."""
+    """One tar member (header and padded data), as a daemon streams it."""
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
     info.size = len(data)
@@ -23,9 +23,9 @@ def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: s
     return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * padding
 
 
-class EngineStream:
-    """An engine's archive stream, like docker-py's generator: ``head`` then, lazily, a member of
-    ``claimed`` bytes of zeros (a sparse file as the engine sends it). Records how much of the
+class DaemonStream:
+    """A daemon's archive stream, like docker-py's generator: ``head`` then, lazily, a member of
+    ``claimed`` bytes of zeros (a sparse file as the daemon sends it). Records how much of the
     data was read and whether the stream was closed."""
 
     def __init__(self, head: bytes, *, big: str = "", claimed: int = 0) -> None:
@@ -60,7 +60,7 @@ class EngineStream:
         yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
-def unpack(stream: EngineStream, root: Path, output: str, max_bytes: int | None) -> int:
+def unpack(stream: DaemonStream, root: Path, output: str, max_bytes: int | None) -> int:
     return unpack_output(stream, root=root, output_path=output, max_bytes=max_bytes)
 
 
@@ -68,7 +68,7 @@ def test_a_member_past_the_cap_is_refused_from_its_header(tmp_path: Path) -> Non
     """A terabyte (a sparse file, say) under a 1 MiB cap is refused before any of it is read or
     written, the stream is closed, and the files unpacked before it are removed."""
     head = _member("out", kind=tarfile.DIRTYPE) + _member("out/small", b"s" * 1000)
-    stream = EngineStream(head, big="out/huge", claimed=1 << 40)
+    stream = DaemonStream(head, big="out/huge", claimed=1 << 40)
     with pytest.raises(OutputTooLarge, match="max_output_bytes"):
         unpack(stream, tmp_path, "out", max_bytes=1 << 20)
     assert stream.sent <= len(head) + 2 * BLOCK
@@ -81,7 +81,7 @@ def test_files_that_add_up_past_the_cap_are_refused(tmp_path: Path) -> None:
     data = b"x" * 400_000
     head = _member("d", kind=tarfile.DIRTYPE) + b"".join(_member(f"d/{i}", data) for i in range(3))
     with pytest.raises(OutputTooLarge):
-        unpack(EngineStream(head), tmp_path, "sub/d", max_bytes=1 << 20)
+        unpack(DaemonStream(head), tmp_path, "sub/d", max_bytes=1 << 20)
     assert os.listdir(tmp_path / "sub") == []
 
 
@@ -94,7 +94,7 @@ def test_an_output_within_the_cap_arrives_with_its_size(tmp_path: Path) -> None:
         + _member("out/a", data)
         + _member("out/b", kind=tarfile.LNKTYPE, link="out/a")
     )
-    written = unpack(EngineStream(head), tmp_path, "out", max_bytes=1 << 20)
+    written = unpack(DaemonStream(head), tmp_path, "out", max_bytes=1 << 20)
     assert written == len(data)
     assert (tmp_path / "out/b").read_bytes() == data
     assert os.stat(tmp_path / "out/a").st_ino == os.stat(tmp_path / "out/b").st_ino
@@ -102,26 +102,26 @@ def test_an_output_within_the_cap_arrives_with_its_size(tmp_path: Path) -> None:
 
 def test_exactly_at_the_cap_is_allowed(tmp_path: Path) -> None:
     """The cap is inclusive: an output of exactly max_bytes is delivered."""
-    written = unpack(EngineStream(_member("f", b"z" * 4096)), tmp_path, "f", max_bytes=4096)
+    written = unpack(DaemonStream(_member("f", b"z" * 4096)), tmp_path, "f", max_bytes=4096)
     assert written == 4096 and (tmp_path / "f").read_bytes() == b"z" * 4096
 
 
 def test_without_a_cap_large_members_are_unpacked(tmp_path: Path) -> None:
     """Callers that have no cap keep the old behaviour: everything is unpacked."""
-    stream = EngineStream(b"", big="f", claimed=3 * BLOCK)
+    stream = DaemonStream(b"", big="f", claimed=3 * BLOCK)
     assert unpack(stream, tmp_path, "f", max_bytes=None) == 3 * BLOCK
     assert os.path.getsize(tmp_path / "f") == 3 * BLOCK
 
 
 def test_a_broken_stream_leaves_nothing_partial(tmp_path: Path) -> None:
-    """An engine that dies mid-archive leaves no half-written output for collection to report."""
+    """A daemon that dies mid-archive leaves no half-written output for collection to report."""
 
     def chunks() -> Iterator[bytes]:
         yield _member("out", kind=tarfile.DIRTYPE) + _member("out/a", b"a" * 100)
         info = tarfile.TarInfo("out/b")
         info.size = 10 * BLOCK
         yield info.tobuf(tarfile.PAX_FORMAT) + b"b" * BLOCK
-        raise ConnectionError("engine went away")
+        raise ConnectionError("daemon went away")
 
     with pytest.raises(ConnectionError):
         unpack_output(chunks(), root=tmp_path, output_path="out", max_bytes=None)

@@ -1,4 +1,4 @@
-"""The Docker executor's pure parts, without an engine: log demux, the container spec, archives."""
+"""The Docker executor's pure parts, without a daemon: log demux, the container spec, archives."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _frame(stream: int, data: bytes) -> bytes:
 
 
 def test_demux_reassembles_frames_split_at_every_byte() -> None:
-    """However the engine's bytes are split, each stream's bytes come out whole and in order."""
+    """However the daemon's bytes are split, each stream's bytes come out whole and in order."""
     wire = _frame(1, b"hello ") + _frame(2, b"oops") + _frame(1, b"world") + _frame(1, b"") + _frame(2, b"!")
     for cut in range(len(wire) + 1):
         demux = Demultiplexer()
@@ -104,7 +104,7 @@ def test_spec_hardens_by_default_and_sets_every_limit(tmp_path: Path) -> None:
 
 
 def test_spec_for_archive_io_uses_a_volume_and_opens_stdin_when_given(tmp_path: Path) -> None:
-    """Remote engines get a fresh volume (get_archive cannot see a tmpfs) and stdin when there is some."""
+    """Remote daemons get a fresh volume (get_archive cannot see a tmpfs) and stdin when there is some."""
     body = container_body(
         image="img:1",
         command=_command(tmp_path, stdin=b"x", working_directory=""),

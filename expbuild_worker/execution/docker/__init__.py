@@ -1,4 +1,4 @@
-"""The Docker executor: each action in its own hardened container on a Docker engine."""
+"""The Docker executor: each action in its own hardened container on a Docker daemon."""
 
 from __future__ import annotations
 
@@ -9,22 +9,22 @@ from docker.utils import kwargs_from_env
 
 from expbuild_worker.config import DockerExecutorConfig
 from expbuild_worker.errors import ConfigError
-from expbuild_worker.execution.docker._engine import DEFAULT_ADDRESS, DockerEngine
+from expbuild_worker.execution.docker._daemon import DEFAULT_ADDRESS, DockerDaemon
 from expbuild_worker.execution.docker._executor import DockerExecutor
 
 __all__ = ["DockerExecutor", "build_docker_executor"]
 
 _POOL_THREADS = 16
-"""Engine calls in flight at once. Each is short (create, start, wait after exit, remove);
+"""Daemon calls in flight at once. Each is short (create, start, wait after exit, remove);
 log streams have their own threads."""
 
 
 def build_docker_executor(*, name: str, config: DockerExecutorConfig, worker_id: str) -> DockerExecutor:
     """Build the executor named ``name`` from its parsed config; call ``await start()`` next.
 
-    The engine is ``config.docker_host`` when set, else ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``
+    The daemon is ``config.docker_host`` when set, else ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``
     and ``DOCKER_CERT_PATH``, as the Docker CLI reads them), else the local socket. Nothing
-    contacts the engine here. A configured seccomp profile is read now, so a bad path fails
+    contacts the daemon here. A configured seccomp profile is read now, so a bad path fails
     at start-up rather than on the first action.
     """
     kwargs: dict[str, Any] = kwargs_from_env()
@@ -46,7 +46,7 @@ def build_docker_executor(*, name: str, config: DockerExecutorConfig, worker_id:
     def connect() -> Any:
         return docker.APIClient(version="auto", max_pool_size=threads, **kwargs)
 
-    engine = DockerEngine(connect=connect, address=address, max_threads=threads)
+    daemon = DockerDaemon(connect=connect, address=address, max_threads=threads)
     return DockerExecutor(
-        name=name, config=config, worker_id=worker_id, engine=engine, seccomp_profile=seccomp
+        name=name, config=config, worker_id=worker_id, daemon=daemon, seccomp_profile=seccomp
     )

@@ -1,4 +1,4 @@
-"""Archive I/O for engines that do not share our filesystem: pack the action root, unpack outputs safely."""
+"""Archive I/O for daemons that do not share our filesystem: pack the action root, unpack outputs safely."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _COPY_CHUNK = 1 << 20
 
 
 class UnsafeArchiveError(InternalError):
-    """A tar member from the engine would land outside the action root or through a symlink."""
+    """A tar member from the daemon would land outside the action root or through a symlink."""
 
 
 def pack_root(root: Path, *, arcname: str, dir_owner: tuple[int, int] | None) -> IO[bytes]:
@@ -55,7 +55,7 @@ def pack_root(root: Path, *, arcname: str, dir_owner: tuple[int, int] | None) ->
 
 
 class _ChunkReader(io.RawIOBase):
-    """A read-only raw file over an iterator of byte chunks (the engine's archive stream)."""
+    """A read-only raw file over an iterator of byte chunks (the daemon's archive stream)."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         super().__init__()
@@ -117,7 +117,7 @@ def distinct_outputs(output_paths: Iterable[str]) -> list[str]:
 def unpack_output(
     chunks: Iterable[bytes], *, root: Path, output_path: str, max_bytes: int | None = None
 ) -> int:
-    """Extract the engine's archive of ``output_path`` into ``root``; returns the file bytes written.
+    """Extract the daemon's archive of ``output_path`` into ``root``; returns the file bytes written.
 
     The archive's top member is the output's base name. Every member must stay under it;
     parents on the host must be real directories; symlinks are created as symlinks and never

@@ -22,17 +22,17 @@ BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes read ahead of the consumer before the reader pauses (and the container's pipe fills)."""
 
 _READ_SIZE = 1024 * 1024
-"""Largest single read from the engine: fewer wake-ups when output is fast; chunks are cut later."""
+"""Largest single read from the daemon: fewer wake-ups when output is fast; chunks are cut later."""
 
 _HEADER = struct.Struct(">BxxxL")
 _STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR, 3: LogStream.STDERR}
 
 
 class Demultiplexer:
-    """Splits the engine's multiplexed stream (8-byte header: stream id, size) into pieces.
+    """Splits the daemon's multiplexed stream (8-byte header: stream id, size) into pieces.
 
     Feed it bytes in any split; it returns complete pieces in order, adjacent pieces of the
-    same stream merged. Stream 3 (the engine's own errors) is reported as stderr.
+    same stream merged. Stream 3 (the daemon's own errors) is reported as stderr.
     """
 
     def __init__(self) -> None:
@@ -70,7 +70,7 @@ class Demultiplexer:
 
     @property
     def pending(self) -> bool:
-        """True when the stream ended inside a frame (the engine cut it short)."""
+        """True when the stream ended inside a frame (the daemon cut it short)."""
         return bool(self._buffer) or self._remaining > 0
 
 
@@ -80,13 +80,13 @@ def _raw_socket(sock: Any) -> Any:
 
 
 class AttachedStreams:
-    """Reads one container's attached socket on a daemon thread and hands batches to the loop.
+    """Reads one container's attached socket on a background thread and hands batches to the loop.
 
     One thread per running container: docker-py's socket objects differ per transport (Unix,
     TCP, TLS, SSH), and a blocking read works on all of them. Reading pauses when more than
     ``BUFFER_LIMIT`` bytes wait for the consumer, so a slow client slows the command instead
     of growing the worker's memory, and while ``hold`` is in force (a log cap was reached):
-    the engine then stops copying the container's output (its log driver is ``none``, so it
+    the daemon then stops copying the container's output (its log driver is ``none``, so it
     keeps no copy of its own) and the command's next write blocks.
     """
 
@@ -196,7 +196,7 @@ class AttachedStreams:
                 self._raw.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        """Stop reading and release the connection; idempotent, never blocks on the engine."""
+        """Stop reading and release the connection; idempotent, never blocks on the daemon."""
         with self._cond:
             if self._closed:
                 return

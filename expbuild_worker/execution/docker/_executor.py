@@ -32,7 +32,7 @@ from expbuild_worker.execution.docker._archive import (
     unpack_output,
 )
 from expbuild_worker.execution.docker._attach import AttachedStreams
-from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
+from expbuild_worker.execution.docker._daemon import DockerDaemon, explain, status_of
 from expbuild_worker.execution.docker._images import ImagePolicy
 from expbuild_worker.execution.docker._janitor import Janitor, remove_container
 from expbuild_worker.execution.docker._spec import (
@@ -93,14 +93,14 @@ _STOPPED = (
 )
 
 MIN_MEMORY_BYTES = 6 << 20
-"""The smallest memory limit the engine accepts for a container."""
+"""The smallest memory limit the daemon accepts for a container."""
 MIN_CPU_CORES = 0.01
-"""The smallest CPU limit the engine can express (its unit is 1e-9 CPU, and it refuses below 0.01)."""
+"""The smallest CPU limit the daemon can express (its unit is 1e-9 CPU, and it refuses below 0.01)."""
 
 
 @dataclass(frozen=True, slots=True)
-class EngineFacts:
-    """What the engine said about itself (``docker info``), learned once per connection."""
+class DaemonFacts:
+    """What the daemon said about itself (``docker info``), learned once per connection."""
 
     version: str
     api_version: str
@@ -112,10 +112,10 @@ class EngineFacts:
     swap_limit: bool
     pids_limit: bool
     cpu_quota: bool
-    cpus: int = 0  # the engine machine's CPU count; 0 = not reported
+    cpus: int = 0  # the daemon machine's CPU count; 0 = not reported
 
     @classmethod
-    def from_info(cls, info: dict[str, Any], api_version: str) -> EngineFacts:
+    def from_info(cls, info: dict[str, Any], api_version: str) -> DaemonFacts:
         return cls(
             version=str(info.get("ServerVersion", "")),
             api_version=api_version,
@@ -175,7 +175,7 @@ def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
 
 
 class DockerExecutor:
-    """Runs each command in a fresh, hardened container on one Docker engine.
+    """Runs each command in a fresh, hardened container on one Docker daemon.
 
     Lifecycle per action: create → attach → start → stream logs → wait → inspect → (archive
     I/O: copy outputs back) → outcome → remove. Removal is guaranteed: after the outcome it
@@ -184,7 +184,7 @@ class DockerExecutor:
     that dies anyway leaves containers labelled with its id, which the janitor removes at the
     next start and periodically.
 
-    Call ``await start()`` once after construction (learns the engine, sweeps orphans, starts
+    Call ``await start()`` once after construction (learns the daemon, sweeps orphans, starts
     the periodic sweep) and ``await close()`` at shutdown.
     """
 
@@ -194,7 +194,7 @@ class DockerExecutor:
         name: str,
         config: DockerExecutorConfig,
         worker_id: str,
-        engine: DockerEngine,
+        daemon: DockerDaemon,
         seccomp_profile: str = "",
         mountinfo: str | None = None,
     ) -> None:
@@ -203,7 +203,7 @@ class DockerExecutor:
         self._name = name
         self._config = config
         self._worker_id = worker_id
-        self._engine = engine
+        self._daemon = daemon
         security_opts = tuple(config.security_opts)
         if seccomp_profile:
             security_opts += (f"seccomp={seccomp_profile}",)
@@ -223,11 +223,11 @@ class DockerExecutor:
         self._root_user = (self._owner is not None and self._owner[0] == 0) or config.user == "root"
         self._io_mode: IoMode = config.io_mode
         if self._io_mode == "auto":
-            self._io_mode = "bind" if engine.is_local else "archive"
+            self._io_mode = "bind" if daemon.is_local else "archive"
         self._default_limits = _limits_from_config(config.default_limits)
         self._max_limits = _limits_from_config(config.max_limits)
         self._images = ImagePolicy(
-            engine=engine,
+            daemon=daemon,
             executor=name,
             default_image=config.image,
             allowed_images=config.allowed_images,
@@ -235,13 +235,13 @@ class DockerExecutor:
             pull_policy=config.effective_pull_policy,
         )
         self._mountinfo = mountinfo
-        self._facts: EngineFacts | None = None
+        self._facts: DaemonFacts | None = None
         self._cgroups: ActionCgroups | None = None
         self._runs: dict[str, _Run] = {}
         self._cleanups: set[asyncio.Future[None]] = set()
         self._readiness: tuple[float, Readiness] | None = None
         self._janitor = Janitor(
-            engine=engine,
+            daemon=daemon,
             worker_id=worker_id,
             executor=name,
             live_tokens=self._runs.keys,
@@ -273,16 +273,16 @@ class DockerExecutor:
         return self._worker_id
 
     async def start(self) -> None:
-        """Learn the engine, remove what a previous run of this worker left, start the sweeper.
+        """Learn the daemon, remove what a previous run of this worker left, start the sweeper.
 
-        An engine that does not answer is not fatal: the executor reports itself not ready and
-        learns the engine on first use.
+        A daemon that does not answer is not fatal: the executor reports itself not ready and
+        learns the daemon on first use.
         """
         if self._started:
             return
         self._started = True
         try:
-            await self._learn_engine()
+            await self._learn_daemon()
             await self._janitor.sweep()
         except WorkerError as err:
             _log.warning("docker executor %s: %s", self._name, err)
@@ -298,7 +298,7 @@ class DockerExecutor:
             run.aborted = True
             if run.container_id is not None:
                 self._track(self._remove_quietly(run.container_id))
-        # Let running actions see their container go and report CANCELLED while the engine
+        # Let running actions see their container go and report CANCELLED while the daemon
         # connection still works; one whose consumer stopped pulling is left to the janitor.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CLOSE_WAIT_SECONDS
@@ -308,19 +308,19 @@ class DockerExecutor:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         if self._cgroups is not None:
             self._cgroups.remove_base()
-        self._engine.close()
+        self._daemon.close()
 
-    # ---- engine facts, readiness, capabilities ----------------------------------------------
+    # ---- daemon facts, readiness, capabilities ----------------------------------------------
 
-    async def _learn_engine(self) -> EngineFacts:
+    async def _learn_daemon(self) -> DaemonFacts:
         if self._facts is not None:
             return self._facts
 
-        def learn(api: Any) -> EngineFacts:
-            return EngineFacts.from_info(api.info(), str(api.api_version))
+        def learn(api: Any) -> DaemonFacts:
+            return DaemonFacts.from_info(api.info(), str(api.api_version))
 
-        facts = await self._engine.call(learn)
-        if self._engine.is_local and self._config.cgroup_parent:
+        facts = await self._daemon.call(learn)
+        if self._daemon.is_local and self._config.cgroup_parent:
             mountinfo = self._mountinfo if self._mountinfo is not None else read_mountinfo()
             self._cgroups = ActionCgroups.detect(
                 cgroup_version=facts.cgroup_version,
@@ -334,7 +334,7 @@ class DockerExecutor:
         return facts
 
     async def readiness(self) -> Readiness:
-        """Ready when the engine answers, the runtime exists and (with ``never``) the image is present."""
+        """Ready when the daemon answers, the runtime exists and (with ``never``) the image is present."""
         if self._closed:
             return Readiness(False, f"docker executor {self._name!r} is closed")
         now = time.monotonic()
@@ -346,8 +346,8 @@ class DockerExecutor:
 
     async def _check_readiness(self) -> Readiness:
         try:
-            await self._engine.call(lambda api: api.ping())
-            facts = await self._learn_engine()
+            await self._daemon.call(lambda api: api.ping())
+            facts = await self._learn_daemon()
             if self._config.runtime and self._config.runtime not in facts.runtimes:
                 return Readiness(
                     False,
@@ -363,22 +363,22 @@ class DockerExecutor:
         except WorkerError as err:
             return Readiness(False, str(err))
         except docker.errors.DockerException as err:
-            return Readiness(False, f"docker engine at {self._engine.address}: {explain(err)}")
+            return Readiness(False, f"docker engine at {self._daemon.address}: {explain(err)}")
         return Readiness(True)
 
     async def capabilities(self) -> ExecutorCapabilities:
-        """Live engine facts: version, runtimes, cgroup version, limit support, images present."""
+        """Live daemon facts: version, runtimes, cgroup version, limit support, images present."""
         readiness = await self.readiness()
-        facts: EngineFacts | None = None
+        facts: DaemonFacts | None = None
         present: list[str] = []
         with contextlib.suppress(WorkerError, docker.errors.DockerException):
-            facts = await self._learn_engine()
+            facts = await self._learn_daemon()
             for image in self._images.warmup_images:
                 if await self._images.present(image):
                     present.append(image)
         enforced = {ResourceLimit.NETWORK, ResourceLimit.TIMEOUT}
         unenforced: set[ResourceLimit] = set()
-        if self._io_mode == "archive":  # it writes to a volume on the engine, not the action directory
+        if self._io_mode == "archive":  # it writes to a volume on the daemon, not the action directory
             unenforced.add(ResourceLimit.DISK)
         for limit, supported in (
             (ResourceLimit.CPU, facts is None or facts.cpu_quota),
@@ -387,7 +387,7 @@ class DockerExecutor:
         ):
             (enforced if supported else unenforced).add(limit)
         details = {
-            "engine": self._engine.address,
+            "engine": self._daemon.address,
             "io_mode": self._io_mode,
             "image": self._config.image,
             "pull_policy": self._images.pull_policy,
@@ -433,7 +433,7 @@ class DockerExecutor:
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
         """Make the configured images (and allowed ``images``) present per the pull policy."""
         try:
-            await self._learn_engine()
+            await self._learn_daemon()
             result = await self._images.warmup(images)
         except WorkerError as err:
             return WarmupReport(name=self._name, ready=False, message=str(err))
@@ -449,9 +449,9 @@ class DockerExecutor:
 
     def check(self, limits: ResourceLimits, image: str | None) -> None:
         """Refuses what ``execute`` would before anything runs: an image that is not allowed,
-        network access this executor does not grant, limits the engine would refuse (too little
+        network access this executor does not grant, limits the daemon would refuse (too little
         memory or CPU, more CPUs than its machine has, once it has said how many). Limits above the
-        configured maxima are the engine's to refuse."""
+        configured maxima are the daemon's to refuse."""
         self._images.resolve(image)
         self._check_limits(limits)
 
@@ -480,13 +480,13 @@ class DockerExecutor:
 
         Raises PreconditionError before anything runs for an image that is not allowed, missing
         (``never``) or cannot be pulled, a network request this executor refuses, or limits
-        above its maxima; UnavailableError when the engine does not answer or once closed.
+        above its maxima; UnavailableError when the daemon does not answer or once closed.
         """
         if self._closed:
             raise UnavailableError(f"docker executor {self._name!r} is closed")
         image = self._images.resolve(command.image)
         network_mode = self._check_limits(command.limits)
-        await self._learn_engine()
+        await self._learn_daemon()
         token = uuid.uuid4().hex
         run = _Run(token=token, execution_id=command.execution_id, stop=stop)
         self._runs[token] = run
@@ -501,7 +501,7 @@ class DockerExecutor:
                 outcome_sent = True
                 return
             if self._io_mode == "bind" and not self._root_user:
-                await self._engine.offload(prepare_root, command.root, self._owner)
+                await self._daemon.offload(prepare_root, command.root, self._owner)
             body = container_body(
                 image=image,
                 command=command,
@@ -525,8 +525,8 @@ class DockerExecutor:
                 return
             run.container_id = created
             if self._io_mode == "archive":
-                await self._engine.call(lambda api: self._put_root(api, created, command))
-            sock = await self._engine.call(
+                await self._daemon.call(lambda api: self._put_root(api, created, command))
+            sock = await self._daemon.call(
                 lambda api: api.attach_socket(
                     created,
                     params={"stdout": 1, "stderr": 1, "stream": 1, "stdin": 1 if command.stdin else 0},
@@ -540,7 +540,7 @@ class DockerExecutor:
                 return
             started_at = time.time()
             try:
-                await self._engine.call(lambda api: api.start(created))
+                await self._daemon.call(lambda api: api.start(created))
             except docker.errors.APIError as err:
                 yield self._start_failure(err, command, created)
                 outcome_sent = True
@@ -548,7 +548,7 @@ class DockerExecutor:
             # Both run on their own, so a consumer slow to pull events delays neither.
             stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
             if command.stdin:
-                stdin_task = asyncio.ensure_future(self._engine.offload(streams.send_stdin, command.stdin))
+                stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
                 stdin_task.add_done_callback(_stdin_written)
             yield Started(at=started_at)
             offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
@@ -570,7 +570,7 @@ class DockerExecutor:
             too_large = None
             if self._io_mode == "archive" and command.output_paths:
                 try:
-                    await self._engine.call(lambda api: self._collect_outputs(api, created, command))
+                    await self._daemon.call(lambda api: self._collect_outputs(api, created, command))
                 except OutputTooLarge as err:
                     too_large = str(err)
             outcome = self._outcome(
@@ -606,11 +606,11 @@ class DockerExecutor:
     def hold_output(self, stop: StopSignal) -> None:
         """Stop reading the output of the action run with ``stop`` until it ends.
 
-        The engine's copy then fills (log driver ``none``: it keeps no log of its own) and the
+        The daemon's copy then fills (log driver ``none``: it keeps no log of its own) and the
         command's next write blocks. Reading resumes, to the end of the output, when a stop is
-        requested: the engine completes a container's exit only once its output has been taken
+        requested: the daemon completes a container's exit only once its output has been taken
         (until then even ``wait`` and ``inspect`` block), so a held container could not be seen
-        to die. It also resumes when the container is seen to exit by itself, which the engine
+        to die. It also resumes when the container is seen to exit by itself, which the daemon
         reports while what the command left unread fits its buffers (about 1 MiB).
         """
         run = next((r for r in self._runs.values() if r.stop is stop), None)
@@ -663,7 +663,7 @@ class DockerExecutor:
         for attempt in (1, 2):
             try:
                 run.creating = asyncio.ensure_future(
-                    self._engine.call(lambda api: api.create_container_from_config(body, name=name))
+                    self._daemon.call(lambda api: api.create_container_from_config(body, name=name))
                 )
                 created: dict[str, Any] = await asyncio.shield(run.creating)
                 return str(created["Id"])
@@ -760,7 +760,7 @@ class DockerExecutor:
     async def _kill(self, container_id: str, sig: signal.Signals) -> bool:
         """Send ``sig``; False when the container was no longer running."""
         try:
-            await self._engine.call(lambda api: api.kill(container_id, signal=sig.name))
+            await self._daemon.call(lambda api: api.kill(container_id, signal=sig.name))
         except docker.errors.APIError as err:
             if status_of(err) in (404, 409):
                 return False
@@ -780,10 +780,10 @@ class DockerExecutor:
             return True
 
         try:
-            while not await self._engine.call(wait):
+            while not await self._daemon.call(wait):
                 pass
             run.exited.set()
-            info: dict[str, Any] = await self._engine.call(lambda api: api.inspect_container(container_id))
+            info: dict[str, Any] = await self._daemon.call(lambda api: api.inspect_container(container_id))
         except docker.errors.NotFound as err:
             if run.aborted:
                 return {}
@@ -868,7 +868,7 @@ class DockerExecutor:
 
     async def _remove_quietly(self, container_id: str) -> None:
         try:
-            await remove_container(self._engine, container_id)
+            await remove_container(self._daemon, container_id)
         except Exception as err:
             _log.warning("could not remove container %s: %s (the janitor will retry)", container_id[:12], err)
 
@@ -876,7 +876,7 @@ class DockerExecutor:
         """Remove the container and the action's cgroup, then release its token."""
         try:
             if run.container_id is None and run.creating is not None:
-                await asyncio.wait({run.creating})  # abandoned while the engine created it
+                await asyncio.wait({run.creating})  # abandoned while the daemon created it
                 if not run.creating.cancelled() and run.creating.exception() is None:
                     run.container_id = str(run.creating.result()["Id"])
             if run.container_id is not None:

@@ -13,7 +13,7 @@ from docker.utils import parse_repository_tag
 
 from expbuild_worker.config import PullPolicy
 from expbuild_worker.errors import PreconditionError
-from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
+from expbuild_worker.execution.docker._daemon import DockerDaemon, explain, status_of
 
 
 def normalize(image: str) -> str:
@@ -37,20 +37,20 @@ class ImagePolicy:
     ``allowed_images`` pattern (shell-style, e.g. ``registry.example/tools/*``); anything else is
     refused. Presence is never checked on the hot path: the create call itself reports a
     missing image, and only then does ``if-not-present`` pull (``never`` refuses). ``always``
-    pulls before every create; concurrent pulls of one image share a single engine call.
+    pulls before every create; concurrent pulls of one image share a single daemon call.
     """
 
     def __init__(
         self,
         *,
-        engine: DockerEngine,
+        daemon: DockerDaemon,
         executor: str,
         default_image: str,
         allowed_images: Sequence[str],
         warmup_images: Sequence[str],
         pull_policy: PullPolicy,
     ) -> None:
-        self._engine = engine
+        self._daemon = daemon
         self._executor = executor
         self._default = default_image
         self._exact = {normalize(i) for i in (default_image, *warmup_images) if i}
@@ -81,7 +81,7 @@ class ImagePolicy:
         return requested
 
     async def on_missing(self, image: str) -> None:
-        """The engine said ``image`` is missing: pull it (``if-not-present``) or refuse."""
+        """The daemon said ``image`` is missing: pull it (``if-not-present``) or refuse."""
         if self.pull_policy == "never":
             raise PreconditionError(
                 f"image {image!r} is not present on the engine and executor {self._executor!r} "
@@ -106,13 +106,13 @@ class ImagePolicy:
             api.pull(repository, tag=tag or "latest")
 
         try:
-            await self._engine.call(pull)
+            await self._daemon.call(pull)
         except docker.errors.DockerException as err:
             raise PreconditionError(f"image {image!r} could not be pulled: {explain(err)}") from err
 
     async def present(self, image: str) -> bool:
         try:
-            await self._engine.call(lambda api: api.inspect_image(image))
+            await self._daemon.call(lambda api: api.inspect_image(image))
         except Exception as err:
             if status_of(err) == 404:
                 return False

@@ -9,16 +9,16 @@ from typing import Any
 
 from expbuild_worker.errors import WorkerError
 from expbuild_worker.execution.cgroups import ActionCgroups
-from expbuild_worker.execution.docker._engine import DockerEngine, explain, status_of
+from expbuild_worker.execution.docker._daemon import DockerDaemon, explain, status_of
 from expbuild_worker.execution.docker._spec import LABEL_ACTION, LABEL_EXECUTOR, LABEL_WORKER
 
 _log = logging.getLogger(__name__)
 
 
-async def remove_container(engine: DockerEngine, container_id: str) -> None:
+async def remove_container(daemon: DockerDaemon, container_id: str) -> None:
     """Kill and remove a container and its anonymous volumes; already gone is fine."""
     try:
-        await engine.call(lambda api: api.remove_container(container_id, force=True, v=True))
+        await daemon.call(lambda api: api.remove_container(container_id, force=True, v=True))
     except Exception as err:
         status = status_of(err)
         if status == 404:
@@ -42,14 +42,14 @@ class Janitor:
     def __init__(
         self,
         *,
-        engine: DockerEngine,
+        daemon: DockerDaemon,
         worker_id: str,
         executor: str,
         live_tokens: Callable[[], Collection[str]],
         cgroups: Callable[[], ActionCgroups | None],
         interval: float,
     ) -> None:
-        self._engine = engine
+        self._daemon = daemon
         self._worker_id = worker_id
         self._executor = executor
         self._live = live_tokens
@@ -60,7 +60,7 @@ class Janitor:
     async def sweep(self) -> int:
         """Remove every orphan now; returns how many containers were removed."""
         labels = [f"{LABEL_WORKER}={self._worker_id}", f"{LABEL_EXECUTOR}={self._executor}"]
-        containers: list[dict[str, Any]] = await self._engine.call(
+        containers: list[dict[str, Any]] = await self._daemon.call(
             lambda api: api.containers(all=True, filters={"label": labels})
         )
         removed = 0
@@ -68,13 +68,13 @@ class Janitor:
             token = (container.get("Labels") or {}).get(LABEL_ACTION, "")
             if token in self._live():
                 continue
-            await remove_container(self._engine, container["Id"])
+            await remove_container(self._daemon, container["Id"])
             removed += 1
         if removed:
             _log.info("removed %d orphaned container(s) of worker %s", removed, self._worker_id)
         cgroups = self._cgroups()
         if cgroups is not None:
-            await self._engine.offload(cgroups.sweep, set(self._live()))
+            await self._daemon.offload(cgroups.sweep, set(self._live()))
         return removed
 
     def start_periodic(self) -> None:

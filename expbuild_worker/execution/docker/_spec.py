@@ -1,4 +1,4 @@
-"""The container an action runs in: hardening, limits, mounts and labels, as an Engine API create body."""
+"""The container an action runs in: hardening, limits, mounts and labels, as a Docker API create body."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ BIND_ROOT = "/work"
 ARCHIVE_VOLUME = "/work"
 ARCHIVE_ROOT = "/work/root"
 """With archive I/O the action's directory is copied into a fresh anonymous volume. It is one
-level down because the engine never changes the owner of the directory it extracts into, and
+level down because the daemon never changes the owner of the directory it extracts into, and
 the command's user must own the directory it writes its outputs to."""
 
 LABEL_PROJECT = "io.expbuild.project"
@@ -100,7 +100,7 @@ def container_body(
     """The ``POST /containers/create`` body for ``command``.
 
     The argv replaces the image's entrypoint and command, so an image cannot wrap it. The
-    environment is exactly the command's (the engine adds PATH and HOSTNAME when absent).
+    environment is exactly the command's (the daemon adds PATH and HOSTNAME when absent).
     Logs go only to the attached stream (driver ``none``), so nothing is written twice.
     """
     if not command.argv:

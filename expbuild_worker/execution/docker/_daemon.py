@@ -1,4 +1,4 @@
-"""The engine connection: a lazily connected Docker SDK client, its blocking calls on a small thread pool."""
+"""The daemon connection: a lazily connected Docker SDK client, its blocking calls on a small thread pool."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ DEFAULT_ADDRESS = "unix:///var/run/docker.sock"
 
 
 def is_local_address(address: str) -> bool:
-    """True when the engine shares this machine's filesystem (a Unix socket or a Windows named pipe)."""
+    """True when the daemon shares this machine's filesystem (a Unix socket or a Windows named pipe)."""
     return address.startswith(("unix://", "npipe://", "http+unix://"))
 
 
 def status_of(err: BaseException) -> int | None:
-    """The HTTP status of an engine error, or None when it is not an API error."""
+    """The HTTP status of a daemon error, or None when it is not an API error."""
     if isinstance(err, docker.errors.APIError):
         code = err.status_code
         return int(code) if code is not None else None
@@ -34,20 +34,20 @@ def status_of(err: BaseException) -> int | None:
 
 
 def explain(err: BaseException) -> str:
-    """The engine's own words for an error, without the SDK's URL noise."""
+    """The daemon's own words for an error, without the SDK's URL noise."""
     if isinstance(err, docker.errors.APIError) and err.explanation:
         return str(err.explanation)
     return str(err) or type(err).__name__
 
 
-class DockerEngine:
-    """One engine, reached through the Docker SDK.
+class DockerDaemon:
+    """One daemon, reached through the Docker SDK.
 
     docker-py is synchronous, so every call runs on this object's own thread pool: the event
-    loop never blocks, and a slow engine cannot starve the loop's default executor, which
+    loop never blocks, and a slow daemon cannot starve the loop's default executor, which
     other parts of the worker share. The client connects on first use (``version="auto"``
-    asks the engine which API it speaks), so a worker starts, and reports itself not ready,
-    while the engine is down, and reconnects by itself when it is back.
+    asks the daemon which API it speaks), so a worker starts, and reports itself not ready,
+    while the daemon is down, and reconnects by itself when it is back.
     """
 
     def __init__(self, *, connect: Callable[[], Any], address: str, max_threads: int) -> None:
@@ -87,7 +87,7 @@ class DockerEngine:
             raise UnavailableError(f"docker engine at {self._address} does not answer: {err}") from err
 
     async def call(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(api)`` (``api`` is a ``docker.APIClient``) on the pool; engine errors pass through."""
+        """Run ``fn(api)`` (``api`` is a ``docker.APIClient``) on the pool; daemon errors pass through."""
         if self._closed:
             raise UnavailableError(f"docker engine connection to {self._address} is closed")
         loop = asyncio.get_running_loop()
