@@ -18,7 +18,10 @@ from expbuild_worker.validation import MAX_WORK_ROOT_BYTES
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogLimitPolicy = Literal["truncate", "end-action"]
 PullPolicy = Literal["always", "if-not-present", "never"]
-IoMode = Literal["auto", "bind", "archive"]
+IoMode = Literal["bind", "archive"]
+"""How an action's directory reaches its container: bind-mounted, or copied in and out as archives."""
+IoModeSetting = Literal["auto", IoMode]
+"""The configured choice: an :data:`IoMode`, or ``auto`` (bind when the Docker daemon is local)."""
 CgroupMode = Literal["auto", "off", "required"]
 
 GiB = 1 << 30
@@ -154,7 +157,7 @@ class DockerExecutorConfig:
     user: str = "65534:65534"
     init: bool = True
     runtime: str = ""
-    io_mode: IoMode = "auto"
+    io_mode: IoModeSetting = "auto"
     max_concurrency: int = 0
     kill_grace_seconds: float = 1.0
     cgroup_parent: str = "expbuild"

@@ -221,9 +221,9 @@ class DockerExecutor:
         )
         self._owner = numeric_user(config.user)
         self._root_user = (self._owner is not None and self._owner[0] == 0) or config.user == "root"
-        self._io_mode: IoMode = config.io_mode
-        if self._io_mode == "auto":
-            self._io_mode = "bind" if daemon.is_local else "archive"
+        self._io_mode: IoMode = (
+            ("bind" if daemon.is_local else "archive") if config.io_mode == "auto" else config.io_mode
+        )
         self._default_limits = _limits_from_config(config.default_limits)
         self._max_limits = _limits_from_config(config.max_limits)
         self._images = ImagePolicy(
@@ -264,7 +264,7 @@ class DockerExecutor:
         return IsolationLevel.CONTAINER
 
     @property
-    def io_mode(self) -> str:
+    def io_mode(self) -> IoMode:
         """``bind`` (the action directory is mounted) or ``archive`` (copied in and out)."""
         return self._io_mode
 
@@ -515,7 +515,7 @@ class DockerExecutor:
                     LABEL_ACTION: token,
                     LABEL_CREATED: f"{time.time():.3f}",
                 },
-                io_mode="bind" if self._io_mode == "bind" else "archive",
+                io_mode=self._io_mode,
                 cgroup_parent=self._cgroups.parent_for(token) if self._cgroups is not None else None,
             )
             created = await self._create(body, image, run, command, stop)

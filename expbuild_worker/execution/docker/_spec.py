@@ -6,13 +6,12 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from expbuild_worker.config import IoMode
 from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.executor import Command
 from expbuild_worker.model import ResourceLimits
-
-IoMode = Literal["bind", "archive"]
 
 BIND_ROOT = "/work"
 """Where the action's directory appears when bind-mounted from this machine."""
