@@ -45,3 +45,11 @@ class ConfigError(WorkerError):
 
 class InternalError(WorkerError):
     """A fault inside the worker."""
+
+
+class OutputLimitExceeded(Exception):
+    """The outputs are more than a result may carry: too many bytes, entries or levels, or too long a path.
+
+    Not a WorkerError: it never ends an RPC. Output collection (the engine's, or the Docker
+    executor's archive I/O) raises it and the action ends with OUTPUT_LIMIT and this message.
+    """

@@ -9,15 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from expbuild_worker.errors import InvalidRequestError
+from expbuild_worker.errors import InvalidRequestError, OutputLimitExceeded
 from expbuild_worker.model import Digest, OutputFile, OutputManifest, OutputSymlink
 from expbuild_worker.storage import BlobPin, BlobStore
 from expbuild_worker.validation import output_path_problem
-
-
-class OutputLimitExceeded(Exception):
-    """The outputs are more than a result may carry: too many bytes, entries or levels, or too long a path."""
-
 
 MAX_LISTING_BYTES = 3 << 20
 """What a result's list of outputs may take on the wire: every path, symlink target and digest,

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Protocol
 
 from expbuild_worker.engine._executions import Execution
-from expbuild_worker.engine._outputs import OutputLimitExceeded, collect_outputs
+from expbuild_worker.engine._outputs import collect_outputs
 from expbuild_worker.engine._staging import StagingStopped, stage_inputs
 from expbuild_worker.engine._workdirs import ActionDirectories
-from expbuild_worker.errors import ResourceExhaustedError, WorkerError
+from expbuild_worker.errors import OutputLimitExceeded, ResourceExhaustedError, WorkerError
 from expbuild_worker.execution.executor import Command
 from expbuild_worker.model import (
     Action,

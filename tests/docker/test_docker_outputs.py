@@ -11,7 +11,8 @@ from _dockerkit import LABEL_WORKER, new_worker_id, remove_labelled
 from _support import execute, request
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.execution.docker._archive import OutputTooLarge, unpack_output
+from expbuild_worker.errors import OutputLimitExceeded
+from expbuild_worker.execution.docker._archive import unpack_output
 
 pytestmark = pytest.mark.docker
 
@@ -72,7 +73,7 @@ def test_a_sparse_output_past_the_cap_never_reaches_the_disk(
         assert api.wait(container, timeout=60)["StatusCode"] == 0
         chunks, _ = api.get_archive(container, "/out")
         before = _bytes_written_by_this_process()
-        with pytest.raises(OutputTooLarge, match="max_output_bytes"):
+        with pytest.raises(OutputLimitExceeded, match="max_output_bytes"):
             unpack_output(chunks, root=tmp_path, output_path="out", max_bytes=1 << 20)
         assert _bytes_written_by_this_process() - before < 8 << 20
         assert list(tmp_path.iterdir()) == []

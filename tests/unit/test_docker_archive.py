@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from expbuild_worker.execution.docker._archive import OutputTooLarge, distinct_outputs, unpack_output
+from expbuild_worker.errors import OutputLimitExceeded
+from expbuild_worker.execution.docker._archive import distinct_outputs, unpack_output
 
 BLOCK = 1 << 16
 
@@ -69,7 +70,7 @@ def test_a_member_past_the_cap_is_refused_from_its_header(tmp_path: Path) -> Non
     written, the stream is closed, and the files unpacked before it are removed."""
     head = _member("out", kind=tarfile.DIRTYPE) + _member("out/small", b"s" * 1000)
     stream = DaemonStream(head, big="out/huge", claimed=1 << 40)
-    with pytest.raises(OutputTooLarge, match="max_output_bytes"):
+    with pytest.raises(OutputLimitExceeded, match="max_output_bytes"):
         unpack(stream, tmp_path, "out", max_bytes=1 << 20)
     assert stream.sent <= len(head) + 2 * BLOCK
     assert stream.closed
@@ -80,7 +81,7 @@ def test_files_that_add_up_past_the_cap_are_refused(tmp_path: Path) -> None:
     """The cap holds for the output as a whole: three 400 KB files exceed 1 MiB, and none stays."""
     data = b"x" * 400_000
     head = _member("d", kind=tarfile.DIRTYPE) + b"".join(_member(f"d/{i}", data) for i in range(3))
-    with pytest.raises(OutputTooLarge):
+    with pytest.raises(OutputLimitExceeded):
         unpack(DaemonStream(head), tmp_path, "sub/d", max_bytes=1 << 20)
     assert os.listdir(tmp_path / "sub") == []
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from expbuild_worker.engine._outputs import MAX_NAMED_PROBLEMS, OutputLimitExceeded, collect_outputs
-from expbuild_worker.errors import ResourceExhaustedError
+from expbuild_worker.engine._outputs import MAX_NAMED_PROBLEMS, collect_outputs
+from expbuild_worker.errors import OutputLimitExceeded, ResourceExhaustedError
 from expbuild_worker.frontdoors.worker_v1._translate import event_to_pb
 from expbuild_worker.model import (
     ActionResult,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from expbuild_worker.errors import InternalError
+from expbuild_worker.errors import InternalError, OutputLimitExceeded
 from expbuild_worker.fs import make_dirs, remove_tree
 from expbuild_worker.validation import output_path_problem
 
@@ -97,11 +97,6 @@ def clear_output(root: Path, output_path: str) -> bool:
     return True
 
 
-class OutputTooLarge(Exception):
-    """An output holds more bytes than it may, or a path deeper or longer than the API carries;
-    nothing more is read and nothing of it is left under the root."""
-
-
 def distinct_outputs(output_paths: Iterable[str]) -> list[str]:
     """Each output once, in a stable order: duplicates and paths inside another listed output
     are dropped, since the archive of the outer one holds them (copying them again would count
@@ -123,7 +118,7 @@ def unpack_output(
     parents on the host must be real directories; symlinks are created as symlinks and never
     followed; hard links are re-created only to members already extracted (their bytes count
     once); device nodes and FIFOs are skipped. Raises UnsafeArchiveError for a member that
-    breaks these rules, and OutputTooLarge at the first member nested deeper or named longer
+    breaks these rules, and OutputLimitExceeded at the first member nested deeper or named longer
     than a result may carry (before unpacking it: a deep tree would otherwise take minutes) or
     that would take the file bytes past ``max_bytes`` (judged by its tar header before any of
     it is written, and counted again as it is written: a sparse terabyte must never reach the
@@ -152,7 +147,7 @@ def _unpack(
 
     def check_room(size: int, member: str) -> None:
         if max_bytes is not None and written + size > max_bytes:
-            raise OutputTooLarge(
+            raise OutputLimitExceeded(
                 f"outputs exceed execution.max_output_bytes at {member!r}: more than the "
                 f"{max_bytes} bytes {output_path!r} may take"
             )
@@ -170,7 +165,7 @@ def _unpack(
             full = posixpath.join(parent_rel, member_name)
             problem = output_path_problem(full, len(full.encode(errors="surrogateescape")))
             if problem:
-                raise OutputTooLarge(problem)
+                raise OutputLimitExceeded(problem)
             if member.isfile():
                 check_room(member.size, full)
             sub_parent, base = posixpath.split(member_name)

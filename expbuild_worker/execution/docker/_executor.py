@@ -21,10 +21,15 @@ import docker.errors
 import requests.exceptions
 
 from expbuild_worker.config import DockerExecutorConfig, IoMode
-from expbuild_worker.errors import InternalError, PreconditionError, UnavailableError, WorkerError
+from expbuild_worker.errors import (
+    InternalError,
+    OutputLimitExceeded,
+    PreconditionError,
+    UnavailableError,
+    WorkerError,
+)
 from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo
 from expbuild_worker.execution.docker._archive import (
-    OutputTooLarge,
     UnsafeArchiveError,
     clear_output,
     distinct_outputs,
@@ -567,12 +572,12 @@ class DockerExecutor:
                 if self._cgroups is not None
                 else CgroupReading(ResourceUsage(), None)
             )
-            too_large = None
+            over_limit = None
             if self._io_mode == "archive" and command.output_paths:
                 try:
                     await self._daemon.call(lambda api: self._collect_outputs(api, created, command))
-                except OutputTooLarge as err:
-                    too_large = str(err)
+                except OutputLimitExceeded as err:
+                    over_limit = str(err)
             outcome = self._outcome(
                 run,
                 command,
@@ -584,12 +589,12 @@ class DockerExecutor:
                 ended_at=ended_at,
                 streams=streams,
             )
-            if too_large is not None:  # an output limit replaces only a plain completion
+            if over_limit is not None:  # an output limit replaces only a plain completion
                 completed = outcome.status is ExecutionStatus.COMPLETED
                 outcome = dataclasses.replace(
                     outcome,
                     status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED if completed else outcome.status,
-                    message=too_large if completed else f"{outcome.message}; no outputs: {too_large}",
+                    message=over_limit if completed else f"{outcome.message}; no outputs: {over_limit}",
                 )
             outcome_sent = True
             yield outcome
@@ -718,7 +723,7 @@ class DockerExecutor:
             try:
                 # Stops reading at the cap: a sparse terabyte in the container never reaches our disk.
                 written = unpack_output(chunks, root=command.root, output_path=path, max_bytes=budget)
-            except OutputTooLarge:
+            except OutputLimitExceeded:
                 for unpacked in command.output_paths:  # none is returned, rather than some cut short
                     clear_output(command.root, unpacked)
                 raise
