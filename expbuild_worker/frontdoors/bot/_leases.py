@@ -164,7 +164,11 @@ class LeaseWork:
             held.execution = execution
             started(held)
             _log.info(
-                "lease %s: action %s running as execution %s", held.lease_id, digest, execution.execution_id
+                "lease %s: action %s running as execution %s on executor %s",
+                held.lease_id,
+                digest,
+                execution.execution_id,
+                execution.executor.name,
             )
             await execution.done.wait()
             result = execution.result
