@@ -102,9 +102,14 @@ class LogCapturingRunner:
     async def _with_log_blobs(
         self, result: ActionResult, sinks: dict[LogStream, _LogSink], pin: BlobPin
     ) -> ActionResult:
+        def store_both() -> tuple[Digest, Digest]:
+            return (
+                sinks[LogStream.STDOUT].store(self._store, pin),
+                sinks[LogStream.STDERR].store(self._store, pin),
+            )
+
         try:
-            stdout = await asyncio.to_thread(sinks[LogStream.STDOUT].store, self._store, pin)
-            stderr = await asyncio.to_thread(sinks[LogStream.STDERR].store, self._store, pin)
+            stdout, stderr = await asyncio.to_thread(store_both)
         except (WorkerError, OSError) as err:
             _log.warning("could not keep the logs of %s as blobs: %s", result.execution_id, err)
             note = f"stdout and stderr not kept as blobs: {err}"

@@ -96,18 +96,14 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
         check_instance(request.instance_name, self._instance)
         check_digest_function(request.digest_function)
         digest = digest_from_pb(request.action_digest, "action_digest")
-        calls = BlockingCalls(self._pool)
-        reapi_action = await calls.run(read_action, self._store, digest)
-        # do_not_cache: never answered from the cache, never merged with an identical action.
-        shared = not (request.skip_cache_lookup or reapi_action.do_not_cache)
-        if shared:
-            cached = await calls.run(self._cached, digest)
-            if cached is not None:
-                response = re_pb.ExecuteResponse(result=cached, cached_result=True)
-                name = self._name(f"cached-{digest.sha256}")
-                await send(context, self._operation(name, digest, response=response))
-                return
-        loaded = await calls.run(self._load, digest, reapi_action)
+        # One trip to the pool: the Action, the cache, the Command and the input tree.
+        prepared = await BlockingCalls(self._pool).run(self._prepare, digest, request.skip_cache_lookup)
+        if isinstance(prepared, re_pb.ActionResult):
+            response = re_pb.ExecuteResponse(result=prepared, cached_result=True)
+            name = self._name(f"cached-{digest.sha256}")
+            await send(context, self._operation(name, digest, response=response))
+            return
+        loaded, shared = prepared
         key = f"reapi:{self._instance}:{digest}" if shared else None
         execution = await self._engine.submit(loaded.action, key=key)
         tracked = self._track(loaded, execution)
@@ -125,11 +121,20 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
             )
         await self._stream(tracked, context)
 
-    def _cached(self, digest: Digest) -> re_pb.ActionResult | None:
-        return cached_result(self._store, self._cache, digest, keep_seconds=self._keep_seconds)
-
-    def _load(self, digest: Digest, reapi_action: re_pb.Action) -> LoadedAction:
-        return load_action(self._store, digest, reapi_action, max_input_entries=self._max_entries)
+    def _prepare(
+        self, digest: Digest, skip_cache_lookup: bool
+    ) -> re_pb.ActionResult | tuple[LoadedAction, bool]:
+        """On the pool: the cached result when there is a usable one and the action may be answered
+        from the cache; else the loaded action and whether it may be shared with an identical one
+        in flight. A do_not_cache action is neither answered from the cache nor shared."""
+        reapi_action = read_action(self._store, digest)
+        shared = not (skip_cache_lookup or reapi_action.do_not_cache)
+        if shared:
+            cached = cached_result(self._store, self._cache, digest, keep_seconds=self._keep_seconds)
+            if cached is not None:
+                return cached
+        loaded = load_action(self._store, digest, reapi_action, max_input_entries=self._max_entries)
+        return loaded, shared
 
     # ---- one execution's operations -------------------------------------------------------------
 
