@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -117,3 +118,11 @@ async def worker_target(topology: str, config: dict[str, Any], work: Path) -> As
         yield running.target
     finally:
         await running.stop(0)
+
+
+def work_directory(prefix: str) -> Path:
+    """A fresh temporary directory the worker's action user can search (mkdtemp makes it 0700;
+    a root worker runs host actions as an unprivileged user who must reach their directories)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path

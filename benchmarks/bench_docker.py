@@ -34,7 +34,7 @@ from typing import Any
 
 import docker
 import grpc
-from _common import interleaved, mb_s, worker_target
+from _common import interleaved, mb_s, work_directory, worker_target
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -115,7 +115,7 @@ async def bench(args: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, grpc {grpc.__version__}"
     )
     build_image(client)
-    work = Path(tempfile.mkdtemp(prefix="expbuild-bench-docker-"))
+    work = work_directory("expbuild-bench-docker-")
     cli_dir = work / "cli"
     cli_dir.mkdir()
     worker_id = f"bench-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,7 +44,7 @@ from expbuild_worker.execution.host import disable_grpc_fork_handlers
 disable_grpc_fork_handlers()  # as the expbuild-worker command does, before grpc is imported
 
 import grpc  # noqa: E402
-from _common import child_target, interleaved, mb_s, worker_target  # noqa: E402
+from _common import child_target, interleaved, mb_s, work_directory, worker_target  # noqa: E402
 
 from expbuild_worker.api.v1 import worker_pb2 as pb  # noqa: E402
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
@@ -165,7 +164,7 @@ def _worker_config(work: Path, concurrency: int, stream_bytes: int, cgroups: str
 
 @asynccontextmanager
 async def host_worker(topology: str, concurrency: int, stream_bytes: int, cgroups: str) -> AsyncIterator[str]:
-    work = Path(tempfile.mkdtemp(prefix="expbuild-bench-"))
+    work = work_directory("expbuild-bench-")
     try:
         config = _worker_config(work, concurrency, stream_bytes, cgroups)
         async with worker_target(topology, config, work) as target:

@@ -20,7 +20,6 @@ import asyncio
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from expbuild_worker.execution.host import disable_grpc_fork_handlers
@@ -30,6 +29,7 @@ disable_grpc_fork_handlers()  # as the expbuild-worker command does, before grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import grpc  # noqa: E402
+from _common import work_directory  # noqa: E402
 from _load_support import (  # noqa: E402
     after_stop,
     build_docker_image,
@@ -73,7 +73,7 @@ def main() -> int:
     print(f"expbuild-worker load benchmark: {args.actions} actions, {args.clients} clients, concurrency "
           f"{args.concurrency}, Docker {'on' if docker else 'off (no engine answers)'}, store "
           f"{args.store_bytes >> 20} MiB, {os.cpu_count()} CPUs, grpc {grpc.__version__}")  # fmt: skip
-    work = Path(tempfile.mkdtemp(prefix="expbuild-load-"))
+    work = work_directory("expbuild-load-")
     try:
         with worker_process(
             work,

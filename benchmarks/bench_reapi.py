@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "bazel
 
 import grpc  # noqa: E402
 from _bazelkit import ACTIONS, Bazel, BazelFailed, remote_flags  # noqa: E402
-from _common import interleaved, worker_target  # noqa: E402
+from _common import interleaved, work_directory, worker_target  # noqa: E402
 from bench_host import CHANNEL_OPTIONS, ECHO_METHOD, ENV, baseline_target, run_action, true_request  # noqa: E402
 from google.rpc import code_pb2  # noqa: E402
 
@@ -74,7 +74,7 @@ def _worker_config(work: Path) -> dict[str, Any]:
 @asynccontextmanager
 async def reapi_worker(topology: str) -> AsyncIterator[str]:
     """A worker serving the own API and the REAPI (its default) on one port."""
-    work = Path(tempfile.mkdtemp(prefix="expbuild-bench-reapi-"))
+    work = work_directory("expbuild-bench-reapi-")
     try:
         async with worker_target(topology, _worker_config(work), work) as target:
             yield target
