@@ -21,7 +21,6 @@ from expbuild_worker.config import (
     DockerExecutorConfig,
     ExecutorConfig,
     HostExecutorConfig,
-    LimitsConfig,
     WorkerConfig,
 )
 from expbuild_worker.engine import (
@@ -46,7 +45,6 @@ from expbuild_worker.execution.executor import Executor
 from expbuild_worker.frontdoors import FrontDoor
 from expbuild_worker.frontdoors.reapi import build_reapi_storage_services
 from expbuild_worker.frontdoors.worker_v1 import AdvertisedLimits, WorkerApiFrontDoor
-from expbuild_worker.model import ResourceLimits
 from expbuild_worker.storage import ActionCache, ContentAddressedStore
 
 if TYPE_CHECKING:
@@ -96,16 +94,6 @@ class Worker:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def limits_from_config(limits: LimitsConfig) -> ResourceLimits:
-    """Config uses 0 for "unset"; the engine uses None."""
-    return ResourceLimits(
-        cpu_cores=limits.cpu_cores or None,
-        memory_bytes=limits.memory_bytes or None,
-        max_processes=limits.max_processes or None,
-        disk_bytes=limits.disk_bytes or None,
-    )
-
-
 def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Executor:
     if isinstance(config, HostExecutorConfig):
         from expbuild_worker.execution.host import HostExecutor  # noqa: PLC0415 - import only what is configured
@@ -114,8 +102,8 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
             name=name,
             kill_grace_seconds=config.kill_grace_seconds,
             refuse_unenforceable_limits=config.refuse_unenforceable_limits,
-            default_limits=limits_from_config(config.default_limits),
-            max_limits=limits_from_config(config.max_limits),
+            default_limits=config.default_limits.to_limits(),
+            max_limits=config.max_limits.to_limits(),
             cgroups=config.cgroups,
             cgroup_parent=config.cgroup_parent,
             worker_id=worker_id,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from expbuild_worker.errors import ConfigError
+from expbuild_worker.model import ResourceLimits
 from expbuild_worker.validation import MAX_WORK_ROOT_BYTES
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -116,6 +117,15 @@ class LimitsConfig:
     memory_bytes: int = 0
     max_processes: int = 0
     disk_bytes: int = 0
+
+    def to_limits(self) -> ResourceLimits:
+        """These limits as the executors take them: 0 (unset here) is None there."""
+        return ResourceLimits(
+            cpu_cores=self.cpu_cores or None,
+            memory_bytes=self.memory_bytes or None,
+            max_processes=self.max_processes or None,
+            disk_bytes=self.disk_bytes or None,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

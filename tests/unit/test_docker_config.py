@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from expbuild_worker.config import DockerExecutorConfig, load_config
+from expbuild_worker.model import ResourceLimits
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "worker" / "expbuild-worker-docker.toml"
 
@@ -26,3 +27,12 @@ def test_docker_example_documents_every_option() -> None:
     keys |= set(re.findall(r"^\[executor\.docker\.([a-z_]+)\]", text, flags=re.MULTILINE))
     missing = {f.name for f in dataclasses.fields(DockerExecutorConfig)} - keys
     assert not missing, f"undocumented options: {sorted(missing)}"
+
+
+def test_limits_tables_become_executor_limits_disk_included() -> None:
+    """Every limit in a limits table reaches the executor, disk_bytes too, and 0 means no limit."""
+    executor = load_config(EXAMPLE).executors["docker"]
+    assert executor.default_limits.to_limits() == ResourceLimits(
+        cpu_cores=1.0, memory_bytes=2 << 30, max_processes=1024, disk_bytes=10 << 30
+    )
+    assert executor.max_limits.to_limits() == ResourceLimits()

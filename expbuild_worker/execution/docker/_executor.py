@@ -153,14 +153,6 @@ class _Run:
     aborted: bool = False
 
 
-def _limits_from_config(cfg: Any) -> ResourceLimits:
-    return ResourceLimits(
-        cpu_cores=cfg.cpu_cores or None,
-        memory_bytes=cfg.memory_bytes or None,
-        max_processes=cfg.max_processes or None,
-    )
-
-
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
     """Let the command's user write every directory of the staged root, never touching files.
 
@@ -229,8 +221,8 @@ class DockerExecutor:
         self._io_mode: IoMode = (
             ("bind" if daemon.is_local else "archive") if config.io_mode == "auto" else config.io_mode
         )
-        self._default_limits = _limits_from_config(config.default_limits)
-        self._max_limits = _limits_from_config(config.max_limits)
+        self._default_limits = config.default_limits.to_limits()
+        self._max_limits = config.max_limits.to_limits()
         self._images = ImagePolicy(
             daemon=daemon,
             executor=name,
