@@ -374,8 +374,8 @@ def _bot_target(address: str, key: str, source: str) -> str:
     return target.rstrip("/")
 
 
-def _check_bot_config(config: WorkerConfig) -> None:
-    """Refuse a [bot] table the bot could not work with, naming the key."""
+def check_bot_config(config: WorkerConfig) -> None:
+    """Refuse a [bot] table the bot could not work with, naming the key; before anything is built."""
     bot, src = config.bot, config.source
     if not bot.scheduler:
         raise ConfigError(f"{src}: bot.scheduler: expected the scheduler's address (grpc://HOST:PORT)")
@@ -399,6 +399,9 @@ def _check_bot_config(config: WorkerConfig) -> None:
             f"{src}: bot.poll_timeout_seconds: expected at least 5 (BuildGrid assigns no work to a "
             f"call with under 3 s left), got {bot.poll_timeout_seconds}"
         )
+    _bot_target(bot.scheduler, "bot.scheduler", src)
+    if bot.cas:
+        _bot_target(bot.cas, "bot.cas", src)
 
 
 async def build_bot(config: WorkerConfig, worker: Worker) -> Bot:
@@ -421,7 +424,7 @@ async def build_bot(config: WorkerConfig, worker: Worker) -> Bot:
     )
     from expbuild_worker.storage import RemoteStore  # noqa: PLC0415
 
-    _check_bot_config(config)
+    check_bot_config(config)
     bot = config.bot
     scheduler = _bot_target(bot.scheduler, "bot.scheduler", config.source)
     cas_target = _bot_target(bot.cas, "bot.cas", config.source) if bot.cas else scheduler

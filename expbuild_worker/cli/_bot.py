@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from expbuild_worker.composition import build_bot, build_worker
+from expbuild_worker.composition import build_bot, build_worker, check_bot_config
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
 
@@ -90,6 +90,7 @@ def bot_main(args: argparse.Namespace) -> int:
     try:
         config = WorkerConfig() if args.config is None else load_config(args.config)
         config = _apply_overrides(config, args)
+        check_bot_config(config)
     except WorkerError as err:
         print(f"expbuild-worker: {err}", file=sys.stderr)
         return 2

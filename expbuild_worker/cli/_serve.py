@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any
 
-from expbuild_worker.composition import build_bot
+from expbuild_worker.composition import build_bot, check_bot_config
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
 from expbuild_worker.server import start_server
@@ -81,6 +81,8 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         config = WorkerConfig() if args.config is None else load_config(args.config)
         config = _apply_overrides(config, args)
+        if config.bot.enabled:
+            check_bot_config(config)
     except WorkerError as err:
         print(f"expbuild-worker: {err}", file=sys.stderr)
         return 2

@@ -90,3 +90,23 @@ def test_sigterm_leaves_the_scheduler_cleanly(grid, bots):
     bot.wait_joined()
     assert bot.stop(signal.SIGTERM) == 0
     assert "stopped" in bot.log_text()
+
+
+def test_sigterm_mid_build_hands_unfinished_leases_back(grid, bots, bazel_binary, tmp_path: Path):
+    """A bot taken down for maintenance must not strand work: what it cannot finish runs elsewhere."""
+    leaving = bots("leaving-busy", grace_seconds=0.5)
+    staying = bots("staying")
+    leaving.wait_joined()
+    staying.wait_joined()
+    bazel = Bazel(bazel_binary, tmp_path / "bazel", workspace_build(independent=8, chain=1, sleep=3))
+    build = bazel.build(grid.target)
+    deadline = time.monotonic() + 120
+    while leaving.running_leases() < 1 and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leaving.running_leases() >= 1, "the leaving bot never got work"
+    assert leaving.stop(signal.SIGTERM) == 0
+    assert "handed back by the bot" in leaving.log_text()
+    code, output = wait_bazel(build)
+    assert code == 0, f"bazel failed (exit {code}):\n{output[-6000:]}"
+    expected = expected_outputs(independent=8, chain=1)
+    assert bazel.outputs(list(expected)) == expected
