@@ -38,6 +38,7 @@ class ServerConfig:
     log_level: LogLevel = "info"
     max_request_bytes: int = 64 * MiB
     shutdown_grace_seconds: float = 10.0
+    health_check_interval_seconds: float = 10.0
     worker_id: str = ""
 
 
@@ -276,6 +277,7 @@ def _check_semantics(config: WorkerConfig) -> None:
         )
     positive: list[tuple[str, float]] = [
         ("server.max_request_bytes", config.server.max_request_bytes),
+        ("server.health_check_interval_seconds", config.server.health_check_interval_seconds),
         ("execution.max_concurrent_executions", config.execution.max_concurrent_executions),
         ("execution.default_timeout_seconds", config.execution.default_timeout_seconds),
         ("execution.max_timeout_seconds", config.execution.max_timeout_seconds),

@@ -33,6 +33,7 @@ from expbuild_worker.model import (
     ExecutorCapabilities,
     ExecutorSelector,
     LogChunk,
+    Readiness,
     StageEntered,
     WarmupReport,
 )
@@ -154,6 +155,14 @@ class ExecutionEngine:
                 waiter.cancel()
 
     # ---- queries ---------------------------------------------------------------------------
+
+    @property
+    def default_executor(self) -> str:
+        return self._default
+
+    async def readiness(self) -> dict[str, Readiness]:
+        """Whether each executor can run an action now, and why not."""
+        return {name: await executor.readiness() for name, executor in self._executors.items()}
 
     async def capabilities(self) -> list[ExecutorCapabilities]:
         caps = [await ex.capabilities() for ex in self._executors.values()]

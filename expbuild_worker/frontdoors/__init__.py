@@ -16,6 +16,8 @@ class FrontDoor(Protocol):
 
     name: str
     service_names: tuple[str, ...]
+    executing_service_names: tuple[str, ...]
+    """The services that run actions: healthy only while the worker can run one."""
 
     def register(self, server: grpc.aio.Server) -> None: ...
 

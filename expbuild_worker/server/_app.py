@@ -14,6 +14,7 @@ from expbuild_worker.composition import Worker, build_worker, send_limit
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.host import GRPC_FORK_SUPPORT, grpc_fork_handlers_disabled
+from expbuild_worker.server._health import HealthReporter
 
 _log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class RunningServer:
     config: WorkerConfig
     _server: grpc.aio.Server
     _health: health.aio.HealthServicer
+    _reporter: HealthReporter
     _stopped: asyncio.Event
 
     @property
@@ -41,6 +43,7 @@ class RunningServer:
         if self._stopped.is_set():
             return
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        await self._reporter.stop()
         await self._health.enter_graceful_shutdown()
         self.worker.engine.stop_accepting()
         await self.worker.shutdown(grace)
@@ -86,8 +89,15 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         await worker.shutdown(0)
         raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
     await server.start()
-    for service in ("", *services):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    executing = [name for door in worker.front_doors for name in door.executing_service_names]
+    reporter = HealthReporter(
+        servicer=health_servicer,
+        engine=worker.engine,
+        executing=executing,
+        storing=[name for name in services if name not in executing],
+        interval_seconds=config.server.health_check_interval_seconds,
+    )
+    await reporter.start()
     _log.info("worker %s serving %s on %s:%d", worker.worker_id, ", ".join(services), host, port)
     return RunningServer(
         port=port,
@@ -96,5 +106,6 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         config=config,
         _server=server,
         _health=health_servicer,
+        _reporter=reporter,
         _stopped=asyncio.Event(),
     )

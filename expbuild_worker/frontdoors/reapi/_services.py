@@ -57,10 +57,12 @@ class ReapiStorageServices:
     execution: ExecutionServicer | None = None
     name: str = "reapi"
     service_names: tuple[str, ...] = SERVICE_NAMES
+    executing_service_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.execution is not None:
             self.service_names = (EXECUTION_SERVICE, *SERVICE_NAMES)
+            self.executing_service_names = (EXECUTION_SERVICE,)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Register every servicer on ``server`` (before it starts)."""

@@ -45,6 +45,7 @@ class WorkerApiFrontDoor:
 
     name = "worker_v1"
     service_names: tuple[str, ...] = (SERVICE_NAME,)
+    executing_service_names: tuple[str, ...] = (SERVICE_NAME,)
 
     def __init__(
         self,
