@@ -109,7 +109,10 @@ class LogCapturingRunner:
             )
 
         try:
-            stdout, stderr = await asyncio.to_thread(store_both)
+            if sinks[LogStream.STDOUT].size or sinks[LogStream.STDERR].size:
+                stdout, stderr = await asyncio.to_thread(store_both)
+            else:  # the empty blob needs no disk: no thread hop for the common silent action
+                stdout, stderr = store_both()
         except (WorkerError, OSError) as err:
             _log.warning("could not keep the logs of %s as blobs: %s", result.execution_id, err)
             note = f"stdout and stderr not kept as blobs: {err}"
