@@ -450,10 +450,12 @@ class BotProcess:
 
 
 def workspace_build(
-    independent: int = 20, chain: int = 4, sleep: float = 1.0, container: bool = False
+    independent: int = 20, chain: int = 4, sleep: float = 1.0, container: bool = False, salt: str = ""
 ) -> str:
     """A BUILD file: ``independent`` genrules that each sleep and write a distinct line, a chain
-    of ``chain`` rules each reading the one before, and optionally one rule in a container."""
+    of ``chain`` rules each reading the one before, and optionally one rule in a container.
+    A ``salt`` changes every command (not its output), so no earlier result is a cache hit."""
+    tail = f" # {salt}" if salt else ""
     rules = []
     for i in range(independent):
         rules.append(
@@ -461,7 +463,7 @@ def workspace_build(
             genrule(
                 name = "leaf_{i:02d}",
                 outs = ["leaf_{i:02d}.txt"],
-                cmd = "sleep {sleep} && printf 'leaf {i:02d}\\\\n' > $@",
+                cmd = "sleep {sleep} && printf 'leaf {i:02d}\\\\n' > $@{tail}",
             )
             """)
         )
@@ -473,7 +475,7 @@ def workspace_build(
                 name = "chain_{i}",
                 srcs = ["{previous}"],
                 outs = ["chain_{i}.txt"],
-                cmd = "cat $< > $@ && printf 'link {i}\\\\n' >> $@",
+                cmd = "cat $< > $@ && printf 'link {i}\\\\n' >> $@{tail}",
             )
             """)
         )
