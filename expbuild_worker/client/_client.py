@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-from expbuild_worker.client._digests import to_proto
+from expbuild_worker.api.v1.digests import digest_to_pb, digests_from_pb
 from expbuild_worker.client._inputs import InputTree
 from expbuild_worker.client._logs import LogReassembler
 from expbuild_worker.client._outputs import OutputWriter
@@ -125,11 +125,11 @@ class WorkerClient:
         missing: list[Digest] = []
         for start in range(0, len(wanted), _FIND_MISSING_BATCH):
             batch = wanted[start : start + _FIND_MISSING_BATCH]
-            request = pb.FindMissingBlobsRequest(digests=[to_proto(d) for d in batch])
+            request = pb.FindMissingBlobsRequest(digests=[digest_to_pb(d) for d in batch])
             response: pb.FindMissingBlobsResponse = self.stub.FindMissingBlobs(
                 request, timeout=self._rpc_timeout
             )
-            missing.extend(Digest(d.sha256, d.size_bytes) for d in response.missing_digests)
+            missing.extend(digests_from_pb(response.missing_digests))
         return missing
 
     def upload_blobs(self, blobs: Mapping[Digest, Path]) -> list[Digest]:
@@ -143,7 +143,7 @@ class WorkerClient:
         if not missing:
             return []
         response: pb.UploadBlobsResponse = self.stub.UploadBlobs(_upload_requests(missing, blobs))
-        stored = {Digest(d.sha256, d.size_bytes) for d in response.stored}
+        stored = set(digests_from_pb(response.stored))
         lacking = [d for d in missing if d not in stored]
         if lacking:
             raise UnavailableError(f"worker at {self.target} did not confirm storing blob {lacking[0]}")
@@ -211,7 +211,7 @@ class WorkerClient:
 
 def _upload_requests(missing: list[Digest], files: Mapping[Digest, Path]) -> Iterator[pb.UploadBlobsRequest]:
     for digest in missing:
-        proto = to_proto(digest)
+        proto = digest_to_pb(digest)
         offset = 0
         with open(files[digest], "rb") as fh:
             while offset < digest.size:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.client._digests import to_proto
+from expbuild_worker.api.v1.digests import digest_to_pb
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import Digest
 from expbuild_worker.validation import is_valid_relative_path
@@ -59,7 +59,7 @@ class InputTree:
                 request.input_files.add(path=f.remote, content=b"", is_executable=f.is_executable)
             else:
                 request.input_files.add(
-                    path=f.remote, digest=to_proto(f.digest), is_executable=f.is_executable
+                    path=f.remote, digest=digest_to_pb(f.digest), is_executable=f.is_executable
                 )
         for d in self.directories:
             request.input_directories.add(path=d)

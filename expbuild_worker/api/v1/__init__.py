@@ -1,1 +1,1 @@
-"""expbuild.worker.v1: import ``worker_pb2`` (messages) and ``worker_pb2_grpc`` (stubs)."""
+"""expbuild.worker.v1: ``worker_pb2`` (messages), ``worker_pb2_grpc`` (stubs), ``digests`` (Digest ↔ wire)."""

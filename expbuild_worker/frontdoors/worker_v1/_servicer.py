@@ -15,6 +15,7 @@ import grpc
 from expbuild_worker import __version__
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+from expbuild_worker.api.v1.digests import add_digests, digest_from_pb, digests_from_pb
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
@@ -199,7 +200,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         stored: list[pb.Digest] = []
         try:
             async for piece in request_iterator:
-                digest = tr.digest_from_pb(piece.digest)
+                digest = digest_from_pb(piece.digest)
                 if await calls.run(upload.take, digest, piece.offset, piece.data):
                     stored.append(piece.digest)
             upload.finish()
@@ -216,18 +217,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     def _find_missing(self, request: pb.FindMissingBlobsRequest) -> pb.FindMissingBlobsResponse:
         """Runs on the pool: a check and a stat per digest, and a reply as long as the request."""
-        digests = tr.digests_from_pb(request.digests)
+        digests = digests_from_pb(request.digests)
         for i, d in enumerate(digests):
             check_digest(d, f"digests[{i}]")
         reply = pb.FindMissingBlobsResponse()
-        tr.add_digests(reply.missing_digests, self._engine.store.find_missing(digests))
+        add_digests(reply.missing_digests, self._engine.store.find_missing(digests))
         return reply
 
     @maps_errors
     async def ReadBlob(  # type: ignore[override]  # writes with send; see maps_errors
         self, request: pb.ReadBlobRequest, context: Context
     ) -> None:
-        digest = tr.digest_from_pb(request.digest)
+        digest = digest_from_pb(request.digest)
         check_digest(digest, "digest")
         calls = BlockingCalls(self._pool)
         chunks = await calls.run(self._engine.store.open_blob, digest)

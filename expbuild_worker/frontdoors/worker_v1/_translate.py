@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
+from expbuild_worker.api.v1.digests import digest_from_pb, fill_digest
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import (
     Accepted,
     Action,
     ActionEvent,
     ActionResult,
-    Digest,
     ExecutionStatus,
     ExecutorCapabilities,
     ExecutorSelector,
@@ -64,32 +63,6 @@ _NETWORK_FROM_PB: Mapping[int, bool | None] = {
     pb.NETWORK_ACCESS_DISABLED: False,
     pb.NETWORK_ACCESS_ENABLED: True,
 }
-
-
-def digest_from_pb(d: pb.Digest) -> Digest:
-    return Digest(d.sha256, d.size_bytes)
-
-
-def digest_to_pb(d: Digest) -> pb.Digest:
-    out = pb.Digest()
-    _fill_digest(out, d)
-    return out
-
-
-def digests_from_pb(digests: Iterable[pb.Digest]) -> list[Digest]:
-    return [Digest(d.sha256, d.size_bytes) for d in digests]
-
-
-def add_digests(out: RepeatedCompositeFieldContainer[pb.Digest], digests: Iterable[Digest]) -> None:
-    """Append to a repeated field in place: a message built first and then added is copied."""
-    add = out.add
-    for d in digests:
-        add(sha256=d.sha256, size_bytes=d.size)
-
-
-def _fill_digest(out: pb.Digest, d: Digest) -> None:
-    out.sha256 = d.sha256
-    out.size_bytes = d.size
 
 
 def _seconds(d: Duration) -> float:
@@ -216,7 +189,7 @@ def _fill_result(out: pb.ExecutionResult, r: ActionResult) -> None:
     out.exit_code = r.exit_code or 0
     out.signal = r.signal or 0
     for f in r.outputs.files:
-        _fill_digest(out.output_files.add(path=f.path, is_executable=f.executable).digest, f.digest)
+        fill_digest(out.output_files.add(path=f.path, is_executable=f.executable).digest, f.digest)
     for link in r.outputs.symlinks:
         out.output_symlinks.add(path=link.path, target=link.target)
     for directory in r.outputs.directories:
