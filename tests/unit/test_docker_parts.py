@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from expbuild_worker.config import DockerExecutorConfig
 from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,
@@ -83,7 +84,7 @@ def test_spec_hardens_by_default_and_sets_every_limit(tmp_path: Path) -> None:
     body = container_body(
         image="img:1",
         command=_command(tmp_path),
-        hardening=Hardening(),
+        hardening=Hardening.from_config(DockerExecutorConfig()),
         network_mode="none",
         labels={"k": "v"},
         io_mode="bind",
@@ -108,7 +109,7 @@ def test_spec_for_archive_io_uses_a_volume_and_opens_stdin_when_given(tmp_path: 
     body = container_body(
         image="img:1",
         command=_command(tmp_path, stdin=b"x", working_directory=""),
-        hardening=Hardening(runtime="runsc"),
+        hardening=Hardening.from_config(DockerExecutorConfig(runtime="runsc")),
         network_mode="none",
         labels={},
         io_mode="archive",
@@ -123,12 +124,13 @@ def test_spec_for_archive_io_uses_a_volume_and_opens_stdin_when_given(tmp_path: 
 
 def test_network_is_granted_only_when_a_mode_is_configured() -> None:
     """network=True gets the configured mode or is refused naming limits.network; False/None stay off."""
-    assert network_mode_for(ResourceLimits(network=None), Hardening(), executor="d") == "none"
-    assert network_mode_for(ResourceLimits(network=False), Hardening(), executor="d") == "none"
-    granted = Hardening(network_mode_when_enabled="bridge")
+    default = Hardening.from_config(DockerExecutorConfig())
+    assert network_mode_for(ResourceLimits(network=None), default, executor="d") == "none"
+    assert network_mode_for(ResourceLimits(network=False), default, executor="d") == "none"
+    granted = Hardening.from_config(DockerExecutorConfig(network_mode_when_enabled="bridge"))
     assert network_mode_for(ResourceLimits(network=True), granted, executor="d") == "bridge"
     with pytest.raises(PreconditionError, match=r"limits\.network"):
-        network_mode_for(ResourceLimits(network=True), Hardening(), executor="d")
+        network_mode_for(ResourceLimits(network=True), default, executor="d")
 
 
 # ---- archives ------------------------------------------------------------------------------------

@@ -201,21 +201,7 @@ class DockerExecutor:
         self._config = config
         self._worker_id = worker_id
         self._daemon = daemon
-        security_opts = tuple(config.security_opts)
-        if seccomp_profile:
-            security_opts += (f"seccomp={seccomp_profile}",)
-        self._hardening = Hardening(
-            readonly_rootfs=config.readonly_rootfs,
-            mount_tmpfs=config.mount_tmpfs,
-            tmpfs_size_bytes=config.tmpfs_size_bytes,
-            security_opts=security_opts,
-            drop_all_capabilities=config.drop_all_capabilities,
-            user=config.user,
-            init=config.init,
-            runtime=config.runtime,
-            network_mode=config.network_mode,
-            network_mode_when_enabled=config.network_mode_when_enabled,
-        )
+        self._hardening = Hardening.from_config(config, seccomp_profile=seccomp_profile)
         self._owner = numeric_user(config.user)
         self._root_user = (self._owner is not None and self._owner[0] == 0) or config.user == "root"
         self._io_mode: IoMode = (

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from expbuild_worker.config import IoMode
+from expbuild_worker.config import DockerExecutorConfig, IoMode
 from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.executor import Command
 from expbuild_worker.model import ResourceLimits
@@ -56,18 +56,41 @@ def is_virtualized_runtime(runtime: str) -> bool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hardening:
-    """Everything about the container that comes from configuration rather than the request."""
+    """Everything about the container that comes from configuration rather than the request.
 
-    readonly_rootfs: bool = True
-    mount_tmpfs: bool = True
-    tmpfs_size_bytes: int = 256 << 20
-    security_opts: tuple[str, ...] = ("no-new-privileges",)
-    drop_all_capabilities: bool = True
-    user: str = "65534:65534"
-    init: bool = True
-    runtime: str = ""
-    network_mode: str = "none"
-    network_mode_when_enabled: str = ""
+    No field has a default: the defaults are DockerExecutorConfig's, and ``from_config`` is
+    the one way from those to here.
+    """
+
+    readonly_rootfs: bool
+    mount_tmpfs: bool
+    tmpfs_size_bytes: int
+    security_opts: tuple[str, ...]
+    drop_all_capabilities: bool
+    user: str
+    init: bool
+    runtime: str
+    network_mode: str
+    network_mode_when_enabled: str
+
+    @classmethod
+    def from_config(cls, config: DockerExecutorConfig, *, seccomp_profile: str = "") -> Hardening:
+        """The hardening ``config`` asks for; a ``seccomp_profile`` (its JSON) joins the security options."""
+        security_opts = tuple(config.security_opts)
+        if seccomp_profile:
+            security_opts += (f"seccomp={seccomp_profile}",)
+        return cls(
+            readonly_rootfs=config.readonly_rootfs,
+            mount_tmpfs=config.mount_tmpfs,
+            tmpfs_size_bytes=config.tmpfs_size_bytes,
+            security_opts=security_opts,
+            drop_all_capabilities=config.drop_all_capabilities,
+            user=config.user,
+            init=config.init,
+            runtime=config.runtime,
+            network_mode=config.network_mode,
+            network_mode_when_enabled=config.network_mode_when_enabled,
+        )
 
 
 def network_mode_for(limits: ResourceLimits, hardening: Hardening, *, executor: str) -> str:
