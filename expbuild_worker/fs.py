@@ -6,6 +6,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 
 def make_dirs(root: Path, rel: str) -> Path:
@@ -27,6 +28,35 @@ def make_dirs(root: Path, rel: str) -> Path:
                     f"{current.relative_to(root)} is not a directory (a symlink is never followed)"
                 ) from None
     return current
+
+
+@overload
+def directories(root: Path) -> list[Path]: ...
+@overload
+def directories(root: Path, *, limit: int) -> list[Path] | None: ...
+def directories(root: Path, *, limit: int | None = None) -> list[Path] | None:
+    """``root`` and every directory below it, never entering a symlink; None when more than
+    ``limit`` entries would have to be looked at.
+
+    For handing a freshly staged tree to the command's user, before the command runs (nothing
+    moves meanwhile, so a walk by path is enough). The other walks keep their own loops for
+    what they add: ``remove_tree`` works at any depth with two descriptors, output collection
+    builds a capped manifest by descriptors, the disk watcher stats every entry on one file
+    system while the command changes the tree, and cgroups are removed deepest first.
+    """
+    found = [root]
+    pending = [root]
+    seen = 0
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                if limit is not None and seen > limit:
+                    return None
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(Path(entry.path))
+                    pending.append(Path(entry.path))
+    return found
 
 
 @dataclass

@@ -222,7 +222,9 @@ class _Collector:
 
     def _add_directory(self, rel: str, dfd: int, name: str, *, size: int) -> None:
         """List the directory and everything under it; one that cannot be read is a problem and
-        is left out whole (an empty listing would claim it is empty)."""
+        is left out whole (an empty listing would claim it is empty). A walk of its own, by
+        descriptors, rather than ``fs.directories``: every entry is checked against the result's
+        caps as it is listed, and a tree the command left behind is not trusted by path."""
         try:
             sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
         except OSError as err:

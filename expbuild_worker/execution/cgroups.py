@@ -597,7 +597,10 @@ def _read_v2(path: str) -> CgroupReading:
 
 
 def _remove_tree(path: Path) -> bool:
-    """rmdir a cgroup and its (empty) children, deepest first; False if one is busy."""
+    """rmdir a cgroup and its (empty) children, deepest first; False if one is busy.
+
+    Not ``fs.remove_tree``: a cgroup's files cannot be unlinked (rmdir of the directory takes
+    them), and a cgroup that still has processes answers EBUSY, which must be told apart."""
     try:
         children = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:

@@ -1,4 +1,4 @@
-"""Removing action trees: any depth, never through a symlink, and honest about what stayed."""
+"""Walking and removing action trees: any depth, never through a symlink, and honest about what stayed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from expbuild_worker.engine._workdirs import ActionDirectories
-from expbuild_worker.fs import remove_tree
+from expbuild_worker.fs import directories, remove_tree
 
 
 def deep_tree(top: Path, depth: int) -> None:
@@ -117,3 +117,16 @@ def test_a_previous_run_s_deep_leftover_does_not_stop_the_next_start(tmp_path: P
     assert entries and all(not any(e.iterdir()) for e in entries)  # only the fresh, empty spares
     asyncio.run(directories.close())
     assert list(actions.iterdir()) == []
+
+
+def test_directories_lists_real_directories_only_and_stops_at_the_limit(tmp_path: Path) -> None:
+    """A staged tree is handed over directory by directory: a symlink to a directory is never
+    entered (it may point out of the tree), and a large tree is reported as such, not walked."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"x")
+    (tmp_path / "outside" / "secret").mkdir(parents=True)
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert sorted(directories(root)) == [root, root / "a", root / "a" / "b"]
+    assert directories(root, limit=2) is None
+    assert directories(root, limit=4) is not None

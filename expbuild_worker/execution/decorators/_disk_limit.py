@@ -59,6 +59,7 @@ def measure(
     it has. Bounded in work: it stops as soon as the total passes ``stop_above`` (the answer is
     then known), and after ``max_entries`` entries (``entries_exceeded``). Entries that vanish or
     cannot be read while the command runs are skipped. Raises ``Halted`` when ``halt`` is set.
+    Its own walk rather than ``fs.directories``: it stats every entry, not only directories.
     """
     try:
         top = os.lstat(root)

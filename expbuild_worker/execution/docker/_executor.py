@@ -57,6 +57,7 @@ from expbuild_worker.execution.docker._spec import (
     numeric_user,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorCapabilities,
@@ -161,7 +162,7 @@ def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
     mode, so a command cannot rewrite an input in place (it may be a hard link into the
     worker's store). Symlinks are never followed.
     """
-    for dirpath, _dirs, _files in os.walk(root):
+    for dirpath in directories(root):
         if owner is not None:
             try:
                 os.chown(dirpath, owner[0], owner[1], follow_symlinks=False)

@@ -18,6 +18,7 @@ from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host._run import Run
 from expbuild_worker.execution.host._spawn import Rlimit, SpawnFailure, resolve_executable, rlimit, spawn
+from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorCapabilities,
@@ -534,29 +535,11 @@ async def _hand_over(root: Path, user: tuple[int, int], cgroup_procs: Sequence[s
     uid, gid = user
     for procs in cgroup_procs:
         os.chown(procs, uid, gid)
-    found = _directories(root, limit=_HAND_OVER_INLINE)
+    found = directories(root, limit=_HAND_OVER_INLINE)
     if found is None:
-        await asyncio.to_thread(_chown_all, _directories(root, limit=None) or [root], uid, gid)
+        await asyncio.to_thread(_chown_all, directories(root), uid, gid)
     else:
         _chown_all(found, uid, gid)
-
-
-def _directories(root: Path, *, limit: int | None) -> list[Path] | None:
-    """``root`` and every directory below it (never following a symlink); None when more than
-    ``limit`` entries would have to be looked at."""
-    found = [root]
-    pending = [root]
-    seen = 0
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                seen += 1
-                if limit is not None and seen > limit:
-                    return None
-                if entry.is_dir(follow_symlinks=False):
-                    found.append(Path(entry.path))
-                    pending.append(Path(entry.path))
-    return found
 
 
 def _chown_all(directories: Sequence[Path], uid: int, gid: int) -> None:
