@@ -32,7 +32,7 @@ _KILL_PASSES = 16
 class CgroupReading:
     """What the kernel counted for one action. ``oom_kills`` is None where the kernel does not
     keep it for the cgroup read (cgroup v1 counts OOM kills only in the cgroup the victim was
-    in: a Docker action's parent never has it, the engine's OOMKilled flag covers that case)."""
+    in: a Docker action's parent never has it, the Docker daemon's OOMKilled flag covers that case)."""
 
     usage: ResourceUsage
     oom_kills: int | None
@@ -173,11 +173,11 @@ class ActionCgroups:
     """Gives each action its own cgroup, ``/<parent>/<worker>/<executor>/<action token>``.
 
     Two uses share this layout. The Docker executor passes the path as the container's
-    ``CgroupParent``: the engine removes a container's cgroup when the container exits, so its
+    ``CgroupParent``: the Docker daemon removes a container's cgroup when the container exits, so its
     counters die with it, while a parent it does not own keeps the hierarchical totals (CPU
     time, peak memory, and on cgroup v2 the OOM-kill count) readable until this class removes
-    it after reading; that needs the engine's ``cgroupfs`` driver and the same cgroup
-    filesystem as the engine. The host executor owns the action cgroup itself
+    it after reading; that needs the daemon's ``cgroupfs`` driver and the same cgroup
+    filesystem as the daemon. The host executor owns the action cgroup itself
     (``for_host``/``create``): it sets the limits, moves the command in, reads the counters,
     kills what is left and removes it.
     """
@@ -220,7 +220,7 @@ class ActionCgroups:
         executor: str,
         mountinfo: str,
     ) -> ActionCgroups | None:
-        """The layout for an engine reporting ``cgroup_version`` and ``cgroup_driver``, or None
+        """The layout for a Docker daemon reporting ``cgroup_version`` and ``cgroup_driver``, or None
         when this process cannot follow it (systemd driver, or the hierarchies are not visible)."""
         if cgroup_driver != "cgroupfs" or cgroup_version not in ("1", "2"):
             return None

@@ -120,7 +120,7 @@ class Executor(Protocol):
     def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]: ...
 
     async def close(self) -> None:
-        """Release engine connections and remove anything still running; idempotent."""
+        """Release daemon connections and remove anything still running; idempotent."""
         ...
 
 
@@ -131,7 +131,7 @@ class OutputHolding(Protocol):
     An optional capability of an ``Executor``; the log-limiting decorator must wrap such an
     executor directly (it asks its inner executor). ``hold_output(stop)`` names the action by
     the ``StopSignal`` it was started with. What was already read is still delivered; once the
-    pipes (or the engine's stream) are full, the command's writes block. When the command
+    pipes (or the Docker daemon's stream) are full, the command's writes block. When the command
     ends, by itself or by a stop, what the pipes still hold is read and the outcome follows.
     """
 

@@ -118,8 +118,8 @@ class DiskLimitingExecutor(ExecutorDecorator):
     the bind-mounted ``/work``. A container's other writable places are bounded elsewhere: its
     ``/tmp`` is a tmpfs of ``tmpfs_size_bytes`` (counted against its memory limit) and its root
     file system is read-only by default. With ``io_mode = "archive"`` the command writes to a
-    volume on the engine, which this decorator cannot see; the engine's own per-container quota
-    (``storage_opt size``) needs overlay2 on XFS with project quotas, which the engines we run
+    volume on the Docker daemon, which this decorator cannot see; the daemon's own per-container quota
+    (``storage_opt size``) needs overlay2 on XFS with project quotas, which the daemons we run
     on do not have. An inner executor says so by listing DISK among its unenforced limits, and
     then this decorator does not claim it.
     """
