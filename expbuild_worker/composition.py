@@ -25,6 +25,7 @@ from expbuild_worker.config import (
 )
 from expbuild_worker.engine import (
     ActionDirectories,
+    ActionLogRunner,
     ActionRunner,
     Admission,
     DirectoryLock,
@@ -331,7 +332,7 @@ def _build_engine(
     runner = LogCapturingRunner(
         runner, store=store, retention_seconds=config.storage.output_retention_seconds
     )
-    runner = TimestampingRunner(runner)
+    runner = ActionLogRunner(TimestampingRunner(runner))
     return ExecutionEngine(
         executors=executors,
         default_executor=config.default_executor,

@@ -30,6 +30,15 @@ MiB = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    """[[server.tokens]]: one bearer token callers may present, read from ``file``; its ``name``
+    appears in the action log of every action the caller runs."""
+
+    name: str = ""
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """[server]: where the gRPC server listens and how it shuts down."""
 
@@ -40,6 +49,15 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     health_check_interval_seconds: float = 10.0
     worker_id: str = ""
+    tls_certificate_file: str = ""
+    tls_private_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tokens: tuple[TokenConfig, ...] = ()
+    allow_insecure_remote: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_certificate_file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -326,6 +344,7 @@ def _check_semantics(config: WorkerConfig) -> None:
         )
     if not (config.worker_api.enabled or config.reapi.enabled):
         raise ConfigError(f"{src}: worker_api.enabled, reapi.enabled: at least one way in must be enabled")
+    _check_server_security(config)
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{src}: server.port: expected 0-65535, got {config.server.port}")
     if config.execution.default_timeout_seconds > config.execution.max_timeout_seconds:
@@ -333,6 +352,23 @@ def _check_semantics(config: WorkerConfig) -> None:
             f"{src}: execution.default_timeout_seconds: expected at most max_timeout_seconds "
             f"({config.execution.max_timeout_seconds}), got {config.execution.default_timeout_seconds}"
         )
+
+
+def _check_server_security(config: WorkerConfig) -> None:
+    src, server = config.source, config.server
+    if bool(server.tls_certificate_file) != bool(server.tls_private_key_file):
+        raise ConfigError(
+            f"{src}: server.tls_certificate_file, server.tls_private_key_file: give both or neither"
+        )
+    if server.tls_client_ca_file and not server.tls:
+        raise ConfigError(f"{src}: server.tls_client_ca_file: needs server.tls_certificate_file too")
+    names: set[str] = set()
+    for i, token in enumerate(server.tokens):
+        if not token.name or not token.file:
+            raise ConfigError(f"{src}: server.tokens[{i}]: expected both name and file")
+        if token.name in names:
+            raise ConfigError(f"{src}: server.tokens[{i}].name: {token.name!r} is used twice")
+        names.add(token.name)
 
 
 def _parse_table(cls: type[Any], table: Any, source: str, where: str) -> Any:

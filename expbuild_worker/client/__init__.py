@@ -1,6 +1,7 @@
 """A small client for one worker: upload inputs, run an action, stream logs, write its outputs."""
 
 from expbuild_worker.client._client import UPLOAD_CHUNK_BYTES, Execution, WorkerClient
+from expbuild_worker.client._credentials import ChannelSecurity, open_channel, token_metadata
 from expbuild_worker.client._inputs import InputSpec, InputTree, LocalFile, collect_inputs, parse_input_spec
 from expbuild_worker.client._logs import LogReassembler
 from expbuild_worker.client._outputs import BlobReader, OutputError, OutputWriter
@@ -8,6 +9,7 @@ from expbuild_worker.client._outputs import BlobReader, OutputError, OutputWrite
 __all__ = [
     "UPLOAD_CHUNK_BYTES",
     "BlobReader",
+    "ChannelSecurity",
     "Execution",
     "InputSpec",
     "InputTree",
@@ -17,5 +19,7 @@ __all__ = [
     "OutputWriter",
     "WorkerClient",
     "collect_inputs",
+    "open_channel",
     "parse_input_spec",
+    "token_metadata",
 ]

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.api.v1.digests import digest_to_pb, digests_from_pb
+from expbuild_worker.client._credentials import ChannelSecurity, open_channel
 from expbuild_worker.client._inputs import InputTree
 from expbuild_worker.client._logs import LogReassembler
 from expbuild_worker.client._outputs import OutputWriter
@@ -74,12 +75,20 @@ class WorkerClient:
     """
 
     def __init__(
-        self, target: str, *, rpc_timeout: float = 30.0, channel: grpc.Channel | None = None
+        self,
+        target: str,
+        *,
+        rpc_timeout: float = 30.0,
+        channel: grpc.Channel | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
+        """``security`` says how to prove who we are (TLS, client certificate, token); None is
+        plaintext without a token, for a worker on loopback."""
         self.target = target
         self._rpc_timeout = rpc_timeout
-        self._channel = channel or grpc.insecure_channel(
+        self._channel = channel or open_channel(
             target,
+            security,
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),

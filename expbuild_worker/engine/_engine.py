@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
+from expbuild_worker.engine._action_log import CALLER
 from expbuild_worker.engine._admission import Admission
 from expbuild_worker.engine._executions import Execution, ExecutionTable
 from expbuild_worker.engine._runner import ActionRunner
@@ -307,6 +308,7 @@ class ExecutionEngine:
                 admitted_at=time.time(),
                 inputs=inputs,
                 key=key,
+                caller=CALLER.get(),
             )
         except BaseException:
             inputs.release()

@@ -33,6 +33,8 @@ class Execution:
     """The input blobs, pinned from admission until they are staged: never evicted while queued."""
     key: str | None = None
     """What identifies identical actions (a REAPI action digest); None = never shared."""
+    caller: str = ""
+    """Who asked for it (a token's name), for the action log."""
     stop: StopSignal = dataclasses.field(default_factory=StopSignal)
     stage: ExecutionStage = ExecutionStage.QUEUED
     result: ActionResult | None = None

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import AsyncGenerator
 
 from expbuild_worker.engine._executions import Execution
-from expbuild_worker.engine._runner import ActionRunner
+from expbuild_worker.engine._runner import ActionRunner, RunnerDecorator
 from expbuild_worker.errors import WorkerError
 from expbuild_worker.model import ActionEvent, ActionResult, Digest, LogChunk, LogStream
 from expbuild_worker.storage import BlobPin, BlobStore
@@ -57,22 +57,16 @@ class _LogSink:
         self._file.close()
 
 
-class LogCapturingRunner:
+class LogCapturingRunner(RunnerDecorator):
     """For actions with ``capture_logs``, stores stdout and stderr as blobs and names them in the
     result; live chunks pass through unchanged. The blobs are pinned like outputs: until the
     result was consumed, or for the retention time when the caller reads them later. A store too
     full to take them leaves the digests unset and says so in the result's message."""
 
     def __init__(self, inner: ActionRunner, *, store: BlobStore, retention_seconds: float) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._store = store
         self._retention = retention_seconds
-
-    async def start(self) -> None:
-        await self._inner.start()
-
-    async def close(self) -> None:
-        await self._inner.close()
 
     async def run(self, execution: Execution) -> AsyncGenerator[ActionEvent, None]:
         if not execution.action.capture_logs:

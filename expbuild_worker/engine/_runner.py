@@ -59,6 +59,19 @@ class ActionRunner(Protocol):
         ...
 
 
+class RunnerDecorator:
+    """Hands ``start`` and ``close`` to the runner it wraps; a subclass wraps ``run`` only."""
+
+    def __init__(self, inner: ActionRunner) -> None:
+        self._inner = inner
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunnerLimits:
     max_output_bytes: int

@@ -7,26 +7,17 @@ import time
 from collections.abc import AsyncGenerator
 
 from expbuild_worker.engine._executions import Execution
-from expbuild_worker.engine._runner import ActionRunner
+from expbuild_worker.engine._runner import RunnerDecorator
 from expbuild_worker.model import ActionEvent, ActionResult, ExecutionStage, StageEntered, StageTimes
 
 
-class TimestampingRunner:
+class TimestampingRunner(RunnerDecorator):
     """Stamps the wall-clock time at which the action entered each stage into its result.
 
     The inner runner reports only what it alone can know: when the command really started and
     ended (the executor's own times). Everything else comes from the stage events as they pass,
     so no stage of the runner takes a timestamp by hand, and metrics read the result alone.
     """
-
-    def __init__(self, inner: ActionRunner) -> None:
-        self._inner = inner
-
-    async def start(self) -> None:
-        await self._inner.start()
-
-    async def close(self) -> None:
-        await self._inner.close()
 
     async def run(self, execution: Execution) -> AsyncGenerator[ActionEvent, None]:
         stamps: dict[ExecutionStage, float] = {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -14,6 +16,14 @@ from expbuild_worker.composition import Worker, build_worker, send_limit
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.host import GRPC_FORK_SUPPORT, grpc_fork_handlers_disabled
+from expbuild_worker.server._auth import (
+    TokenCheck,
+    check_listen_address,
+    describe,
+    is_loopback,
+    read_tokens,
+    server_credentials,
+)
 from expbuild_worker.server._health import HealthReporter
 
 _log = logging.getLogger(__name__)
@@ -30,6 +40,7 @@ class RunningServer:
     _server: grpc.aio.Server
     _health: health.aio.HealthServicer
     _reporter: HealthReporter
+    _warning: asyncio.Task[None] | None
     _stopped: asyncio.Event
 
     @property
@@ -44,6 +55,8 @@ class RunningServer:
             return
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         await self._reporter.stop()
+        if self._warning is not None:
+            self._warning.cancel()
         await self._health.enter_graceful_shutdown()
         self.worker.engine.stop_accepting()
         await self.worker.shutdown(grace)
@@ -63,8 +76,16 @@ async def start_server(config: WorkerConfig) -> RunningServer:
             "call expbuild_worker.execution.host.disable_grpc_fork_handlers() before importing grpc",
             GRPC_FORK_SUPPORT,
         )
+    # Who may call is settled before anything is built: a refusal leaves nothing behind.
+    check_listen_address(config.server, config.source)
+    tokens = read_tokens(config.server, config.source)
+    credentials = server_credentials(config.server, config.source) if config.server.tls else None
+    address = config.server.address
+    host = f"[{address}]" if ":" in address else address
+    _check_port_free(address, config.server.port)
     worker = await build_worker(config)
     server = grpc.aio.server(
+        interceptors=[TokenCheck(tokens)] if tokens else None,
         options=[
             ("grpc.max_receive_message_length", config.server.max_request_bytes),
             ("grpc.max_send_message_length", send_limit(config)),
@@ -81,10 +102,11 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = config.server.address
-    host = f"[{address}]" if ":" in address else address
     try:
-        port = server.add_insecure_port(f"{host}:{config.server.port}")
+        if credentials is not None:
+            port = server.add_secure_port(f"{host}:{config.server.port}", credentials)
+        else:
+            port = server.add_insecure_port(f"{host}:{config.server.port}")
     except RuntimeError as err:
         await worker.shutdown(0)
         raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
@@ -98,7 +120,17 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         interval_seconds=config.server.health_check_interval_seconds,
     )
     await reporter.start()
-    _log.info("worker %s serving %s on %s:%d", worker.worker_id, ", ".join(services), host, port)
+    _log.info(
+        "worker %s serving %s on %s:%d (%s)",
+        worker.worker_id,
+        ", ".join(services),
+        host,
+        port,
+        ", ".join(describe(config.server)),
+    )
+    warning = None
+    if not is_loopback(address) and not (config.server.tls or tokens):
+        warning = asyncio.get_running_loop().create_task(_warn_insecure(f"{host}:{port}"))
     return RunningServer(
         port=port,
         address=address,
@@ -107,5 +139,37 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         _server=server,
         _health=health_servicer,
         _reporter=reporter,
+        _warning=warning,
         _stopped=asyncio.Event(),
     )
+
+
+INSECURE_WARNING_SECONDS = 3600.0
+
+
+async def _warn_insecure(where: str) -> None:
+    """allow_insecure_remote: said at start and every hour, so it is never forgotten."""
+    while True:
+        _log.warning(
+            "listening on %s without TLS or tokens (server.allow_insecure_remote): anyone who reaches "
+            "this address can run commands here",
+            where,
+        )
+        await asyncio.sleep(INSECURE_WARNING_SECONDS)
+
+
+def _check_port_free(address: str, port: int) -> None:
+    """Say plainly when the address is taken, instead of gRPC's internal text."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UnavailableError(
+                    f"address {address}:{port} is already in use; pick another with --port or [server] port"
+                ) from err
+            raise UnavailableError(f"cannot listen on {address}:{port}: {err.strerror}") from err
