@@ -8,7 +8,7 @@ import pytest
 from google.rpc import code_pb2, error_details_pb2
 
 from expbuild_worker import errors
-from expbuild_worker.frontdoors.reapi import error_to_status
+from expbuild_worker.frontdoors._remote_actions import error_to_status
 from expbuild_worker.model import Digest
 
 

@@ -1,9 +1,9 @@
 """The Remote Workers API front door: the worker as a bot of a BuildGrid scheduler, over the shared engine.
 
 Unlike the other front doors it serves nothing: it calls the scheduler (Bots) and the
-scheduler's CAS. It reads REAPI Actions and writes REAPI ActionResults with the REAPI front
-door's translation (``frontdoors.reapi._actions``, ``_results``, ``_errors``), the one copy of
-those rules.
+scheduler's CAS. It reads REAPI Actions and writes REAPI ActionResults with
+``frontdoors._remote_actions``, the one copy of those rules, which the REAPI front door uses too
+(no front door imports another).
 """
 
 from expbuild_worker.frontdoors.bot._cas_client import DEFAULT_BATCH_BYTES, GrpcRemoteCas

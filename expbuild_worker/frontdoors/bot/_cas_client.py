@@ -18,7 +18,7 @@ from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.errors import NotFoundError, UnavailableError
-from expbuild_worker.frontdoors.reapi import digest_to_pb
+from expbuild_worker.frontdoors._remote_actions import digest_to_pb
 from expbuild_worker.model import Digest
 
 _log = logging.getLogger(__name__)

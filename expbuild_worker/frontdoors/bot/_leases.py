@@ -18,9 +18,13 @@ from expbuild_worker import errors
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.engine import Execution, ExecutionEngine
 from expbuild_worker.frontdoors._grpc import BlockingCalls
-from expbuild_worker.frontdoors.reapi import digest_from_pb, error_to_status
-from expbuild_worker.frontdoors.reapi._actions import LoadedAction, load_action
-from expbuild_worker.frontdoors.reapi._results import execute_response
+from expbuild_worker.frontdoors._remote_actions import (
+    LoadedAction,
+    digest_from_pb,
+    error_to_status,
+    execute_response,
+    load_action,
+)
 from expbuild_worker.model import ActionResult, Digest, ExecutionStatus
 from expbuild_worker.storage import RemoteStore
 

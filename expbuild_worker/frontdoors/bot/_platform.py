@@ -6,7 +6,7 @@ import platform
 from collections.abc import Sequence
 
 from expbuild_worker.api.rwapi import worker_pb2 as w_pb
-from expbuild_worker.frontdoors.reapi._platform import (
+from expbuild_worker.frontdoors._remote_actions import (
     CONTAINER_IMAGE,
     EXECUTOR,
     ISA,

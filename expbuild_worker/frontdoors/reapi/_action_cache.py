@@ -11,8 +11,7 @@ from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
-from expbuild_worker.frontdoors.reapi._cas import read_blob
-from expbuild_worker.frontdoors.reapi._digests import check_digest_function, digest_from_pb
+from expbuild_worker.frontdoors._remote_actions import check_digest_function, digest_from_pb, read_blob
 from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors
 from expbuild_worker.frontdoors.reapi._names import check_instance
 from expbuild_worker.model import Digest

@@ -15,7 +15,8 @@ from expbuild_worker.api.reapi import bytestream_pb2 as bs_pb
 from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.errors import InvalidRequestError, NotFoundError, UnavailableError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
-from expbuild_worker.frontdoors.reapi._errors import Context, OutOfRangeError, maps_errors, send
+from expbuild_worker.frontdoors._remote_actions import OutOfRangeError
+from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import BlobResource, parse_read_resource, parse_upload_resource
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import BlobStore

@@ -14,13 +14,15 @@ from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.errors import InvalidRequestError, NotFoundError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
-from expbuild_worker.frontdoors.reapi._digests import (
+from expbuild_worker.frontdoors._remote_actions import (
     check_digest_function,
     digest_from_pb,
     digest_to_pb,
     digests_from_pb,
+    error_to_status,
+    read_blob,
 )
-from expbuild_worker.frontdoors.reapi._errors import Context, error_to_status, maps_errors, send
+from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import check_instance
 from expbuild_worker.model import Digest
 from expbuild_worker.storage import BlobStore
@@ -32,11 +34,6 @@ the message limit that their sizes alone stay under."""
 DEFAULT_TREE_PAGE = 1000
 """Directories per GetTree page when the client leaves page_size at 0."""
 _TOKEN_PREFIX = "t1"
-
-
-def read_blob(store: BlobStore, digest: Digest) -> bytes:
-    """A whole blob in memory; for blobs a message carries anyway. Runs on a thread."""
-    return b"".join(store.open_blob(digest))
 
 
 def check_count(count: int, maximum: int, field: str) -> None:

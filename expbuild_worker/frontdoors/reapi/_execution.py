@@ -16,12 +16,20 @@ from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
 from expbuild_worker.engine import Execution, ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError, NotFoundError
 from expbuild_worker.frontdoors._grpc import BlockingCalls
+from expbuild_worker.frontdoors._remote_actions import (
+    LoadedAction,
+    cacheable,
+    check_digest_function,
+    digest_from_pb,
+    digest_to_pb,
+    error_to_status,
+    execute_response,
+    load_action,
+    read_action,
+)
 from expbuild_worker.frontdoors.reapi._action_cache import cached_result
-from expbuild_worker.frontdoors.reapi._actions import LoadedAction, load_action, read_action
-from expbuild_worker.frontdoors.reapi._digests import check_digest_function, digest_from_pb, digest_to_pb
-from expbuild_worker.frontdoors.reapi._errors import Context, error_to_status, maps_errors, send
+from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import check_instance
-from expbuild_worker.frontdoors.reapi._results import cacheable, execute_response
 from expbuild_worker.model import ActionResult, Digest, ExecutionStage
 from expbuild_worker.storage import ActionCache, BlobStore
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from expbuild_worker.errors import InvalidRequestError
-from expbuild_worker.frontdoors.reapi._digests import check_sha256
+from expbuild_worker.frontdoors._remote_actions import check_sha256
 from expbuild_worker.model import Digest
 
 _RESERVED = frozenset(

@@ -11,9 +11,8 @@ from google.protobuf.message import DecodeError, Message
 
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
-from expbuild_worker.frontdoors.reapi._cas import read_blob
-from expbuild_worker.frontdoors.reapi._digests import digest_from_pb
-from expbuild_worker.frontdoors.reapi._platform import choose
+from expbuild_worker.frontdoors._remote_actions._digests import digest_from_pb
+from expbuild_worker.frontdoors._remote_actions._platform import choose
 from expbuild_worker.model import Action, Digest, InputFile, InputSymlink
 from expbuild_worker.storage import BlobStore
 
@@ -239,3 +238,8 @@ def _normal(path: str, field: str) -> str:
     if normal == ".." or normal.startswith("../"):
         raise InvalidRequestError(f"{field}: {path!r} leads out of the input root")
     return normal
+
+
+def read_blob(store: BlobStore, digest: Digest) -> bytes:
+    """A whole blob in memory; for blobs a message carries anyway. Runs on a thread."""
+    return b"".join(store.open_blob(digest))

@@ -10,8 +10,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
 
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
-from expbuild_worker.frontdoors.reapi._actions import LoadedAction
-from expbuild_worker.frontdoors.reapi._digests import digest_to_pb
+from expbuild_worker.frontdoors._remote_actions._digests import digest_to_pb
+from expbuild_worker.frontdoors._remote_actions._load import LoadedAction
 from expbuild_worker.model import ActionResult, Digest, ExecutionStatus, OutputFile, StageTimes
 from expbuild_worker.storage import BlobPin, BlobStore
 
