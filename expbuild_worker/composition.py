@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from expbuild_worker.client import (
+    ChannelSecurity,
+    channel_credentials,
+    open_channel,
+    read_token,
+    token_metadata,
+)
 from expbuild_worker.config import (
     DockerExecutorConfig,
     ExecutorConfig,
@@ -380,12 +387,12 @@ def check_bot_config(config: WorkerConfig) -> None:
     bot, src = config.bot, config.source
     if not bot.scheduler:
         raise ConfigError(f"{src}: bot.scheduler: expected the scheduler's address (grpc://HOST:PORT)")
+    if bool(bot.tls_client_cert_file) != bool(bot.tls_client_key_file):
+        raise ConfigError(f"{src}: bot.tls_client_cert_file, bot.tls_client_key_file: give both or neither")
     for key in ("tls_ca_file", "tls_client_cert_file", "tls_client_key_file", "access_token_file"):
-        if getattr(bot, key):
-            raise ConfigError(
-                f"{src}: bot.{key}: not yet supported (the worker has no client-side TLS or tokens yet); "
-                "leave it empty and reach the scheduler over a trusted network"
-            )
+        path = getattr(bot, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{src}: bot.{key}: cannot read {path}")
     for key, value in (
         ("bot.capacity", bot.capacity),
         ("bot.poll_timeout_seconds", bot.poll_timeout_seconds),
@@ -439,8 +446,18 @@ async def build_bot(config: WorkerConfig, worker: Worker) -> Bot:
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", int(bot.reconnect_max_seconds * 1000)),
     ]
-    bots_channel = grpc.aio.insecure_channel(scheduler, options=options)
-    cas_channel = grpc.insecure_channel(cas_target, options=options)
+    security = ChannelSecurity(
+        ca_file=bot.tls_ca_file,
+        certificate_file=bot.tls_client_cert_file,
+        private_key_file=bot.tls_client_key_file,
+        token_file=bot.access_token_file,
+    )
+    if security.tls:
+        bots_channel = grpc.aio.secure_channel(scheduler, channel_credentials(security), options=options)
+    else:
+        bots_channel = grpc.aio.insecure_channel(scheduler, options=options)
+    token = read_token(security)
+    cas_channel = open_channel(cas_target, security, options=options)
     remote = GrpcRemoteCas(
         channel=cas_channel, instance_name=bot.instance_name, max_batch_bytes=bot.max_batch_bytes
     )
@@ -473,6 +490,7 @@ async def build_bot(config: WorkerConfig, worker: Worker) -> Bot:
             properties=tuple(properties),
             poll_timeout_seconds=bot.poll_timeout_seconds,
             reconnect_max_seconds=bot.reconnect_max_seconds,
+            call_metadata=token_metadata(token) if token else (),
         ),
         on_close=release,
     )

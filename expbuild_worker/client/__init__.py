@@ -1,7 +1,13 @@
 """A small client for one worker: upload inputs, run an action, stream logs, write its outputs."""
 
 from expbuild_worker.client._client import UPLOAD_CHUNK_BYTES, Execution, WorkerClient
-from expbuild_worker.client._credentials import ChannelSecurity, open_channel, token_metadata
+from expbuild_worker.client._credentials import (
+    ChannelSecurity,
+    channel_credentials,
+    open_channel,
+    read_token,
+    token_metadata,
+)
 from expbuild_worker.client._inputs import InputSpec, InputTree, LocalFile, collect_inputs, parse_input_spec
 from expbuild_worker.client._logs import LogReassembler
 from expbuild_worker.client._outputs import BlobReader, OutputError, OutputWriter
@@ -18,8 +24,10 @@ __all__ = [
     "OutputError",
     "OutputWriter",
     "WorkerClient",
+    "channel_credentials",
     "collect_inputs",
     "open_channel",
     "parse_input_spec",
+    "read_token",
     "token_metadata",
 ]

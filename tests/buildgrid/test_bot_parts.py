@@ -28,10 +28,13 @@ from expbuild_worker.model import (
         ({"scheduler": "grpcs://grid:443"}, "bot.scheduler: 'grpcs://grid:443': only grpc://HOST:PORT"),
         ({"scheduler": "grpc://grid"}, "bot.scheduler: expected grpc://HOST:PORT"),
         ({"scheduler": "grpc://grid:1", "cas": "grpc://cas:0"}, "bot.cas: expected grpc://HOST:PORT"),
-        ({"scheduler": "grpc://grid:1", "tls_ca_file": "/ca.pem"}, "bot.tls_ca_file: not yet supported"),
         (
-            {"scheduler": "grpc://grid:1", "access_token_file": "/t"},
-            "bot.access_token_file: not yet supported",
+            {"scheduler": "grpc://grid:1", "tls_ca_file": "/nonexistent/ca.pem"},
+            "bot.tls_ca_file: cannot read",
+        ),
+        (
+            {"scheduler": "grpc://grid:1", "tls_client_cert_file": "/nonexistent/c.pem"},
+            "bot.tls_client_cert_file, bot.tls_client_key_file: give both or neither",
         ),
         ({"scheduler": "grpc://grid:1", "capacity": -1}, "bot.capacity: expected a positive number"),
         (
@@ -39,7 +42,16 @@ from expbuild_worker.model import (
             "bot.poll_timeout_seconds: expected at least 5",
         ),
     ],
-    ids=["no-scheduler", "tls-scheme", "no-port", "bad-cas", "tls-file", "token", "capacity", "short-poll"],
+    ids=[
+        "no-scheduler",
+        "tls-scheme",
+        "no-port",
+        "bad-cas",
+        "tls-file",
+        "half-mtls",
+        "capacity",
+        "short-poll",
+    ],
 )
 def test_a_bot_table_the_bot_cannot_use_is_refused_naming_the_key(bot, message):
     """A bot that would fail later (or silently talk in the clear when TLS was asked) must not start."""

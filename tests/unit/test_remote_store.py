@@ -187,3 +187,34 @@ def test_the_remote_store_fetches_from_a_real_reapi_cas(local, start_worker):
         store.close()
     finally:
         channel.close()
+
+
+def test_the_remote_store_reaches_a_cas_behind_tls_and_a_token(local, start_worker, tmp_path):
+    """The bot's scheduler connection: TLS with the scheduler's CA and a bearer token, as [bot] configures."""
+    from _pki import TOKEN, make_pki
+
+    from expbuild_worker.client import ChannelSecurity, open_channel
+
+    pki = make_pki(tmp_path / "pki", "scheduler")
+    token_file = tmp_path / "bot.token"
+    token_file.write_text(TOKEN)
+    server = start_worker(
+        {
+            "server": {
+                "tls_certificate_file": str(pki.server_cert),
+                "tls_private_key_file": str(pki.server_key),
+                "tokens": [{"name": "bot", "file": str(token_file)}],
+            }
+        }
+    )
+    security = ChannelSecurity(ca_file=str(pki.ca), token_file=str(token_file))
+    channel = open_channel(server.target, security)
+    try:
+        remote = GrpcRemoteCas(channel=channel, instance_name="", max_batch_bytes=64 << 10)
+        digest = server.server.worker.store.put_bytes(b"fetched over TLS with a token")
+        store = RemoteStore(local=local, remote=remote, parallelism=2)
+        with store.pin([digest]):
+            assert _read(store, digest) == b"fetched over TLS with a token"
+        store.close()
+    finally:
+        channel.close()

@@ -54,6 +54,8 @@ class BotSettings:
     orphan_keep_seconds: float = 600.0
     """How long the result of a lease whose session was lost is kept, in case the scheduler
     leases the same action (same lease id) to this bot again: then it is reported, not rerun."""
+    call_metadata: tuple[tuple[str, str], ...] = ()
+    """Sent with every call to the scheduler (a bearer token)."""
 
 
 @dataclass
@@ -195,7 +197,9 @@ class Bot:
         session = b_pb.BotSession(bot_id=self.settings.bot_id, status=self._status, worker=self._worker)
         request = b_pb.CreateBotSessionRequest(parent=self.settings.instance_name, bot_session=session)
         try:
-            answer = await self._stub.CreateBotSession(request, timeout=self.settings.poll_timeout_seconds)
+            answer = await self._stub.CreateBotSession(
+                request, timeout=self.settings.poll_timeout_seconds, metadata=self.settings.call_metadata
+            )
         except grpc.aio.AioRpcError as err:
             _log.warning("bot %s: cannot open a session: %s", self.settings.bot_id, _why(err))
             return False
@@ -220,7 +224,9 @@ class Bot:
         sent = request.bot_session.leases
         reported = {lease.id for lease in sent if lease.state == b_pb.LeaseState.COMPLETED}
         sent_active = {lease.id for lease in sent if lease.state == b_pb.LeaseState.ACTIVE}
-        call = self._stub.UpdateBotSession(request, timeout=self.settings.poll_timeout_seconds)
+        call = self._stub.UpdateBotSession(
+            request, timeout=self.settings.poll_timeout_seconds, metadata=self.settings.call_metadata
+        )
         answering = asyncio.ensure_future(call)
         changed = asyncio.ensure_future(self._changed.wait())
         try:
