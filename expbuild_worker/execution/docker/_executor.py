@@ -152,6 +152,10 @@ class _Run:
     killed: bool = False
     escalated: bool = False
     aborted: bool = False
+    started_at: float = 0.0
+    stderr_head: bytearray = field(default_factory=bytearray)
+    stopper: asyncio.Future[None] | None = None  # acts on a stop request while the command runs
+    stdin_task: asyncio.Future[None] | None = None
 
 
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
@@ -462,6 +466,9 @@ class DockerExecutor:
     async def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
         """Run ``command`` in a new container: Started, LogChunks as it writes, one RunOutcome.
 
+        The steps of one container's life — prepare, create, attach, start, stream, wait,
+        collect, dispose — are methods of their own, so a pool can do the early ones ahead.
+
         Raises PreconditionError before anything runs for an image that is not allowed, missing
         (``never``) or cannot be pulled, a network request this executor refuses, or limits
         above its maxima; UnavailableError when the daemon does not answer or once closed.
@@ -471,114 +478,29 @@ class DockerExecutor:
         image = self._images.resolve(command.image)
         network_mode = self._check_limits(command.limits)
         await self._learn_daemon()
-        token = uuid.uuid4().hex
-        run = _Run(token=token, execution_id=command.execution_id, stop=stop)
-        self._runs[token] = run
+        run = _Run(token=uuid.uuid4().hex, execution_id=command.execution_id, stop=stop)
+        self._runs[run.token] = run
         outcome_sent = False
-        stopper: asyncio.Future[None] | None = None
-        stdin_task: asyncio.Future[None] | None = None
         try:
-            if self._images.pull_policy == "always" and not await self._until_stopped(
-                self._images.pull(image), stop
-            ):
-                yield RunOutcome(status=_reason(stop), message="stopped while the image was pulled")
+            early = await self._prepare(run, command, stop, image)
+            if early is None:
+                early = await self._create_container(run, command, stop, image, network_mode)
+            if early is None:
+                early = await self._attach(run, command, stop)
+            if early is None:
+                early = await self._start(run, command)
+            if early is not None:
                 outcome_sent = True
+                yield early
                 return
-            if self._io_mode == "bind" and not self._root_user:
-                await self._daemon.offload(prepare_root, command.root, self._owner)
-            body = container_body(
-                image=image,
-                command=command,
-                hardening=self._hardening,
-                network_mode=network_mode,
-                labels={
-                    LABEL_PROJECT: PROJECT,
-                    LABEL_WORKER: self._worker_id,
-                    LABEL_EXECUTOR: self._name,
-                    LABEL_EXECUTION: command.execution_id,
-                    LABEL_ACTION: token,
-                    LABEL_CREATED: f"{time.time():.3f}",
-                },
-                io_mode=self._io_mode,
-                cgroup_parent=self._cgroups.parent_for(token) if self._cgroups is not None else None,
-            )
-            created = await self._create(body, image, run, command, stop)
-            if created is None:
-                yield RunOutcome(status=_reason(stop), message="stopped before the container started")
-                outcome_sent = True
-                return
-            run.container_id = created
-            if self._io_mode == "archive":
-                await self._daemon.call(lambda api: self._put_root(api, created, command))
-            sock = await self._daemon.call(
-                lambda api: api.attach_socket(
-                    created,
-                    params={"stdout": 1, "stderr": 1, "stream": 1, "stdin": 1 if command.stdin else 0},
-                )
-            )
-            run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=token[:12])
-            streams.start()
-            if stop.reason is not None:
-                yield RunOutcome(status=stop.reason, message="stopped before the container started")
-                outcome_sent = True
-                return
-            started_at = time.time()
-            try:
-                await self._daemon.call(lambda api: api.start(created))
-            except docker.errors.APIError as err:
-                yield self._start_failure(err, command, created)
-                outcome_sent = True
-                return
-            # Both run on their own, so a consumer slow to pull events delays neither.
-            stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
-            if command.stdin:
-                stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
-                stdin_task.add_done_callback(_stdin_written)
-            yield Started(at=started_at)
-            offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
-            stderr_head = bytearray()
-            while (batch := await streams.next_batch()) is not None:
-                for stream, data in batch:
-                    if stream is LogStream.STDERR and len(stderr_head) < _STDERR_HEAD:
-                        stderr_head += data[: _STDERR_HEAD - len(stderr_head)]
-                    yield LogChunk(stream, offsets[stream], data)
-                    offsets[stream] += len(data)
-            state = await self._wait_for_exit(run, created)
-            ended_at = time.time()
-            # A few small reads of the cgroup filesystem: quicker than a hop to a thread.
-            reading = (
-                self._cgroups.read(token)
-                if self._cgroups is not None
-                else CgroupReading(ResourceUsage(), None)
-            )
-            over_limit = None
-            if self._io_mode == "archive" and command.output_paths:
-                try:
-                    await self._daemon.call(lambda api: self._collect_outputs(api, created, command))
-                except OutputLimitExceeded as err:
-                    over_limit = str(err)
-            outcome = self._outcome(
-                run,
-                command,
-                stop,
-                state=state,
-                reading=reading,
-                stderr_head=bytes(stderr_head),
-                started_at=started_at,
-                ended_at=ended_at,
-                streams=streams,
-            )
-            if over_limit is not None:  # an output limit replaces only a plain completion
-                completed = outcome.status is ExecutionStatus.COMPLETED
-                outcome = dataclasses.replace(
-                    outcome,
-                    status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED if completed else outcome.status,
-                    message=over_limit if completed else f"{outcome.message}; no outputs: {over_limit}",
-                )
+            yield Started(at=run.started_at)
+            async for chunk in self._stream(run):
+                yield chunk
+            outcome = await self._collect(run, command, stop, await self._wait(run))
             outcome_sent = True
             yield outcome
         finally:
-            for task in (stopper, stdin_task, run.exit_watch):
+            for task in (run.stopper, run.stdin_task, run.exit_watch):
                 if task is not None:
                     task.cancel()
             if run.streams is not None:
@@ -586,6 +508,141 @@ class DockerExecutor:
             cleanup = self._track(self._dispose(run))
             if not outcome_sent:
                 await asyncio.shield(cleanup)
+
+    # ---- the steps of one container's life -----------------------------------------------------
+
+    async def _prepare(self, run: _Run, command: Command, stop: StopSignal, image: str) -> RunOutcome | None:
+        """Pull when the policy is ``always``; let the command's user write the staged root.
+
+        An outcome when ``stop`` came during the pull, else None."""
+        if self._images.pull_policy == "always" and not await self._until_stopped(
+            self._images.pull(image), stop
+        ):
+            return RunOutcome(status=_reason(stop), message="stopped while the image was pulled")
+        if self._io_mode == "bind" and not self._root_user:
+            await self._daemon.offload(prepare_root, command.root, self._owner)
+        return None
+
+    async def _create_container(
+        self, run: _Run, command: Command, stop: StopSignal, image: str, network_mode: str
+    ) -> RunOutcome | None:
+        """Create the action's container (archive I/O: and copy the root in); an outcome when stopped."""
+        body = container_body(
+            image=image,
+            command=command,
+            hardening=self._hardening,
+            network_mode=network_mode,
+            labels=self._labels(run.token, command.execution_id),
+            io_mode=self._io_mode,
+            cgroup_parent=self._cgroups.parent_for(run.token) if self._cgroups is not None else None,
+        )
+        created = await self._create(body, image, run, command, stop)
+        if created is None:
+            return RunOutcome(status=_reason(stop), message="stopped before the container started")
+        run.container_id = created
+        if self._io_mode == "archive":
+            await self._daemon.call(lambda api: self._put_root(api, created, command))
+        return None
+
+    def _labels(self, token: str, execution_id: str) -> dict[str, str]:
+        return {
+            LABEL_PROJECT: PROJECT,
+            LABEL_WORKER: self._worker_id,
+            LABEL_EXECUTOR: self._name,
+            LABEL_EXECUTION: execution_id,
+            LABEL_ACTION: token,
+            LABEL_CREATED: f"{time.time():.3f}",
+        }
+
+    async def _attach(self, run: _Run, command: Command, stop: StopSignal) -> RunOutcome | None:
+        """Attach to the container's stdio before it starts, so nothing it writes is lost."""
+        container_id = run.container_id
+        assert container_id is not None
+        sock = await self._daemon.call(
+            lambda api: api.attach_socket(
+                container_id,
+                params={"stdout": 1, "stderr": 1, "stream": 1, "stdin": 1 if command.stdin else 0},
+            )
+        )
+        run.streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=run.token[:12])
+        run.streams.start()
+        if stop.reason is not None:
+            return RunOutcome(status=stop.reason, message="stopped before the container started")
+        return None
+
+    async def _start(self, run: _Run, command: Command) -> RunOutcome | None:
+        """Start the container; then watch for a stop and write stdin, each on its own task.
+
+        Both run on their own, so a consumer slow to pull events delays neither. An outcome when
+        the daemon could not execute argv[0]."""
+        container_id, streams, stop = run.container_id, run.streams, run.stop
+        assert container_id is not None and streams is not None and stop is not None
+        run.started_at = time.time()
+        try:
+            await self._daemon.call(lambda api: api.start(container_id))
+        except docker.errors.APIError as err:
+            return self._start_failure(err, command, container_id)
+        run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
+        if command.stdin:
+            run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
+            run.stdin_task.add_done_callback(_stdin_written)
+        return None
+
+    async def _stream(self, run: _Run) -> AsyncGenerator[LogChunk, None]:
+        """The command's output as LogChunks, contiguous per stream, until it closes its output."""
+        streams = run.streams
+        assert streams is not None
+        offsets = {LogStream.STDOUT: 0, LogStream.STDERR: 0}
+        while (batch := await streams.next_batch()) is not None:
+            for stream, data in batch:
+                if stream is LogStream.STDERR and len(run.stderr_head) < _STDERR_HEAD:
+                    run.stderr_head += data[: _STDERR_HEAD - len(run.stderr_head)]
+                yield LogChunk(stream, offsets[stream], data)
+                offsets[stream] += len(data)
+
+    async def _wait(self, run: _Run) -> dict[str, Any]:
+        """The container's inspected ``State`` once it has exited."""
+        assert run.container_id is not None
+        return await self._wait_for_exit(run, run.container_id)
+
+    async def _collect(
+        self, run: _Run, command: Command, stop: StopSignal, state: dict[str, Any]
+    ) -> RunOutcome:
+        """Read the action's cgroup, (archive I/O) copy outputs back, and word the outcome."""
+        ended_at = time.time()
+        container_id, streams = run.container_id, run.streams
+        assert container_id is not None and streams is not None
+        # A few small reads of the cgroup filesystem: quicker than a hop to a thread.
+        reading = (
+            self._cgroups.read(run.token)
+            if self._cgroups is not None
+            else CgroupReading(ResourceUsage(), None)
+        )
+        over_limit = None
+        if self._io_mode == "archive" and command.output_paths:
+            try:
+                await self._daemon.call(lambda api: self._collect_outputs(api, container_id, command))
+            except OutputLimitExceeded as err:
+                over_limit = str(err)
+        outcome = self._outcome(
+            run,
+            command,
+            stop,
+            state=state,
+            reading=reading,
+            stderr_head=bytes(run.stderr_head),
+            started_at=run.started_at,
+            ended_at=ended_at,
+            streams=streams,
+        )
+        if over_limit is not None:  # an output limit replaces only a plain completion
+            completed = outcome.status is ExecutionStatus.COMPLETED
+            outcome = dataclasses.replace(
+                outcome,
+                status=ExecutionStatus.OUTPUT_LIMIT_EXCEEDED if completed else outcome.status,
+                message=over_limit if completed else f"{outcome.message}; no outputs: {over_limit}",
+            )
+        return outcome
 
     def hold_output(self, stop: StopSignal) -> None:
         """Stop reading the output of the action run with ``stop`` until it ends.
