@@ -191,10 +191,13 @@ class ExecutionServicer(re_grpc.ExecutionServicer):
     async def _stream(self, tracked: _Tracked, context: Context) -> None:
         """An Operation for each stage seen, then the done one carrying the ExecuteResponse."""
         name, digest = self._name(tracked.execution.execution_id), tracked.loaded.digest
+        sent = None
         async for stage in tracked.execution.watch():
             if stage is ExecutionStage.COMPLETED:
                 break
-            await send(context, self._operation(name, digest, stage=_STAGES[stage]))
+            if _STAGES[stage] != sent:  # the engine's finer stages are all EXECUTING here
+                sent = _STAGES[stage]
+                await send(context, self._operation(name, digest, stage=sent))
         response = await asyncio.shield(tracked.response)
         await send(context, self._operation(name, digest, response=response))
 
