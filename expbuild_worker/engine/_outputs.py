@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from expbuild_worker.errors import InvalidRequestError, OutputLimitExceeded
+from expbuild_worker.errors import InvalidRequestError, OutputLimitExceeded, ResourceExhaustedError
 from expbuild_worker.model import Digest, OutputFile, OutputManifest, OutputSymlink
 from expbuild_worker.storage import BlobPin, BlobStore
 from expbuild_worker.validation import output_path_problem
@@ -196,6 +196,8 @@ class _Collector:
                 self._uncount(counted, size + _ENTRY_BYTES + _FILE_BYTES)
                 self.failed(rel, err)
                 return
+            except ResourceExhaustedError as err:  # the store is full: name the output by its path
+                raise ResourceExhaustedError(f"output {rel!r}: {err}") from err
             except InvalidRequestError:  # replaced by something else since it was looked at
                 self._uncount(counted, size + _ENTRY_BYTES + _FILE_BYTES)
                 self.problem(rel, "changed while it was collected")
