@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/worker/expbuild-worker.toml
+PORT ?=
 PYTEST_ARGS ?=
 
 .PHONY: run test protos check-protos lint unit bench venv docker clean
@@ -28,9 +29,9 @@ protos: venv
 check-protos: venv
 	$(BIN)/python scripts/check_protos.py
 
-## run: start the worker with the host executor on 127.0.0.1:50051
+## run: start the worker with the host executor on 127.0.0.1:50051 (CONFIG=… another config, PORT=… another port)
 run: venv
-	$(BIN)/expbuild-worker serve --config $(CONFIG)
+	$(BIN)/expbuild-worker serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 ## lint: ruff and mypy --strict on our package
 lint: venv

@@ -10,13 +10,20 @@ from expbuild_worker.execution.host import disable_grpc_fork_handlers
 
 disable_grpc_fork_handlers()  # before anything below imports grpc
 
+from expbuild_worker import __version__  # noqa: E402
 from expbuild_worker.cli import _bot, _client, _serve  # noqa: E402
 
 __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expbuild-worker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="expbuild-worker",
+        description="Run a build worker (serve), join a scheduler as a bot (bot), or talk to a "
+        "running worker (exec, capabilities, health).",
+        epilog="Run 'expbuild-worker COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve.register(subparsers)
     _bot.register(subparsers)

@@ -19,7 +19,11 @@ _log = logging.getLogger("expbuild_worker")
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
-        "bot", help="run as a bot of a Remote Workers API scheduler (BuildGrid)", description=__doc__
+        "bot",
+        help="run as a bot of a Remote Workers API scheduler (BuildGrid)",
+        description="Take leases from a Remote Workers API scheduler (BuildGrid) until SIGTERM or "
+        "SIGINT, then leave: running leases get server.shutdown_grace_seconds to finish, the rest "
+        "are handed back.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
     parser.add_argument(

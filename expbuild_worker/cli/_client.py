@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,8 +17,14 @@ import grpc
 from google.protobuf import json_format
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.client import OutputWriter, WorkerClient, collect_inputs, parse_input_spec
-from expbuild_worker.errors import WorkerError
+from expbuild_worker.client import (
+    ChannelSecurity,
+    OutputWriter,
+    WorkerClient,
+    collect_inputs,
+    parse_input_spec,
+)
+from expbuild_worker.errors import ConfigError, WorkerError
 
 EXIT_USAGE = 2
 EXIT_OUTPUT_LIMIT = 123
@@ -43,6 +51,29 @@ exit status:
   {EXIT_USAGE}         bad arguments (for example an --input that cannot be read)
 Every code other than the command's own is explained in one line on stderr.
 """
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+ENV_TARGET = "EXPBUILD_WORKER_TARGET"
+_SECURITY_OPTIONS = (
+    # (option, environment variable, ChannelSecurity field, metavar, help)
+    ("--tls-ca", "EXPBUILD_WORKER_TLS_CA", "ca_file", "FILE",
+     "CA certificate (PEM) that signed the worker's certificate; turns TLS on"),
+    ("--tls-cert", "EXPBUILD_WORKER_TLS_CERT", "certificate_file", "FILE",
+     "client certificate (PEM) for mutual TLS; needs --tls-key"),
+    ("--tls-key", "EXPBUILD_WORKER_TLS_KEY", "private_key_file", "FILE",
+     "private key (PEM) of the client certificate"),
+    ("--token-file", "EXPBUILD_WORKER_TOKEN_FILE", "token_file", "FILE",
+     "file holding a bearer token sent with every call"),
+    ("--server-name", "EXPBUILD_WORKER_SERVER_NAME", "server_name", "NAME",
+     "name the worker's certificate must carry (default: the host of --target)"),
+)  # fmt: skip
+
+_ENVIRONMENT_EPILOG = (
+    "environment:\n"
+    + f"  {ENV_TARGET:<29} default for --target (else {DEFAULT_TARGET})\n"
+    + "".join(f"  {env:<29} default for {option}\n" for option, env, *_ in _SECURITY_OPTIONS)
+    + "Options given on the command line win over the environment."
+)
 
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -84,19 +115,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ex = subparsers.add_parser(
         "exec",
         help="run a command on a worker, streaming its output and downloading its outputs",
-        usage="%(prog)s --target HOST:PORT [options] -- ARGV...",
+        usage="%(prog)s [--target HOST:PORT] [options] -- ARGV...",
         description=textwrap.fill(
             "Run ARGV on a worker. Nothing of the local environment is sent: the command gets the "
             f"--env variables only, plus PATH={DEFAULT_PATH} unless --env sets PATH. Remote "
             "stdout/stderr stream live to local stdout/stderr, byte for byte.",
             width=90,
         ),
-        epilog=_EXEC_EPILOG,
+        epilog=_EXEC_EPILOG + "\n" + _ENVIRONMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_target(ex)
+    _add_connection(ex)
     ex.add_argument("--executor", metavar="NAME", default="", help="executor to use (default: the worker's)")
-    ex.add_argument("--image", metavar="IMAGE", default="", help="container image (container executors)")
+    ex.add_argument("--image", metavar="IMAGE", default="", help="container image (container executors only)")
     ex.add_argument("--timeout", metavar="SECONDS", type=_positive_float, help="wall-clock limit")
     ex.add_argument("--cpus", metavar="N", type=_positive_float, help="CPU cores (for example 1.5)")
     ex.add_argument("--memory", metavar="BYTES", type=parse_memory, help="memory limit: bytes, or 512M, 2G")
@@ -123,19 +154,103 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV", help="the command, after --")
     ex.set_defaults(handler=run_exec)
 
-    caps = subparsers.add_parser("capabilities", help="show a worker's executors, platform and limits")
-    _add_target(caps)
+    caps = subparsers.add_parser(
+        "capabilities",
+        help="show a worker's executors, platform and limits",
+        description="Show a worker's executors, platform and limits.",
+        epilog=_ENVIRONMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection(caps)
     caps.add_argument("--json", action="store_true", help="print the GetCapabilities response as JSON")
     caps.set_defaults(handler=run_capabilities)
 
-    health = subparsers.add_parser("health", help="print a worker's health status; exit 0 only when SERVING")
-    _add_target(health)
+    health = subparsers.add_parser(
+        "health",
+        help="print a worker's health status; exit 0 only when SERVING",
+        description=textwrap.fill(
+            "Print a worker's health status (SERVING, NOT_SERVING, SERVICE_UNKNOWN); exit 0 only when "
+            "SERVING. The health service answers without credentials, so a probe needs no token.",
+            width=90,
+        ),
+        epilog=_ENVIRONMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection(health)
     health.add_argument("--service", metavar="NAME", default="", help="service name (default: the worker)")
     health.set_defaults(handler=run_health)
 
 
-def _add_target(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", metavar="HOST:PORT", required=True, help="the worker's address")
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    """--target and the options that say how to prove who we are, defaulted from the environment."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=os.environ.get(ENV_TARGET) or DEFAULT_TARGET,
+        help=f"the worker's address (default: ${ENV_TARGET}, else {DEFAULT_TARGET})",
+    )
+    for option, env, field, metavar, text in _SECURITY_OPTIONS:
+        group.add_argument(option, dest=field, metavar=metavar, default=os.environ.get(env, ""), help=text)
+
+
+def _security(args: argparse.Namespace) -> ChannelSecurity:
+    return ChannelSecurity(**{field: getattr(args, field) for _, _, field, _, _ in _SECURITY_OPTIONS})
+
+
+def _open(command: str, args: argparse.Namespace, **kwargs: Any) -> WorkerClient | None:
+    """A client for ``args.target`` with the given security; None (said on stderr) when a
+    credential file cannot be read or the options do not fit together."""
+    try:
+        return WorkerClient(args.target, security=_security(args), **kwargs)
+    except ConfigError as err:
+        _say(command, str(err))
+        return None
+
+
+class _Reachability:
+    """Watches a channel's connectivity, so a failed call can be told apart: no connection was
+    ever made ("cannot reach"), a connection was lost, or the worker answered with a status.
+
+    gRPC reports all three as UNAVAILABLE with text only, so the channel's own states decide.
+    ``wait`` settles the first connection attempt before any call, which keeps a worker's
+    immediate answer from racing the READY notification (delivered on gRPC's own thread)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self._state: grpc.ChannelConnectivity | None = None
+        self._connected = threading.Event()
+        self._settled = threading.Event()
+        channel.subscribe(self._on_state, try_to_connect=True)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
+        if state is grpc.ChannelConnectivity.READY:
+            self._connected.set()
+        if state in (
+            grpc.ChannelConnectivity.READY,
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        ):
+            self._settled.set()
+
+    def wait(self, timeout: float) -> None:
+        """Until the first attempt connected or failed, at most ``timeout`` seconds."""
+        self._settled.wait(timeout)
+
+    def close(self) -> None:
+        self._channel.unsubscribe(self._on_state)
+
+    def describe(self, target: str, err: grpc.RpcError) -> str:
+        """The one line that says what went wrong, by who said it."""
+        code = err.code()
+        name = code.name if code is not None else "UNKNOWN"
+        details = (err.details() or "").replace("\n", " ")
+        if code == grpc.StatusCode.UNAVAILABLE and not self._connected.is_set():
+            return f"cannot reach worker at {target}: {details}"
+        if code == grpc.StatusCode.UNAVAILABLE and self._state is not grpc.ChannelConnectivity.READY:
+            return f"lost the connection to worker at {target}: {details}"
+        return f"worker at {target} answered {name}: {details}"
 
 
 def _say(command: str, message: str) -> None:
@@ -143,14 +258,8 @@ def _say(command: str, message: str) -> None:
     sys.stderr.flush()
 
 
-def _rpc_failure(command: str, target: str, err: grpc.RpcError) -> int:
-    code = err.code()
-    name = code.name if code is not None else "UNKNOWN"
-    details = (err.details() or "").replace("\n", " ")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        _say(command, f"cannot reach worker at {target}: UNAVAILABLE: {details}")
-    else:
-        _say(command, f"worker at {target} answered {name}: {details}")
+def _rpc_failure(command: str, target: str, err: grpc.RpcError, reach: _Reachability) -> int:
+    _say(command, reach.describe(target, err))
     return EXIT_INFRASTRUCTURE
 
 
@@ -235,26 +344,39 @@ def run_exec(args: argparse.Namespace) -> int:
         except OSError as err:
             _say("exec", f"cannot create output directory {output_dir}: {err.strerror}")
             return EXIT_USAGE
+    client = _open("exec", args)
+    if client is None:
+        return EXIT_USAGE
     stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     sys.stdout.flush()
     sys.stderr.flush()
-    with WorkerClient(args.target) as client:
-        try:
-            client.upload_inputs(inputs)
-            result = client.run(
-                request,
-                stdout=_binary_sink(stdout),
-                stderr=_binary_sink(stderr),
-                outputs=OutputWriter(destination=output_dir) if args.output else None,
-            )
-        except KeyboardInterrupt:
-            _say("exec", "CANCELLED: interrupted; the remote action was cancelled")
-            return EXIT_CANCELLED
-        except grpc.RpcError as err:
-            return _rpc_failure("exec", args.target, err)
-        except (WorkerError, OSError) as err:
-            _say("exec", f"failed: {err}")
-            return EXIT_INFRASTRUCTURE
+    reach = _Reachability(client.channel)
+    unenforced: list[str] = []
+    try:
+        reach.wait(_CONNECT_TIMEOUT_SECONDS)
+        if args.image or args.cpus is not None or args.memory is not None:
+            executor = chosen_executor(args, client.get_capabilities())
+            if executor is not None and args.image and not is_container(executor):
+                _say("exec", f"warning: {image_ignored(executor)}")
+            unenforced = [] if executor is None else unenforced_options(args, executor)
+        client.upload_inputs(inputs)
+        result = client.run(
+            request,
+            stdout=_binary_sink(stdout),
+            stderr=_binary_sink(stderr),
+            outputs=OutputWriter(destination=output_dir) if args.output else None,
+        )
+    except KeyboardInterrupt:
+        _say("exec", "CANCELLED: interrupted; the remote action was cancelled")
+        return EXIT_CANCELLED
+    except grpc.RpcError as err:
+        return _rpc_failure("exec", args.target, err, reach)
+    except (WorkerError, OSError) as err:
+        _say("exec", f"failed: {err}")
+        return EXIT_INFRASTRUCTURE
+    finally:
+        reach.close()
+        client.close()
     for name, summary in (("stdout", result.stdout), ("stderr", result.stderr)):
         if summary.truncated:
             _say(
@@ -262,19 +384,79 @@ def run_exec(args: argparse.Namespace) -> int:
                 f"{name} truncated by the worker's cap: {summary.streamed_bytes} of "
                 f"{summary.size_bytes} bytes shown",
             )
+    if result.status != pb.EXECUTION_STATUS_FAILED_TO_START:  # it ran: the worker accepted the limits
+        for option in unenforced:
+            said = f"{option} was not enforced by executor {result.executor!r}: the command ran without it"
+            _say("exec", f"warning: {said}")
+    for path in missing_outputs(args.output, result):
+        _say("exec", f"warning: output {path} was not produced")
     code, explanation = exit_status(result)
     if explanation is not None:
         _say("exec", explanation)
     return code
 
 
+def chosen_executor(
+    args: argparse.Namespace, caps: pb.GetCapabilitiesResponse
+) -> pb.ExecutorCapabilities | None:
+    """The executor ``args`` asks for (the worker's default when none), or None when the worker has
+    no such executor (it refuses the request itself)."""
+    name = args.executor or (caps.executors[0].name if caps.executors else "")
+    return next((ex for ex in caps.executors if ex.name == name), None)
+
+
+def is_container(executor: pb.ExecutorCapabilities) -> bool:
+    return executor.isolation_level in (pb.ISOLATION_LEVEL_CONTAINER, pb.ISOLATION_LEVEL_VIRTUALIZED)
+
+
+def image_ignored(executor: pb.ExecutorCapabilities) -> str:
+    level = pb.IsolationLevel.Name(executor.isolation_level).removeprefix("ISOLATION_LEVEL_").lower()
+    return (
+        f"--image does not apply to executor {executor.name!r} (isolation {level}, not a container): "
+        "the image is ignored"
+    )
+
+
+def unenforced_options(args: argparse.Namespace, executor: pb.ExecutorCapabilities) -> list[str]:
+    """The limit options given that ``executor`` lists as not enforced. Said only once the action
+    ran: an executor that refuses such limits (refuse_unenforceable_limits) says so itself."""
+    return [
+        option
+        for option, given, limit in (
+            ("--cpus", args.cpus is not None, pb.RESOURCE_LIMIT_CPU),
+            ("--memory", args.memory is not None, pb.RESOURCE_LIMIT_MEMORY),
+        )
+        if given and limit in executor.unenforced_limits
+    ]
+
+
+def missing_outputs(requested: Sequence[str], result: pb.ExecutionResult) -> list[str]:
+    """The requested outputs the command did not produce (none when it did not complete: the
+    explanation of its status says why)."""
+    if result.status != pb.EXECUTION_STATUS_COMPLETED:
+        return []
+    produced = {
+        entry.path
+        for entries in (result.output_files, result.output_directories, result.output_symlinks)
+        for entry in entries
+    }
+    return [path for path in requested if path.rstrip("/") not in produced]
+
+
 def run_capabilities(args: argparse.Namespace) -> int:
     """Handler of ``capabilities``."""
-    with WorkerClient(args.target, rpc_timeout=_CONNECT_TIMEOUT_SECONDS) as client:
-        try:
-            caps = client.get_capabilities()
-        except grpc.RpcError as err:
-            return _rpc_failure("capabilities", args.target, err)
+    client = _open("capabilities", args, rpc_timeout=_CONNECT_TIMEOUT_SECONDS)
+    if client is None:
+        return EXIT_USAGE
+    reach = _Reachability(client.channel)
+    try:
+        reach.wait(_CONNECT_TIMEOUT_SECONDS)
+        caps = client.get_capabilities()
+    except grpc.RpcError as err:
+        return _rpc_failure("capabilities", args.target, err, reach)
+    finally:
+        reach.close()
+        client.close()
     if args.json:
         sys.stdout.write(json_format.MessageToJson(caps) + "\n")
     else:
@@ -285,15 +467,22 @@ def run_capabilities(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     """Handler of ``health``: prints the status name; 0 only for SERVING."""
-    with WorkerClient(args.target, rpc_timeout=_CONNECT_TIMEOUT_SECONDS) as client:
-        try:
-            status = client.check_health(args.service)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                _say("health", f"worker at {args.target} knows no service {args.service!r}")
-                print("SERVICE_UNKNOWN", flush=True)
-                return EXIT_NOT_SERVING
-            return _rpc_failure("health", args.target, err)
+    client = _open("health", args, rpc_timeout=_CONNECT_TIMEOUT_SECONDS)
+    if client is None:
+        return EXIT_USAGE
+    reach = _Reachability(client.channel)
+    try:
+        reach.wait(_CONNECT_TIMEOUT_SECONDS)
+        status = client.check_health(args.service)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            _say("health", f"worker at {args.target} knows no service {args.service!r}")
+            print("SERVICE_UNKNOWN", flush=True)
+            return EXIT_NOT_SERVING
+        return _rpc_failure("health", args.target, err, reach)
+    finally:
+        reach.close()
+        client.close()
     print(status, flush=True)
     return 0 if status == "SERVING" else EXIT_NOT_SERVING
 

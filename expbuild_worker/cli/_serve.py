@@ -19,7 +19,12 @@ _log = logging.getLogger("expbuild_worker")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    parser = subparsers.add_parser("serve", help="run a worker", description=__doc__)
+    parser = subparsers.add_parser(
+        "serve",
+        help="run a worker",
+        description="Run a worker until SIGTERM or SIGINT, then shut down gracefully: running actions "
+        "get server.shutdown_grace_seconds to finish, a second signal cancels them at once.",
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (default: built-in defaults)")
     parser.add_argument("--address", help="listen address (overrides server.address; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any free port)")

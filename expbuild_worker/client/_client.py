@@ -97,6 +97,11 @@ class WorkerClient:
         self.stub = pb_grpc.WorkerServiceStub(self._channel)
         """The generated stub, for calls this class does not wrap."""
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel every call goes through (to watch its connectivity, or for other stubs)."""
+        return self._channel
+
     def close(self) -> None:
         self._channel.close()
 

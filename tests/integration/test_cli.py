@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pki import TOKEN, Pki, make_pki
 from _support import BASE_ENV, wait_gone
 
 import expbuild_worker
 from expbuild_worker.api.v1 import worker_pb2 as pb
-from expbuild_worker.cli import main
+from expbuild_worker.cli import build_parser, main
 from expbuild_worker.cli._client import DEFAULT_PATH, EXIT_CANCELLED, EXIT_FAILED_TO_START, EXIT_TIMED_OUT
 from expbuild_worker.client import WorkerClient
 
@@ -29,20 +31,24 @@ PATH_ENV = "PATH=/usr/local/bin:/usr/bin:/bin"
 SOURCE_ROOT = Path(expbuild_worker.__file__).resolve().parents[1]
 
 
-def _cli_env() -> dict[str, str]:
-    """The test's own environment, with this source tree first so the child runs the code under test."""
-    env = dict(os.environ)
+def _cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test's own environment (without the CLI's EXPBUILD_WORKER_* defaults) plus ``extra``,
+    with this source tree first so the child runs the code under test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPBUILD_WORKER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH", "")]))
+    env.update(extra or {})
     return env
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run ``python -m expbuild_worker ARGS`` and capture stdout and stderr apart, as bytes."""
     return subprocess.run(
         [sys.executable, "-m", "expbuild_worker", *args],
         capture_output=True,
         cwd=cwd,
-        env=_cli_env(),
+        env=_cli_env(env),
         timeout=timeout,
         check=False,
     )
@@ -319,3 +325,246 @@ def test_truncated_log_is_flagged_on_stderr(start_worker: Callable[..., Any]) ->
         proc.stderr
         == b"expbuild-worker exec: stdout truncated by the worker's cap: 1000 of 5000 bytes shown\n"
     )
+
+
+def test_version_names_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bug reports and deployment checks need to know which worker CLI is installed."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"expbuild-worker {expbuild_worker.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["serve"], ["bot"], ["exec"], ["capabilities"], ["health"]],
+    ids=["main", "serve", "bot", "exec", "capabilities", "health"],
+)
+def test_help_reads_as_plain_text(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Help is read in a terminal: no reStructuredText or Markdown markup leaks into it."""
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: expbuild-worker")
+    for markup in ("``", ":ref:", ":func:", ":class:", "**"):
+        assert markup not in out, f"{markup!r} in the help of {command}"
+
+
+@pytest.mark.parametrize("command", ["exec", "capabilities", "health"])
+def test_client_help_documents_the_environment(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings a shell profile can hold must be discoverable where users look: --help."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for name in ("TARGET", "TLS_CA", "TLS_CERT", "TLS_KEY", "TOKEN_FILE", "SERVER_NAME"):
+        assert f"EXPBUILD_WORKER_{name}" in out
+
+
+def test_target_defaults_to_the_local_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make run`` serves 127.0.0.1:50051, so the client commands find it without --target."""
+    monkeypatch.delenv("EXPBUILD_WORKER_TARGET", raising=False)
+    for command in (["health"], ["capabilities"], ["exec", "--", "true"]):
+        assert build_parser().parse_args(command).target == "127.0.0.1:50051"
+
+
+def test_target_comes_from_the_environment(worker_target: str) -> None:
+    """A shell that exported EXPBUILD_WORKER_TARGET talks to that worker without --target."""
+    env = {"EXPBUILD_WORKER_TARGET": worker_target}
+    assert cli("health", env=env).stdout == b"SERVING\n"
+    proc = cli("exec", "--", "echo", "found", env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"found\n", b"")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki", "cli")
+
+
+def _tls_worker(start_worker: Callable[..., Any], pki: Pki, *, mutual: bool = False) -> Any:
+    server: dict[str, Any] = {
+        "tls_certificate_file": str(pki.server_cert),
+        "tls_private_key_file": str(pki.server_key),
+    }
+    if mutual:
+        server["tls_client_ca_file"] = str(pki.ca)
+    return start_worker({"server": server})
+
+
+def test_exec_over_tls_with_the_ca_option(start_worker: Callable[..., Any], pki: Pki) -> None:
+    """--tls-ca is all a TLS worker needs from its users: commands run over the encrypted channel."""
+    worker = _tls_worker(start_worker, pki)
+    proc = cli("exec", "--target", worker.target, "--tls-ca", str(pki.ca), "--", "echo", "over tls")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"over tls\n", b"")
+
+
+def test_plaintext_against_a_tls_worker_cannot_reach_it(start_worker: Callable[..., Any], pki: Pki) -> None:
+    """No TLS handshake means no connection: the user is told the worker could not be reached."""
+    worker = _tls_worker(start_worker, pki)
+    proc = cli("capabilities", "--target", worker.target, timeout=30)
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(
+        f"expbuild-worker capabilities: cannot reach worker at {worker.target}".encode()
+    )
+
+
+def test_mutual_tls_from_the_environment(start_worker: Callable[..., Any], pki: Pki) -> None:
+    """CA, client certificate and key exported once serve every command, as --tls-* would."""
+    worker = _tls_worker(start_worker, pki, mutual=True)
+    env = {
+        "EXPBUILD_WORKER_TARGET": worker.target,
+        "EXPBUILD_WORKER_TLS_CA": str(pki.ca),
+        "EXPBUILD_WORKER_TLS_CERT": str(pki.client_cert),
+        "EXPBUILD_WORKER_TLS_KEY": str(pki.client_key),
+    }
+    proc = cli("capabilities", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["executors"][0]["name"] == "host"
+    proc = cli("exec", "--", "echo", "mutual", env=env)
+    assert (proc.returncode, proc.stdout) == (0, b"mutual\n"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("server_name", "reached"),
+    [("localhost", True), ("elsewhere.invalid", False)],
+    ids=["listed", "unlisted"],
+)
+def test_server_name_is_the_name_the_certificate_must_carry(
+    start_worker: Callable[..., Any], pki: Pki, server_name: str, reached: bool
+) -> None:
+    """--server-name checks the certificate for that name: one it lists connects, another does not."""
+    worker = _tls_worker(start_worker, pki)
+    proc = cli(
+        "health", "--target", worker.target, "--tls-ca", str(pki.ca), "--server-name", server_name, timeout=30
+    )
+    if reached:
+        assert (proc.returncode, proc.stdout) == (0, b"SERVING\n"), proc.stderr
+    else:
+        assert proc.returncode == 125
+        assert b"cannot reach worker at" in proc.stderr
+
+
+@pytest.fixture
+def token_worker(start_worker: Callable[..., Any], tmp_path: Path) -> tuple[Any, Path]:
+    token_file = tmp_path / "ci.token"
+    token_file.write_text(TOKEN + "\n")
+    return start_worker({"server": {"tokens": [{"name": "ci", "file": str(token_file)}]}}), token_file
+
+
+def test_exec_with_a_token_file(token_worker: tuple[Any, Path]) -> None:
+    """--token-file sends the bearer token: the command runs."""
+    worker, token_file = token_worker
+    proc = cli("exec", "--target", worker.target, "--token-file", str(token_file), "--", "echo", "let in")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"let in\n", b"")
+
+
+def test_a_refused_token_is_reported_as_the_workers_answer(token_worker: tuple[Any, Path]) -> None:
+    """A worker that said UNAUTHENTICATED was reached: the user sees its answer, not "cannot reach"."""
+    worker, _ = token_worker
+    proc = cli("exec", "--target", worker.target, "--", "true")
+    assert proc.returncode == 125
+    line = proc.stderr.decode()
+    assert line.startswith(f"expbuild-worker exec: worker at {worker.target} answered UNAUTHENTICATED: ")
+    assert "cannot reach" not in line and line.count("\n") == 1
+
+
+def test_health_needs_no_token(token_worker: tuple[Any, Path]) -> None:
+    """Probes have no credentials; the health service answers them on a token-protected worker."""
+    worker, _ = token_worker
+    assert cli("health", "--target", worker.target).stdout == b"SERVING\n"
+
+
+def test_an_unreadable_token_file_is_a_usage_error(worker_target: str, tmp_path: Path) -> None:
+    """A typo in --token-file fails before any call, naming the file."""
+    missing = tmp_path / "no.token"
+    proc = cli("capabilities", "--target", worker_target, "--token-file", str(missing))
+    assert proc.returncode == 2
+    assert str(missing).encode() in proc.stderr
+
+
+def test_a_draining_worker_is_reported_as_what_it_answered(start_worker: Callable[..., Any]) -> None:
+    """A worker shutting down was reached and said UNAVAILABLE with its reason; "cannot reach" would lie."""
+    worker = start_worker({"server": {"shutdown_grace_seconds": 60.0}})
+    with (
+        WorkerClient(worker.target) as client,
+        client.execute(pb.ExecuteRequest(argv=["/bin/sleep", "600"], environment=BASE_ENV)) as execution,
+    ):
+        events = iter(execution)
+        while next(events).WhichOneof("event") != "started":
+            pass
+        stopping = asyncio.run_coroutine_threadsafe(worker.server.stop(), worker.loop)
+        try:
+            deadline = time.monotonic() + 10
+            while cli("health", "--target", worker.target).stdout != b"NOT_SERVING\n":
+                assert time.monotonic() < deadline, "the worker never started draining"
+            proc = cli("exec", "--target", worker.target, "--", "true")
+            assert proc.returncode == 125
+            said = f"worker at {worker.target} answered UNAVAILABLE: worker is shutting down"
+            assert proc.stderr.decode().startswith(f"expbuild-worker exec: {said}")
+        finally:
+            client.cancel_execution(execution.execution_id)
+            stopping.result(30)
+
+
+def test_an_output_that_was_not_produced_is_warned_about(worker_target: str, tmp_path: Path) -> None:
+    """A typo in --output or a build that skipped a file is said, not silently left missing."""
+    proc = cli(
+        *exec_args(worker_target, "/bin/sh", "-c", "echo made > made.txt",
+                   extra=("--output", "made.txt", "--output", "missing.txt", "--output", "gone/")),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert (tmp_path / "made.txt").read_bytes() == b"made\n"
+    assert proc.stderr.decode().splitlines() == [
+        "expbuild-worker exec: warning: output missing.txt was not produced",
+        "expbuild-worker exec: warning: output gone/ was not produced",
+    ]
+
+
+def test_an_image_on_the_host_executor_is_warned_about(worker_target: str) -> None:
+    """The host executor ignores --image: the user learns the command did not run in that image."""
+    proc = cli(*exec_args(worker_target, "/bin/echo", "ran", extra=("--image", "busybox:latest")))
+    assert (proc.returncode, proc.stdout) == (0, b"ran\n")
+    assert proc.stderr.decode() == (
+        "expbuild-worker exec: warning: --image does not apply to executor 'host' (isolation host, "
+        "not a container): the image is ignored\n"
+    )
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["runs-without", "refuses"])
+def test_a_limit_the_executor_cannot_enforce_is_said(start_worker: Callable[..., Any], refuse: bool) -> None:
+    """An unenforceable limit: a worker that runs anyway is warned about, one that refuses says so."""
+    worker = start_worker({"executor": {"host": {"type": "host", "refuse_unenforceable_limits": refuse}}})
+    with WorkerClient(worker.target) as client:
+        unenforced = set(client.get_capabilities().executors[0].unenforced_limits)
+    option = next(
+        (o for o, limit in (("--cpus", pb.RESOURCE_LIMIT_CPU), ("--memory", pb.RESOURCE_LIMIT_MEMORY))
+         if limit in unenforced),
+        None,
+    )  # fmt: skip
+    if option is None:
+        pytest.skip("the host executor enforces both CPU and memory limits on this machine")
+    proc = cli(
+        *exec_args(worker.target, "/bin/echo", "ran", extra=(option, "1" if option == "--cpus" else "1G"))
+    )
+    lines = proc.stderr.decode().splitlines()
+    if refuse:
+        assert proc.returncode == 125
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(
+            f"expbuild-worker exec: worker at {worker.target} answered FAILED_PRECONDITION:"
+        )
+    else:
+        assert (proc.returncode, proc.stdout) == (0, b"ran\n")
+        warning = f"{option} was not enforced by executor 'host': the command ran without it"
+        assert lines == [f"expbuild-worker exec: warning: {warning}"]
+
+
+def test_make_run_passes_the_port() -> None:
+    """``make run PORT=…`` starts a second worker beside the first, as the README says."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run(
+        ["make", "-n", "run", "PORT=50052"], cwd=SOURCE_ROOT, capture_output=True, text=True, check=True
+    )
+    assert "expbuild-worker serve --config configs/worker/expbuild-worker.toml --port 50052" in proc.stdout
