@@ -474,6 +474,36 @@ def test_a_limit_above_the_executor_s_maximum_is_refused_up_front(start_worker, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("config", "limits", "timeout", "field"),
+    [
+        ({"executor": {"host": {"type": "host", "max_limits": {"cpu_cores": 1.0}}}},
+         pb.ResourceLimits(cpu_cores=2.0), None, "limits.cpu_cores:"),
+        ({"executor": {"host": {"type": "host", "max_limits": {"max_processes": 64}}}},
+         pb.ResourceLimits(max_processes=65), None, "limits.max_processes:"),
+        ({"executor": {"host": {"type": "host", "max_limits": {"disk_bytes": 1 << 20}}}},
+         pb.ResourceLimits(disk_bytes=2 << 20), None, "limits.disk_bytes:"),
+        ({"execution": {"default_timeout_seconds": 60.0, "max_timeout_seconds": 60.0}},
+         None, Duration(seconds=61), "timeout:"),
+    ],
+    ids=["cpu", "processes", "disk", "timeout"],
+)  # fmt: skip
+def test_every_operator_maximum_bounds_what_a_request_may_ask(
+    start_worker, tmp_path, config, limits, *, timeout, field
+):
+    """An operator's maximum is a promise about the machine: a request above it is refused, naming it."""
+    worker = start_worker(config)
+    marker = tmp_path / "ran"
+    req = request([SH, "-c", f"touch {marker}"], limits=limits)
+    if timeout is not None:
+        req.timeout.CopyFrom(timeout)
+    with pytest.raises(grpc.RpcError) as info:
+        execute(worker.stub(), req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field) and "maximum" in info.value.details(), info.value.details()
+    assert not marker.exists()
+
+
 def test_log_cap_truncates_and_says_so(start_worker):
     """Beyond the per-stream cap bytes are counted, not sent, and the result flags it."""
     worker = start_worker({"execution": {"max_log_bytes_per_stream": 1000}})
