@@ -28,6 +28,7 @@ from expbuild_worker.config import (
     DockerExecutorConfig,
     ExecutorConfig,
     HostExecutorConfig,
+    SandboxExecutorConfig,
     WorkerConfig,
 )
 from expbuild_worker.engine import (
@@ -102,7 +103,7 @@ class Worker:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Executor:
+def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str, capacity: int = 0) -> Executor:
     if isinstance(config, HostExecutorConfig):
         from expbuild_worker.execution.host import HostExecutor  # noqa: PLC0415 - import only what is configured
 
@@ -117,14 +118,34 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str) -> Exe
             worker_id=worker_id,
             run_as=_action_user(name, config),
         )
+    if isinstance(config, SandboxExecutorConfig):
+        from expbuild_worker.execution.sandbox import SandboxExecutor  # noqa: PLC0415 - import only what is configured
+
+        return SandboxExecutor(
+            name=name,
+            bwrap=config.bwrap,
+            root_paths=config.root_paths,
+            work_directory=config.work_directory,
+            tmpfs_size_bytes=config.tmpfs_size_bytes,
+            allow_network=config.allow_network,
+            hostname=config.hostname,
+            kill_grace_seconds=config.kill_grace_seconds,
+            refuse_unenforceable_limits=config.refuse_unenforceable_limits,
+            default_limits=config.default_limits.to_limits(),
+            max_limits=config.max_limits.to_limits(),
+            cgroups=config.cgroups,
+            cgroup_parent=config.cgroup_parent,
+            worker_id=worker_id,
+            run_as=_action_user(name, config),
+        )
     assert isinstance(config, DockerExecutorConfig)
     from expbuild_worker.execution.docker import build_docker_executor  # noqa: PLC0415 - loads the Docker SDK
 
-    return build_docker_executor(name=name, config=config, worker_id=worker_id)
+    return build_docker_executor(name=name, config=config, worker_id=worker_id, capacity=capacity)
 
 
-def _action_user(name: str, config: HostExecutorConfig) -> tuple[int, int] | None:
-    """The (uid, gid) a root worker's host actions run as; None when the worker is not root
+def _action_user(name: str, config: HostExecutorConfig | SandboxExecutorConfig) -> tuple[int, int] | None:
+    """The (uid, gid) a root worker's host and sandbox actions run as; None when the worker is not root
     (actions are its own user then) or ``run_as_root`` is said explicitly."""
     if os.geteuid() != 0 or config.run_as_root:
         return None
@@ -221,9 +242,13 @@ async def build_worker(config: WorkerConfig) -> Worker:
             max_bytes=config.storage.max_bytes,
         )
         for name, ex_config in config.executors.items():
-            if isinstance(ex_config, HostExecutorConfig) and (user := _action_user(name, ex_config)):
+            if isinstance(ex_config, HostExecutorConfig | SandboxExecutorConfig) and (
+                user := _action_user(name, ex_config)
+            ):
                 _check_reachable(work_root, user, config.source)
-            executor = _build_executor(name, ex_config, worker_id=worker_id)
+            executor = _build_executor(
+                name, ex_config, worker_id=worker_id, capacity=config.execution.max_concurrent_executions
+            )
             executors[name] = DeadlineExecutor(
                 DiskLimitingExecutor(
                     LogLimitingExecutor(

@@ -186,6 +186,8 @@ class DockerExecutorConfig:
     user: str = "65534:65534"
     init: bool = True
     runtime: str = ""
+    ulimits_nofile: int = 0
+    ulimits_nproc: int = 0
     io_mode: IoModeSetting = "auto"
     max_concurrency: int = 0
     kill_grace_seconds: float = 1.0
@@ -204,10 +206,58 @@ class DockerExecutorConfig:
         return "always" if self.always_pull else self.pull_policy
 
 
-ExecutorConfig = HostExecutorConfig | DockerExecutorConfig
+SANDBOX_ROOT_PATHS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/localtime",
+    "/etc/ssl/certs",
+)
+"""The host paths a sandbox sees read-only by default: the toolchain and libraries, and the part
+of /etc that programs read to start (the loader's cache, users and groups, alternatives), never
+the rest of /etc (keys, daemon configuration). Paths missing on the host are left out."""
 
-_EXECUTOR_TYPES: dict[str, type[HostExecutorConfig] | type[DockerExecutorConfig]] = {
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxExecutorConfig:
+    """[executor.NAME] with type = "sandbox": a process in its own namespaces, made by bubblewrap."""
+
+    type: Literal["sandbox"] = "sandbox"
+    bwrap: str = "bwrap"
+    root_paths: tuple[str, ...] = SANDBOX_ROOT_PATHS
+    work_directory: str = "/work"
+    tmpfs_size_bytes: int = 256 * MiB
+    allow_network: bool = False
+    hostname: str = "sandbox"
+    max_concurrency: int = 0
+    kill_grace_seconds: float = 2.0
+    refuse_unenforceable_limits: bool = True
+    cgroups: CgroupMode = "auto"
+    cgroup_parent: str = "expbuild"
+    run_as_user: str = "nobody"
+    run_as_group: str = "nogroup"
+    run_as_root: bool = False
+    default_limits: LimitsConfig = field(default_factory=LimitsConfig)
+    max_limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+ExecutorConfig = HostExecutorConfig | SandboxExecutorConfig | DockerExecutorConfig
+
+_EXECUTOR_TYPES: dict[str, type[ExecutorConfig]] = {
     "host": HostExecutorConfig,
+    "sandbox": SandboxExecutorConfig,
     "docker": DockerExecutorConfig,
 }
 

@@ -35,7 +35,7 @@ CALL_DEADLINE = 300.0
 """Seconds any one action's stream may take from call to result under load; past it the worker hung."""
 UPLOAD_PIECE = 256 << 10
 SPARE_CGROUPS = 4
-"""Action cgroups the host executor keeps made ahead of need (execution/host/_executor.py)."""
+"""Action cgroups the host executor keeps made ahead of need (execution/process/_runner.py)."""
 
 
 # ---- bytes a command is told to produce -----------------------------------------------------------

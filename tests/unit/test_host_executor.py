@@ -20,8 +20,10 @@ from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableEr
 from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.host._executor import SPARE_CGROUPS, _new_token, _owner_alive
-from expbuild_worker.execution.host._run import CHUNK_MAX
+from expbuild_worker.execution.process import SPARE_CGROUPS
+from expbuild_worker.execution.process import new_token as _new_token
+from expbuild_worker.execution.process import owner_alive as _owner_alive
+from expbuild_worker.execution.process._run import CHUNK_MAX
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorEvent,

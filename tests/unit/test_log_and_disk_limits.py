@@ -21,7 +21,7 @@ from expbuild_worker.execution.decorators import (
 from expbuild_worker.execution.decorators._disk_limit import measure
 from expbuild_worker.execution.executor import Command, Executor, OutputHolding, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.host._run import CHUNK_MAX, HIGH_WATER
+from expbuild_worker.execution.process._run import CHUNK_MAX, HIGH_WATER
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorCapabilities,

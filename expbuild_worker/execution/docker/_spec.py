@@ -72,6 +72,9 @@ class Hardening:
     runtime: str
     network_mode: str
     network_mode_when_enabled: str
+    ulimits: tuple[tuple[str, int], ...]
+    """(name, value) rlimits set soft and hard alike; Podman needs ``nofile`` and ``nproc`` within
+    its own hard limits, or its OCI runtime fails to set them ("error setting rlimit")."""
 
     @classmethod
     def from_config(cls, config: DockerExecutorConfig, *, seccomp_profile: str = "") -> Hardening:
@@ -90,6 +93,11 @@ class Hardening:
             runtime=config.runtime,
             network_mode=config.network_mode,
             network_mode_when_enabled=config.network_mode_when_enabled,
+            ulimits=tuple(
+                (name, value)
+                for name, value in (("nofile", config.ulimits_nofile), ("nproc", config.ulimits_nproc))
+                if value > 0
+            ),
         )
 
 
@@ -144,6 +152,8 @@ def container_body(
         host_config["Tmpfs"] = {"/tmp": f"rw,exec,nosuid,nodev,size={hardening.tmpfs_size_bytes}"}
     if hardening.runtime:
         host_config["Runtime"] = hardening.runtime
+    if hardening.ulimits:
+        host_config["Ulimits"] = [{"Name": n, "Soft": v, "Hard": v} for n, v in hardening.ulimits]
     if io_mode == "bind":
         host_config["Mounts"] = [
             {"Type": "bind", "Source": str(command.root), "Target": BIND_ROOT, "ReadOnly": False}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from expbuild_worker.execution.host._executor import HostExecutor
-from expbuild_worker.execution.host._spawn import (
+from expbuild_worker.execution.process import (
     GRPC_FORK_SUPPORT,
     disable_grpc_fork_handlers,
     grpc_fork_handlers_disabled,

@@ -2,95 +2,49 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import logging
 import os
-import resource
-from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from expbuild_worker.config import CgroupMode
-from expbuild_worker.errors import ConfigError, InternalError, PreconditionError, UnavailableError
-from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
-from expbuild_worker.execution.host._run import Run
-from expbuild_worker.execution.host._spawn import Rlimit, SpawnFailure, resolve_executable, rlimit, spawn
-from expbuild_worker.fs import directories
+from expbuild_worker.execution.process import Launch, ProcessRunner, resolve_executable
 from expbuild_worker.model import (
-    ExecutionStatus,
     ExecutorCapabilities,
     ExecutorEvent,
     IsolationLevel,
     Readiness,
     ResourceLimit,
     ResourceLimits,
-    RunOutcome,
-    Started,
     WarmupReport,
 )
 
-_log = logging.getLogger(__name__)
 
+class _PlainLaunch:
+    """The host's launcher: argv as it is, argv[0] looked up on the command's own PATH."""
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # the name in parentheses may hold spaces
-    return fields[19].decode() if len(fields) > 19 else None
+    def unenforceable(self, limits: ResourceLimits) -> str:
+        if limits.cpu_cores is not None:
+            return f"cpu_cores={limits.cpu_cores:g} (a plain process shares every host CPU)"
+        if limits.network is False:
+            return "network=NETWORK_ACCESS_DISABLED (a plain process always has the host's network)"
+        return ""
 
+    def unavailable(self, limits: ResourceLimits) -> str:
+        return ""
 
-_STARTED = _process_start(os.getpid())
-_OWNER = f"{os.getpid()}.{_STARTED}" if _STARTED else str(os.getpid())
-_TOKENS = itertools.count(1)
-"""Action cgroup names are ``<worker pid>.<its start time>-<n>``: unique in this process, and a
-later run can tell whose owner is gone (only those are swept), even when it has the same pid as a
-crashed predecessor or the pid went to an unrelated process since."""
-
-SPARE_CGROUPS = 4
-"""Action cgroups kept made ahead of need. Creating one (two v1 directories) takes ~0.12 ms, which
-would otherwise be on every action's path; spares are made while commands run."""
-
-_REMOVE_DELAYS = (0.01, 0.05, 0.2, 1.0, 5.0, 30.0)
-"""Seconds between attempts to remove an action cgroup whose SIGKILLed processes have not exited yet."""
-
-_CGROUP_MODES = ("auto", "off", "required")
-
-
-@dataclass(frozen=True, slots=True)
-class _Limits:
-    """An action's limits after defaults and maximums: what must be enforced, None = no limit."""
-
-    memory_bytes: int | None
-    max_processes: int | None
+    def launch(self, command: Command, cwd: Path) -> Launch:
+        executable = resolve_executable(command.argv[0] if command.argv else "", command.environment, cwd)
+        return Launch(argv=command.argv, executable=executable, cwd=cwd)
 
 
 class HostExecutor:
     """Runs each command as a plain child process of the worker: fast, and no isolation at all.
 
-    The command gets exactly its own environment, its working directory under the action root,
-    its own session and process group (killed as a whole when the command ends or is stopped)
-    and, with cgroups (``cgroups`` = "auto" where this process can create them, or
-    "required"), its own cgroup ``<hierarchy>/<cgroup_parent>/<worker>/<name>/<token>``, made
-    ahead of need while earlier commands run (unused, its limits written when taken). The
-    cgroup gives true usage (peak memory and CPU time of every process of the action), a memory
-    limit the kernel enforces by OOM-killing (reported as OOM_KILLED), a process limit
-    (``pids.max``, binding root too), and finds processes that left the process group
-    (setsid): everything still in it is SIGKILLed when the command ends, then it is removed.
-    The command is in its cgroup from its first instruction: with a limit, the forked child
-    enters it before exec (a full fork, ~1.5 ms more here, as rlimits always cost); without
-    (stats only, cgroup v1), the spawning thread steps into the cgroup for the fast vfork spawn
-    and back out, so the child is born inside (moving it in after the spawn would race it: it
-    often runs and forks first). On cgroup v2, which cannot move one thread, every command
-    takes the fork path. Without cgroups, limits are RLIMIT_AS / RLIMIT_NPROC and a process
-    that calls setsid escapes the kill. Either way the command shares the host's CPUs,
-    network, users and filesystem.
+    Everything about the process (its own environment, session and process group, its
+    cgroup with usage, memory and process limits, the unprivileged user, the kill rules) is
+    the shared ``ProcessRunner``'s; see there. The command shares the host's CPUs, network,
+    users and filesystem.
     """
 
     def __init__(
@@ -107,54 +61,28 @@ class HostExecutor:
         mountinfo: str | None = None,
         run_as: tuple[int, int] | None = None,
     ) -> None:
-        """``worker_id`` names this worker's cgroup directory; ``mountinfo`` replaces
-        ``/proc/self/mountinfo`` (tests). Cgroups are set up by ``start`` (or the first use).
-        ``run_as`` (uid, gid) runs every command as that unprivileged user (a root worker's
-        safe default): the action directory's directories are handed to it, the inputs stay
-        the worker's and read-only to it, and it cannot leave its cgroup or touch the worker."""
-        if kill_grace_seconds <= 0:
-            raise ConfigError(
-                f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
-            )
-        if any(part in (".", "..") for part in cgroup_parent.split("/")):
-            raise ConfigError(
-                f"executor {name!r}: cgroup_parent must not contain '.' or '..', got {cgroup_parent!r}"
-            )
-        if cgroups not in _CGROUP_MODES:
-            raise ConfigError(
-                f"executor {name!r}: cgroups must be one of {list(_CGROUP_MODES)}, got {cgroups!r}"
-            )
+        """See ``ProcessRunner`` for every argument."""
         self._name = name
-        self._grace = kill_grace_seconds
-        self._refuse = refuse_unenforceable_limits
-        self._default_limits = default_limits
         self._max_limits = max_limits
-        self._cgroup_mode = cgroups
-        self._cgroup_parent = cgroup_parent
-        self._worker_id = worker_id
-        self._mountinfo = mountinfo
-        self._cgroups: ActionCgroups | None = None
-        self._cgroup_state = "off (configured)" if cgroups == "off" else "not set up yet"
-        self._cgroup_error: PreconditionError | None = None
-        self._activated = False
-        self._leftovers: dict[str, ActionCgroup] = {}
-        self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
-        self._spares_scheduled = False
-        self._run_as = run_as
-        self._root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
-        """Whether commands run as root (limits that do not bind root are then not enforced)."""
-        self._runs: dict[StopSignal, Run] = {}
-        self._closed = False
-        # Whether processes can be limited is known once cgroups are set up; checked again then.
-        self._check_default_limits(processes=cgroups == "off")
+        self._default_limits = default_limits
+        self._runner = ProcessRunner(
+            kind="host",
+            name=name,
+            launcher=_PlainLaunch(),
+            kill_grace_seconds=kill_grace_seconds,
+            refuse_unenforceable_limits=refuse_unenforceable_limits,
+            default_limits=default_limits,
+            max_limits=max_limits,
+            cgroups=cgroups,
+            cgroup_parent=cgroup_parent,
+            worker_id=worker_id,
+            mountinfo=mountinfo,
+            run_as=run_as,
+        )
 
     async def start(self) -> None:
-        """Set up cgroups (raising PreconditionError when "required" and impossible) and remove the
-        action cgroups a previous run of this worker and executor left behind, killing what runs
-        there; waits a little for those processes to exit."""
-        self._activate()
-        await self._remove_leftovers()
-        self._make_spare_cgroups()
+        """Set up cgroups and sweep what a previous run left (see ``ProcessRunner.start``)."""
+        await self._runner.start()
 
     @property
     def name(self) -> str:
@@ -164,81 +92,21 @@ class HostExecutor:
     def isolation(self) -> IsolationLevel:
         return IsolationLevel.HOST
 
-    def _activate(self) -> None:
-        """Find and prepare this executor's cgroups once; "auto" falls back to rlimits when it cannot."""
-        if self._cgroup_error is not None:
-            raise self._cgroup_error
-        if self._activated:
-            return
-        if self._cgroup_mode != "off":
-            try:
-                self._cgroups = ActionCgroups.for_host(
-                    mountinfo=self._mountinfo if self._mountinfo is not None else read_mountinfo(),
-                    parent=self._cgroup_parent,
-                    worker_id=self._worker_id,
-                    executor=self._name,
-                )
-            except PreconditionError as err:
-                if self._cgroup_mode == "required":
-                    self._cgroup_error = PreconditionError(
-                        f'host executor {self._name!r}: cgroups = "required" but {err}'
-                    )
-                    raise self._cgroup_error from err
-                self._cgroup_state = f"unavailable ({err}); limits are rlimits"
-            else:
-                cg = self._cgroups
-                controllers = "memory, pids and cpu" if cg.version == 2 else "memory, cpuacct and pids"
-                self._cgroup_state = f"v{cg.version}: one cgroup per action ({controllers}) under {cg.base}"
-                for leaf in cg.stale(_owner_alive):  # a previous run's: kill what runs there, remove
-                    leaf.kill()
-                    self._dispose(leaf)
-        self._activated = True
-        self._check_default_limits(processes=True)
-
-    def _check_default_limits(self, *, processes: bool) -> None:
-        if self._refuse:
-            problem = self._unenforceable(self._default_limits, processes=processes)
-            if problem:
-                raise ConfigError(
-                    f"executor {self._name!r}: default_limits.{problem} cannot be enforced by a host "
-                    "executor while refuse_unenforceable_limits is true"
-                )
-
     async def readiness(self) -> Readiness:
-        if self._closed:
+        if self._runner.closed:
             return Readiness(False, f"host executor {self._name!r} is closed")
         if not hasattr(os, "pidfd_open"):
             return Readiness(False, "this platform has no pidfd_open (Linux 5.3 or later is needed)")
         return Readiness(True)
 
     async def capabilities(self) -> ExecutorCapabilities:
-        """What this executor enforces, truthfully for the current user and machine.
-
-        With cgroups, MEMORY is the cgroup's memory limit and PROCESSES its ``pids.max`` (root
-        included). Without, MEMORY is RLIMIT_AS (address space, which a root command could raise
-        again) and PROCESSES is RLIMIT_NPROC, which does not bind root. CPU and NETWORK never.
-        ``details["cgroups"]`` says which is in use and why.
-        """
-        self._activate()
-        cg = self._cgroups
-        enforced = {ResourceLimit.MEMORY, ResourceLimit.TIMEOUT}
+        """What this executor enforces, truthfully for the current user and machine: memory and
+        processes as the runner can (cgroups, else rlimits); CPU and NETWORK never.
+        ``details["cgroups"]`` says which is in use and why."""
+        enforced, details = self._runner.enforced()
         unenforced = {ResourceLimit.CPU, ResourceLimit.NETWORK}
-        pids = cg is not None and cg.enforces_processes
-        (enforced if pids or not self._root else unenforced).add(ResourceLimit.PROCESSES)
-        if cg is not None:
-            memory = "cgroup memory limit of the whole action" + (
-                ", swap included" if cg.limits_swap else " (swap not limited: no swap accounting)"
-            )
-        else:
-            memory = "RLIMIT_AS (address space) of each process" + (
-                "; a command running as root can raise it" if self._root else ""
-            )
-        if pids:
-            processes = "cgroup pids.max of the whole action"
-        elif self._root:
-            processes = "not enforced: RLIMIT_NPROC does not apply to root"
-        else:
-            processes = "RLIMIT_NPROC (counts every process of the worker's user)"
+        if ResourceLimit.PROCESSES not in enforced:
+            unenforced.add(ResourceLimit.PROCESSES)
         return ExecutorCapabilities(
             name=self._name,
             isolation=IsolationLevel.HOST,
@@ -247,301 +115,30 @@ class HostExecutor:
             unenforced_limits=frozenset(unenforced),
             max_limits=self._max_limits,
             default_limits=self._default_limits,
-            details={
-                "euid": str(self._run_as[0] if self._run_as is not None else os.geteuid()),
-                "user": (
-                    f"commands run as uid {self._run_as[0]}, gid {self._run_as[1]}"
-                    if self._run_as is not None
-                    else ("commands run as root (run_as_root)" if self._root else "the worker's own user")
-                ),
-                "cgroups": self._cgroup_state,
-                "memory": memory,
-                "processes": processes,
-                "network": "the host's network, always",
-            },
+            details={**details, "network": "the host's network, always"},
         )
 
     async def warmup(self, images: Sequence[str]) -> WarmupReport:
         return WarmupReport(name=self._name, ready=True, message="nothing to prepare")
 
-    async def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
+    def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
         """Run ``command``: Started, LogChunks as it writes, then one RunOutcome.
 
         Raises PreconditionError (before spawning) for limits this executor refuses, and
         UnavailableError once closed. A command that cannot start ends with FAILED_TO_START.
         """
-        if self._closed:
-            raise UnavailableError(f"host executor {self._name!r} is closed")
-        self._activate()
-        limits = self._limits(command)
-        rlimits = self._rlimits(limits)
-        if stop.reason is not None:
-            yield RunOutcome(status=stop.reason, message="stopped before the command started")
-            return
-        cwd = command.root / command.working_directory
-        leaf: ActionCgroup | None = None
-        try:
-            executable = resolve_executable(command.argv[0] if command.argv else "", command.environment, cwd)
-            join: tuple[str, ...] = ()
-            born_inside: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-            if self._cgroups is not None:
-                pids_max = limits.max_processes if self._cgroups.enforces_processes else None
-                leaf = self._action_cgroup(
-                    self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
-                )
-                if limits.memory_bytes is None and pids_max is None and self._cgroups.moves_threads:
-                    born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
-                else:
-                    join = leaf.procs  # the forked child enters before exec
-            if self._run_as is not None:
-                await _hand_over(command.root, self._run_as, join)
-            with born_inside:
-                child = spawn(
-                    argv=command.argv,
-                    executable=executable,
-                    cwd=cwd,
-                    working_directory=command.working_directory,
-                    environment=command.environment,
-                    stdin=command.stdin,
-                    rlimits=rlimits,
-                    join=join,
-                    user=self._run_as,
-                )
-        except SpawnFailure as failure:
-            self._dispose(leaf)
-            yield RunOutcome(status=ExecutionStatus.FAILED_TO_START, message=str(failure))
-            return
-        except BaseException:
-            self._dispose(leaf)
-            raise
-        run = Run(
-            child=child,
-            stdin=command.stdin,
-            kill_grace_seconds=self._grace,
-            cgroup=leaf,
-            memory_limit=limits.memory_bytes if leaf is not None else None,
-        )
-        self._runs[stop] = run
-        forget_stop: Callable[[], None] | None = None
-        try:
-            run.start()
-            # Acted on in a callback, so a consumer that is slow to pull events cannot delay the kill.
-            forget_stop = stop.on_request(run.request_stop)
-            yield Started(at=run.started_at)
-            while True:
-                run.wake.clear()
-                yielded = False
-                for pipe in run.pipes:
-                    while (chunk := run.take_chunk(pipe)) is not None:
-                        yield chunk
-                        yielded = True
-                if run.exited or run.released:
-                    if run.pipes_closed:
-                        if not yielded:
-                            break
-                    elif run.drain_expired():
-                        run.final_drain()
-                        continue
-                if not yielded:
-                    await run.wake.wait()
-            await run.cgroup_emptied()
-            yield run.outcome()
-        finally:
-            if forget_stop is not None:
-                forget_stop()
-            run.release()
-            self._runs.pop(stop, None)
-            self._dispose(leaf)
+        return self._runner.execute(command, stop)
 
     def hold_output(self, stop: StopSignal) -> None:
         """Stop reading the output of the command run with ``stop`` until it exits (by itself or
         by a stop): once its pipes are full, its writes block."""
-        run = self._runs.get(stop)
-        if run is not None:
-            run.hold_output()
-
-    async def close(self) -> None:
-        """Kill (SIGKILL) and reap every command still running, remove the cgroups; idempotent."""
-        self._closed = True
-        for run in list(self._runs.values()):
-            run.abort(ExecutionStatus.CANCELLED, f"host executor {self._name!r} closed while the command ran")
-        while self._spare_cgroups:
-            self._dispose(self._spare_cgroups.pop())
-        await self._remove_leftovers()
-        if self._cgroups is not None:
-            self._cgroups.remove_base()
-
-    # ---- cgroup creation and removal ------------------------------------------------------------
-
-    def _action_cgroup(
-        self, cgroups: ActionCgroups, *, memory_bytes: int | None, max_processes: int | None
-    ) -> ActionCgroup:
-        """A cgroup for one action with its limits set: a spare when no process limit is asked for
-        (spares have no pids directory), else a new one. Schedules making the next spares."""
-        if not self._spares_scheduled:
-            self._spares_scheduled = True
-            asyncio.get_running_loop().call_soon(self._make_spare_cgroups)
-        if max_processes is not None or not self._spare_cgroups:
-            return cgroups.create(_new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
-        leaf = self._spare_cgroups.pop()
-        if memory_bytes is not None:
-            try:
-                cgroups.limit_memory(leaf, memory_bytes)
-            except BaseException:
-                self._dispose(leaf)
-                raise
-        return leaf
-
-    def _make_spare_cgroups(self) -> None:
-        """Top the spares up to SPARE_CGROUPS; a failure is logged and left to the next action's own
-        creation, which reports it."""
-        self._spares_scheduled = False
-        cgroups = self._cgroups
-        try:
-            while cgroups is not None and not self._closed and len(self._spare_cgroups) < SPARE_CGROUPS:
-                self._spare_cgroups.append(
-                    cgroups.create(_new_token(), memory_bytes=None, max_processes=None)
-                )
-        except InternalError as err:
-            _log.warning("host executor %r: could not make a spare cgroup: %s", self._name, err)
-
-    async def _remove_leftovers(self) -> None:
-        """Kill and remove the action cgroups still waiting for their processes, for at most ~1.3 s."""
-        for delay in (0.0, *_REMOVE_DELAYS[:4]):
-            if not self._leftovers:
-                return
-            await asyncio.sleep(delay)
-            for token, leaf in list(self._leftovers.items()):
-                leaf.kill()
-                if _remove_quietly(leaf):
-                    del self._leftovers[token]
-        for leaf in self._leftovers.values():
-            _log.warning("cgroup %s of executor %r is still busy", leaf.dirs[0], self._name)
-
-    def _dispose(self, leaf: ActionCgroup | None, attempt: int = 0) -> None:
-        """Remove an action's cgroup now, or (while SIGKILLed processes are still exiting) a little later."""
-        if leaf is None:
-            return
-        if _remove_quietly(leaf):
-            self._leftovers.pop(leaf.token, None)
-            return
-        leaf.kill()
-        self._leftovers[leaf.token] = leaf
-        if attempt < len(_REMOVE_DELAYS):
-            with contextlib.suppress(RuntimeError):  # no running loop: close() or the next start removes it
-                loop = asyncio.get_running_loop()
-                loop.call_later(_REMOVE_DELAYS[attempt], self._dispose, leaf, attempt + 1)
-        else:
-            _log.warning(
-                "cgroup %s of executor %r is still busy; close() or the next start removes it",
-                leaf.dirs[0],
-                self._name,
-            )
-
-    # ---- limits ---------------------------------------------------------------------------
-
-    def _unenforceable(self, limits: ResourceLimits, *, processes: bool = True) -> str:
-        """The first limit in ``limits`` a plain process cannot honour, as ``field=value``; '' if none.
-
-        ``processes``: whether to judge the process limit yet (it depends on the cgroups found).
-        """
-        if limits.cpu_cores is not None:
-            return f"cpu_cores={limits.cpu_cores:g} (a plain process shares every host CPU)"
-        if limits.network is False:
-            return "network=NETWORK_ACCESS_DISABLED (a plain process always has the host's network)"
-        pids = self._cgroups is not None and self._cgroups.enforces_processes
-        if processes and limits.max_processes is not None and self._root and not pids:
-            return f"max_processes={limits.max_processes} (RLIMIT_NPROC does not apply to root)"
-        return ""
+        self._runner.hold_output(stop)
 
     def check(self, limits: ResourceLimits, image: str | None) -> None:
         """Refuses what ``execute`` would: a limit a plain process cannot have while
         ``refuse_unenforceable_limits`` is set. An image means nothing here and is ignored."""
-        self._activate()
-        self._refuse_unenforceable(limits)
+        self._runner.check(limits)
 
-    def _refuse_unenforceable(self, limits: ResourceLimits) -> None:
-        problem = self._unenforceable(limits) if self._refuse else ""
-        if problem:
-            raise PreconditionError(
-                f"limits.{problem}: executor {self._name!r} cannot enforce it, and refuses limits it "
-                "cannot enforce (refuse_unenforceable_limits)"
-            )
-
-    def _limits(self, command: Command) -> _Limits:
-        """Resolve what to enforce for ``command.limits``: unset limits take the default, then the
-        maximum (the engine already refused limits above the maxima). A limit this executor cannot
-        enforce while refusing those is a PreconditionError."""
-        limits = command.limits.with_defaults(self._default_limits)
-        self._refuse_unenforceable(limits)
-        memory = limits.memory_bytes if limits.memory_bytes is not None else self._max_limits.memory_bytes
-        processes = (
-            limits.max_processes if limits.max_processes is not None else self._max_limits.max_processes
-        )
-        return _Limits(memory_bytes=memory, max_processes=processes)
-
-    def _rlimits(self, limits: _Limits) -> list[Rlimit]:
-        """The rlimits for what the cgroup (if any) does not enforce."""
-        cg = self._cgroups
-        rlimits: list[Rlimit] = []
-        if limits.memory_bytes is not None and cg is None:
-            rlimits.append(rlimit(resource.RLIMIT_AS, limits.memory_bytes))
-        pids = cg is not None and cg.enforces_processes
-        if limits.max_processes is not None and not self._root and not pids:
-            rlimits.append(rlimit(resource.RLIMIT_NPROC, limits.max_processes))
-        return rlimits
-
-
-def _new_token() -> str:
-    return f"{_OWNER}-{next(_TOKENS)}"
-
-
-def _remove_quietly(leaf: ActionCgroup) -> bool:
-    try:
-        return leaf.remove()
-    except OSError as err:
-        _log.warning("could not remove cgroup %s: %s", leaf.dirs[0], err)
-        return False
-
-
-def _owner_alive(token: str) -> bool:
-    """Whether the worker process that made the action cgroup ``token`` still runs (then it is not
-    stale): the pid runs and, when the token records it, that process started when the owner did."""
-    owner, _, _ = token.partition("-")
-    pid, _, started = owner.partition(".")
-    if not pid.isdigit() or int(pid) <= 0:
-        return False
-    if started:
-        return _process_start(int(pid)) == started
-    try:  # a name without a start time (made by an older version): the pid alone decides
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_HAND_OVER_INLINE = 64
-"""Entries looked at on the event loop; an action directory with more is walked on a thread."""
-
-
-async def _hand_over(root: Path, user: tuple[int, int], cgroup_procs: Sequence[str]) -> None:
-    """Give ``user`` the action's directories (to create and remove its files in) and the
-    ``cgroup.procs`` files its child writes to enter its cgroup. Files stay the worker's: inputs
-    are readable but not writable, as in Bazel's own sandboxes. A directory tree of a few
-    entries is handled inline (the common case costs a few microseconds); a larger one on a
-    thread."""
-    uid, gid = user
-    for procs in cgroup_procs:
-        os.chown(procs, uid, gid)
-    found = directories(root, limit=_HAND_OVER_INLINE)
-    if found is None:
-        await asyncio.to_thread(_chown_all, directories(root), uid, gid)
-    else:
-        _chown_all(found, uid, gid)
-
-
-def _chown_all(directories: Sequence[Path], uid: int, gid: int) -> None:
-    for directory in directories:
-        os.lchown(directory, uid, gid)
+    async def close(self) -> None:
+        """Kill (SIGKILL) and reap every command still running, remove the cgroups; idempotent."""
+        await self._runner.close()

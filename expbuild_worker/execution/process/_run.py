@@ -12,7 +12,7 @@ import signal
 import time
 
 from expbuild_worker.execution.cgroups import ActionCgroup, CgroupReading
-from expbuild_worker.execution.host._spawn import Child
+from expbuild_worker.execution.process._spawn import Child
 from expbuild_worker.model import ExecutionStatus, LogChunk, LogStream, ResourceUsage, RunOutcome
 
 READ_SIZE = 64 * 1024

@@ -141,7 +141,7 @@ def spawn(
                 os.fchown(in_r, *user)
     except OSError as err:
         _close_all(mine + theirs)
-        raise InternalError(f"host executor could not create pipes for {argv0!r}: {err.strerror}") from err
+        raise InternalError(f"could not create pipes for {argv0!r}: {err.strerror}") from err
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -172,9 +172,7 @@ def spawn(
     except OSError as err:
         _kill_and_reap(popen)
         _close_all(mine)
-        raise InternalError(
-            f"host executor could not watch process {popen.pid} ({argv0!r}): {err.strerror}"
-        ) from err
+        raise InternalError(f"could not watch process {popen.pid} ({argv0!r}): {err.strerror}") from err
     for fd in mine:
         os.set_blocking(fd, False)
     return Child(popen=popen, pid=popen.pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w)

@@ -1,0 +1,564 @@
+"""ProcessRunner: spawn, stream, wait and kill one command per action, in its own cgroup, as any user."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import resource
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from expbuild_worker.config import CgroupMode
+from expbuild_worker.errors import ConfigError, InternalError, PreconditionError, UnavailableError
+from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_mountinfo
+from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.process._run import Run
+from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn
+from expbuild_worker.fs import directories
+from expbuild_worker.model import (
+    ExecutionStatus,
+    ExecutorEvent,
+    ResourceLimit,
+    ResourceLimits,
+    RunOutcome,
+    Started,
+)
+
+_log = logging.getLogger(__name__)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # the name in parentheses may hold spaces
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+_STARTED = _process_start(os.getpid())
+_OWNER = f"{os.getpid()}.{_STARTED}" if _STARTED else str(os.getpid())
+_TOKENS = itertools.count(1)
+"""Action cgroup names are ``<worker pid>.<its start time>-<n>``: unique in this process, and a
+later run can tell whose owner is gone (only those are swept), even when it has the same pid as a
+crashed predecessor or the pid went to an unrelated process since."""
+
+SPARE_CGROUPS = 4
+"""Action cgroups kept made ahead of need. Creating one (two v1 directories) takes ~0.12 ms, which
+would otherwise be on every action's path; spares are made while commands run."""
+
+_REMOVE_DELAYS = (0.01, 0.05, 0.2, 1.0, 5.0, 30.0)
+"""Seconds between attempts to remove an action cgroup whose SIGKILLed processes have not exited yet."""
+
+_CGROUP_MODES = ("auto", "off", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What to spawn for a command: the process's argv, the file to exec and its working directory."""
+
+    argv: Sequence[str]
+    executable: str
+    cwd: Path
+
+
+class Launcher(Protocol):
+    """The hook by which executors on this runner differ: how a command becomes a process.
+
+    The host launcher runs argv as it is; the sandbox launcher wraps it in bubblewrap, with
+    argv[0] resolved inside the sandbox's view of the file system.
+    """
+
+    def unenforceable(self, limits: ResourceLimits) -> str:
+        """The first limit (other than processes, which the runner judges) this launcher cannot
+        honour, as ``field=value (why)``; '' if none."""
+        ...
+
+    def unavailable(self, limits: ResourceLimits) -> str:
+        """What in ``limits`` this launcher cannot give at all (e.g. network access where none is
+        allowed), as ``field=value (why)``; refused whatever ``refuse_unenforceable_limits`` says."""
+        ...
+
+    def launch(self, command: Command, cwd: Path) -> Launch:
+        """The process for ``command`` whose working directory on the host is ``cwd``; raises
+        SpawnFailure (the outcome is FAILED_TO_START) when it cannot run, e.g. argv[0] is missing."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """An action's limits after defaults and maximums: what must be enforced, None = no limit."""
+
+    memory_bytes: int | None
+    max_processes: int | None
+
+
+class ProcessRunner:
+    """Runs one command per action as a child process of the worker, shared by the host and
+    sandbox executors (which differ only by their ``Launcher``).
+
+    The process gets exactly its command's environment, its own session and process group
+    (killed as a whole when the command ends or is stopped) and, with cgroups (``cgroups`` =
+    "auto" where this process can create them, or "required"), its own cgroup
+    ``<hierarchy>/<cgroup_parent>/<worker>/<name>/<token>``, made ahead of need while earlier
+    commands run (unused, its limits written when taken). The cgroup gives true usage (peak
+    memory and CPU time of every process of the action), a memory limit the kernel enforces by
+    OOM-killing (reported as OOM_KILLED), a process limit (``pids.max``, binding root too), and
+    finds processes that left the process group (setsid): everything still in it is SIGKILLed
+    when the command ends, then it is removed. The command is in its cgroup from its first
+    instruction: with a limit, the forked child enters it before exec (a full fork, ~1.5 ms
+    more here, as rlimits always cost); without (stats only, cgroup v1), the spawning thread
+    steps into the cgroup for the fast vfork spawn and back out, so the child is born inside
+    (moving it in after the spawn would race it: it often runs and forks first). On cgroup v2,
+    which cannot move one thread, every command takes the fork path. Without cgroups, limits
+    are RLIMIT_AS / RLIMIT_NPROC and a process that calls setsid escapes the kill.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        name: str,
+        launcher: Launcher,
+        kill_grace_seconds: float,
+        refuse_unenforceable_limits: bool,
+        default_limits: ResourceLimits,
+        max_limits: ResourceLimits,
+        cgroups: CgroupMode = "auto",
+        cgroup_parent: str = "expbuild",
+        worker_id: str = "local",
+        mountinfo: str | None = None,
+        run_as: tuple[int, int] | None = None,
+    ) -> None:
+        """``kind`` names the executor in messages ("host", "sandbox"); ``worker_id`` names this
+        worker's cgroup directory; ``mountinfo`` replaces ``/proc/self/mountinfo`` (tests).
+        Cgroups are set up by ``start`` (or the first use). ``run_as`` (uid, gid) runs every
+        process as that unprivileged user (a root worker's safe default): the action directory's
+        directories are handed to it, the inputs stay the worker's and read-only to it, and it
+        cannot leave its cgroup or touch the worker."""
+        if kill_grace_seconds <= 0:
+            raise ConfigError(
+                f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
+            )
+        if any(part in (".", "..") for part in cgroup_parent.split("/")):
+            raise ConfigError(
+                f"executor {name!r}: cgroup_parent must not contain '.' or '..', got {cgroup_parent!r}"
+            )
+        if cgroups not in _CGROUP_MODES:
+            raise ConfigError(
+                f"executor {name!r}: cgroups must be one of {list(_CGROUP_MODES)}, got {cgroups!r}"
+            )
+        self._kind = kind
+        self._name = name
+        self._launcher = launcher
+        self._grace = kill_grace_seconds
+        self._refuse = refuse_unenforceable_limits
+        self._default_limits = default_limits
+        self._max_limits = max_limits
+        self._cgroup_mode = cgroups
+        self._cgroup_parent = cgroup_parent
+        self._worker_id = worker_id
+        self._mountinfo = mountinfo
+        self._cgroups: ActionCgroups | None = None
+        self.cgroup_state = "off (configured)" if cgroups == "off" else "not set up yet"
+        """What the executor's capabilities say about cgroups, and why."""
+        self._cgroup_error: PreconditionError | None = None
+        self._activated = False
+        self._leftovers: dict[str, ActionCgroup] = {}
+        self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
+        self._spares_scheduled = False
+        self.run_as = run_as
+        self.root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
+        """Whether processes run as root (limits that do not bind root are then not enforced)."""
+        self._runs: dict[StopSignal, Run] = {}
+        self.closed = False
+        # Whether processes can be limited is known once cgroups are set up; checked again then.
+        self._check_default_limits(processes=cgroups == "off")
+
+    async def start(self) -> None:
+        """Set up cgroups (raising PreconditionError when "required" and impossible) and remove the
+        action cgroups a previous run of this worker and executor left behind, killing what runs
+        there; waits a little for those processes to exit."""
+        self.activate()
+        await self._remove_leftovers()
+        self._make_spare_cgroups()
+
+    @property
+    def cgroups(self) -> ActionCgroups | None:
+        return self._cgroups
+
+    def activate(self) -> None:
+        """Find and prepare this executor's cgroups once; "auto" falls back to rlimits when it cannot."""
+        if self._cgroup_error is not None:
+            raise self._cgroup_error
+        if self._activated:
+            return
+        if self._cgroup_mode != "off":
+            try:
+                self._cgroups = ActionCgroups.for_host(
+                    mountinfo=self._mountinfo if self._mountinfo is not None else read_mountinfo(),
+                    parent=self._cgroup_parent,
+                    worker_id=self._worker_id,
+                    executor=self._name,
+                )
+            except PreconditionError as err:
+                if self._cgroup_mode == "required":
+                    self._cgroup_error = PreconditionError(
+                        f'{self._kind} executor {self._name!r}: cgroups = "required" but {err}'
+                    )
+                    raise self._cgroup_error from err
+                self.cgroup_state = f"unavailable ({err}); limits are rlimits"
+            else:
+                cg = self._cgroups
+                controllers = "memory, pids and cpu" if cg.version == 2 else "memory, cpuacct and pids"
+                self.cgroup_state = f"v{cg.version}: one cgroup per action ({controllers}) under {cg.base}"
+                for leaf in cg.stale(owner_alive):  # a previous run's: kill what runs there, remove
+                    leaf.kill()
+                    self._dispose(leaf)
+        self._activated = True
+        self._check_default_limits(processes=True)
+
+    def _check_default_limits(self, *, processes: bool) -> None:
+        if self._refuse:
+            problem = self._unenforceable(self._default_limits, processes=processes)
+            if problem:
+                raise ConfigError(
+                    f"executor {self._name!r}: default_limits.{problem} cannot be enforced by a "
+                    f"{self._kind} executor while refuse_unenforceable_limits is true"
+                )
+
+    # ---- what is enforced -----------------------------------------------------------------
+
+    def enforced(self) -> tuple[set[ResourceLimit], dict[str, str]]:
+        """Of MEMORY, PROCESSES and TIMEOUT, which this runner enforces (the rest is the
+        launcher's to say), with ``details`` describing user, cgroups, memory and processes.
+
+        With cgroups, MEMORY is the cgroup's memory limit and PROCESSES its ``pids.max`` (root
+        included). Without, MEMORY is RLIMIT_AS (address space, which a root process could raise
+        again) and PROCESSES is RLIMIT_NPROC, which does not bind root.
+        """
+        self.activate()
+        cg = self._cgroups
+        enforced = {ResourceLimit.MEMORY, ResourceLimit.TIMEOUT}
+        pids = cg is not None and cg.enforces_processes
+        if pids or not self.root:
+            enforced.add(ResourceLimit.PROCESSES)
+        if cg is not None:
+            memory = "cgroup memory limit of the whole action" + (
+                ", swap included" if cg.limits_swap else " (swap not limited: no swap accounting)"
+            )
+        else:
+            memory = "RLIMIT_AS (address space) of each process" + (
+                "; a command running as root can raise it" if self.root else ""
+            )
+        if pids:
+            processes = "cgroup pids.max of the whole action"
+        elif self.root:
+            processes = "not enforced: RLIMIT_NPROC does not apply to root"
+        else:
+            processes = "RLIMIT_NPROC (counts every process of the worker's user)"
+        details = {
+            "euid": str(self.run_as[0] if self.run_as is not None else os.geteuid()),
+            "user": (
+                f"commands run as uid {self.run_as[0]}, gid {self.run_as[1]}"
+                if self.run_as is not None
+                else ("commands run as root (run_as_root)" if self.root else "the worker's own user")
+            ),
+            "cgroups": self.cgroup_state,
+            "memory": memory,
+            "processes": processes,
+        }
+        return enforced, details
+
+    def check(self, limits: ResourceLimits) -> None:
+        """Refuses what ``execute`` would: a limit this runner and its launcher cannot enforce
+        while ``refuse_unenforceable_limits`` is set."""
+        self.activate()
+        self._refuse_unenforceable(limits)
+
+    # ---- running ------------------------------------------------------------------------
+
+    async def execute(self, command: Command, stop: StopSignal) -> AsyncGenerator[ExecutorEvent, None]:
+        """Run ``command``: Started, LogChunks as it writes, then one RunOutcome.
+
+        Raises PreconditionError (before spawning) for limits this executor refuses, and
+        UnavailableError once closed. A command that cannot start ends with FAILED_TO_START.
+        """
+        if self.closed:
+            raise UnavailableError(f"{self._kind} executor {self._name!r} is closed")
+        self.activate()
+        limits = self._limits(command)
+        rlimits = self._rlimits(limits)
+        if stop.reason is not None:
+            yield RunOutcome(status=stop.reason, message="stopped before the command started")
+            return
+        leaf: ActionCgroup | None = None
+        try:
+            launch = self._launcher.launch(command, command.root / command.working_directory)
+            join: tuple[str, ...] = ()
+            born_inside: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if self._cgroups is not None:
+                pids_max = limits.max_processes if self._cgroups.enforces_processes else None
+                leaf = self._action_cgroup(
+                    self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
+                )
+                if limits.memory_bytes is None and pids_max is None and self._cgroups.moves_threads:
+                    born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
+                else:
+                    join = leaf.procs  # the forked child enters before exec
+            if self.run_as is not None:
+                await _hand_over(command.root, self.run_as, join)
+            with born_inside:
+                child = spawn(
+                    argv=launch.argv,
+                    executable=launch.executable,
+                    cwd=launch.cwd,
+                    working_directory=command.working_directory,
+                    environment=command.environment,
+                    stdin=command.stdin,
+                    rlimits=rlimits,
+                    join=join,
+                    user=self.run_as,
+                )
+        except SpawnFailure as failure:
+            self._dispose(leaf)
+            yield RunOutcome(status=ExecutionStatus.FAILED_TO_START, message=str(failure))
+            return
+        except BaseException:
+            self._dispose(leaf)
+            raise
+        run = Run(
+            child=child,
+            stdin=command.stdin,
+            kill_grace_seconds=self._grace,
+            cgroup=leaf,
+            memory_limit=limits.memory_bytes if leaf is not None else None,
+        )
+        self._runs[stop] = run
+        forget_stop: Callable[[], None] | None = None
+        try:
+            run.start()
+            # Acted on in a callback, so a consumer that is slow to pull events cannot delay the kill.
+            forget_stop = stop.on_request(run.request_stop)
+            yield Started(at=run.started_at)
+            while True:
+                run.wake.clear()
+                yielded = False
+                for pipe in run.pipes:
+                    while (chunk := run.take_chunk(pipe)) is not None:
+                        yield chunk
+                        yielded = True
+                if run.exited or run.released:
+                    if run.pipes_closed:
+                        if not yielded:
+                            break
+                    elif run.drain_expired():
+                        run.final_drain()
+                        continue
+                if not yielded:
+                    await run.wake.wait()
+            await run.cgroup_emptied()
+            yield run.outcome()
+        finally:
+            if forget_stop is not None:
+                forget_stop()
+            run.release()
+            self._runs.pop(stop, None)
+            self._dispose(leaf)
+
+    def hold_output(self, stop: StopSignal) -> None:
+        """Stop reading the output of the command run with ``stop`` until it exits (by itself or
+        by a stop): once its pipes are full, its writes block."""
+        run = self._runs.get(stop)
+        if run is not None:
+            run.hold_output()
+
+    async def close(self) -> None:
+        """Kill (SIGKILL) and reap every command still running, remove the cgroups; idempotent."""
+        self.closed = True
+        for run in list(self._runs.values()):
+            run.abort(
+                ExecutionStatus.CANCELLED,
+                f"{self._kind} executor {self._name!r} closed while the command ran",
+            )
+        while self._spare_cgroups:
+            self._dispose(self._spare_cgroups.pop())
+        await self._remove_leftovers()
+        if self._cgroups is not None:
+            self._cgroups.remove_base()
+
+    # ---- cgroup creation and removal ------------------------------------------------------------
+
+    def _action_cgroup(
+        self, cgroups: ActionCgroups, *, memory_bytes: int | None, max_processes: int | None
+    ) -> ActionCgroup:
+        """A cgroup for one action with its limits set: a spare when no process limit is asked for
+        (spares have no pids directory), else a new one. Schedules making the next spares."""
+        if not self._spares_scheduled:
+            self._spares_scheduled = True
+            asyncio.get_running_loop().call_soon(self._make_spare_cgroups)
+        if max_processes is not None or not self._spare_cgroups:
+            return cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
+        leaf = self._spare_cgroups.pop()
+        if memory_bytes is not None:
+            try:
+                cgroups.limit_memory(leaf, memory_bytes)
+            except BaseException:
+                self._dispose(leaf)
+                raise
+        return leaf
+
+    def _make_spare_cgroups(self) -> None:
+        """Top the spares up to SPARE_CGROUPS; a failure is logged and left to the next action's own
+        creation, which reports it."""
+        self._spares_scheduled = False
+        cgroups = self._cgroups
+        try:
+            while cgroups is not None and not self.closed and len(self._spare_cgroups) < SPARE_CGROUPS:
+                self._spare_cgroups.append(cgroups.create(new_token(), memory_bytes=None, max_processes=None))
+        except InternalError as err:
+            _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
+
+    async def _remove_leftovers(self) -> None:
+        """Kill and remove the action cgroups still waiting for their processes, for at most ~1.3 s."""
+        for delay in (0.0, *_REMOVE_DELAYS[:4]):
+            if not self._leftovers:
+                return
+            await asyncio.sleep(delay)
+            for token, leaf in list(self._leftovers.items()):
+                leaf.kill()
+                if _remove_quietly(leaf):
+                    del self._leftovers[token]
+        for leaf in self._leftovers.values():
+            _log.warning("cgroup %s of executor %r is still busy", leaf.dirs[0], self._name)
+
+    def _dispose(self, leaf: ActionCgroup | None, attempt: int = 0) -> None:
+        """Remove an action's cgroup now, or (while SIGKILLed processes are still exiting) a little later."""
+        if leaf is None:
+            return
+        if _remove_quietly(leaf):
+            self._leftovers.pop(leaf.token, None)
+            return
+        leaf.kill()
+        self._leftovers[leaf.token] = leaf
+        if attempt < len(_REMOVE_DELAYS):
+            with contextlib.suppress(RuntimeError):  # no running loop: close() or the next start removes it
+                loop = asyncio.get_running_loop()
+                loop.call_later(_REMOVE_DELAYS[attempt], self._dispose, leaf, attempt + 1)
+        else:
+            _log.warning(
+                "cgroup %s of executor %r is still busy; close() or the next start removes it",
+                leaf.dirs[0],
+                self._name,
+            )
+
+    # ---- limits ---------------------------------------------------------------------------
+
+    def _unenforceable(self, limits: ResourceLimits, *, processes: bool = True) -> str:
+        """The first limit in ``limits`` this executor cannot honour, as ``field=value``; '' if none.
+
+        ``processes``: whether to judge the process limit yet (it depends on the cgroups found).
+        """
+        problem = self._launcher.unenforceable(limits)
+        if problem:
+            return problem
+        pids = self._cgroups is not None and self._cgroups.enforces_processes
+        if processes and limits.max_processes is not None and self.root and not pids:
+            return f"max_processes={limits.max_processes} (RLIMIT_NPROC does not apply to root)"
+        return ""
+
+    def _refuse_unenforceable(self, limits: ResourceLimits) -> None:
+        missing = self._launcher.unavailable(limits)
+        if missing:
+            raise PreconditionError(f"limits.{missing}: executor {self._name!r} cannot provide it")
+        problem = self._unenforceable(limits) if self._refuse else ""
+        if problem:
+            raise PreconditionError(
+                f"limits.{problem}: executor {self._name!r} cannot enforce it, and refuses limits it "
+                "cannot enforce (refuse_unenforceable_limits)"
+            )
+
+    def _limits(self, command: Command) -> _Limits:
+        """Resolve what to enforce for ``command.limits``: unset limits take the default, then the
+        maximum (the engine already refused limits above the maxima). A limit this executor cannot
+        enforce while refusing those is a PreconditionError."""
+        limits = command.limits.with_defaults(self._default_limits)
+        self._refuse_unenforceable(limits)
+        memory = limits.memory_bytes if limits.memory_bytes is not None else self._max_limits.memory_bytes
+        processes = (
+            limits.max_processes if limits.max_processes is not None else self._max_limits.max_processes
+        )
+        return _Limits(memory_bytes=memory, max_processes=processes)
+
+    def _rlimits(self, limits: _Limits) -> list[Rlimit]:
+        """The rlimits for what the cgroup (if any) does not enforce."""
+        cg = self._cgroups
+        rlimits: list[Rlimit] = []
+        if limits.memory_bytes is not None and cg is None:
+            rlimits.append(rlimit(resource.RLIMIT_AS, limits.memory_bytes))
+        pids = cg is not None and cg.enforces_processes
+        if limits.max_processes is not None and not self.root and not pids:
+            rlimits.append(rlimit(resource.RLIMIT_NPROC, limits.max_processes))
+        return rlimits
+
+
+def new_token() -> str:
+    return f"{_OWNER}-{next(_TOKENS)}"
+
+
+def _remove_quietly(leaf: ActionCgroup) -> bool:
+    try:
+        return leaf.remove()
+    except OSError as err:
+        _log.warning("could not remove cgroup %s: %s", leaf.dirs[0], err)
+        return False
+
+
+def owner_alive(token: str) -> bool:
+    """Whether the worker process that made the action cgroup ``token`` still runs (then it is not
+    stale): the pid runs and, when the token records it, that process started when the owner did."""
+    owner, _, _ = token.partition("-")
+    pid, _, started = owner.partition(".")
+    if not pid.isdigit() or int(pid) <= 0:
+        return False
+    if started:
+        return _process_start(int(pid)) == started
+    try:  # a name without a start time (made by an older version): the pid alone decides
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HAND_OVER_INLINE = 64
+"""Entries looked at on the event loop; an action directory with more is walked on a thread."""
+
+
+async def _hand_over(root: Path, user: tuple[int, int], cgroup_procs: Sequence[str]) -> None:
+    """Give ``user`` the action's directories (to create and remove its files in) and the
+    ``cgroup.procs`` files its child writes to enter its cgroup. Files stay the worker's: inputs
+    are readable but not writable, as in Bazel's own sandboxes. A directory tree of a few
+    entries is handled inline (the common case costs a few microseconds); a larger one on a
+    thread."""
+    uid, gid = user
+    for procs in cgroup_procs:
+        os.chown(procs, uid, gid)
+    found = directories(root, limit=_HAND_OVER_INLINE)
+    if found is None:
+        await asyncio.to_thread(_chown_all, directories(root), uid, gid)
+    else:
+        _chown_all(found, uid, gid)
+
+
+def _chown_all(directories: Sequence[Path], uid: int, gid: int) -> None:
+    for directory in directories:
+        os.lchown(directory, uid, gid)
