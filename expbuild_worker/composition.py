@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
+
 from expbuild_worker.client import (
     ChannelSecurity,
     channel_credentials,
@@ -34,13 +36,17 @@ from expbuild_worker.config import (
 from expbuild_worker.engine import (
     ActionDirectories,
     ActionLogRunner,
+    ActionMetrics,
     ActionRunner,
     Admission,
     DirectoryLock,
+    EngineCollector,
     EngineLimits,
     ExecutionEngine,
+    ExecutionIdRunner,
     LocalActionRunner,
     LogCapturingRunner,
+    MetricsRunner,
     RunnerLimits,
     TimestampingRunner,
 )
@@ -91,6 +97,8 @@ class Worker:
     executors: Mapping[str, Executor]
     front_doors: tuple[FrontDoor, ...]
     pool: concurrent.futures.ThreadPoolExecutor
+    metrics: CollectorRegistry | None = None
+    """This worker's own metrics registry when [metrics] is enabled (never the process-wide one)."""
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Finish or cancel actions (see ``ExecutionEngine.shutdown``), then release the front doors."""
@@ -187,6 +195,21 @@ def _check_reachable(work_root: Path, user: tuple[int, int], source: str) -> Non
             )
 
 
+def _id_lock_directory() -> Path:
+    """Where worker ids are claimed: one place every worker on the host sees. A root worker uses
+    /run (a service's private /tmp would hide one worker's claim from another); others the
+    system's temporary directory."""
+    if os.geteuid() == 0:
+        shared = Path("/run/expbuild-worker/ids")
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a read-only /run (a sandboxed service without its runtime directory)
+        else:
+            return shared
+    return Path(tempfile.gettempdir()) / "expbuild-worker" / ".ids"
+
+
 def worker_id_of(config: WorkerConfig) -> str:
     return config.server.worker_id or socket.gethostname()
 
@@ -209,7 +232,7 @@ def _claim_directories(config: WorkerConfig, work_root: Path) -> list[DirectoryL
     cgroups and containers (both are named by the id), so the id is claimed even when the
     configured directories differ."""
     worker_id = worker_id_of(config)
-    ids = Path(tempfile.gettempdir()) / "expbuild-worker" / ".ids"
+    ids = _id_lock_directory()
     claims: list[tuple[Path, str, str, str | None]] = [
         (ids / _file_name(worker_id), "worker id", "server.worker_id", f"{worker_id!r} on this host"),
         (work_root, "work root", "execution.work_root", None),
@@ -262,7 +285,9 @@ async def build_worker(config: WorkerConfig) -> Worker:
             start = getattr(executor, "start", None)
             if start is not None:
                 await start()
-        engine = _build_engine(config, executors, store, work_root, locks)
+        # A registry per worker, never the process-wide default: workers in one process stay apart.
+        metrics = CollectorRegistry(auto_describe=True) if config.metrics.enabled else None
+        engine = _build_engine(config, executors, store, work_root, locks, metrics=metrics)
         await engine.start()
         pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="expbuild-io")
         front_doors = await _build_front_doors(
@@ -283,6 +308,7 @@ async def build_worker(config: WorkerConfig) -> Worker:
         executors=executors,
         front_doors=front_doors,
         pool=pool,
+        metrics=metrics,
     )
 
 
@@ -349,8 +375,13 @@ def _build_engine(
     store: ContentAddressedStore,
     work_root: Path,
     locks: Sequence[DirectoryLock],
+    *,
+    metrics: CollectorRegistry | None = None,
 ) -> ExecutionEngine:
-    """The engine and its action runner: the local runner, its decorators outermost last."""
+    """The engine and its action runner: the local runner, its decorators outermost last.
+
+    With a metrics registry, the action metrics are counted from each result and the engine's
+    running, queued and refused counts are read at every scrape."""
     runner: ActionRunner = LocalActionRunner(
         store=store,
         directories=ActionDirectories(root=work_root / "actions"),
@@ -365,7 +396,10 @@ def _build_engine(
         runner, store=store, retention_seconds=config.storage.output_retention_seconds
     )
     runner = ActionLogRunner(TimestampingRunner(runner))
-    return ExecutionEngine(
+    if metrics is not None:
+        runner = MetricsRunner(runner, metrics=ActionMetrics(metrics))
+    runner = ExecutionIdRunner(runner)  # outermost: every decorator's lines name the action too
+    engine = ExecutionEngine(
         executors=executors,
         default_executor=config.default_executor,
         store=store,
@@ -382,6 +416,9 @@ def _build_engine(
         ),
         directory_locks=locks,
     )
+    if metrics is not None:
+        metrics.register(EngineCollector(engine, tuple(executors)))
+    return engine
 
 
 _BOT_SCHEMES = ("grpc://", "http://")
