@@ -148,6 +148,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DockerPoolConfig:
+    """[executor.NAME.pool]: containers started ahead of need, per container shape."""
+
+    enabled: bool = False
+    min_idle: int = 1
+    max_size: int = 2
+    idle_ttl_seconds: float = 300.0
+    idle_command: tuple[str, ...] = ("sleep", "2147483647")
+    max_uses: int = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HostExecutorConfig:
     """[executor.NAME] with type = "host": a plain process in a private directory."""
 
@@ -197,6 +209,7 @@ class DockerExecutorConfig:
         default_factory=lambda: LimitsConfig(cpu_cores=1.0, memory_bytes=2 * GiB, max_processes=1024)
     )
     max_limits: LimitsConfig = field(default_factory=LimitsConfig)
+    pool: DockerPoolConfig = field(default_factory=DockerPoolConfig)
 
     @property
     def effective_pull_policy(self) -> PullPolicy:

@@ -19,12 +19,15 @@ _POOL_THREADS = 16
 log streams have their own threads."""
 
 
-def build_docker_executor(*, name: str, config: DockerExecutorConfig, worker_id: str) -> DockerExecutor:
+def build_docker_executor(
+    *, name: str, config: DockerExecutorConfig, worker_id: str, capacity: int = 0
+) -> DockerExecutor:
     """Build the executor named ``name`` from its parsed config; call ``await start()`` next.
 
     The daemon is ``config.docker_host`` when set, else ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``
     and ``DOCKER_CERT_PATH``, as the Docker CLI reads them), else the local socket. Nothing
-    contacts the daemon here. A configured seccomp profile is read now, so a bad path fails
+    contacts the daemon here. ``capacity`` is how many actions the worker runs at once: the
+    container pool keeps no more containers, idle and busy, than that (or ``max_concurrency``). A configured seccomp profile is read now, so a bad path fails
     at start-up rather than on the first action.
     """
     kwargs: dict[str, Any] = kwargs_from_env()
@@ -48,5 +51,10 @@ def build_docker_executor(*, name: str, config: DockerExecutorConfig, worker_id:
 
     daemon = DockerDaemon(connect=connect, address=address, max_threads=threads)
     return DockerExecutor(
-        name=name, config=config, worker_id=worker_id, daemon=daemon, seccomp_profile=seccomp
+        name=name,
+        config=config,
+        worker_id=worker_id,
+        daemon=daemon,
+        seccomp_profile=seccomp,
+        capacity=capacity,
     )

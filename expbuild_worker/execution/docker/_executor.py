@@ -10,6 +10,7 @@ import os
 import posixpath
 import re
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Sequence
@@ -28,7 +29,7 @@ from expbuild_worker.errors import (
     UnavailableError,
     WorkerError,
 )
-from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo
+from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo, worker_key
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,
     clear_output,
@@ -40,6 +41,18 @@ from expbuild_worker.execution.docker._attach import AttachedStreams
 from expbuild_worker.execution.docker._daemon import DockerDaemon, explain, status_of
 from expbuild_worker.execution.docker._images import ImagePolicy
 from expbuild_worker.execution.docker._janitor import Janitor, remove_container
+from expbuild_worker.execution.docker._pool import (
+    LABEL_POOL,
+    ContainerCounters,
+    ContainerPool,
+    PoolKey,
+    Slot,
+    empty_directory,
+    make_shared_mount_point,
+    mount_bind,
+    release_mount_point,
+    unmount,
+)
 from expbuild_worker.execution.docker._spec import (
     ARCHIVE_ROOT,
     ARCHIVE_VOLUME,
@@ -55,6 +68,7 @@ from expbuild_worker.execution.docker._spec import (
     is_virtualized_runtime,
     network_mode_for,
     numeric_user,
+    root_in_container,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.fs import directories
@@ -88,6 +102,9 @@ _READINESS_TTL_SECONDS = 2.0
 
 _TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\n]*)")
 _STDERR_HEAD = 512
+
+RECYCLE_PROPERTY = "recycle-runner"
+"""Platform property (``true``) asking for a recycled pool container instead of a fresh one."""
 
 
 _STOPPED = (
@@ -154,8 +171,15 @@ class _Run:
     aborted: bool = False
     started_at: float = 0.0
     stderr_head: bytearray = field(default_factory=bytearray)
+    stdout_head: bytearray = field(default_factory=bytearray)  # the runtime's own exec errors come here
     stopper: asyncio.Future[None] | None = None  # acts on a stop request while the command runs
     stdin_task: asyncio.Future[None] | None = None
+    slot: Slot | None = None  # the pool container the action entered by exec, if any
+    recycle: bool = False  # give the pool container back after a clean-up instead of removing it
+    exec_id: str = ""
+    exec_pid: int = 0
+    reaper: asyncio.Future[None] | None = None  # ends the exec'd command's leftovers when it exits
+    dirty: bool = False  # stopped, OOM or failed: a recycled container is not handed out again
 
 
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
@@ -199,6 +223,7 @@ class DockerExecutor:
         daemon: DockerDaemon,
         seccomp_profile: str = "",
         mountinfo: str | None = None,
+        capacity: int = 0,
     ) -> None:
         if not worker_id:
             raise ValueError("worker_id must not be empty: it labels this worker's containers")
@@ -228,11 +253,29 @@ class DockerExecutor:
         self._runs: dict[str, _Run] = {}
         self._cleanups: set[asyncio.Future[None]] = set()
         self._readiness: tuple[float, Readiness] | None = None
+        self._capacity = config.max_concurrency or capacity
+        self._making: set[str] = set()
+        self._pool: ContainerPool | None = None
+        self._pool_dir = (
+            Path(tempfile.gettempdir()) / f"expbuild-pool-{worker_key(worker_id)}-{worker_key(name)}"
+        )
+        if config.pool.enabled and self._io_mode == "bind" and os.geteuid() == 0:
+            self._pool = ContainerPool(
+                config=config.pool,
+                make=self._make_slot,
+                discard=self._discard_slot,
+                alive=self._slot_alive,
+                room=self._room,
+            )
+        elif config.pool.enabled:
+            _log.warning(
+                "docker executor %s: the container pool needs bind I/O and a root worker; running cold", name
+            )
         self._janitor = Janitor(
             daemon=daemon,
             worker_id=worker_id,
             executor=name,
-            live_tokens=self._runs.keys,
+            live_tokens=self._live_tokens,
             cgroups=lambda: self._cgroups,
             interval=config.orphan_sweep_interval_seconds,
         )
@@ -272,6 +315,10 @@ class DockerExecutor:
         try:
             await self._learn_daemon()
             await self._janitor.sweep()
+            if self._pool is not None:
+                await self._daemon.offload(self._sweep_mount_points)
+                if self._config.image and self._cgroups is not None:
+                    self._pool.want(self._default_key())
         except WorkerError as err:
             _log.warning("docker executor %s: %s", self._name, err)
         self._janitor.start_periodic()
@@ -282,6 +329,8 @@ class DockerExecutor:
             return
         self._closed = True
         await self._janitor.stop()
+        if self._pool is not None:
+            await self._pool.close()
         for run in list(self._runs.values()):
             run.aborted = True
             if run.container_id is not None:
@@ -294,6 +343,10 @@ class DockerExecutor:
             await asyncio.sleep(0.05)
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        if self._pool is not None:  # a container still being made when the pool closed
+            with contextlib.suppress(Exception):
+                await self._janitor.sweep()
+            await self._daemon.offload(self._sweep_mount_points)
         if self._cgroups is not None:
             self._cgroups.remove_base()
         self._daemon.close()
@@ -423,6 +476,14 @@ class DockerExecutor:
         try:
             await self._learn_daemon()
             result = await self._images.warmup(images)
+            if self._pool is not None and self._cgroups is not None:
+                keys = [self._default_key()] if self._config.image else []
+                keys += [
+                    PoolKey.of(image, self._hardening.network_mode, self._default_limits)
+                    for image in images
+                    if image != self._config.image and image in result.present
+                ]
+                await self._pool.fill(keys)
         except WorkerError as err:
             return WarmupReport(name=self._name, ready=False, message=str(err))
         self._readiness = None
@@ -483,12 +544,14 @@ class DockerExecutor:
         outcome_sent = False
         try:
             early = await self._prepare(run, command, stop, image)
-            if early is None:
+            if early is None and self._lend(run, command, image, network_mode):
+                early = await self._enter(run, command)
+            elif early is None:
                 early = await self._create_container(run, command, stop, image, network_mode)
-            if early is None:
-                early = await self._attach(run, command, stop)
-            if early is None:
-                early = await self._start(run, command)
+                if early is None:
+                    early = await self._attach(run, command, stop)
+                if early is None:
+                    early = await self._start(run, command)
             if early is not None:
                 outcome_sent = True
                 yield early
@@ -496,11 +559,12 @@ class DockerExecutor:
             yield Started(at=run.started_at)
             async for chunk in self._stream(run):
                 yield chunk
-            outcome = await self._collect(run, command, stop, await self._wait(run))
+            state = await (self._wait_exec(run) if run.slot is not None else self._wait(run))
+            outcome = await self._collect(run, command, stop, state)
             outcome_sent = True
             yield outcome
         finally:
-            for task in (run.stopper, run.stdin_task, run.exit_watch):
+            for task in (run.stopper, run.stdin_task, run.exit_watch, run.reaper):
                 if task is not None:
                     task.cancel()
             if run.streams is not None:
@@ -597,6 +661,8 @@ class DockerExecutor:
             for stream, data in batch:
                 if stream is LogStream.STDERR and len(run.stderr_head) < _STDERR_HEAD:
                     run.stderr_head += data[: _STDERR_HEAD - len(run.stderr_head)]
+                elif stream is LogStream.STDOUT and len(run.stdout_head) < _STDERR_HEAD:
+                    run.stdout_head += data[: _STDERR_HEAD - len(run.stdout_head)]
                 yield LogChunk(stream, offsets[stream], data)
                 offsets[stream] += len(data)
 
@@ -613,11 +679,12 @@ class DockerExecutor:
         container_id, streams = run.container_id, run.streams
         assert container_id is not None and streams is not None
         # A few small reads of the cgroup filesystem: quicker than a hop to a thread.
-        reading = (
-            self._cgroups.read(run.token)
-            if self._cgroups is not None
-            else CgroupReading(ResourceUsage(), None)
-        )
+        if run.slot is not None and run.slot.counters is not None:
+            reading = run.slot.counters.read()
+        elif self._cgroups is not None:
+            reading = self._cgroups.read(run.token)
+        else:
+            reading = CgroupReading(ResourceUsage(), None)
         over_limit = None
         if self._io_mode == "archive" and command.output_paths:
             try:
@@ -635,6 +702,7 @@ class DockerExecutor:
             ended_at=ended_at,
             streams=streams,
         )
+        run.dirty = outcome.status is not ExecutionStatus.COMPLETED or bool(reading.oom_kills)
         if over_limit is not None:  # an output limit replaces only a plain completion
             completed = outcome.status is ExecutionStatus.COMPLETED
             outcome = dataclasses.replace(
@@ -666,7 +734,9 @@ class DockerExecutor:
         try:
             # A failure here is met again, and reported, by the action's own wait after its output.
             with contextlib.suppress(Exception):
-                if run.container_id is not None:
+                if run.slot is not None:
+                    await run.exited.wait()
+                elif run.container_id is not None:
                     await self._wait_for_exit(run, run.container_id)
         finally:
             streams.release()
@@ -789,6 +859,9 @@ class DockerExecutor:
         """On stop: SIGTERM (the init forwards it), then SIGKILL after the grace period."""
         await stop.wait()
         assert run.container_id is not None
+        if run.slot is not None:
+            await self._stop_exec(run, run.slot)
+            return
         if not await self._kill(run.container_id, signal.SIGTERM):
             return
         run.killed = True
@@ -871,7 +944,10 @@ class DockerExecutor:
             status = stop.reason
             how = "SIGTERM, then SIGKILL" if run.escalated else "SIGTERM"
             notes.insert(0, f"stopped ({status.value}): the container got {how}")
-        elif self._hardening.init and exit_code in (126, 127):
+        elif state.get("ExecFailed"):
+            status = ExecutionStatus.FAILED_TO_START
+            notes.insert(0, f"cannot execute {command.argv[0]!r}: the runtime could not start it")
+        elif self._hardening.init and exit_code in (126, 127) and run.slot is None:
             match = _TINI_EXEC_FAILED.match(stderr_head)
             if match is not None and match.group(1) == command.argv[0].encode():  # not just any such line
                 status = ExecutionStatus.FAILED_TO_START
@@ -899,6 +975,290 @@ class DockerExecutor:
             ended_at=ended_at,
         )
 
+    # ---- the container pool ------------------------------------------------------------------------
+
+    def _live_tokens(self) -> set[str]:
+        live = set(self._runs) | self._making
+        if self._pool is not None:
+            live |= self._pool.tokens()
+        return live
+
+    def _room(self) -> int:
+        """Containers the pool may still start: the capacity less what runs and what is idle."""
+        if not self._capacity or self._pool is None:
+            return 1 << 30
+        return self._capacity - len(self._runs) - self._pool.idle_count()
+
+    def _default_key(self) -> PoolKey:
+        return PoolKey.of(self._config.image, self._hardening.network_mode, self._default_limits)
+
+    def _sweep_mount_points(self) -> None:
+        """Unmount and remove what a previous run left of the pool's mount points (blocking)."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._pool_dir):
+                if entry.name not in self._live_tokens():
+                    release_mount_point(Path(entry.path))
+
+    def _slot_alive(self, slot: Slot) -> bool:
+        """The idle processes are all still in the container: nobody killed it from outside."""
+        return slot.counters is not None and slot.idle_pids <= slot.counters.procs()
+
+    async def _make_slot(self, key: PoolKey) -> Slot | None:
+        """Create and start one pool container of ``key`` running the idle command.
+
+        Its /work is a bind of a mount point of its own, with ``rslave`` propagation: the action
+        directory bound on that mount point later appears at /work inside. Its cgroup parent is
+        per container, so its counters are its own."""
+        if self._cgroups is None or self._closed:
+            return None
+        token = uuid.uuid4().hex
+        self._making.add(token)
+        slot = Slot(token=token, key=key, mount_point=self._pool_dir / token)
+        try:
+            await self._daemon.offload(self._new_mount_point, slot.mount_point)
+            placeholder = Command(
+                execution_id="pool",
+                argv=self._config.pool.idle_command,
+                environment={},
+                root=slot.mount_point,
+                working_directory="",
+                stdin=b"",
+                limits=key.limits,
+            )
+            body = container_body(
+                image=key.image,
+                command=placeholder,
+                hardening=self._hardening,
+                network_mode=key.network_mode,
+                labels={**self._labels(token, "pool"), LABEL_POOL: "idle"},
+                io_mode="bind",
+                cgroup_parent=self._cgroups.parent_for(token),
+            )
+            body["HostConfig"]["Mounts"][0]["BindOptions"] = {"Propagation": "rslave"}
+            for flag in ("AttachStdout", "AttachStderr"):
+                body[flag] = False
+            created: dict[str, Any] = await self._daemon.call(
+                lambda api: api.create_container_from_config(body, name=f"expbuild-{token}")
+            )
+            slot.container_id = cid = str(created["Id"])
+            await self._daemon.call(lambda api: api.start(cid))
+            info: dict[str, Any] = await self._daemon.call(lambda api: api.inspect_container(cid))
+            state = info.get("State") or {}
+            if not state.get("Running"):
+                raise InternalError(
+                    f"pool container {cid[:12]} of image {key.image!r} exited at once "
+                    f"(exit code {state.get('ExitCode')}): does the image have "
+                    f"{self._config.pool.idle_command[0]!r}?"
+                )
+            slot.init_pid = int(state.get("Pid") or 0)
+            mountinfo = self._mountinfo if self._mountinfo is not None else read_mountinfo()
+            assert self._facts is not None
+            slot.counters = ContainerCounters.locate(
+                mountinfo=mountinfo,
+                version=int(self._facts.cgroup_version),
+                relative=f"{self._cgroups.parent_for(token)}/{cid}",
+            )
+            if slot.counters is None:
+                raise InternalError(f"pool container {cid[:12]}: its cgroup is not readable here")
+            expected = 2 if self._hardening.init else 1
+            for _ in range(200):  # the init starts the idle command a moment after it starts
+                slot.idle_pids = frozenset(slot.counters.procs())
+                if len(slot.idle_pids) >= expected:
+                    break
+                await asyncio.sleep(0.005)
+            return slot
+        except BaseException:
+            await self._discard_slot(slot)
+            raise
+        finally:
+            self._making.discard(token)
+
+    def _new_mount_point(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o755)
+        make_shared_mount_point(path)
+
+    async def _discard_slot(self, slot: Slot) -> None:
+        """Remove a pool container, its mount point and its cgroup; failures are left to the janitor."""
+        self._making.add(slot.token)  # until removed, no sweep races this removal
+        try:
+            if slot.container_id:
+                await self._remove_quietly(slot.container_id)
+            await self._daemon.offload(release_mount_point, slot.mount_point)
+            if self._cgroups is not None:
+                for delay in (0.0, 0.05, 0.2, 0.5):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    if self._cgroups.remove(slot.token):
+                        break
+        except Exception as err:
+            _log.warning("could not discard pool container %s: %s", slot.container_id[:12], err)
+        finally:
+            self._making.discard(slot.token)
+
+    def _lend(self, run: _Run, command: Command, image: str, network_mode: str) -> bool:
+        """Take a pool container for ``run``, if the pool has one of its shape."""
+        if self._pool is None or self._cgroups is None:
+            return False
+        run.recycle = command.platform_properties.get(RECYCLE_PROPERTY, "").lower() == "true" and (
+            self._hardening.readonly_rootfs
+        )
+        slot = self._pool.take(PoolKey.of(image, network_mode, command.limits), recycled=run.recycle)
+        if slot is None:
+            return False
+        run.slot, run.container_id = slot, slot.container_id
+        return True
+
+    async def _enter(self, run: _Run, command: Command) -> RunOutcome | None:
+        """Run the command in the lent container by exec, its action directory bound at /work.
+
+        The exec'd process gets what a cold container's command gets: the container's
+        namespaces, cgroup, limits, seccomp profile, no capabilities, no new privileges, the
+        configured user, exactly the request's environment (the container's own is empty but
+        for what the engine adds to any container)."""
+        slot, stop = run.slot, run.stop
+        assert slot is not None and slot.counters is not None and stop is not None
+        await self._daemon.offload(mount_bind, command.root, slot.mount_point)
+        slot.uses += 1
+        slot.counters.begin()
+        if stop.reason is not None:
+            return RunOutcome(status=stop.reason, message="stopped before the command started")
+        root = root_in_container("bind")
+        workdir = posixpath.join(root, command.working_directory) if command.working_directory else root
+        cid = slot.container_id
+
+        def start(api: Any) -> tuple[str, Any]:
+            created = api.exec_create(
+                cid,
+                list(command.argv),
+                stdout=True,
+                stderr=True,
+                stdin=bool(command.stdin),
+                user=self._hardening.user,
+                environment=[f"{k}={v}" for k, v in command.environment.items()],
+                workdir=workdir,
+            )
+            return str(created["Id"]), api.exec_start(created["Id"], socket=True)
+
+        run.started_at = time.time()
+        run.exec_id, sock = await self._daemon.call(start)
+        run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=run.token[:12])
+        streams.start()
+        run.exec_pid = await self._exec_pid(run, slot)
+        run.reaper = asyncio.ensure_future(self._reap(run, slot))
+        run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
+        if command.stdin:
+            run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
+            run.stdin_task.add_done_callback(_stdin_written)
+        return None
+
+    async def _exec_pid(self, run: _Run, slot: Slot) -> int:
+        """The host pid of the exec'd command; 0 when it never ran or already ended.
+
+        The engine answers the exec's start before the process exists, so this watches the
+        container's cgroup for it: the one new process whose parent is outside the container
+        (its children's parents are inside). The engine is asked now and then as well, which
+        also tells a command that could not start."""
+        counters = slot.counters
+        assert counters is not None
+        for attempt in range(2000):
+            procs = counters.procs() - slot.idle_pids
+            inside = procs | slot.idle_pids
+            mains = [pid for pid in procs if _parent_of(pid) not in inside]
+            if len(mains) == 1:
+                return mains[0]
+            if attempt % 25 == 24:
+                info: dict[str, Any] = await self._daemon.call(lambda api: api.exec_inspect(run.exec_id))
+                if info.get("Pid"):
+                    return int(info["Pid"])
+                if not info.get("Running") and info.get("ExitCode") is not None:
+                    return 0
+            await asyncio.sleep(0.001 if attempt < 100 else 0.01)
+        return 0
+
+    async def _reap(self, run: _Run, slot: Slot) -> None:
+        """When the exec'd command exits, end what it left running, as a cold container's exit would.
+
+        Its output then closes (a background process may hold it open otherwise)."""
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(run.exec_pid) if run.exec_pid else -1
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0:
+            done: asyncio.Future[None] = loop.create_future()
+
+            def exited() -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            loop.add_reader(fd, exited)
+            try:
+                await done
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        assert slot.counters is not None
+        await self._daemon.offload(slot.counters.kill_all_but, slot.idle_pids)
+        run.exited.set()
+
+    async def _wait_exec(self, run: _Run) -> dict[str, Any]:
+        """The exec'd command's exit, as a ``State``-like dict: ExitCode, and ExecFailed when the
+        runtime could not start argv[0] (its message then came unframed on the stream)."""
+        await run.exited.wait()
+        info: dict[str, Any] = await self._daemon.call(lambda api: api.exec_inspect(run.exec_id))
+        code = info.get("ExitCode")
+        state: dict[str, Any] = {"ExitCode": code}
+        if code in (126, 127) and run.stdout_head.startswith(b"OCI runtime exec failed"):
+            state["ExecFailed"] = True
+        return state
+
+    async def _stop_exec(self, run: _Run, slot: Slot) -> None:
+        """SIGTERM to the exec'd command, then SIGKILL to everything it started after the grace."""
+        if run.exited.is_set() or not run.exec_pid:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.exec_pid, signal.SIGTERM)
+        run.killed = True
+        try:
+            await asyncio.wait_for(run.exited.wait(), self._config.kill_grace_seconds)
+        except TimeoutError:
+            run.escalated = True
+            assert slot.counters is not None
+            await self._daemon.offload(slot.counters.kill_all_but, slot.idle_pids)
+
+    async def _check_in(self, run: _Run, slot: Slot) -> None:
+        """After the action: take its directory off /work; then a recycled container is cleaned and
+        proven clean or removed, and a fresh one is removed."""
+        assert self._pool is not None
+        try:
+            clean = await self._daemon.offload(self._clean, run, slot)
+        except Exception as err:
+            _log.warning("pool container %s failed its clean-up: %s", slot.container_id[:12], err)
+            clean = False
+        if clean and run.recycle and not run.dirty and not run.aborted and run.exec_pid:
+            self._pool.give_back(slot)
+        else:
+            self._pool.retire(slot)
+
+    def _clean(self, run: _Run, slot: Slot) -> bool:
+        """Blocking: unmount the action directory; for a recycled container, kill every process
+        but the idle ones, empty /tmp and /dev/shm, and check the idle processes are the same."""
+        for _ in range(8):  # the action's bind, never the slot's own shared mount
+            if not _stacked(slot.mount_point) or not unmount(slot.mount_point):
+                break
+        if not run.recycle or run.dirty or slot.counters is None:
+            return False
+        if not slot.counters.kill_all_but(slot.idle_pids) or not self._slot_alive(slot):
+            return False
+        inside = Path(f"/proc/{slot.init_pid}/root")
+        for scratch in ("tmp", "dev/shm"):
+            if (inside / scratch).is_dir():
+                empty_directory(inside / scratch)
+        return slot.counters.procs() == set(slot.idle_pids) and not any(
+            os.scandir(inside / "tmp") if (inside / "tmp").is_dir() else ()
+        )
+
     # ---- cleanup ---------------------------------------------------------------------------------
 
     def _track(self, work: Awaitable[None]) -> asyncio.Future[None]:
@@ -915,6 +1275,10 @@ class DockerExecutor:
 
     async def _dispose(self, run: _Run) -> None:
         """Remove the container and the action's cgroup, then release its token."""
+        if run.slot is not None:
+            await self._check_in(run, run.slot)
+            self._runs.pop(run.token, None)
+            return
         try:
             if run.container_id is None and run.creating is not None:
                 await asyncio.wait({run.creating})  # abandoned while the daemon created it
@@ -932,6 +1296,21 @@ class DockerExecutor:
             _log.exception("cleanup of action %s failed (the janitor will retry)", run.execution_id)
         finally:
             self._runs.pop(run.token, None)
+
+
+def _parent_of(pid: int) -> int:
+    """A process's parent pid (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _stacked(path: Path) -> bool:
+    """More than the slot's own shared mount is mounted at ``path``."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.split()[4] == str(path)) > 1
 
 
 def _stdin_written(task: asyncio.Future[None]) -> None:
