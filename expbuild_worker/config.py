@@ -17,6 +17,7 @@ from expbuild_worker.model import ResourceLimits
 from expbuild_worker.validation import MAX_WORK_ROOT_BYTES
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 LogLimitPolicy = Literal["truncate", "end-action"]
 PullPolicy = Literal["always", "if-not-present", "never"]
 IoMode = Literal["bind", "archive"]
@@ -45,6 +46,7 @@ class ServerConfig:
     address: str = "127.0.0.1"
     port: int = 50051
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
     max_request_bytes: int = 64 * MiB
     shutdown_grace_seconds: float = 10.0
     health_check_interval_seconds: float = 10.0
@@ -94,6 +96,15 @@ class WorkerApiConfig:
     """[worker_api]: the own API, expbuild.worker.v1.WorkerService, on the server's port."""
 
     enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """[metrics]: Prometheus metrics over HTTP, on an address of their own."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9464
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -286,6 +297,7 @@ class WorkerConfig:
     worker_api: WorkerApiConfig = field(default_factory=WorkerApiConfig)
     reapi: ReapiConfig = field(default_factory=ReapiConfig)
     bot: BotConfig = field(default_factory=BotConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     executors: Mapping[str, ExecutorConfig] = field(default_factory=lambda: {"host": HostExecutorConfig()})
 
     @property
@@ -308,7 +320,7 @@ def load_config(path: str | Path) -> WorkerConfig:
 
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerConfig:
     """Validate an already-decoded TOML document."""
-    known = {"server", "execution", "storage", "worker_api", "reapi", "bot", "executor"}
+    known = {"server", "execution", "storage", "worker_api", "reapi", "bot", "metrics", "executor"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; expected one of {sorted(known)}")
@@ -318,6 +330,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
     worker_api = _parse_table(WorkerApiConfig, raw.get("worker_api", {}), source, "worker_api")
     reapi = _parse_table(ReapiConfig, raw.get("reapi", {}), source, "reapi")
     bot = _parse_table(BotConfig, raw.get("bot", {}), source, "bot")
+    metrics = _parse_table(MetricsConfig, raw.get("metrics", {}), source, "metrics")
     executors_raw = raw.get("executor", {"host": {"type": "host"}})
     if not isinstance(executors_raw, Mapping) or not executors_raw:
         raise ConfigError(f"{source}: [executor] must hold at least one [executor.NAME] table")
@@ -340,6 +353,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>") -> WorkerC
         worker_api=worker_api,
         reapi=reapi,
         bot=bot,
+        metrics=metrics,
         executors=executors,
     )
     _check_semantics(config)
@@ -410,6 +424,8 @@ def _check_semantics(config: WorkerConfig) -> None:
     _check_server_security(config)
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"{src}: server.port: expected 0-65535, got {config.server.port}")
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"{src}: metrics.port: expected 0-65535, got {config.metrics.port}")
     if config.execution.default_timeout_seconds > config.execution.max_timeout_seconds:
         raise ConfigError(
             f"{src}: execution.default_timeout_seconds: expected at most max_timeout_seconds "

@@ -8,6 +8,7 @@ from contextvars import ContextVar
 
 from expbuild_worker.engine._executions import Execution
 from expbuild_worker.engine._runner import RunnerDecorator
+from expbuild_worker.engine._timestamps import stage_durations
 from expbuild_worker.model import ActionEvent, ActionResult, StageTimes
 
 _log = logging.getLogger("expbuild_worker.actions")
@@ -49,12 +50,18 @@ def _line(execution: Execution, result: ActionResult) -> str:
 
 
 def _durations(t: StageTimes) -> str:
-    def ms(start: float | None, end: float | None) -> str:
-        return f"{(end - start) * 1000:.1f}ms" if start is not None and end is not None else "-"
+    spans = stage_durations(t)
+    return " ".join(f"{label}={_ms(spans[stage])}" for label, stage in _LABELS)
 
-    return (
-        f"queued={ms(t.queued, t.worker_start or t.left_queue)} "
-        f"staging={ms(t.worker_start, t.inputs_staged)} "
-        f"running={ms(t.command_start, t.command_end)} "
-        f"collecting={ms(t.outputs_started, t.outputs_collected)}"
-    )
+
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds is not None else "-"
+
+
+_LABELS = (
+    ("queued", "queued"),
+    ("staging", "input_staging"),
+    ("running", "execution"),
+    ("collecting", "output_collection"),
+)
+"""The action log's name for each stage (kept: log searches already use them)."""

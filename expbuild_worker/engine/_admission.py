@@ -44,6 +44,14 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
+    def running_for(self, executor: str) -> int:
+        """Slots held by actions of ``executor``."""
+        return self._running.get(executor, 0)
+
+    def cap_for(self, executor: str) -> int:
+        """``executor``'s own concurrency cap; 0 = only ``max_running`` applies."""
+        return self._per_executor.get(executor, 0)
+
     def reserve(self, executor: str) -> Ticket:
         """Grant a slot now, or queue; raise ResourceExhaustedError when the queue is full."""
         if self._can_run(executor) and not self._queue:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -15,6 +16,7 @@ from expbuild_worker.engine._action_log import CALLER
 from expbuild_worker.engine._admission import Admission
 from expbuild_worker.engine._executions import Execution, ExecutionTable
 from expbuild_worker.engine._runner import ActionRunner
+from expbuild_worker.engine._status import ExecutorStatus, StatusSignal, WorkerStatus, free_slots
 from expbuild_worker.engine._work_root import DirectoryLock
 from expbuild_worker.errors import (
     AlreadyExistsError,
@@ -23,6 +25,7 @@ from expbuild_worker.errors import (
     NotFoundError,
     PreconditionError,
     UnavailableError,
+    WorkerError,
 )
 from expbuild_worker.execution.executor import Executor
 from expbuild_worker.model import (
@@ -100,6 +103,11 @@ class ExecutionEngine:
         self._locks = tuple(directory_locks)
         self.admitted_total = 0
         """Actions admitted since start (each ran, or was cancelled while queued)."""
+        self.refusals: collections.Counter[str] = collections.Counter()
+        """Actions refused at admission since start, by the WorkerError type that refused them."""
+        self.status_changed = StatusSignal()
+        """Bumped when ``status()`` would answer differently: admitted, finished, readiness, shutdown."""
+        self._readiness: dict[str, Readiness] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -127,6 +135,7 @@ class ExecutionEngine:
     def stop_accepting(self) -> None:
         """Refuse new actions from now on (UNAVAILABLE); running ones continue."""
         self._accepting = False
+        self.status_changed.bump()
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop accepting, cancel what is still queued (it never started), give running actions
@@ -163,7 +172,39 @@ class ExecutionEngine:
 
     async def readiness(self) -> dict[str, Readiness]:
         """Whether each executor can run an action now, and why not."""
-        return {name: await executor.readiness() for name, executor in self._executors.items()}
+        readiness = {name: await executor.readiness() for name, executor in self._executors.items()}
+        if readiness != self._readiness:
+            self._readiness = readiness
+            self.status_changed.bump()
+        return readiness
+
+    async def status(self) -> WorkerStatus:
+        """What runs, what waits, what is free, and which executors are ready (and why not)."""
+        readiness = await self.readiness()
+        admission = self.admission
+        running, queued = admission.running, admission.queued
+        free = free_slots(max_running=admission.max_running, running=running, queued=queued)
+        executors = []
+        for name, ready in readiness.items():
+            own, cap = admission.running_for(name), admission.cap_for(name)
+            executors.append(
+                ExecutorStatus(
+                    name=name,
+                    readiness=ready,
+                    running=own,
+                    max_concurrency=cap,
+                    free_slots=min(free, max(0, cap - own)) if cap else free,
+                )
+            )
+        return WorkerStatus(
+            running=running,
+            queued=queued,
+            max_running=admission.max_running,
+            max_queued=admission.max_queued,
+            accepting=self._accepting,
+            executors=tuple(executors),
+            version=self.status_changed.version,
+        )
 
     async def capabilities(self) -> list[ExecutorCapabilities]:
         caps = [await ex.capabilities() for ex in self._executors.values()]
@@ -250,6 +291,7 @@ class ExecutionEngine:
         self.admission.release(execution.ticket)
         execution.finish(execution.result)
         self._table.finished(execution)
+        self.status_changed.bump()
 
     # ---- admission -----------------------------------------------------------------------------
 
@@ -277,6 +319,16 @@ class ExecutionEngine:
         return self._default
 
     async def _admit(self, action: Action, *, key: str | None) -> Execution:
+        """``_admit_or_refuse``, counting each refusal by its type (for metrics)."""
+        try:
+            execution = await self._admit_or_refuse(action, key=key)
+        except WorkerError as err:
+            self.refusals[type(err).__name__] += 1
+            raise
+        self.status_changed.bump()
+        return execution
+
+    async def _admit_or_refuse(self, action: Action, *, key: str | None) -> Execution:
         """Everything that may refuse an action happens here, before its first event.
 
         Work that grows with the request (path rules, pinning thousands of inputs) runs on a

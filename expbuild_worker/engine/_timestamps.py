@@ -44,3 +44,25 @@ def _times(execution: Execution, stamps: dict[ExecutionStage, float], command: S
             stamps.get(ExecutionStage.COMPLETED) if ExecutionStage.COLLECTING_OUTPUTS in stamps else None
         ),
     )
+
+
+STAGES = ("queued", "input_staging", "execution", "output_collection")
+"""The stages whose durations ``stage_durations`` gives, in order (plus ``total``)."""
+
+
+def stage_durations(times: StageTimes, *, ended: float | None = None) -> dict[str, float | None]:
+    """Seconds spent in each stage an action passed (None for a stage it never passed), and
+    ``total`` from admission to ``ended`` (the moment its result was reported) when given.
+
+    The one reading of stage times: the action log and the metrics both use it."""
+
+    def span(start: float | None, end: float | None) -> float | None:
+        return max(0.0, end - start) if start is not None and end is not None else None
+
+    return {
+        "queued": span(times.queued, times.worker_start or times.left_queue),
+        "input_staging": span(times.worker_start, times.inputs_staged),
+        "execution": span(times.command_start, times.command_end),
+        "output_collection": span(times.outputs_started, times.outputs_collected),
+        "total": span(times.queued, ended),
+    }

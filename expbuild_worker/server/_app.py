@@ -25,6 +25,7 @@ from expbuild_worker.server._auth import (
     server_credentials,
 )
 from expbuild_worker.server._health import HealthReporter
+from expbuild_worker.server._metrics import MetricsEndpoint, RpcMetrics, check_metrics_address, serve_metrics
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class RunningServer:
     _reporter: HealthReporter
     _warning: asyncio.Task[None] | None
     _stopped: asyncio.Event
+    metrics: MetricsEndpoint | None = None
+    """The Prometheus endpoint when [metrics] is enabled (its port is real even when 0 was asked)."""
 
     @property
     def target(self) -> str:
@@ -61,6 +64,8 @@ class RunningServer:
         self.worker.engine.stop_accepting()
         await self.worker.shutdown(grace)
         await self._server.stop(grace=1.0)
+        if self.metrics is not None:  # last: the drain itself is observable
+            await self.metrics.stop()
         self._stopped.set()
 
 
@@ -78,14 +83,20 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         )
     # Who may call is settled before anything is built: a refusal leaves nothing behind.
     check_listen_address(config.server, config.source)
+    check_metrics_address(config)
     tokens = read_tokens(config.server, config.source)
     credentials = server_credentials(config.server, config.source) if config.server.tls else None
     address = config.server.address
     host = f"[{address}]" if ":" in address else address
     _check_port_free(address, config.server.port)
     worker = await build_worker(config)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if worker.metrics is not None:  # first, so calls refused UNAUTHENTICATED are counted too
+        interceptors.append(RpcMetrics(worker.metrics))
+    if tokens:
+        interceptors.append(TokenCheck(tokens))
     server = grpc.aio.server(
-        interceptors=[TokenCheck(tokens)] if tokens else None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", config.server.max_request_bytes),
             ("grpc.max_send_message_length", send_limit(config)),
@@ -111,6 +122,14 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         await worker.shutdown(0)
         raise UnavailableError(f"cannot listen on {host}:{config.server.port}: {err}") from err
     await server.start()
+    metrics = None
+    if worker.metrics is not None:
+        try:
+            metrics = serve_metrics(config, worker.metrics)
+        except BaseException:
+            await server.stop(None)
+            await worker.shutdown(0)
+            raise
     executing = [name for door in worker.front_doors for name in door.executing_service_names]
     reporter = HealthReporter(
         servicer=health_servicer,
@@ -141,6 +160,7 @@ async def start_server(config: WorkerConfig) -> RunningServer:
         _reporter=reporter,
         _warning=warning,
         _stopped=asyncio.Event(),
+        metrics=metrics,
     )
 
 

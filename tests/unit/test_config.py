@@ -11,6 +11,7 @@ from expbuild_worker.config import (
     DockerExecutorConfig,
     ExecutionConfig,
     HostExecutorConfig,
+    MetricsConfig,
     ServerConfig,
     StorageConfig,
     load_config,
@@ -31,7 +32,7 @@ def test_shipped_example_configs_parse(name):
 def test_host_example_documents_every_option():
     """Each host and common option appears in the example, so operators can find it."""
     text = (ROOT / "configs" / "worker" / "expbuild-worker.toml").read_text()
-    for cls in (ServerConfig, ExecutionConfig, StorageConfig, HostExecutorConfig):
+    for cls in (ServerConfig, ExecutionConfig, StorageConfig, MetricsConfig, HostExecutorConfig):
         for f in fields(cls):
             spelled = f"\n{f.name} = " in text or f".{f.name}]" in text
             assert spelled, f"{cls.__name__}.{f.name} is not documented"

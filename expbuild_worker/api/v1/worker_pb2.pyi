@@ -503,3 +503,69 @@ class ReadBlobResponse(_message.Message):
     offset: int
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetWorkerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutorStatus(_message.Message):
+    __slots__ = ("name", "ready", "readiness_message", "running_executions", "max_concurrency", "free_slots")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    READINESS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ready: bool
+    readiness_message: str
+    running_executions: int
+    max_concurrency: int
+    free_slots: int
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., readiness_message: _Optional[str] = ..., running_executions: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., free_slots: _Optional[int] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "running_executions", "queued_executions", "free_slots", "free_queue_places", "max_concurrent_executions", "max_queued_executions", "accepting", "executors", "time", "version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_QUEUE_PLACES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    running_executions: int
+    queued_executions: int
+    free_slots: int
+    free_queue_places: int
+    max_concurrent_executions: int
+    max_queued_executions: int
+    accepting: bool
+    executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
+    time: _timestamp_pb2.Timestamp
+    version: int
+    def __init__(self, worker_id: _Optional[str] = ..., running_executions: _Optional[int] = ..., queued_executions: _Optional[int] = ..., free_slots: _Optional[int] = ..., free_queue_places: _Optional[int] = ..., max_concurrent_executions: _Optional[int] = ..., max_queued_executions: _Optional[int] = ..., accepting: _Optional[bool] = ..., executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetWorkerStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: WorkerStatus
+    def __init__(self, status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+
+class WatchWorkerStatusRequest(_message.Message):
+    __slots__ = ("min_interval", "heartbeat_interval")
+    MIN_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    min_interval: _duration_pb2.Duration
+    heartbeat_interval: _duration_pb2.Duration
+    def __init__(self, min_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WatchWorkerStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: WorkerStatus
+    def __init__(self, status: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...

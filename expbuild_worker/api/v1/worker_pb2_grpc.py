@@ -71,6 +71,16 @@ class WorkerServiceStub:
                 request_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobRequest.SerializeToString,
                 response_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobResponse.FromString,
                 _registered_method=True)
+        self.GetWorkerStatus = channel.unary_unary(
+                '/expbuild.worker.v1.WorkerService/GetWorkerStatus',
+                request_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.SerializeToString,
+                response_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.FromString,
+                _registered_method=True)
+        self.WatchWorkerStatus = channel.unary_stream(
+                '/expbuild.worker.v1.WorkerService/WatchWorkerStatus',
+                request_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusRequest.SerializeToString,
+                response_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -134,6 +144,25 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWorkerStatus(self, request, context):
+        """GetWorkerStatus tells what the worker can take on now: running and queued actions, free
+        slots and queue places, and whether each executor can run an action (and why not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkerStatus(self, request, context):
+        """WatchWorkerStatus sends the status at once, then again after every change (at most once
+        per min_interval), and at least once per heartbeat_interval even when nothing changed, so a
+        scheduler can place work without polling. A readiness change is seen within the worker's
+        health_check_interval_seconds. When the worker begins to shut down the stream sends a
+        status with accepting = false and ends OK; otherwise it lasts until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +200,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReadBlob,
                     request_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobRequest.FromString,
                     response_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobResponse.SerializeToString,
+            ),
+            'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerStatus,
+                    request_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.FromString,
+                    response_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.SerializeToString,
+            ),
+            'WatchWorkerStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkerStatus,
+                    request_deserializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusRequest.FromString,
+                    response_serializer=expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +402,60 @@ class WorkerService:
             '/expbuild.worker.v1.WorkerService/ReadBlob',
             expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobRequest.SerializeToString,
             expbuild_dot_worker_dot_v1_dot_worker__pb2.ReadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerService/GetWorkerStatus',
+            expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.SerializeToString,
+            expbuild_dot_worker_dot_v1_dot_worker__pb2.GetWorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/expbuild.worker.v1.WorkerService/WatchWorkerStatus',
+            expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusRequest.SerializeToString,
+            expbuild_dot_worker_dot_v1_dot_worker__pb2.WatchWorkerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

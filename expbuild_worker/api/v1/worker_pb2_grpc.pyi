@@ -68,6 +68,17 @@ class WorkerServiceStub:
     """ReadBlob streams one blob out of the store (for example an output collected with
     omit_output_contents). Unknown digests are NOT_FOUND.
     """
+    GetWorkerStatus: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerStatusRequest, _worker_pb2.GetWorkerStatusResponse]
+    """GetWorkerStatus tells what the worker can take on now: running and queued actions, free
+    slots and queue places, and whether each executor can run an action (and why not).
+    """
+    WatchWorkerStatus: _grpc.UnaryStreamMultiCallable[_worker_pb2.WatchWorkerStatusRequest, _worker_pb2.WatchWorkerStatusResponse]
+    """WatchWorkerStatus sends the status at once, then again after every change (at most once
+    per min_interval), and at least once per heartbeat_interval even when nothing changed, so a
+    scheduler can place work without polling. A readiness change is seen within the worker's
+    health_check_interval_seconds. When the worker begins to shut down the stream sends a
+    status with accepting = false and ends OK; otherwise it lasts until the caller cancels.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -99,6 +110,17 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     ReadBlob: _aio.UnaryStreamMultiCallable[_worker_pb2.ReadBlobRequest, _worker_pb2.ReadBlobResponse]  # type: ignore[assignment]
     """ReadBlob streams one blob out of the store (for example an output collected with
     omit_output_contents). Unknown digests are NOT_FOUND.
+    """
+    GetWorkerStatus: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetWorkerStatusRequest, _worker_pb2.GetWorkerStatusResponse]  # type: ignore[assignment]
+    """GetWorkerStatus tells what the worker can take on now: running and queued actions, free
+    slots and queue places, and whether each executor can run an action (and why not).
+    """
+    WatchWorkerStatus: _aio.UnaryStreamMultiCallable[_worker_pb2.WatchWorkerStatusRequest, _worker_pb2.WatchWorkerStatusResponse]  # type: ignore[assignment]
+    """WatchWorkerStatus sends the status at once, then again after every change (at most once
+    per min_interval), and at least once per heartbeat_interval even when nothing changed, so a
+    scheduler can place work without polling. A readiness change is seen within the worker's
+    health_check_interval_seconds. When the worker begins to shut down the stream sends a
+    status with accepting = false and ends OK; otherwise it lasts until the caller cancels.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +192,29 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.ReadBlobResponse], _abc.AsyncIterator[_worker_pb2.ReadBlobResponse]]:
         """ReadBlob streams one blob out of the store (for example an output collected with
         omit_output_contents). Unknown digests are NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkerStatus(
+        self,
+        request: _worker_pb2.GetWorkerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.GetWorkerStatusResponse, _abc.Awaitable[_worker_pb2.GetWorkerStatusResponse]]:
+        """GetWorkerStatus tells what the worker can take on now: running and queued actions, free
+        slots and queue places, and whether each executor can run an action (and why not).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchWorkerStatus(
+        self,
+        request: _worker_pb2.WatchWorkerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.WatchWorkerStatusResponse], _abc.AsyncIterator[_worker_pb2.WatchWorkerStatusResponse]]:
+        """WatchWorkerStatus sends the status at once, then again after every change (at most once
+        per min_interval), and at least once per heartbeat_interval even when nothing changed, so a
+        scheduler can place work without polling. A readiness change is seen within the worker's
+        health_check_interval_seconds. When the worker begins to shut down the stream sends a
+        status with accepting = false and ends OK; otherwise it lasts until the caller cancels.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

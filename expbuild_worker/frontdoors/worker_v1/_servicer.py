@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
 import platform
 import sys
+import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any, TypeVar
 
@@ -239,6 +241,35 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 offset += len(chunk)
         finally:
             calls.finish(lambda: _close(chunks))
+
+    @maps_errors
+    async def GetWorkerStatus(
+        self, request: pb.GetWorkerStatusRequest, context: Context
+    ) -> pb.GetWorkerStatusResponse:
+        status = await self._engine.status()
+        return pb.GetWorkerStatusResponse(
+            status=tr.worker_status_to_pb(status, worker_id=self._worker_id, at=time.time())
+        )
+
+    @maps_errors
+    async def WatchWorkerStatus(  # type: ignore[override]  # writes with send; see maps_errors
+        self, request: pb.WatchWorkerStatusRequest, context: Context
+    ) -> None:
+        """A status now, then one per change (changes within ``min_interval`` of the last status
+        are sent together) or per heartbeat; ends after the first status that is not accepting."""
+        min_interval, heartbeat = tr.watch_intervals_from_pb(request)
+        changes = self._engine.status_changed
+        loop = asyncio.get_running_loop()
+        while True:
+            status = await self._engine.status()
+            pb_status = tr.worker_status_to_pb(status, worker_id=self._worker_id, at=time.time())
+            await send(context, pb.WatchWorkerStatusResponse(status=pb_status))
+            if not status.accepting:
+                return
+            sent_at = loop.time()
+            await changes.wait(status.version, heartbeat)
+            if (pause := sent_at + min_interval - loop.time()) > 0:
+                await asyncio.sleep(pause)
 
 
 def _close(chunks: Iterator[bytes]) -> None:

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1.digests import digest_from_pb, fill_digest
+from expbuild_worker.engine import WorkerStatus
 from expbuild_worker.errors import InvalidRequestError
 from expbuild_worker.model import (
     Accepted,
@@ -253,3 +254,50 @@ def duration_to_pb(seconds: float) -> Duration:
     d = Duration()
     _set_duration(d, seconds)
     return d
+
+
+def worker_status_to_pb(s: WorkerStatus, *, worker_id: str, at: float) -> pb.WorkerStatus:
+    out = pb.WorkerStatus(
+        worker_id=worker_id,
+        running_executions=s.running,
+        queued_executions=s.queued,
+        free_slots=s.free_slots,
+        free_queue_places=s.free_queue_places,
+        max_concurrent_executions=s.max_running,
+        max_queued_executions=s.max_queued,
+        accepting=s.accepting,
+        executors=[
+            pb.ExecutorStatus(
+                name=e.name,
+                ready=e.readiness.ready,
+                readiness_message=e.readiness.message,
+                running_executions=e.running,
+                max_concurrency=e.max_concurrency,
+                free_slots=e.free_slots,
+            )
+            for e in s.executors
+        ],
+        version=s.version,
+    )
+    _set_timestamp(out.time, at)
+    return out
+
+
+MIN_STATUS_INTERVAL_SECONDS = 0.05
+DEFAULT_STATUS_INTERVAL_SECONDS = 0.2
+MIN_HEARTBEAT_SECONDS = 1.0
+DEFAULT_HEARTBEAT_SECONDS = 10.0
+
+
+def watch_intervals_from_pb(req: pb.WatchWorkerStatusRequest) -> tuple[float, float]:
+    """(min_interval, heartbeat_interval) in seconds, defaults and floors applied."""
+    chosen = []
+    for name, default, floor in (
+        ("min_interval", DEFAULT_STATUS_INTERVAL_SECONDS, MIN_STATUS_INTERVAL_SECONDS),
+        ("heartbeat_interval", DEFAULT_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS),
+    ):
+        seconds = _seconds(getattr(req, name))
+        if seconds < 0:
+            raise InvalidRequestError(f"{name}: expected a non-negative duration, got {seconds:g}s")
+        chosen.append(max(floor, seconds) if seconds else default)
+    return chosen[0], chosen[1]
