@@ -153,6 +153,10 @@ class Action:
     capture_logs: bool = False
     """Keep stdout and stderr as blobs as well (the result names their digests); live chunks
     are delivered either way."""
+    recycle_runner: bool = False
+    """The action may run in a recycled pool container (a container executor's choice: faster,
+    isolated from earlier actions only by a clean-up). Executors read it as the platform
+    property ``recycle-runner``, which front doors set alongside."""
 
 
 # ---- events an action's stream carries -------------------------------------------------

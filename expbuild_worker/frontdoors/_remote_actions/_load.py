@@ -111,6 +111,7 @@ def load_action(
         executor=choice.executor,
         image=choice.image,
         platform_properties=dict(properties),
+        recycle_runner=choice.recycle_runner,
         retain_outputs=True,
         capture_logs=True,
     )

@@ -15,6 +15,8 @@ EXECUTOR = "executor"
 """An executor's name as the worker's capabilities list it (``host``, ``docker`` …)."""
 ISOLATION = "isolation"
 """The least isolation the action accepts: ``host``, ``namespace-sandbox``, ``container``, ``virtualized``."""
+RECYCLE_RUNNER = "recycle-runner"
+"""``true``: the action may run in a recycled pool container (the executor reads it as passed)."""
 OS_FAMILY = "OSFamily"
 ISA = "ISA"
 
@@ -39,6 +41,7 @@ class PlatformChoice:
 
     executor: ExecutorSelector = field(default_factory=ExecutorSelector)
     image: str | None = None
+    recycle_runner: bool = False
 
 
 def choose(properties: Iterable[tuple[str, str]], field_name: str = "platform") -> PlatformChoice:
@@ -56,11 +59,12 @@ def choose(properties: Iterable[tuple[str, str]], field_name: str = "platform") 
                 f"{field_name}.properties: {name!r} is given twice ({seen[name]!r} and {value!r})"
             )
         seen[name] = value
-    unknown = sorted(set(seen) - {CONTAINER_IMAGE, EXECUTOR, ISOLATION, OS_FAMILY, ISA})
+    unknown = sorted(set(seen) - {CONTAINER_IMAGE, EXECUTOR, ISOLATION, OS_FAMILY, ISA, RECYCLE_RUNNER})
     if unknown:
         raise PreconditionError(
             f"{field_name}.properties: this worker cannot honour {', '.join(repr(n) for n in unknown)}; "
-            f"it understands {CONTAINER_IMAGE}, {EXECUTOR}, {ISOLATION}, {OS_FAMILY} and {ISA}"
+            f"it understands {CONTAINER_IMAGE}, {EXECUTOR}, {ISOLATION}, {OS_FAMILY}, {ISA} "
+            f"and {RECYCLE_RUNNER}"
         )
     if OS_FAMILY in seen and seen[OS_FAMILY].lower() != platform.system().lower():
         raise PreconditionError(
@@ -88,6 +92,13 @@ def choose(properties: Iterable[tuple[str, str]], field_name: str = "platform") 
             )
     if image is not None and minimum is None and EXECUTOR not in seen:
         minimum = IsolationLevel.CONTAINER  # an image means a container, whichever executor gives one
+    recycle = seen.get(RECYCLE_RUNNER, "false").lower()
+    if recycle not in ("true", "false"):
+        raise InvalidRequestError(
+            f"{field_name}.properties: {RECYCLE_RUNNER} {recycle!r} is not true or false"
+        )
     return PlatformChoice(
-        executor=ExecutorSelector(name=seen.get(EXECUTOR) or None, min_isolation=minimum), image=image
+        executor=ExecutorSelector(name=seen.get(EXECUTOR) or None, min_isolation=minimum),
+        image=image,
+        recycle_runner=recycle == "true",
     )
