@@ -389,9 +389,9 @@ def test_unknown_runtime_is_not_ready(busybox_image: str) -> None:
     """A configured runtime the daemon lacks makes the executor report itself not ready, naming it."""
 
     async def main() -> Any:
-        async with docker_executor(busybox_image, runtime="runsc") as ex:
+        async with docker_executor(busybox_image, runtime="runsc-not-registered") as ex:
             return ex.isolation, await ex.readiness()
 
     isolation, readiness = asyncio.run(main())
     assert isolation is IsolationLevel.VIRTUALIZED
-    assert not readiness.ready and "runsc" in readiness.message
+    assert not readiness.ready and "runsc-not-registered" in readiness.message
