@@ -13,6 +13,7 @@ from typing import Any
 from expbuild_worker.composition import build_bot, build_worker, check_bot_config
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
+from expbuild_worker.logging_setup import configure_logging
 
 _log = logging.getLogger("expbuild_worker")
 
@@ -98,11 +99,7 @@ def bot_main(args: argparse.Namespace) -> int:
     except WorkerError as err:
         print(f"expbuild-worker: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.server.log_level, config.server.log_format)
     try:
         asyncio.run(_run(config))
     except WorkerError as err:
