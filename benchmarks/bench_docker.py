@@ -10,7 +10,12 @@ Prints, measured in this run on this machine:
 3. for reference, the executor alone (no gRPC, no staging);
 4. log streaming from a container: ``head -c N /dev/zero`` through Execute, against the CLI
    streaming the same into a pipe;
-5. actions per second with several concurrent clients.
+5. actions per second with several concurrent clients;
+6. the container pool (``--pool-runs``, default 100; 0 skips): ``docker run --rm`` again as the
+   baseline, the executor's cold path, an action entering a fresh pool container, an action in
+   a recycled one, and the docker SDK's own ``exec_run`` into a running hardened container,
+   each median and p90 and as a ratio of ``docker run --rm``; then 8 concurrent actions per
+   second, cold against pooled (fresh and recycled).
 
 The two sides of each comparison run alternately in small batches, so load from elsewhere on a
 shared machine falls on both alike. The test image is built locally (FROM scratch + the static
@@ -34,11 +39,11 @@ from typing import Any
 
 import docker
 import grpc
-from _common import interleaved, mb_s, work_directory, worker_target
+from _common import Timing, interleaved, mb_s, work_directory, worker_target
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-from expbuild_worker.config import DockerExecutorConfig
+from expbuild_worker.config import DockerExecutorConfig, DockerPoolConfig, LimitsConfig
 from expbuild_worker.execution.docker import build_docker_executor
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.model import ExecutionStatus, ResourceLimits, RunOutcome
@@ -137,6 +142,9 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 async def _measure(args: argparse.Namespace, target: str, work: Path, cli_dir: Path, worker_id: str) -> None:
+    if args.pool_only:
+        await _measure_pool(args, work, cli_dir, worker_id)
+        return
     channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
     executor = build_docker_executor(
         name="docker",
@@ -197,6 +205,133 @@ async def _measure(args: argparse.Namespace, target: str, work: Path, cli_dir: P
     finally:
         await executor.close()
         await channel.close()
+    if args.pool_runs:
+        await _measure_pool(args, work, cli_dir, worker_id)
+
+
+async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, worker_id: str) -> None:
+    """Section 6: the pool's paths against ``docker run --rm`` and the SDK's exec, in this run."""
+    limits = LimitsConfig(
+        cpu_cores=LIMITS.cpu_cores or 0.0,
+        memory_bytes=LIMITS.memory_bytes or 0,
+        max_processes=LIMITS.max_processes or 0,
+    )
+
+    def make(suffix: str, pool: DockerPoolConfig) -> Any:
+        return build_docker_executor(
+            name="docker",
+            config=DockerExecutorConfig(image=IMAGE, pull_policy="never", default_limits=limits, pool=pool),
+            worker_id=f"{worker_id}-{suffix}",
+            capacity=16,
+        )
+
+    cold = make("cold", DockerPoolConfig())
+    pooled = make("pool", DockerPoolConfig(enabled=True, min_idle=1, max_size=12))
+    api = docker.APIClient(version="auto")
+    holder = api.create_container(
+        IMAGE, entrypoint=["sleep"], command=["2147483647"], user="65534:65534", network_disabled=True,
+        host_config=api.create_host_config(
+            init=True, read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            network_mode="none", ipc_mode="private",
+        ),
+    )  # fmt: skip
+    api.start(holder)
+    running = docker.from_env().containers.get(holder["Id"])
+    await cold.start()
+    await pooled.start()
+
+    async def run(executor: Any, *, recycle: bool = False) -> None:
+        root = Path(tempfile.mkdtemp(dir=work))
+        command = Command(
+            execution_id=uuid.uuid4().hex, argv=["true"], environment=ENV, root=root,
+            working_directory="", stdin=b"", limits=LIMITS,
+            platform_properties={"recycle-runner": "true"} if recycle else {},
+        )  # fmt: skip
+        async for event in executor.execute(command, StopSignal()):
+            if isinstance(event, RunOutcome) and event.status is not ExecutionStatus.COMPLETED:
+                raise RuntimeError(f"pool benchmark action failed: {event}")
+        shutil.rmtree(root, ignore_errors=True)
+
+    async def timed(probe: Any, runs: int, before: Any = None) -> Timing:
+        samples = []
+        for _ in range(runs):
+            if before is not None:
+                await before()  # not timed: a fresh container is ready, as it is when the pool keeps up
+            start = time.perf_counter()
+            await probe()
+            samples.append(time.perf_counter() - start)
+        return Timing(samples)
+
+    async def ready() -> None:
+        await asyncio.sleep(0.02)  # the previous container's removal and the refill start
+        await pooled.warmup([])
+
+    async def settle() -> None:
+        await asyncio.sleep(0.02)  # a recycled container's clean-up runs after the outcome
+
+    loop = asyncio.get_running_loop()
+
+    def sdk_exec() -> Any:
+        return loop.run_in_executor(None, lambda: running.exec_run(["true"], user="65534:65534"))
+
+    try:
+        runs = args.pool_runs
+        print(f"\ncontainer pool, `true` ({runs} runs each, alternating in batches of 20):")
+        await run(pooled, recycle=True)  # one recycled container exists from here on
+        probes: dict[str, Any] = {
+            "cli": lambda: cli_run(cli_argv(cli_dir, ["true"])),
+            "cold": lambda: run(cold),
+            "fresh": lambda: run(pooled),
+            "recycled": lambda: run(pooled, recycle=True),
+            "exec_run": sdk_exec,
+        }
+        timings: dict[str, list[float]] = {name: [] for name in probes}
+        for _ in range(2):  # warm-up
+            for name, probe in probes.items():
+                await (ready() if name == "fresh" else asyncio.sleep(0))
+                await probe()
+        while len(timings["cli"]) < runs:
+            for name, probe in probes.items():
+                batch = min(20, runs - len(timings[name]))
+                got = await timed(probe, batch, ready if name == "fresh" else settle)
+                timings[name] += got.samples
+        results = {name: Timing(samples) for name, samples in timings.items()}
+        base = results["cli"]
+        labels = {
+            "cli": "docker run --rm (CLI, same hardening)",
+            "cold": "cold path (executor, pool off)",
+            "fresh": "fresh from the pool (executor)",
+            "recycled": "recycled pool container (executor)",
+            "exec_run": "docker SDK exec_run into a running container",
+        }
+        for name, label in labels.items():
+            t = results[name]
+            print(f"{t.row(label)}   ratio {t.median / base.median:.3f} (p90 {t.p90 / base.p90:.3f})")
+        print("  targets: fresh <= 0.35, recycled <= 0.15 of docker run --rm")
+
+        n, width = args.pool_actions, 8
+        print(f"\nthroughput: {n} `true` actions, {width} at a time:")
+        for label, executor, recycle in (
+            ("cold", cold, False),
+            ("pooled, fresh", pooled, False),
+            ("pooled, recycled", pooled, True),
+        ):
+            gate = asyncio.Semaphore(width)
+
+            async def one(executor: Any = executor, recycle: bool = recycle, gate: Any = gate) -> None:
+                async with gate:
+                    await run(executor, recycle=recycle)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            elapsed = time.perf_counter() - start
+            print(f"  {label:<18} {n / elapsed:8.2f} actions/s ({n} in {elapsed:.2f} s)")
+    finally:
+        await cold.close()
+        await pooled.close()
+        api.remove_container(holder, force=True)
+        running.client.close()
+        api.close()
 
 
 def main() -> int:
@@ -208,6 +343,9 @@ def main() -> int:
     parser.add_argument("--stream-bytes", type=int, default=256 << 20, help="stdout bytes streamed")
     parser.add_argument("--clients", type=int, default=4, help="actions the worker runs at once")
     parser.add_argument("--per-client", type=int, default=10, help="actions submitted per running slot")
+    parser.add_argument("--pool-runs", type=int, default=100, help="samples per pool path (0 = skip)")
+    parser.add_argument("--pool-only", action="store_true", help="measure only the container pool")
+    parser.add_argument("--pool-actions", type=int, default=48, help="actions in the pool throughput test")
     args = parser.parse_args()
     try:
         docker.from_env().ping()

@@ -27,8 +27,9 @@ def build_docker_executor(
     The daemon is ``config.docker_host`` when set, else ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``
     and ``DOCKER_CERT_PATH``, as the Docker CLI reads them), else the local socket. Nothing
     contacts the daemon here. ``capacity`` is how many actions the worker runs at once: the
-    container pool keeps no more containers, idle and busy, than that (or ``max_concurrency``). A configured seccomp profile is read now, so a bad path fails
-    at start-up rather than on the first action.
+    container pool keeps no more containers, idle and busy, than that (or ``max_concurrency``).
+    A configured seccomp profile is read now, so a bad path fails at start-up rather than on
+    the first action.
     """
     kwargs: dict[str, Any] = kwargs_from_env()
     if config.docker_host:
