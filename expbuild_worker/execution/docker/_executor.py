@@ -50,6 +50,7 @@ from expbuild_worker.execution.docker._pool import (
     empty_directory,
     make_shared_mount_point,
     mount_bind,
+    mounts_at,
     release_mount_point,
     unmount,
 )
@@ -343,7 +344,8 @@ class DockerExecutor:
             await asyncio.sleep(0.05)
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
-        if self._pool is not None:  # a container still being made when the pool closed
+        if self._pool is not None:  # containers given back meanwhile, or still being made
+            await self._pool.close()
             with contextlib.suppress(Exception):
                 await self._janitor.sweep()
             await self._daemon.offload(self._sweep_mount_points)
@@ -993,11 +995,14 @@ class DockerExecutor:
         return PoolKey.of(self._config.image, self._hardening.network_mode, self._default_limits)
 
     def _sweep_mount_points(self) -> None:
-        """Unmount and remove what a previous run left of the pool's mount points (blocking)."""
+        """Unmount and remove what a previous run left of the pool's mount points (blocking);
+        the pool's directory goes too once empty."""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self._pool_dir):
                 if entry.name not in self._live_tokens():
                     release_mount_point(Path(entry.path))
+        with contextlib.suppress(OSError):
+            os.rmdir(self._pool_dir)
 
     def _slot_alive(self, slot: Slot) -> bool:
         """The idle processes are all still in the container: nobody killed it from outside."""
@@ -1245,7 +1250,7 @@ class DockerExecutor:
         """Blocking: unmount the action directory; for a recycled container, kill every process
         but the idle ones, empty /tmp and /dev/shm, and check the idle processes are the same."""
         for _ in range(8):  # the action's bind, never the slot's own shared mount
-            if not _stacked(slot.mount_point) or not unmount(slot.mount_point):
+            if mounts_at(slot.mount_point) <= 1 or not unmount(slot.mount_point):
                 break
         if not run.recycle or run.dirty or slot.counters is None:
             return False
@@ -1305,12 +1310,6 @@ def _parent_of(pid: int) -> int:
             return int(fh.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _stacked(path: Path) -> bool:
-    """More than the slot's own shared mount is mounted at ``path``."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return sum(1 for line in fh if line.split()[4] == str(path)) > 1
 
 
 def _stdin_written(task: asyncio.Future[None]) -> None:

@@ -57,16 +57,18 @@ def unmount(path: Path) -> bool:
     return bool(_libc.umount2(str(path).encode(), _MNT_DETACH) == 0)
 
 
-def is_mount_point(path: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return os.path.ismount(path)
-    return False
+def mounts_at(path: Path) -> int:
+    """How many mounts are stacked at ``path`` (a bind of a directory onto itself counts: it is on
+    the same device, which ``os.path.ismount`` cannot tell)."""
+    target = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as fh:
+        return sum(1 for line in fh if line.split()[4] == target)
 
 
 def release_mount_point(path: Path) -> None:
     """Unmount everything stacked on ``path`` and remove the directory; gone already is fine."""
     for _ in range(8):
-        if not is_mount_point(path) or not unmount(path):
+        if not mounts_at(path) or not unmount(path):
             break
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(path)
