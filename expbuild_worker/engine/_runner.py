@@ -250,6 +250,7 @@ class LocalActionRunner:
             image=action.image,
             platform_properties=action.platform_properties,
             timeout_seconds=action.timeout_seconds or self._limits.default_timeout_seconds,
+            recycle_runner=action.recycle_runner,
         )
 
     async def _run_command(

@@ -84,6 +84,8 @@ class Command:
     image: str | None = None
     platform_properties: Mapping[str, str] = field(default_factory=dict)
     timeout_seconds: float | None = None
+    recycle_runner: bool = False
+    """The action may run in a recycled pool container (see ``Action.recycle_runner``)."""
 
 
 class Executor(Protocol):

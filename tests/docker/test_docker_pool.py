@@ -63,7 +63,7 @@ async def run(
         working_directory="",
         stdin=b"",
         limits=limits,
-        platform_properties={"recycle-runner": "true"} if recycle else {},
+        recycle_runner=recycle,  # as the engine passes an own-API or REAPI request's choice
     )
     stop = StopSignal()
     out = bytearray()

@@ -205,3 +205,16 @@ def test_pack_root_gives_directories_to_the_command_user_and_keeps_links(tmp_pat
     assert (members["root"].uid, members["root/sub"].gid) == (4242, 4243)
     assert members["root/sub/f"].uid == os.getuid()
     assert members["root/link"].issym() and members["root/link"].linkname == "sub/f"
+
+
+def test_the_own_api_asks_for_a_recycled_container_by_field_or_property() -> None:
+    """recycle_runner on the wire, or the REAPI-style platform property, reaches the engine's action."""
+    from expbuild_worker.api.v1 import worker_pb2 as pb
+    from expbuild_worker.frontdoors.worker_v1._translate import action_from_pb
+
+    by_field = action_from_pb(pb.ExecuteRequest(argv=["true"], recycle_runner=True))
+    by_property = action_from_pb(
+        pb.ExecuteRequest(argv=["true"], platform_properties={"recycle-runner": "true"})
+    )
+    plain = action_from_pb(pb.ExecuteRequest(argv=["true"]))
+    assert by_field.recycle_runner and by_property.recycle_runner and not plain.recycle_runner

@@ -138,7 +138,7 @@ class InputSymlink(_message.Message):
     def __init__(self, path: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("execution_id", "argv", "environment", "working_directory", "input_files", "input_directories", "input_symlinks", "output_files", "output_directories", "stdin", "timeout", "limits", "executor", "container_image", "platform_properties", "omit_output_contents")
+    __slots__ = ("execution_id", "argv", "environment", "working_directory", "input_files", "input_directories", "input_symlinks", "output_files", "output_directories", "stdin", "timeout", "limits", "executor", "container_image", "platform_properties", "omit_output_contents", "recycle_runner")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class ExecuteRequest(_message.Message):
     CONTAINER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     OMIT_OUTPUT_CONTENTS_FIELD_NUMBER: _ClassVar[int]
+    RECYCLE_RUNNER_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     environment: _containers.ScalarMap[str, str]
@@ -185,7 +186,8 @@ class ExecuteRequest(_message.Message):
     container_image: str
     platform_properties: _containers.ScalarMap[str, str]
     omit_output_contents: bool
-    def __init__(self, execution_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., working_directory: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., input_directories: _Optional[_Iterable[_Union[InputDirectory, _Mapping]]] = ..., input_symlinks: _Optional[_Iterable[_Union[InputSymlink, _Mapping]]] = ..., output_files: _Optional[_Iterable[str]] = ..., output_directories: _Optional[_Iterable[str]] = ..., stdin: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., executor: _Optional[_Union[ExecutorSelector, _Mapping]] = ..., container_image: _Optional[str] = ..., platform_properties: _Optional[_Mapping[str, str]] = ..., omit_output_contents: _Optional[bool] = ...) -> None: ...
+    recycle_runner: bool
+    def __init__(self, execution_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., environment: _Optional[_Mapping[str, str]] = ..., working_directory: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., input_directories: _Optional[_Iterable[_Union[InputDirectory, _Mapping]]] = ..., input_symlinks: _Optional[_Iterable[_Union[InputSymlink, _Mapping]]] = ..., output_files: _Optional[_Iterable[str]] = ..., output_directories: _Optional[_Iterable[str]] = ..., stdin: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., executor: _Optional[_Union[ExecutorSelector, _Mapping]] = ..., container_image: _Optional[str] = ..., platform_properties: _Optional[_Mapping[str, str]] = ..., omit_output_contents: _Optional[bool] = ..., recycle_runner: _Optional[bool] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("accepted", "started", "log", "output_chunk", "result")

@@ -423,10 +423,14 @@ class DockerExecutor:
         unenforced: set[ResourceLimit] = set()
         if self._io_mode == "archive":  # it writes to a volume on the daemon, not the action directory
             unenforced.add(ResourceLimit.DISK)
+        # Under a virtualizing runtime (gVisor) the command's processes are not host processes:
+        # the PIDs limit bounds only the runtime's own threads, and a fork burst ends the whole
+        # sandbox instead of failing fork(). Not a process limit, so not claimed as one.
+        virtualized = is_virtualized_runtime(self._config.runtime)
         for limit, supported in (
             (ResourceLimit.CPU, facts is None or facts.cpu_quota),
             (ResourceLimit.MEMORY, facts is None or facts.memory_limit),
-            (ResourceLimit.PROCESSES, facts is None or facts.pids_limit),
+            (ResourceLimit.PROCESSES, (facts is None or facts.pids_limit) and not virtualized),
         ):
             (enforced if supported else unenforced).add(limit)
         details = {
@@ -1105,9 +1109,10 @@ class DockerExecutor:
         """Take a pool container for ``run``, if the pool has one of its shape."""
         if self._pool is None or self._cgroups is None:
             return False
-        run.recycle = command.platform_properties.get(RECYCLE_PROPERTY, "").lower() == "true" and (
-            self._hardening.readonly_rootfs
+        asked = (
+            command.recycle_runner or command.platform_properties.get(RECYCLE_PROPERTY, "").lower() == "true"
         )
+        run.recycle = asked and self._hardening.readonly_rootfs
         slot = self._pool.take(PoolKey.of(image, network_mode, command.limits), recycled=run.recycle)
         if slot is None:
             return False

@@ -140,6 +140,8 @@ def action_from_pb(req: pb.ExecuteRequest) -> Action:
         image=req.container_image or None,
         platform_properties=dict(req.platform_properties),
         retain_outputs=req.omit_output_contents,
+        recycle_runner=req.recycle_runner
+        or req.platform_properties.get("recycle-runner", "").lower() == "true",
     )
 
 
