@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from expbuild_worker.cli._serve import first_stop_signal
 from expbuild_worker.composition import build_bot, build_worker, check_bot_config
 from expbuild_worker.config import WorkerConfig, load_config
 from expbuild_worker.errors import WorkerError
@@ -71,11 +72,7 @@ async def _run(config: WorkerConfig) -> None:
     bot.start()
     # One parseable line: scripts and tests read the bot's id and scheduler here.
     print(f"expbuild-worker bot {bot.settings.bot_id} serving {config.bot.scheduler}", flush=True)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await stop_requested.wait()
+    await first_stop_signal()
     grace = config.server.shutdown_grace_seconds
     _log.info(
         "leaving: running leases get %gs to finish, the rest are handed back; a second signal hands "
@@ -84,7 +81,7 @@ async def _run(config: WorkerConfig) -> None:
     )
     leave = asyncio.ensure_future(bot.drain(grace))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.drain(0)))
+        asyncio.get_running_loop().add_signal_handler(sig, lambda: asyncio.ensure_future(bot.drain(0)))
     await leave
     await bot.close()
     await worker.shutdown(0)

@@ -48,6 +48,15 @@ def _apply_overrides(config: WorkerConfig, args: argparse.Namespace) -> WorkerCo
     return dataclasses.replace(config, server=server)
 
 
+async def first_stop_signal() -> None:
+    """Return at the first SIGTERM or SIGINT; what a second one does, the caller installs after."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+
+
 async def _serve(config: WorkerConfig) -> None:
     running = await start_server(config)
     bot = None
@@ -60,11 +69,7 @@ async def _serve(config: WorkerConfig) -> None:
         bot.start()
     # One parseable line: scripts and tests that start the worker on port 0 read the port here.
     print(f"expbuild-worker listening on {running.target}", flush=True)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await stop_requested.wait()
+    await first_stop_signal()
     engine = running.worker.engine
     queued = engine.queued_count
     _log.info(
@@ -75,7 +80,7 @@ async def _serve(config: WorkerConfig) -> None:
         queued,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, engine.cancel_all)
+        asyncio.get_running_loop().add_signal_handler(sig, engine.cancel_all)
     if bot is not None:  # leave the scheduler first: its leases finish or go back, no new ones come
         await bot.drain(config.server.shutdown_grace_seconds)
         await bot.close()
