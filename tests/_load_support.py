@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _support import is_spawner
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -522,7 +523,7 @@ class WorkerProcess:
             hwm_kib=int(status["VmHWM"]),
             threads=len(os.listdir(f"/proc/{self.pid}/task")),
             fds=fds,
-            children=frozenset(children),
+            children=frozenset(pid for pid in children if not is_spawner(pid)),
         )
 
     def action_directories(self) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine._workdirs import SPARE_DIRECTORIES
+from expbuild_worker.execution.process._spawner import PROGRAM as SPAWNER_PROGRAM
 
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 
@@ -88,6 +89,16 @@ def pid_alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):  # gone before open, or between open and read
+        return False
+
+
+def is_spawner(pid: int) -> bool:
+    """Whether ``pid`` is an executor's spawner: a helper that lives as long as its executor, not
+    a process of any action."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return SPAWNER_PROGRAM.encode() in fh.read()
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 

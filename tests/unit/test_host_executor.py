@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -81,6 +84,7 @@ def make_executor(
     cgroups: CgroupMode = "auto",
     mountinfo: str | None = None,
     name: str = "host",
+    run_as: tuple[int, int] | None = None,
 ) -> HostExecutor:
     executor = HostExecutor(
         name=name,
@@ -91,6 +95,7 @@ def make_executor(
         cgroups=cgroups,
         worker_id=WORKER,
         mountinfo=mountinfo,
+        run_as=run_as,
     )
     _MADE.append(executor)
     return executor
@@ -981,3 +986,80 @@ def test_capabilities_with_cgroups_enforce_memory_and_processes() -> None:
     assert {ResourceLimit.CPU, ResourceLimit.NETWORK} <= caps.unenforced_limits
     assert caps.details["cgroups"].startswith("v")
     assert "cgroup" in caps.details["memory"] and "pids.max" in caps.details["processes"]
+
+
+# ---- the spawner (commands of another user are forked outside the worker) ---------------------
+
+NOBODY = (65534, 65534)
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="only root runs commands as another user")
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory an unprivileged command can reach (pytest's own are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="expbuild-spawner-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+def test_commands_of_another_user_run_with_stdin_limits_and_exit_codes(public_dir: Path) -> None:
+    """Through the spawner, a command gets its user, stdin, rlimit-free cgroup, exit code and usage."""
+    script = "id -u; id -G; cat; exit 3"
+    result = run(execute(sh(public_dir, script, stdin=b"in\n"), executor=make_executor(run_as=NOBODY)))
+    assert result.stdout == b"65534\n65534\nin\n"
+    assert result.outcome.status is ExecutionStatus.COMPLETED and result.outcome.exit_code == 3
+    assert result.outcome.usage.user_cpu_seconds is not None
+
+
+@needs_root
+def test_a_command_the_spawner_cannot_start_fails_to_start_naming_it(public_dir: Path) -> None:
+    """A missing working directory is FAILED_TO_START with the same message as without a spawner."""
+    cmd = command(public_dir, "/bin/true", working_directory="missing")
+    result = run(execute(cmd, executor=make_executor(run_as=NOBODY)))
+    assert result.outcome.status is ExecutionStatus.FAILED_TO_START
+    assert "working directory 'missing'" in result.outcome.message
+
+
+@needs_root
+def test_a_spawner_that_dies_ends_its_commands_and_is_replaced(public_dir: Path) -> None:
+    """Killing the spawner kills what it started (nothing leaks), the action ends at once saying its
+    status is lost, and the next command gets a new spawner."""
+
+    async def scenario() -> tuple[Result, Result, int]:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        spawner = executor._runner.spawner
+        assert spawner.pid is not None
+        seen: list[ExecutorEvent] = []
+        events = executor.execute(sh(public_dir, SPAWNS_GRANDCHILD), StopSignal())
+        await until_stdout(events, b"ready", seen)
+        os.kill(spawner.pid, signal.SIGKILL)
+        first = await collect(events, seen)
+        second = await execute(sh(public_dir, "echo again"), executor=executor)
+        return first, second, spawner.started
+
+    first, second, started = run(scenario())
+    assert first.outcome.status is ExecutionStatus.INTERNAL
+    assert "exit status is lost" in first.outcome.message
+    assert wait_gone(int((public_dir / "leader").read_text()))
+    assert wait_gone(int((public_dir / "grandchild").read_text()))
+    assert second.stdout == b"again\n" and started == 2
+
+
+@needs_root
+def test_close_stops_the_spawner(public_dir: Path) -> None:
+    """A closed executor leaves no spawner process behind."""
+
+    async def scenario() -> int:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        pid = executor._runner.spawner.pid
+        assert pid is not None
+        await executor.close()
+        return pid
+
+    assert wait_gone(run(scenario()))

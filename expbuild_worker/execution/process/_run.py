@@ -410,20 +410,19 @@ class Run:
 
     def _reap(self) -> bool:
         """wait4 the leader if it has exited; True once reaped (or lost to another reaper)."""
+        reaped: tuple[int, resource.struct_rusage | None] | None
         try:
-            pid, status, usage = os.wait4(self._pid, os.WNOHANG)
-        except ChildProcessError:
-            self._notes.append(f"process {self._pid} was reaped by someone else; its exit status is lost")
-            pid, status, usage = self._pid, -1, None
-        if pid == 0:
+            reaped = self._child.reap()
+        except ChildProcessError as err:
+            self._notes.append(f"process {self._pid}: its exit status is lost ({err.strerror or err})")
+            reaped = (-1, None)
+        if reaped is None:
             return False
         self._reaped = True
         self.ended_at = time.time()
+        status, usage = reaped
         if usage is not None:
             self._status, self._usage = status, usage
-            self._child.popen.returncode = os.waitstatus_to_exitcode(status)
-        else:
-            self._child.popen.returncode = -1
         if self._kill_timer is not None:
             self._kill_timer.cancel()
             self._kill_timer = None
@@ -433,18 +432,17 @@ class Run:
 
     def _reap_later(self) -> None:
         """Hand the pidfd to a callback that reaps the process whenever it finally dies."""
-        pidfd, pid, popen = self._pidfd, self._pid, self._child.popen
+        pidfd, pid, reap_child = self._pidfd, self._pid, self._child.reap
         self._pidfd = -1
         self._notes.append(f"process {pid} did not die within {REAP_SECONDS:g}s of SIGKILL; reaping it later")
         loop = self._loop
 
         def reap() -> None:
             with contextlib.suppress(ChildProcessError):
-                if os.wait4(pid, os.WNOHANG)[0] == 0:
+                if reap_child() is None:
                     return
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            popen.returncode = -1
 
         loop.add_reader(pidfd, reap)
 

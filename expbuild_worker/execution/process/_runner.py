@@ -19,6 +19,7 @@ from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.process._run import Run
 from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn
+from expbuild_worker.execution.process._spawner import Spawner
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -178,6 +179,7 @@ class ProcessRunner:
         self.root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
         """Whether processes run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
+        self._spawner = Spawner(name=name)
         self.closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
         self._check_default_limits(processes=cgroups == "off")
@@ -189,6 +191,14 @@ class ProcessRunner:
         self.activate()
         await self._remove_leftovers()
         self._make_spare_cgroups()
+        if self.run_as is not None:  # every command is forked by the spawner then: start it now
+            self._spawner.start()
+
+    @property
+    def spawner(self) -> Spawner:
+        """The small process that forks commands needing a full fork (a user switch, a cgroup or
+        rlimits to apply before exec), so the worker itself never forks."""
+        return self._spawner
 
     @property
     def cgroups(self) -> ActionCgroups | None:
@@ -309,10 +319,11 @@ class ProcessRunner:
                 leaf = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
-                if limits.memory_bytes is None and pids_max is None and self._cgroups.moves_threads:
+                vfork = self.run_as is None and limits.memory_bytes is None and pids_max is None
+                if vfork and self._cgroups.moves_threads:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
-                    join = leaf.procs  # the forked child enters before exec
+                    join = leaf.procs  # the forked child enters before exec (in the spawner)
             if self.run_as is not None:
                 await _hand_over(command.root, self.run_as, join)
             with born_inside:
@@ -326,6 +337,7 @@ class ProcessRunner:
                     rlimits=rlimits,
                     join=join,
                     user=self.run_as,
+                    spawner=self._spawner,
                 )
         except SpawnFailure as failure:
             self._dispose(leaf)
@@ -390,6 +402,7 @@ class ProcessRunner:
             )
         while self._spare_cgroups:
             self._dispose(self._spare_cgroups.pop())
+        self._spawner.close()
         await self._remove_leftovers()
         if self._cgroups is not None:
             self._cgroups.remove_base()

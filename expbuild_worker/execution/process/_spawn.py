@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import resource
 import signal
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild_worker.errors import InternalError
+from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone, SpawnRefused
 
 GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
 """gRPC's fork handlers, on by default in grpcio, start threads in a forked child; a child forked
@@ -43,16 +45,22 @@ class Rlimit:
     value: int
 
 
+Reaper = Callable[[], "tuple[int, resource.struct_rusage] | None"]
+"""wait4 of a started command without blocking: (wait status, usage) once it exited, None while
+it runs; raises ChildProcessError when its exit status is lost (someone else reaped it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Child:
-    """A started command; the caller owns every descriptor here and must close it."""
+    """A started command; the caller owns every descriptor here and must close it, and must
+    ``reap`` the process (whoever forked it: this process or the spawner)."""
 
-    popen: subprocess.Popen[bytes]
     pid: int
     pidfd: int
     stdout_fd: int
     stderr_fd: int
     stdin_fd: int | None  # None when stdin is /dev/null
+    reap: Reaper
 
 
 def resolve_executable(argv0: str, environment: Mapping[str, str], cwd: Path) -> str:
@@ -102,6 +110,7 @@ def spawn(
     rlimits: Sequence[Rlimit],
     join: Sequence[str] = (),
     user: tuple[int, int] | None = None,
+    spawner: Spawner | None = None,
 ) -> Child:
     """Start ``argv`` in its own session with piped stdout/stderr (and stdin when given).
 
@@ -111,8 +120,9 @@ def spawn(
     worker must be root); None runs it as the worker's own user. Raises SpawnFailure when the
     command cannot be started (missing, not executable, bad working directory, cgroup refused)
     and InternalError when the worker itself runs out of descriptors.
-    Without rlimits or ``join`` CPython spawns with vfork (fast); a preexec_fn forces a full
-    fork (here ~1.5 ms more), so one is passed only when a limit must be applied before exec.
+    Without rlimits, ``join`` or ``user`` CPython spawns with vfork (fast); any of them forces a
+    full fork, which costs in proportion to the forking process's address space: with a
+    ``spawner`` such a command is forked by that small process instead of this one.
     """
     argv0 = argv[0]
     mine: list[int] = []  # parent ends, closed on failure
@@ -143,39 +153,108 @@ def spawn(
         _close_all(mine + theirs)
         raise InternalError(f"could not create pipes for {argv0!r}: {err.strerror}") from err
     try:
-        popen = subprocess.Popen(
-            list(argv),
+        how = _How(
+            argv=argv,
             executable=executable,
-            stdin=in_r,
-            stdout=out_w,
-            stderr=err_w,
-            cwd=str(cwd),
-            env=dict(environment),
-            start_new_session=True,
-            close_fds=True,
-            user=user[0] if user is not None else None,
-            group=user[1] if user is not None else None,
-            extra_groups=[] if user is not None else None,
-            # Only cgroup writes and setrlimit run in the forked child; CPython's fork hooks make
-            # that safe next to threads.
-            preexec_fn=_prepare_child(join, rlimits) if join or rlimits else None,  # noqa: PLW1509
+            cwd=cwd,
+            environment=environment,
+            fds=(in_r, out_w, err_w),
+            user=user,
+            join=join,
+            rlimits=rlimits,
         )
+        if spawner is not None and (user is not None or join or rlimits):
+            pid, pidfd, reap = _spawn_outside(spawner, how)
+        else:
+            pid, pidfd, reap = _spawn_here(how)
     except (OSError, ValueError, subprocess.SubprocessError) as err:
         _close_all(mine)
         raise SpawnFailure(
             _describe(err, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
         ) from err
+    except BaseException:
+        _close_all(mine)
+        raise
     finally:
         _close_all(theirs)
+    for fd in mine:
+        os.set_blocking(fd, False)
+    return Child(pid=pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w, reap=reap)
+
+
+@dataclass(frozen=True, slots=True)
+class _How:
+    """What to start: ``fds`` are stdin (``subprocess.DEVNULL`` for none), stdout and stderr."""
+
+    argv: Sequence[str]
+    executable: str
+    cwd: Path
+    environment: Mapping[str, str]
+    fds: tuple[int, int, int]
+    user: tuple[int, int] | None
+    join: Sequence[str]
+    rlimits: Sequence[Rlimit]
+
+
+def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
+    """Fork and exec in this process: (pid, pidfd, reaper). Raises what Popen raises."""
+    popen = subprocess.Popen(
+        list(how.argv),
+        executable=how.executable,
+        stdin=how.fds[0],
+        stdout=how.fds[1],
+        stderr=how.fds[2],
+        cwd=str(how.cwd),
+        env=dict(how.environment),
+        start_new_session=True,
+        close_fds=True,
+        user=how.user[0] if how.user is not None else None,
+        group=how.user[1] if how.user is not None else None,
+        extra_groups=[] if how.user is not None else None,
+        # Only cgroup writes and setrlimit run in the forked child; CPython's fork hooks make
+        # that safe next to threads.
+        preexec_fn=_prepare_child(how.join, how.rlimits) if how.join or how.rlimits else None,  # noqa: PLW1509
+    )
     try:
         pidfd = os.pidfd_open(popen.pid)
     except OSError as err:
         _kill_and_reap(popen)
-        _close_all(mine)
-        raise InternalError(f"could not watch process {popen.pid} ({argv0!r}): {err.strerror}") from err
-    for fd in mine:
-        os.set_blocking(fd, False)
-    return Child(popen=popen, pid=popen.pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w)
+        raise InternalError(f"could not watch process {popen.pid} ({how.argv[0]!r}): {err.strerror}") from err
+
+    def reap() -> tuple[int, resource.struct_rusage] | None:
+        try:
+            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+        except ChildProcessError:
+            popen.returncode = -1  # so that Popen never waits for it again
+            raise
+        if pid == 0:
+            return None
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        return status, usage
+
+    return popen.pid, pidfd, reap
+
+
+def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper]:
+    """Have the spawner fork and exec: (pid, pidfd, reaper). Raises what its Popen raised, or
+    InternalError when the spawner is unavailable."""
+    given = how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds
+    try:
+        pid, pidfd = spawner.spawn(
+            argv=how.argv,
+            executable=how.executable,
+            cwd=str(how.cwd),
+            environment=dict(how.environment),
+            fds=given,
+            user=how.user,
+            join=how.join,
+            rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
+        )
+    except SpawnRefused as refused:
+        raise refused.error from refused
+    except SpawnerGone as err:
+        raise InternalError(f"the spawner process died while starting {how.argv[0]!r}: {err}") from err
+    return pid, pidfd, functools.partial(spawner.reap, pid)
 
 
 def _prepare_child(join: Sequence[str], rlimits: Sequence[Rlimit]) -> Callable[[], None]:
