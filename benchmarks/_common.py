@@ -73,7 +73,7 @@ def mb_s(seconds: float, n: int) -> str:
 def toml_of(config: dict[str, Any]) -> str:
     """A worker config as TOML; strings as JSON strings, which TOML reads the same."""
     lines: list[str] = []
-    for table in ("server", "execution", "storage", "worker_api", "reapi"):
+    for table in ("server", "execution", "storage", "worker_api", "reapi", "metrics"):
         if table in config:
             lines.append(f"[{table}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in config[table].items()]

@@ -29,10 +29,12 @@ import argparse
 import asyncio
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -49,6 +51,7 @@ from _bazelkit import ACTIONS, Bazel, BazelFailed, remote_flags  # noqa: E402
 from _common import interleaved, work_directory, worker_target  # noqa: E402
 from bench_host import CHANNEL_OPTIONS, ECHO_METHOD, ENV, baseline_target, run_action, true_request  # noqa: E402
 from google.rpc import code_pb2  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb  # noqa: E402
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc  # noqa: E402
@@ -66,6 +69,8 @@ def _worker_config(work: Path) -> dict[str, Any]:
             "worker_id": f"bench-reapi-{os.getpid()}",  # its own: another worker may run on this host
         },
         "execution": {"work_root": str(work / "work"), "max_concurrent_executions": 2},
+        # Scraped after one more cold Bazel build: where the worker's share of the time goes.
+        "metrics": {"enabled": True, "address": "127.0.0.1", "port": METRICS_PORT},
         "storage": {"path": str(work / "cas")},
         "executor": {"host": {"type": "host"}},
     }
@@ -148,6 +153,58 @@ def _local_strategy(bazel: Bazel) -> str:
     raise RuntimeError("neither linux-sandbox nor processwrapper-sandbox builds the workspace here")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+METRICS_PORT = _free_port()
+
+
+def _scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the worker's metrics endpoint, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def where_the_time_goes(bazel: Bazel, target: str) -> None:
+    """One more cold build, with the worker's metrics read before and after: per RPC method the
+    calls and the seconds the worker spent in them, per action stage the seconds; the rest of
+    the wall time is Bazel's (digests, Merkle trees, its own scheduling) and the transport."""
+    before = _scrape()
+    bazel("clean")
+    wall = _wall(lambda: bazel("build", *remote_flags(target, *_salted("where"))))
+    after = _scrape()
+
+    def delta(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {
+            labels: value - before.get((metric, labels), 0.0)
+            for (metric, labels), value in after.items()
+            if metric == name and value - before.get((metric, labels), 0.0) > 0
+        }
+
+    print(f"  where the time goes in one more cold build ({wall:.2f} s wall):")
+    calls = delta("expbuild_worker_rpcs_total")
+    seconds = delta("expbuild_worker_rpc_duration_seconds_sum")
+    by_method: dict[str, list[float]] = {}
+    for labels, count in calls.items():
+        method = dict(labels)["method"]
+        by_method.setdefault(method, [0.0, 0.0])[0] += count
+    for labels, spent in seconds.items():
+        by_method.setdefault(dict(labels)["method"], [0.0, 0.0])[1] += spent
+    for method, (count, spent) in sorted(by_method.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {method:<60} {int(count):4d} calls {spent * 1000:8.1f} ms")
+    stages = delta("expbuild_worker_action_stage_duration_seconds_sum")
+    for labels, spent in sorted(stages.items()):
+        print(f"    action stage {dict(labels).get('stage', '?'):<47} {spent * 1000:14.1f} ms")
+
+
 def _local_flags(strategy: str, salt: str) -> list[str]:
     return [
         f"--spawn_strategy={strategy}",
@@ -205,6 +262,7 @@ def bazel_rounds(binary: str, target: str, rounds: int) -> None:
             ratio = median[kind] / median["local"]
             print(f"  ratio remote {kind} / local: {ratio:.3f}   (target <= 1.5: "
                   f"{'met' if ratio <= 1.5 else 'NOT met'})")  # fmt: skip
+        where_the_time_goes(bazel, target)
     finally:
         try:
             bazel.shutdown()
