@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from expbuild_worker.cli._memory import fix_mmap_threshold
 from expbuild_worker.cli._serve import first_stop_signal
 from expbuild_worker.composition import build_bot, build_worker, check_bot_config
 from expbuild_worker.config import WorkerConfig, load_config
@@ -89,6 +90,7 @@ async def _run(config: WorkerConfig) -> None:
 
 
 def bot_main(args: argparse.Namespace) -> int:
+    fix_mmap_threshold()
     try:
         config = WorkerConfig() if args.config is None else load_config(args.config)
         config = _apply_overrides(config, args)

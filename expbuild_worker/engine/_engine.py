@@ -260,6 +260,7 @@ class ExecutionEngine:
         if key is not None and (running := self._table.in_flight(key)) is not None:
             return running
         execution = await self._admit(action, key=key)
+        execution.detached = True
         driver = asyncio.get_running_loop().create_task(self._drive(execution))
         self._drivers.add(driver)
         driver.add_done_callback(self._drivers.discard)

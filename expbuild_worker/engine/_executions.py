@@ -35,6 +35,9 @@ class Execution:
     """What identifies identical actions (a REAPI action digest); None = never shared."""
     caller: str = ""
     """Who asked for it (a token's name), for the action log."""
+    detached: bool = False
+    """Runs on its own (``ExecutionEngine.submit``): callers re-attach to it, so once finished it
+    is kept for a while; an execution driven by its caller is forgotten when it ends."""
     stop: StopSignal = dataclasses.field(default_factory=StopSignal)
     stage: ExecutionStage = ExecutionStage.QUEUED
     result: ActionResult | None = None
@@ -55,6 +58,11 @@ class Execution:
         self.result = result
         self.stage = ExecutionStage.COMPLETED
         self.finished_at = time.monotonic()
+        # Kept for a while in the table (WaitExecution): without what only running needed, so
+        # a thousand finished actions with large inline inputs or stdin cost little memory.
+        self.action = dataclasses.replace(
+            self.action, input_files=(), input_directories=(), input_symlinks=(), stdin=b"", environment={}
+        )
         self.done.set()
         self._wake()
 
@@ -78,9 +86,9 @@ class Execution:
 
 
 class ExecutionTable:
-    """Executions by id: every running one, and finished ones until ``keep_finished`` newer ones
-    have finished or ``finished_ttl_seconds`` have passed, so a caller may still fetch a result
-    after its stream dropped. Identical actions in flight are found by their key."""
+    """Executions by id: every running one, and finished detached ones until ``keep_finished``
+    newer ones have finished or ``finished_ttl_seconds`` have passed, so a caller may still fetch
+    a result after its stream dropped. Identical actions in flight are found by their key."""
 
     def __init__(self, *, keep_finished: int = 1000, finished_ttl_seconds: float = 600.0) -> None:
         self._keep = keep_finished
@@ -121,8 +129,9 @@ class ExecutionTable:
         self._active.pop(execution.execution_id, None)
         if execution.key is not None and self._by_key.get(execution.key) is execution:
             del self._by_key[execution.key]
-        self._finished[execution.execution_id] = execution
-        self._prune()
+        if execution.detached:
+            self._finished[execution.execution_id] = execution
+            self._prune()
 
     def _prune(self) -> None:
         horizon = time.monotonic() - self._ttl
