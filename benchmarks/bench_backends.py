@@ -1,9 +1,13 @@
-"""`true` through every backend in one run: host, sandbox, Docker, Podman and gVisor, as ratios of the host.
+"""`true` end to end through host, sandbox, Docker, Podman and gVisor in one run, as ratios of the host.
 
-Each executor is built as the worker builds it and driven directly (spawn or create, start,
-stream, wait, usage, clean-up: everything of an action but staging and output collection,
-which are the same for all). Rounds alternate between backends so that load on the shared
-machine falls on all alike. A backend that is missing here is reported, not measured.
+One worker process serves all five executors; each round sends the own API's Execute of `true`
+to each executor by name, alternating, so load on the shared machine falls on all alike. What
+is timed is what a client sees: the call from request to result (admission, staging, the
+executor's whole life of the action, collection, the result). Between two actions the worker is
+given SETTLE_SECONDS: a container's removal goes on after its result (by design), and without the
+pause its engine's work would be charged to whichever action comes next. Each backend then runs a
+batch of BATCH actions back to back, the first not counted. A backend that is missing
+or not ready here is reported, not measured.
 
     .venv/bin/python benchmarks/bench_backends.py [--rounds 20]
 """
@@ -19,41 +23,26 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from expbuild_worker.config import DockerExecutorConfig
-from expbuild_worker.execution.executor import Command, Executor, StopSignal
-from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.sandbox import SandboxExecutor
-from expbuild_worker.model import ExecutionStatus, ResourceLimits, RunOutcome
+from expbuild_worker.execution.host import disable_grpc_fork_handlers
+
+disable_grpc_fork_handlers()  # as the expbuild-worker command does, before grpc is imported
+
+import grpc  # noqa: E402
+from _common import work_directory, worker_target  # noqa: E402
+
+from expbuild_worker.api.v1 import worker_pb2 as pb  # noqa: E402
+from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 
 IMAGE = "expbuild-test/busybox:1"
-USER = (65534, 65534) if os.geteuid() == 0 else None
-LIMITS = ResourceLimits(memory_bytes=256 << 20, max_processes=256)
-
-
-def _process_executor(kind: str) -> Executor:
-    common = {
-        "kill_grace_seconds": 1.0,
-        "refuse_unenforceable_limits": False,
-        "default_limits": ResourceLimits(),
-        "max_limits": ResourceLimits(),
-        "worker_id": f"bench-{uuid.uuid4().hex[:8]}",
-        "run_as": USER,
-    }
-    if kind == "host":
-        return HostExecutor(name="host", **common)  # type: ignore[arg-type]
-    return SandboxExecutor(name="sandbox", **common)  # type: ignore[arg-type]
-
-
-def _docker_executor(name: str, **settings: object) -> Executor:
-    from expbuild_worker.execution.docker import build_docker_executor
-
-    config = DockerExecutorConfig(image=IMAGE, orphan_sweep_interval_seconds=0.0, **settings)  # type: ignore[arg-type]
-    return build_docker_executor(name=name, config=config, worker_id=f"bench-{uuid.uuid4().hex[:8]}")
+ENV = {"PATH": "/usr/bin:/bin"}
+SETTLE_SECONDS = 0.3
+BATCH = 4
 
 
 def _podman_ulimits() -> dict[str, int]:
@@ -65,7 +54,7 @@ def _podman_ulimits() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _podman_service(directory: Path) -> object:
+def _podman_service(directory: Path) -> Iterator[str]:
     """`podman system service` on a socket of its own for this run; stopped (by its pid) at the end."""
     address = f"unix://{directory}/podman.sock"
     service = subprocess.Popen(
@@ -83,81 +72,89 @@ def _podman_service(directory: Path) -> object:
         service.wait(10)
 
 
-async def _run_true(executor: Executor, root: Path) -> float:
-    os.mkdir(root)
-    command = Command(
-        execution_id=uuid.uuid4().hex,
-        argv=["true"],
-        environment={"PATH": "/usr/bin:/bin"},
-        root=root,
-        working_directory="",
-        stdin=b"",
-        limits=LIMITS,
-    )
+def _executors(podman: str | None) -> dict[str, dict[str, Any]]:
+    docker = {"type": "docker", "image": IMAGE, "orphan_sweep_interval_seconds": 0.0}
+    executors: dict[str, dict[str, Any]] = {
+        "host": {"type": "host"},
+        "sandbox": {"type": "sandbox"},
+        "docker": docker,
+        "gvisor": {**docker, "runtime": "runsc"},
+    }
+    if podman is not None:
+        executors["podman"] = {**docker, "docker_host": podman, **_podman_ulimits()}
+    return executors
+
+
+async def _run_true(stub: pb_grpc.WorkerServiceAsyncStub, executor: str) -> float:
+    request = pb.ExecuteRequest(argv=["true"], environment=ENV, executor=pb.ExecutorSelector(name=executor))
     began = time.perf_counter()
-    outcome = None
-    async with contextlib.aclosing(executor.execute(command, StopSignal())) as events:
-        async for event in events:
-            if isinstance(event, RunOutcome):
-                outcome = event
+    result = None
+    async for response in stub.Execute(request):
+        if response.WhichOneof("event") == "result":
+            result = response.result
     elapsed = time.perf_counter() - began
-    if outcome is None or outcome.status is not ExecutionStatus.COMPLETED or outcome.exit_code != 0:
-        raise RuntimeError(f"{executor.name}: `true` did not complete: {outcome}")
+    if result is None or result.status != pb.EXECUTION_STATUS_COMPLETED or result.exit_code != 0:
+        raise RuntimeError(f"{executor}: `true` did not complete: {result}")
     return elapsed
 
 
-async def _ready(name: str, executor: Executor, work: Path) -> str:
-    """'' when ``executor`` runs `true` here, else why not."""
-    try:
-        start = getattr(executor, "start", None)
-        if start is not None:
-            await start()
-        ready = await executor.readiness()
-        if not ready.ready:
-            return ready.message
-        await _run_true(executor, work / f"warm-{name}")
-    except Exception as err:
-        return str(err)
-    return ""
-
-
 async def main(rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        work = Path(tmp)
-        os.chmod(tmp, 0o755)  # the commands' user must reach its action directories, as under a work root
-        candidates: dict[str, Executor] = {
-            "host": _process_executor("host"),
-            "sandbox": _process_executor("sandbox"),
-        }
-        skipped: dict[str, str] = {}
-        try:
-            candidates["docker"] = _docker_executor("docker")
-            candidates["gvisor"] = _docker_executor("gvisor", runtime="runsc")
+    work = work_directory("expbuild-bench-backends-")
+    skipped: dict[str, str] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            podman = None
             if shutil.which("podman"):
                 (work / "podman").mkdir()
-                address = stack.enter_context(_podman_service(work / "podman"))  # type: ignore[arg-type]
-                candidates["podman"] = _docker_executor("podman", docker_host=address, **_podman_ulimits())
+                podman = stack.enter_context(_podman_service(work / "podman"))
             else:
                 skipped["podman"] = "podman is not installed"
-        except Exception as err:  # no Docker SDK or engine
-            skipped["docker"] = str(err)
-        executors: dict[str, Executor] = {}
-        for name, ex in candidates.items():
-            why = await _ready(name, ex, work)
-            if why:
-                skipped[name] = why
-                await ex.close()
-            else:
-                executors[name] = ex
-        times: dict[str, list[float]] = {name: [] for name in executors}
-        try:
-            for i in range(rounds):
-                for name, ex in executors.items():
-                    times[name].append(await _run_true(ex, work / f"{name}-{i}"))
-        finally:
-            for ex in executors.values():
-                await ex.close()
-    print(f"`true` end to end through each executor, {rounds} rounds alternating, {os.cpu_count()} cores")
+            config = {
+                "server": {
+                    "address": "127.0.0.1",
+                    "port": 0,
+                    "log_level": "warning",
+                    "shutdown_grace_seconds": 0.0,
+                    "worker_id": f"bench-{uuid.uuid4().hex[:8]}",
+                },
+                "execution": {"work_root": str(work / "work"), "max_concurrent_executions": 2},
+                "storage": {"path": str(work / "cas")},
+                "executor": _executors(podman),
+            }
+            async with (
+                worker_target("subprocess", config, work) as target,
+                grpc.aio.insecure_channel(target) as channel,
+            ):
+                stub = pb_grpc.WorkerServiceStub(channel)
+                caps = await stub.GetCapabilities(pb.GetCapabilitiesRequest())
+                ready = []
+                for ex in caps.executors:
+                    if not ex.ready:
+                        skipped[ex.name] = ex.readiness_message
+                        continue
+                    try:
+                        await _run_true(stub, ex.name)  # warm-up, and proof it runs here
+                        ready.append(ex.name)
+                    except Exception as err:
+                        skipped[ex.name] = str(err)
+                times: dict[str, list[float]] = {name: [] for name in ready}
+                for _ in range(rounds):
+                    for name in ready:
+                        # A batch per backend: the first action after the pause warms the path
+                        # up (an idle worker's first action pays cold caches) and is not
+                        # counted; the rest run back to back, as a busy worker's do.
+                        await asyncio.sleep(SETTLE_SECONDS)
+                        for i in range(BATCH):
+                            elapsed = await _run_true(stub, name)
+                            if i:
+                                times[name].append(elapsed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"`true` end to end (own API Execute) through each executor, {rounds} rounds alternating, "
+          f"{os.cpu_count()} cores")  # fmt: skip
+    if "host" not in times:
+        print("host not measured: no ratios")
+        return
     host = statistics.median(times["host"])
     print(f"{'backend':<10} {'median ms':>10} {'p90 ms':>10} {'ratio to host':>14}")
     for name, values in times.items():
