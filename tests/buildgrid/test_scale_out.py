@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -21,12 +22,21 @@ def test_two_bots_share_a_build_and_every_output_is_byte_exact(grid, bots, bazel
     first.wait_joined()
     second.wait_joined()
     bazel = Bazel(bazel_binary, tmp_path / "bazel", workspace_build(independent=20, chain=4))
-    _build_ok(bazel, grid)
+    output = _build_ok(bazel, grid)
     expected = expected_outputs(independent=20, chain=4)
     assert bazel.outputs(list(expected)) == expected
+    # Another test on the same scheduler may have built an identical action first: the scheduler
+    # then answers it from its action cache, and Bazel counts it as a cache hit.
+    hit = re.search(r"(\d+) remote cache hit", output)
+    ran = len(expected) - (int(hit.group(1)) if hit else 0)
+    # A bot logs a result once the scheduler has acknowledged it, which can come after Bazel
+    # already saw the build finish: give the last acknowledgements a moment to arrive.
+    deadline = time.monotonic() + 30
+    while len(first.reported()) + len(second.reported()) < ran and time.monotonic() < deadline:
+        time.sleep(0.2)
     one, two = len(first.reported()), len(second.reported())
     assert one > 0 and two > 0, f"actions per bot: {one} and {two}"
-    assert one + two >= len(expected), "every action ran on one of the bots"
+    assert one + two >= ran, f"every action that ran, ran on one of the bots: {one} + {two} of {ran}"
 
 
 def test_a_bot_killed_mid_build_leaves_its_work_to_the_other(grid, bots, bazel_binary, tmp_path: Path):
@@ -80,6 +90,9 @@ def test_the_bot_rejoins_a_restarted_scheduler_by_itself(grid, bots, bazel_binar
     _build_ok(after, grid)
     expected = expected_outputs(independent=3, chain=1)
     assert after.outputs(list(expected)) == expected
+    deadline = time.monotonic() + 30  # acknowledgements may trail the build's end, as above
+    while len(bot.reported()) <= reported and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert len(bot.reported()) > reported, "the restarted scheduler's work ran on the bot"
     assert bot.proc is not None and bot.proc.poll() is None, "the bot never crashed"
 
