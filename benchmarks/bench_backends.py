@@ -59,6 +59,7 @@ def _podman_service(directory: Path) -> Iterator[str]:
     address = f"unix://{directory}/podman.sock"
     service = subprocess.Popen(
         ["podman", "system", "service", "--time=0", address],
+        cwd=directory,  # conmon may drop an "oom" marker file in the service's working directory
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

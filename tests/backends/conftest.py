@@ -143,6 +143,9 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"unix://{directory}/podman.sock"
     service = subprocess.Popen(
         ["podman", "system", "service", "--time=0", address],
+        # conmon drops an "oom" marker file into the service's working directory when a
+        # container is OOM-killed (Podman 4.3 with the compat API): keep it out of the checkout.
+        cwd=directory,
         stdout=subprocess.DEVNULL,
         stderr=open(directory / "service.log", "wb"),  # noqa: SIM115 - closed with the process
     )
