@@ -52,6 +52,8 @@ bench: venv
 	$(BIN)/python benchmarks/bench_host.py
 	$(BIN)/python benchmarks/bench_docker.py
 	$(BIN)/python benchmarks/bench_reapi.py
+	$(BIN)/python benchmarks/bench_backends.py
+	$(BIN)/python benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
