@@ -706,6 +706,17 @@ def test_unenforceable_process_default_is_caught_at_start_when_cgroups_cannot_he
         run(executor.start())
 
 
+def test_a_closed_executor_is_not_ready_and_says_so() -> None:
+    async def scenario() -> Any:
+        executor = make_executor(cgroups="off", name="h1")
+        await executor.close()
+        return await executor.readiness()
+
+    readiness = run(scenario())
+    assert not readiness.ready
+    assert readiness.message == "host executor 'h1' is closed"
+
+
 def test_capabilities_without_cgroups_are_truthful_for_this_user() -> None:
     """Process limits count as enforced only when RLIMIT_NPROC binds this user; CPU and network never."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
@@ -93,11 +92,7 @@ class HostExecutor:
         return IsolationLevel.HOST
 
     async def readiness(self) -> Readiness:
-        if self._runner.closed:
-            return Readiness(False, f"host executor {self._name!r} is closed")
-        if not hasattr(os, "pidfd_open"):
-            return Readiness(False, "this platform has no pidfd_open (Linux 5.3 or later is needed)")
-        return Readiness(True)
+        return self._runner.readiness()
 
     async def capabilities(self) -> ExecutorCapabilities:
         """What this executor enforces, truthfully for the current user and machine: memory and

@@ -24,6 +24,7 @@ from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorEvent,
+    Readiness,
     ResourceLimit,
     ResourceLimits,
     RunOutcome,
@@ -286,6 +287,15 @@ class ProcessRunner:
             "processes": processes,
         }
         return enforced, details
+
+    def readiness(self) -> Readiness:
+        """Not ready once closed, or on a platform without ``pidfd_open``; the launcher's own
+        checks come after."""
+        if self.closed:
+            return Readiness(False, f"{self._kind} executor {self._name!r} is closed")
+        if not hasattr(os, "pidfd_open"):
+            return Readiness(False, "this platform has no pidfd_open (Linux 5.3 or later is needed)")
+        return Readiness(True)
 
     def check(self, limits: ResourceLimits) -> None:
         """Refuses what ``execute`` would: a limit this runner and its launcher cannot enforce

@@ -110,7 +110,7 @@ def spawn(
     rlimits: Sequence[Rlimit],
     join: Sequence[str] = (),
     user: tuple[int, int] | None = None,
-    spawner: Spawner | None = None,
+    spawner: Spawner,
 ) -> Child:
     """Start ``argv`` in its own session with piped stdout/stderr (and stdin when given).
 
@@ -120,9 +120,9 @@ def spawn(
     worker must be root); None runs it as the worker's own user. Raises SpawnFailure when the
     command cannot be started (missing, not executable, bad working directory, cgroup refused)
     and InternalError when the worker itself runs out of descriptors.
-    Without rlimits, ``join`` or ``user`` CPython spawns with vfork (fast); any of them forces a
-    full fork, which costs in proportion to the forking process's address space: with a
-    ``spawner`` such a command is forked by that small process instead of this one.
+    Without rlimits, ``join`` or ``user`` CPython spawns here with vfork (fast); any of them
+    forces a full fork, which costs in proportion to the forking process's address space, so
+    such a command is forked by the small ``spawner`` process instead of this one.
     """
     argv0 = argv[0]
     mine: list[int] = []  # parent ends, closed on failure
@@ -163,7 +163,7 @@ def spawn(
             join=join,
             rlimits=rlimits,
         )
-        if spawner is not None and (user is not None or join or rlimits):
+        if user is not None or join or rlimits:
             pid, pidfd, reap = _spawn_outside(spawner, how)
         else:
             pid, pidfd, reap = _spawn_here(how)
@@ -197,7 +197,8 @@ class _How:
 
 
 def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
-    """Fork and exec in this process: (pid, pidfd, reaper). Raises what Popen raises."""
+    """vfork and exec in this process (no user, cgroup or rlimits to apply before exec):
+    (pid, pidfd, reaper). Raises what Popen raises."""
     popen = subprocess.Popen(
         list(how.argv),
         executable=how.executable,
@@ -208,12 +209,6 @@ def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
         env=dict(how.environment),
         start_new_session=True,
         close_fds=True,
-        user=how.user[0] if how.user is not None else None,
-        group=how.user[1] if how.user is not None else None,
-        extra_groups=[] if how.user is not None else None,
-        # Only cgroup writes and setrlimit run in the forked child; CPython's fork hooks make
-        # that safe next to threads.
-        preexec_fn=_prepare_child(how.join, how.rlimits) if how.join or how.rlimits else None,  # noqa: PLW1509
     )
     try:
         pidfd = os.pidfd_open(popen.pid)
@@ -255,24 +250,6 @@ def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper]:
     except SpawnerGone as err:
         raise InternalError(f"the spawner process died while starting {how.argv[0]!r}: {err}") from err
     return pid, pidfd, functools.partial(spawner.reap, pid)
-
-
-def _prepare_child(join: Sequence[str], rlimits: Sequence[Rlimit]) -> Callable[[], None]:
-    """What the forked child does before exec: enter its cgroups (``0`` = the writer), set rlimits."""
-    paths = tuple(join)
-    pairs = [(limit.resource, limit.value) for limit in rlimits]
-
-    def prepare() -> None:
-        for path in paths:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        for kind, value in pairs:
-            resource.setrlimit(kind, (value, value))
-
-    return prepare
 
 
 def _describe(err: BaseException, *, argv0: str, cwd: str, working_directory: str) -> str:

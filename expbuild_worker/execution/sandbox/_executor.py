@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import posixpath
 import shutil
 import subprocess
@@ -223,11 +222,8 @@ class SandboxExecutor:
         return self._probe
 
     async def readiness(self) -> Readiness:
-        if self._runner.closed:
-            return Readiness(False, f"sandbox executor {self._name!r} is closed")
-        if not hasattr(os, "pidfd_open"):
-            return Readiness(False, "this platform has no pidfd_open (Linux 5.3 or later is needed)")
-        return await self._probe_bwrap()
+        ready = self._runner.readiness()
+        return await self._probe_bwrap() if ready.ready else ready
 
     async def capabilities(self) -> ExecutorCapabilities:
         """Memory and processes as the runner enforces them (cgroups, else rlimits); NETWORK (no
