@@ -7,15 +7,12 @@ import asyncio
 import dataclasses
 import logging
 import signal
-import sys
 from typing import Any
 
-from expbuild_worker.cli._memory import fix_mmap_threshold
-from expbuild_worker.cli._serve import first_stop_signal
+from expbuild_worker.cli._serve import first_stop_signal, run_command
 from expbuild_worker.composition import build_bot, build_worker, check_bot_config
-from expbuild_worker.config import WorkerConfig, load_config
+from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import WorkerError
-from expbuild_worker.logging_setup import configure_logging
 
 _log = logging.getLogger("expbuild_worker")
 
@@ -90,18 +87,9 @@ async def _run(config: WorkerConfig) -> None:
 
 
 def bot_main(args: argparse.Namespace) -> int:
-    fix_mmap_threshold()
-    try:
-        config = WorkerConfig() if args.config is None else load_config(args.config)
+    def configure(config: WorkerConfig) -> WorkerConfig:
         config = _apply_overrides(config, args)
         check_bot_config(config)
-    except WorkerError as err:
-        print(f"expbuild-worker: {err}", file=sys.stderr)
-        return 2
-    configure_logging(config.server.log_level, config.server.log_format)
-    try:
-        asyncio.run(_run(config))
-    except WorkerError as err:
-        print(f"expbuild-worker: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return config
+
+    return run_command(args, configure, _run)

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from expbuild_worker.cli._memory import fix_mmap_threshold
@@ -90,18 +91,31 @@ async def _serve(config: WorkerConfig) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    fix_mmap_threshold()
-    try:
-        config = WorkerConfig() if args.config is None else load_config(args.config)
+    def configure(config: WorkerConfig) -> WorkerConfig:
         config = _apply_overrides(config, args)
         if config.bot.enabled:
             check_bot_config(config)
+        return config
+
+    return run_command(args, configure, _serve)
+
+
+def run_command(
+    args: argparse.Namespace,
+    configure: Callable[[WorkerConfig], WorkerConfig],
+    run: Callable[[WorkerConfig], Coroutine[Any, Any, None]],
+) -> int:
+    """Load ``--config``, let ``configure`` apply the command's options and checks, then ``run``:
+    2 for a configuration error, 1 for an error while running, 0 otherwise."""
+    fix_mmap_threshold()
+    try:
+        config = configure(WorkerConfig() if args.config is None else load_config(args.config))
     except WorkerError as err:
         print(f"expbuild-worker: {err}", file=sys.stderr)
         return 2
     configure_logging(config.server.log_level, config.server.log_format)
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(run(config))
     except WorkerError as err:
         print(f"expbuild-worker: {err}", file=sys.stderr)
         return 1

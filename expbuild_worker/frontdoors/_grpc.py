@@ -58,41 +58,58 @@ class _Capture:
         self.services.append((service, dict(handlers)))
 
 
-def _decoding_in_handler(handler: Handler, method: str) -> Handler:
-    decode: Decode | None = handler.request_deserializer
-    if decode is None:
-        return handler
-    encode = handler.response_serializer
+_MAKERS: dict[tuple[bool, bool], Any] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rewrap(handler: Handler, wrap: Callable[[Any], Any], *, decodes: bool = False) -> Handler:
+    """A handler of ``handler``'s kind whose behaviour is ``wrap(its behaviour)``. With
+    ``decodes``, the new behaviour receives the raw request bytes and decodes them itself."""
     # grpc types handlers for its synchronous server; ours are coroutines, hence Any.
     behaviour: Any = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
-    make: Any
-    if handler.request_streaming:
+    make = _MAKERS[(handler.request_streaming, handler.response_streaming)]
+    return cast(
+        Handler,
+        make(
+            wrap(behaviour),
+            request_deserializer=None if decodes else handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        ),
+    )
 
-        async def streaming(requests: AsyncIterator[bytes], context: Any) -> Any:
+
+def _decoding_in_handler(handler: Handler, method: str) -> Handler:
+    decode: Decode | None = handler.request_deserializer
+    if decode is None:
+        return handler
+
+    def streaming(behaviour: Any) -> Any:
+        async def decoding(requests: AsyncIterator[bytes], context: Any) -> Any:
             return await behaviour(_decoded(requests, decode, method), context)
 
-        if handler.response_streaming:
-            make = grpc.stream_stream_rpc_method_handler
-        else:
-            make = grpc.stream_unary_rpc_method_handler
-        return cast(Handler, make(streaming, request_deserializer=None, response_serializer=encode))
+        return decoding
 
-    async def unary(raw: bytes, context: Any) -> Any:
-        try:
-            # A large request is parsed on a thread: tens of MiB take the event loop (and every
-            # other call, health included) for a noticeable time otherwise.
-            request = await asyncio.to_thread(decode, raw) if len(raw) > DECODE_INLINE_BYTES else decode(raw)
-        except DecodeError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(method, err))
-        return await behaviour(request, context)
+    def unary(behaviour: Any) -> Any:
+        async def decoding(raw: bytes, context: Any) -> Any:
+            try:
+                # A large request is parsed on a thread: tens of MiB take the event loop (and every
+                # other call, health included) for a noticeable time otherwise.
+                request = (
+                    await asyncio.to_thread(decode, raw) if len(raw) > DECODE_INLINE_BYTES else decode(raw)
+                )
+            except DecodeError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(method, err))
+            return await behaviour(request, context)
 
-    if handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.unary_unary_rpc_method_handler
-    return cast(Handler, make(unary, request_deserializer=None, response_serializer=encode))
+        return decoding
+
+    return rewrap(handler, streaming if handler.request_streaming else unary, decodes=True)
 
 
 async def _decoded(requests: AsyncIterator[bytes], decode: Decode, method: str) -> AsyncIterator[Any]:

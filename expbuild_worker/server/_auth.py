@@ -15,7 +15,7 @@ import grpc
 from expbuild_worker.config import ServerConfig
 from expbuild_worker.engine import CALLER
 from expbuild_worker.errors import ConfigError
-from expbuild_worker.frontdoors._grpc import Handler
+from expbuild_worker.frontdoors._grpc import Handler, rewrap
 
 _log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class TokenCheck(grpc.aio.ServerInterceptor):
                 presented = value
         name = self._match(presented)
         if name is None:
-            return _replace_behaviour(handler, _deny)
-        return _replace_behaviour(handler, _as_caller(name))
+            return rewrap(handler, _deny)
+        return rewrap(handler, _as_caller(name))
 
     def _match(self, presented: str) -> str | None:
         if not presented.lower().startswith(_BEARER):
@@ -96,21 +96,6 @@ def _as_caller(name: str) -> Callable[[Any], Any]:
         return as_caller
 
     return wrap
-
-
-def _replace_behaviour(handler: Handler, wrap: Callable[[Any], Any]) -> Handler:
-    kind = (handler.request_streaming, handler.response_streaming)
-    make, behaviour = {
-        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
-        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
-        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
-        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
-    }[kind]
-    return make(
-        wrap(behaviour),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 def server_credentials(server: ServerConfig, source: str) -> grpc.ServerCredentials:

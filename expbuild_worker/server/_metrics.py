@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from expbuild_worker.config import WorkerConfig
 from expbuild_worker.errors import ConfigError, UnavailableError
-from expbuild_worker.frontdoors._grpc import Handler
-from expbuild_worker.server._auth import _replace_behaviour, is_loopback
+from expbuild_worker.frontdoors._grpc import Handler, rewrap
+from expbuild_worker.server._auth import is_loopback
 
 _log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return _replace_behaviour(handler, self._measured(details.method.lstrip("/")))
+        return rewrap(handler, self._measured(details.method.lstrip("/")))
 
     def _measured(self, method: str) -> Callable[[Any], Any]:
         def wrap(behaviour: Any) -> Any:
