@@ -155,12 +155,7 @@ class LocalActionRunner:
         """Materialise the inputs; a result when staging stopped or failed, None when done."""
         action, stop = execution.action, execution.stop
         try:
-            if (
-                action.input_files
-                or action.input_symlinks
-                or action.input_directories
-                or action.working_directory
-            ):
+            if _has_inputs(action):
                 await self._stage_on_thread(execution, root)
             return None
         except StagingStopped:

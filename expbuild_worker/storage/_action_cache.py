@@ -14,6 +14,7 @@ from pathlib import Path
 
 from expbuild_worker.errors import ResourceExhaustedError
 from expbuild_worker.model import Digest
+from expbuild_worker.storage._cas import record_use
 
 _log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class ActionCache:
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
-                _touch(fh.fileno())
+                record_use(fh.fileno())
         except FileNotFoundError:  # evicted or replaced since the lookup: a miss
             return None
         value = data[_CHECKSUM:]
@@ -176,11 +177,3 @@ class ActionCache:
 def _checks_out(path: Path) -> bool:
     data = path.read_bytes()
     return hashlib.sha256(data[_CHECKSUM:]).digest() == data[:_CHECKSUM]
-
-
-def _touch(fd: int) -> None:
-    """Record a use in the file's mtime, so the LRU order survives a restart; best effort."""
-    try:
-        os.utime(fd)
-    except OSError as err:
-        _log.debug("could not record a use of an action cache entry: %s", err)

@@ -418,7 +418,7 @@ class ContentAddressedStore:
             entry = None
         if entry is not None:  # stored meanwhile by another writer: theirs stays, this one goes
             self._index.touch(digest.sha256, time.time())
-            _touch_path(self.path_of(digest))
+            record_use(self.path_of(digest))
             if pin is not None:
                 self._hold_locked(pin, digest)
             return []
@@ -499,7 +499,7 @@ class ContentAddressedStore:
             size = os.fstat(fh.fileno()).st_size
             if size != digest.size:
                 raise InternalError(f"blob {digest}: the stored file has {size} bytes")
-            _touch_fd(fh.fileno())
+            record_use(fh.fileno())
         except BaseException:
             fh.close()
             raise
@@ -528,7 +528,7 @@ class ContentAddressedStore:
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
-            _touch_fd(fh.fileno())
+            record_use(fh.fileno())
 
     def _open(self, digest: Digest) -> io.FileIO:
         """Open a stored blob for reading and count it as used; NotFoundError when absent."""
@@ -601,19 +601,13 @@ def _missing_message(missing: list[Digest]) -> str:
     return f"{len(missing)} blob(s) are not in the worker's store and must be uploaded again: {named}{more}"
 
 
-def _touch_fd(fd: int) -> None:
-    """Record a use in the file's mtime, so the order survives a restart; best effort."""
+def record_use(file: int | Path) -> None:
+    """Record a use in the file's mtime (a descriptor or a path), so the least-recently-used
+    order survives a restart; best effort. The action cache keeps its order the same way."""
     try:
-        os.utime(fd)
+        os.utime(file)
     except OSError as err:
-        _log.debug("could not record a use of a blob: %s", err)
-
-
-def _touch_path(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError as err:
-        _log.debug("could not record a use of %s: %s", path.name, err)
+        _log.debug("could not record a use of a stored file: %s", err)
 
 
 def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:

@@ -206,8 +206,7 @@ class RemoteStore:
         self, digests: list[Digest], futures: dict[Digest, concurrent.futures.Future[bool]]
     ) -> None:
         """Fetch ``digests`` (this caller's to fetch) and settle each one's future."""
-        small = sorted((d for d in digests if d.size <= self._batch_limit()), key=lambda d: d.size)
-        large = [d for d in digests if d.size > self._batch_limit()]
+        small, large = self._split(digests)
         jobs: list[tuple[concurrent.futures.Future[dict[Digest, bool]], list[Digest]]] = []
         for batch in _batches(small, self.remote.max_batch_bytes):
             jobs.append((self._pool.submit(self._fetch_batch, batch), batch))
@@ -249,6 +248,16 @@ class RemoteStore:
     def _batch_limit(self) -> int:
         """Blobs up to this size travel in batches; larger ones are streamed."""
         return max(1, self.remote.max_batch_bytes - BATCH_ENTRY_BYTES)
+
+    def _split(self, digests: Iterable[Digest]) -> tuple[list[Digest], list[Digest]]:
+        """The blobs that travel in batches, smallest first, and those streamed one each."""
+        limit = self._batch_limit()
+        small: list[Digest] = []
+        large: list[Digest] = []
+        for digest in digests:
+            (small if digest.size <= limit else large).append(digest)
+        small.sort(key=lambda d: d.size)
+        return small, large
 
     def _fetch_batch(self, batch: list[Digest]) -> dict[Digest, bool]:
         blobs = self.remote.read_batch(batch)
@@ -298,8 +307,7 @@ class RemoteStore:
         if not wanted:
             return []
         missing = self.remote.find_missing(wanted)
-        small = sorted((d for d in missing if d.size <= self._batch_limit()), key=lambda d: d.size)
-        large = [d for d in missing if d.size > self._batch_limit()]
+        small, large = self._split(missing)
         jobs = [
             self._pool.submit(self._upload_batch, batch) for batch in _batches(small, self._batch_limit())
         ]
