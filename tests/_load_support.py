@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import random
-import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _support import is_spawner
+from _support import ServedWorker, is_spawner, write_worker_config
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -445,7 +442,7 @@ def _fd_kind(target: str, work: Path) -> str:
     return "other"
 
 
-class WorkerProcess:
+class WorkerProcess(ServedWorker):
     """``expbuild-worker serve`` in a child process on 127.0.0.1, port 0; stopped by its pid."""
 
     def __init__(
@@ -479,26 +476,7 @@ class WorkerProcess:
                 "pull_policy": "never",
                 "kill_grace_seconds": 0.5,
             }
-        text = "".join(
-            f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for table, values in config.items()
-        )
-        path = work / "worker.toml"
-        path.write_text(text)
-        self.log = work / "worker.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(path)],
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("expbuild-worker listening on "):
-            self.stop()
-            raise RuntimeError(f"worker did not start: {line!r} {self.log.read_text()[-2000:]}")
-        self.target = line.rsplit(" ", 1)[1].strip()
-        self.pid = self.proc.pid
+        super().__init__(write_worker_config(work / "worker.toml", config))
 
     def snapshot(self) -> Snapshot:
         status = {
@@ -572,19 +550,6 @@ class WorkerProcess:
             check=False,
         )
         return out.stdout.split()
-
-    def stop(self) -> int | None:
-        """SIGTERM by pid, then SIGKILL if it does not exit within 30 s; returns its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
 
 
 def settle(probe: Any, *, seconds: float = 15.0) -> Any:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -126,3 +133,137 @@ def action_leftovers(work_root: str, *, timeout: float = 3.0) -> list[str]:
     while (found := leftovers()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return found
+
+
+# ---- the worker as operators run it: ``expbuild-worker serve`` in a child process --------------
+
+
+def write_worker_config(path: Path, config: dict[str, dict[str, Any]]) -> Path:
+    """Write ``config`` (table name -> keys, e.g. ``"executor.host"``) as a worker's TOML file;
+    values are written as JSON, which TOML reads the same."""
+    path.write_text(
+        "".join(
+            f"[{table}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+            for table, values in config.items()
+        )
+    )
+    return path
+
+
+class ServedWorker:
+    """``expbuild-worker serve --config <config>`` in a child process, once it listens; its stderr
+    goes to ``<config>.log`` (a pipe nobody reads would block a talkative worker)."""
+
+    def __init__(self, config: Path) -> None:
+        self.log = config.with_suffix(".log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("expbuild-worker listening on "):
+            self.stop()
+            raise AssertionError(f"the worker did not start: {line!r} {self.log.read_text()[-4000:]}")
+        self.target = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM by pid, then SIGKILL if it does not exit within ``timeout``; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+class WorkerProcess(ServedWorker):
+    """A worker process with only the host executor, its work root under ``tmp_path/work``."""
+
+    def __init__(
+        self, tmp_path: Path, *, grace: float = 1.0, execution: dict[str, Any] | None = None
+    ) -> None:
+        self.work_root = tmp_path / "work"
+        config = {
+            "server": {
+                "address": "127.0.0.1",
+                "port": 0,
+                "worker_id": f"proc-{uuid.uuid4().hex[:12]}",
+                "shutdown_grace_seconds": grace,
+            },
+            "execution": {"work_root": str(self.work_root), **(execution or {})},
+            "executor.host": {"type": "host", "kill_grace_seconds": 0.5},
+        }
+        super().__init__(write_worker_config(tmp_path / "worker.toml", config))
+
+    def vm_hwm_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+# ---- tools a test needs: present, skipped, or (where demanded) a failure -------------------------
+
+
+def required(flag: str) -> bool:
+    """Whether CI=true or ``flag``=1 demands the tool ``flag`` names."""
+    return os.environ.get("CI") == "true" or os.environ.get(flag) == "1"
+
+
+def unavailable(reason: str, *, flag: str, demanded: bool | None = None) -> NoReturn:
+    """Skip where the tool is optional; fail where CI=true or ``flag``=1 (or ``demanded``) demands it."""
+    import pytest  # here: the benchmarks import this module too
+
+    if required(flag) if demanded is None else demanded:
+        pytest.fail(f"required here (CI=true or {flag}=1): {reason}")
+    pytest.skip(reason)
+
+
+def static_busybox() -> Path | None:
+    """The static busybox (Debian's busybox-static) a FROM-scratch image can run, if installed."""
+    for candidate in ("/bin/busybox", shutil.which("busybox")):
+        if candidate and os.path.isfile(candidate):
+            head = Path(candidate).read_bytes()[:4096]
+            if head.startswith(b"\x7fELF") and b"ld-linux" not in head and b"ld-musl" not in head:
+                return Path(candidate)
+    return None
+
+
+def docker_client_or_unavailable() -> Any:
+    """A client of the local Docker engine once it answers; else skip (or fail where
+    CI=true or EXPBUILD_REQUIRE_DOCKER=1). The caller closes it."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as err:
+        unavailable(f"no Docker engine answers: {err}", flag="EXPBUILD_REQUIRE_DOCKER")
+    return client
+
+
+def build_busybox_image(client: Any, context: Path, tag: str) -> str:
+    """Build ``tag``: FROM scratch, the static busybox and its applet links, in ``context`` (an
+    empty directory), never pulled. Without a static busybox: skip, or fail where Docker is required."""
+    busybox = static_busybox()
+    if busybox is None:
+        unavailable(
+            "no static busybox (install busybox-static) to build the test image from",
+            flag="EXPBUILD_REQUIRE_DOCKER",
+        )
+    shutil.copy2(busybox, context / "busybox")
+    (context / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+    )
+    client.images.build(
+        path=str(context), tag=tag, rm=True, forcerm=True, pull=False, labels={"io.expbuild.project": "tests"}
+    )
+    return tag

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _gridkit import CONTAINER_IMAGE, BotProcess, BuildGrid, Postgres, missing_requirements
-
-_REQUIRED = os.environ.get("CI") == "true" or os.environ.get("EXPBUILD_REQUIRE_BUILDGRID") == "1"
-_DOCKER_REQUIRED = os.environ.get("CI") == "true" or os.environ.get("EXPBUILD_REQUIRE_DOCKER") == "1"
-
-
-def _unavailable(reason: str, *, required: bool, flag: str) -> None:
-    """Skip where the tool is optional; fail where CI=true or ``flag``=1 demands it."""
-    if required:
-        pytest.fail(f"required here (CI=true or {flag}=1): {reason}")
-    pytest.skip(reason)
+from _support import build_busybox_image, docker_client_or_unavailable, required, unavailable
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +18,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildGrid]:
     """BuildGrid over its own PostgreSQL, for one test module; both stop when it ends."""
     reason = missing_requirements()
     if reason is not None:
-        _unavailable(reason, required=_REQUIRED, flag="EXPBUILD_REQUIRE_BUILDGRID")
+        unavailable(reason, flag="EXPBUILD_REQUIRE_BUILDGRID")
     root = tmp_path_factory.mktemp("buildgrid")
     # PostgreSQL runs as another user, who must reach its data directory by its full path.
     top = tmp_path_factory.getbasetemp().parent
@@ -53,8 +43,10 @@ def bots(grid: BuildGrid, tmp_path: Path) -> Iterator[Callable[..., BotProcess]]
     started: list[BotProcess] = []
 
     def start(bot_id: str, **kwargs: Any) -> BotProcess:
+        # The id must be unique on the host (a worker id in use is refused), and a test's
+        # tmp_path name is the same in another run of the same test at the same time.
         bot = BotProcess(
-            root=tmp_path / "bots", bot_id=f"{bot_id}-{tmp_path.name}", target=grid.target, **kwargs
+            root=tmp_path / "bots", bot_id=f"{bot_id}-{uuid.uuid4().hex[:12]}", target=grid.target, **kwargs
         )
         bot.start()
         started.append(bot)
@@ -69,51 +61,19 @@ def bots(grid: BuildGrid, tmp_path: Path) -> Iterator[Callable[..., BotProcess]]
 def bazel_binary() -> str:
     found = shutil.which("bazel")
     if found is None:
-        _unavailable(
+        unavailable(
             "no bazel on PATH (Debian: apt-get install bazel-bootstrap)",
-            required=_REQUIRED or os.environ.get("EXPBUILD_REQUIRE_BAZEL") == "1",
             flag="EXPBUILD_REQUIRE_BUILDGRID",
+            demanded=required("EXPBUILD_REQUIRE_BUILDGRID") or required("EXPBUILD_REQUIRE_BAZEL"),
         )
-        raise AssertionError("unreachable")
     return found
-
-
-def _static_busybox() -> Path | None:
-    for candidate in ("/bin/busybox", shutil.which("busybox")):
-        if candidate and os.path.isfile(candidate):
-            head = Path(candidate).read_bytes()[:4096]
-            if head.startswith(b"\x7fELF") and b"ld-linux" not in head and b"ld-musl" not in head:
-                return Path(candidate)
-    return None
 
 
 @pytest.fixture(scope="session")
 def container_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The busybox image the container-platform action asks for, built locally (never pulled)."""
+    client = docker_client_or_unavailable()
     try:
-        import docker
-
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except Exception as err:
-        _unavailable(
-            f"no Docker engine answers: {err}", required=_DOCKER_REQUIRED, flag="EXPBUILD_REQUIRE_DOCKER"
-        )
-    busybox = _static_busybox()
-    if busybox is None:
-        _unavailable(
-            "no static busybox (busybox-static)", required=_DOCKER_REQUIRED, flag="EXPBUILD_REQUIRE_DOCKER"
-        )
-        raise AssertionError("unreachable")
-    context = tmp_path_factory.mktemp("grid-busybox-image")
-    shutil.copy2(busybox, context / "busybox")
-    (context / "Dockerfile").write_text(
-        'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
-    )
-    client.images.build(
-        path=str(context), tag=CONTAINER_IMAGE, rm=True, forcerm=True, pull=False,
-        labels={"io.expbuild.project": "tests"},
-    )  # fmt: skip
-    yield CONTAINER_IMAGE
-    with contextlib.suppress(Exception):
+        yield build_busybox_image(client, tmp_path_factory.mktemp("grid-busybox-image"), CONTAINER_IMAGE)
+    finally:
         client.close()

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
-import uuid
 
 import grpc
 import pytest
-from _support import request
+from _support import WorkerProcess, request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
@@ -40,36 +36,11 @@ def digests(count: int, *, size: int = 1) -> list[pb.Digest]:
 def worker_process(tmp_path):
     """The worker as operators run it, in its own process: what is measured is the worker's
     event loop, not this test's threads building and sending the heavy requests."""
-    config = tmp_path / "worker.toml"
-    config.write_text(
-        f"""
-[server]
-address = "127.0.0.1"
-port = 0
-worker_id = "proc-{uuid.uuid4().hex[:12]}"
-shutdown_grace_seconds = 0
-[execution]
-work_root = "{tmp_path / "work"}"
-[executor.host]
-type = "host"
-"""
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = WorkerProcess(tmp_path, grace=0)
     try:
-        line = proc.stdout.readline().decode()
-        assert line.startswith("expbuild-worker listening on "), line
-        yield line.rsplit(" ", 1)[1].strip()
+        yield worker.target
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        worker.stop(timeout=20)
 
 
 def test_health_answers_while_a_huge_execute_and_find_missing_blobs_are_in_flight(worker_process):

@@ -3,65 +3,17 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from _support import consume, request, wait_gone
+from _support import WorkerProcess, consume, request, wait_gone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
-
-
-class WorkerProcess:
-    def __init__(self, tmp_path: Path, extra: str = "", grace: float = 1.0) -> None:
-        self.work_root = tmp_path / "work"
-        config = tmp_path / "worker.toml"
-        config.write_text(
-            f"""
-[server]
-address = "127.0.0.1"
-port = 0
-worker_id = "proc-{uuid.uuid4().hex[:12]}"
-shutdown_grace_seconds = {grace}
-[execution]
-work_root = "{self.work_root}"
-{extra}
-[executor.host]
-type = "host"
-kill_grace_seconds = 0.5
-"""
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expbuild_worker", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        line = self.proc.stdout.readline().decode()
-        assert line.startswith("expbuild-worker listening on "), line + self.proc.stderr.read(4000).decode()
-        self.target = line.rsplit(" ", 1)[1].strip()
-
-    def vm_hwm_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def long_action(stub: pb_grpc.WorkerServiceStub) -> Any:
@@ -134,7 +86,7 @@ def test_sigterm_during_an_action_leaves_nothing_behind(worker_process):
 def test_shutdown_cancels_queued_actions_at_once_and_a_second_signal_the_running_ones(tmp_path):
     """Queued actions never start once the worker shuts down: CANCELLED at once, not after the
     grace. The running one would get 60 s; a second SIGTERM cancels it now."""
-    wp = WorkerProcess(tmp_path, extra="max_concurrent_executions = 1", grace=60.0)
+    wp = WorkerProcess(tmp_path, execution={"max_concurrent_executions": 1}, grace=60.0)
     try:
         with grpc.insecure_channel(wp.target) as ch:
             stub = pb_grpc.WorkerServiceStub(ch)
@@ -157,7 +109,7 @@ def test_shutdown_cancels_queued_actions_at_once_and_a_second_signal_the_running
 
 def test_new_work_during_shutdown_is_unavailable(tmp_path):
     """While draining, the worker refuses new actions with UNAVAILABLE and health says NOT_SERVING."""
-    wp = WorkerProcess(tmp_path, extra="")
+    wp = WorkerProcess(tmp_path)
     try:
         with grpc.insecure_channel(wp.target) as ch:
             stub = pb_grpc.WorkerServiceStub(ch)
