@@ -296,6 +296,21 @@ class ActionCgroups:
             return _read_v2(f"{self._memory}{rel}")
         return _read_v1(f"{self._memory}{rel}", f"{self._cpu}{rel}", oom=False)
 
+    def limit_container_processes(self, token: str, container_id: str, count: int) -> bool:
+        """Set ``pids.max`` of the container ``container_id`` under the action ``token``'s parent.
+
+        False when there is no pids hierarchy here or the container's cgroup is gone (it
+        exited); another error (the file refused the write) raises OSError naming the file."""
+        root = self._memory if self._version == 2 else self._pids
+        if root is None:
+            return False
+        path = f"{root}{self.parent_for(token)}/{container_id}/pids.max"
+        try:
+            _write(path, str(count).encode())
+        except FileNotFoundError:
+            return False
+        return True
+
     def remove(self, token: str) -> bool:
         """Remove the action's cgroup in every hierarchy; False if one is still busy."""
         rel = self.parent_for(token).lstrip("/")

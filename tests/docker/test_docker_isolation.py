@@ -79,6 +79,46 @@ def test_fork_bomb_is_contained_and_the_worker_stays_healthy(
         remove_labelled(docker_client, worker_id)
 
 
+# After a pause (the exact limit is set once the command runs), the shell holds one process and
+# forks background sleeps until the limit refuses (busybox sh then exits 2): with 3 allowed,
+# two sleeps start.
+COUNT_FORKS = "sleep 0.5; for i in 1 2 3 4; do sleep 2 & echo started $i; done; wait"
+
+
+def test_the_process_limit_is_exact_once_the_command_runs(busybox_image: str, tmp_path: Path) -> None:
+    """max_processes=3 lets the command have exactly 3 processes: neither the container's init nor
+    the room the runtime's own init needs at start-up is left to the command."""
+
+    async def main() -> Any:
+        async with docker_executor(busybox_image) as ex:
+            return await run_command(
+                ex,
+                tmp_path,
+                ["sh", "-c", COUNT_FORKS],
+                limits=ResourceLimits(memory_bytes=64 * MiB, max_processes=3),
+            )
+
+    ran = asyncio.run(main())
+    assert ran.status is ExecutionStatus.COMPLETED, ran
+    assert ran.stdout == b"started 1\nstarted 2\n" and b"can't fork" in ran.stderr, (ran.stdout, ran.stderr)
+
+
+def test_a_process_limit_of_one_starts_reliably(busybox_image: str, tmp_path: Path) -> None:
+    """A limit of one process (the runtime's init needs threads of its own to start) runs each time."""
+
+    async def main() -> list[Any]:
+        async with docker_executor(busybox_image) as ex:
+            limits = ResourceLimits(memory_bytes=64 * MiB, max_processes=1)
+            return list(
+                await asyncio.gather(
+                    *(run_command(ex, tmp_path / str(i), ["echo", "alone"], limits=limits) for i in range(12))
+                )
+            )
+
+    for ran in asyncio.run(main()):
+        assert ran.status is ExecutionStatus.COMPLETED and ran.stdout == b"alone\n", ran
+
+
 def test_sleep_past_its_deadline_is_timed_out_and_removed(
     busybox_image: str, tmp_path: Path, docker_client: Any
 ) -> None:

@@ -85,6 +85,28 @@ async def settle(ex: DockerExecutor, limits: ResourceLimits = TEST_LIMITS) -> No
     await ex.warmup([])
 
 
+def test_a_pool_container_s_idle_processes_do_not_count_against_the_limit(
+    busybox_image: str, tmp_path: Path
+) -> None:
+    """In fresh and recycled pool containers the command gets exactly its max_processes (3: the
+    shell and two background sleeps), as in a cold container."""
+    limits = ResourceLimits(cpu_cores=1.0, memory_bytes=64 * MiB, max_processes=3)
+    script = "sleep 0.5; for i in 1 2 3 4; do sleep 2 & echo started $i; done; wait"
+
+    async def main() -> list[tuple[RunOutcome, str]]:
+        async with pooled(busybox_image) as ex:
+            await ex.warmup([])
+            results = []
+            for i, recycle in enumerate((False, True, True)):
+                results.append(await run(ex, tmp_path / str(i), script, recycle=recycle, limits=limits))
+                await settle(ex)
+            return results
+
+    for outcome, out in asyncio.run(main()):
+        assert outcome.status is ExecutionStatus.COMPLETED, outcome
+        assert out == "started 1\nstarted 2\n", out
+
+
 def test_recycled_container_shows_no_trace_of_the_previous_action(busybox_image: str, tmp_path: Path) -> None:
     """The next action in a recycled container sees none of the last one's files, /tmp, env or processes."""
     dirty = "echo secret > /tmp/s; mkdir /tmp/d; echo x > /dev/shm/m; echo o > left; hostname"

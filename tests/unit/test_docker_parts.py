@@ -99,6 +99,17 @@ def test_spec_hardens_by_default_and_sets_every_limit(tmp_path: Path) -> None:
     assert host["Tmpfs"]["/tmp"].startswith("rw,exec,")
     assert host["Memory"] == host["MemorySwap"] == 64 << 20
     assert host["NanoCpus"] == 1_500_000_000 and host["PidsLimit"] == 101, "the init is not the command's"
+    roomy = container_body(
+        image="img:1",
+        command=_command(tmp_path),
+        hardening=Hardening.from_config(DockerExecutorConfig()),
+        network_mode="none",
+        labels={},
+        io_mode="bind",
+        cgroup_parent="/expbuild/w/t",
+        pids_room=16,
+    )
+    assert roomy["HostConfig"]["PidsLimit"] == 117, "room for the runtime's init until the exact limit is set"
     assert host["NetworkMode"] == "none" and host["CgroupParent"] == "/expbuild/w/t"
     assert host["Mounts"] == [{"Type": "bind", "Source": str(tmp_path), "Target": "/work", "ReadOnly": False}]
     assert not body["OpenStdin"]

@@ -64,8 +64,10 @@ from expbuild_worker.execution.docker._spec import (
     LABEL_PROJECT,
     LABEL_WORKER,
     PROJECT,
+    RUNTIME_INIT_PIDS,
     Hardening,
     container_body,
+    exact_pids_max,
     is_virtualized_runtime,
     network_mode_for,
     numeric_user,
@@ -605,6 +607,7 @@ class DockerExecutor:
             labels=self._labels(run.token, command.execution_id),
             io_mode=self._io_mode,
             cgroup_parent=self._cgroups.parent_for(run.token) if self._cgroups is not None else None,
+            pids_room=self._pids_room(),
         )
         created = await self._create(body, image, run, command, stop)
         if created is None:
@@ -652,6 +655,8 @@ class DockerExecutor:
             await self._daemon.call(lambda api: api.start(container_id))
         except docker.errors.APIError as err:
             return self._start_failure(err, command, container_id)
+        if self._pids_room():
+            self._limit_processes(run.token, container_id, exact_pids_max(command.limits, self._hardening))
         run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
         if command.stdin:
             run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
@@ -845,6 +850,24 @@ class DockerExecutor:
                 ) from err
             if budget is not None:
                 budget -= written
+
+    def _pids_room(self) -> int:
+        """Room for the runtime's init under the PIDs limit, where the exact limit can be set once
+        the command runs (the container's cgroup is ours to write); gVisor has its own room."""
+        if self._cgroups is None or "runsc" in self._hardening.runtime:
+            return 0
+        return RUNTIME_INIT_PIDS
+
+    def _limit_processes(self, token: str, container_id: str, count: int | None) -> None:
+        """Set a running container's PIDs limit; when the cgroup refuses, the limit keeps its room."""
+        if count is None or self._cgroups is None:
+            return
+        try:
+            self._cgroups.limit_container_processes(token, container_id, count)
+        except OSError as err:
+            _log.warning(
+                "could not set the process limit of container %s to %d: %s", container_id[:12], count, err
+            )
 
     def _start_failure(self, err: docker.errors.APIError, command: Command, container_id: str) -> RunOutcome:
         message = explain(err)
@@ -1042,6 +1065,7 @@ class DockerExecutor:
                 labels={**self._labels(token, "pool"), LABEL_POOL: "idle"},
                 io_mode="bind",
                 cgroup_parent=self._cgroups.parent_for(token),
+                pids_room=self._pids_room(),
             )
             body["HostConfig"]["Mounts"][0]["BindOptions"] = {"Propagation": "rslave"}
             for flag in ("AttachStdout", "AttachStderr"):
@@ -1075,12 +1099,22 @@ class DockerExecutor:
                 if len(slot.idle_pids) >= expected:
                     break
                 await asyncio.sleep(0.005)
+            # An action's processes are its own: the idle ones come on top of its limit.
+            idle = len(slot.idle_pids) - (1 if self._hardening.init else 0)
+            slot.pids_max = exact_pids_max(key.limits, self._hardening, idle=max(0, idle))
+            slot.pids_room = self._pids_room()
+            self._loosen_processes(slot)
             return slot
         except BaseException:
             await self._discard_slot(slot)
             raise
         finally:
             self._making.discard(token)
+
+    def _loosen_processes(self, slot: Slot) -> None:
+        """Between actions a pool container's PIDs limit has room for the next exec's runtime init."""
+        if slot.pids_max is not None:
+            self._limit_processes(slot.token, slot.container_id, slot.pids_max + slot.pids_room)
 
     def _new_mount_point(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -1155,6 +1189,8 @@ class DockerExecutor:
         run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=run.token[:12])
         streams.start()
         run.exec_pid = await self._exec_pid(run, slot)
+        if slot.pids_room:  # the runtime's exec init is gone once the command runs
+            self._limit_processes(slot.token, cid, slot.pids_max)
         run.reaper = asyncio.ensure_future(self._reap(run, slot))
         run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
         if command.stdin:
@@ -1247,6 +1283,7 @@ class DockerExecutor:
             _log.warning("pool container %s failed its clean-up: %s", slot.container_id[:12], err)
             clean = False
         if clean and run.recycle and not run.dirty and not run.aborted and run.exec_pid:
+            self._loosen_processes(slot)
             self._pool.give_back(slot)
         else:
             self._pool.retire(slot)

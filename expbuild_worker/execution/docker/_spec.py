@@ -33,7 +33,24 @@ PROJECT = "expbuild-worker"
 RUNSC_PIDS_OVERHEAD = 128
 """gVisor's Sentry threads count against the container's PIDs limit; give them room."""
 
+RUNTIME_INIT_PIDS = 16
+"""Room under a container's PIDs limit for the OCI runtime's own init while it sets the
+container up. runc's init is a Go program with several threads already in the container's
+cgroup: under an exact, small ``pids.max`` it can fail to make one more thread and die, which
+the engine reports as ``cannot start an already running container``. Where the executor can
+write the container's cgroup it creates the container with this room and sets the exact limit
+as soon as the command runs (``exact_pids_max``)."""
+
 _NUMERIC_USER = re.compile(r"^(\d+)(?::(\d+))?$")
+
+
+def exact_pids_max(limits: ResourceLimits, hardening: Hardening, *, idle: int = 0) -> int | None:
+    """The container's ``pids.max`` for ``limits``: the limit is the command's, so the init
+    process, gVisor's own tasks and ``idle`` processes already running come on top."""
+    if limits.max_processes is None:
+        return None
+    overhead = (RUNSC_PIDS_OVERHEAD if "runsc" in hardening.runtime else 0) + (1 if hardening.init else 0)
+    return limits.max_processes + overhead + idle
 
 
 def root_in_container(io_mode: IoMode) -> str:
@@ -126,8 +143,12 @@ def container_body(
     labels: Mapping[str, str],
     io_mode: IoMode,
     cgroup_parent: str | None,
+    pids_room: int = 0,
 ) -> dict[str, Any]:
     """The ``POST /containers/create`` body for ``command``.
+
+    ``pids_room`` is added to the PIDs limit for the runtime's init (``RUNTIME_INIT_PIDS``);
+    whoever passes it sets ``exact_pids_max`` on the container's cgroup once the command runs.
 
     The argv replaces the image's entrypoint and command, so an image cannot wrap it. The
     environment is exactly the command's (the daemon adds PATH and HOSTNAME when absent).
@@ -165,10 +186,9 @@ def container_body(
         host_config["MemorySwap"] = limits.memory_bytes  # equal: swap cannot extend the limit
     if limits.cpu_cores is not None:
         host_config["NanoCpus"] = round(limits.cpu_cores * 1e9)
-    if limits.max_processes is not None:
-        # The limit is the command's: the init process (and gVisor's own tasks) come on top.
-        overhead = (RUNSC_PIDS_OVERHEAD if "runsc" in hardening.runtime else 0) + (1 if hardening.init else 0)
-        host_config["PidsLimit"] = limits.max_processes + overhead
+    pids_max = exact_pids_max(limits, hardening)
+    if pids_max is not None:
+        host_config["PidsLimit"] = pids_max + pids_room
     if cgroup_parent:
         host_config["CgroupParent"] = cgroup_parent
     with_stdin = bool(command.stdin)
