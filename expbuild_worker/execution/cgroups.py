@@ -32,7 +32,8 @@ _KILL_PASSES = 16
 class CgroupReading:
     """What the kernel counted for one action. ``oom_kills`` is None where the kernel does not
     keep it for the cgroup read (cgroup v1 counts OOM kills only in the cgroup the victim was
-    in: a Docker action's parent never has it, the Docker daemon's OOMKilled flag covers that case)."""
+    in: a Docker action's parent never has it; the Docker daemon's OOMKilled flag covers that
+    case, an ``OomWatch`` the case of an engine that does not report it)."""
 
     usage: ResourceUsage
     oom_kills: int | None
@@ -167,6 +168,50 @@ class ActionCgroup:
                     return False
                 raise
         return True
+
+
+class OomWatch:
+    """OOM events of one cgroup v1 memory cgroup, counted by an eventfd registered on its
+    ``memory.oom_control``: the kernel signals it when this cgroup (by its own limit) runs out of
+    memory, whichever descendant the victim was in."""
+
+    __slots__ = ("_control", "_count", "_event")
+
+    def __init__(self, event: int, control: int) -> None:
+        self._event = event
+        self._control = control
+        self._count = 0
+
+    @classmethod
+    def open(cls, path: str) -> OomWatch:
+        """Watch the memory cgroup at ``path``; raises OSError naming the file that failed."""
+        control = os.open(f"{path}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            os.close(control)
+            raise
+        watch = cls(event, control)
+        try:
+            _write(f"{path}/cgroup.event_control", f"{event} {control}".encode())
+        except OSError:
+            watch.close()
+            raise
+        return watch
+
+    def count(self) -> int:
+        """OOM events so far (reading never blocks)."""
+        if self._event >= 0:
+            with contextlib.suppress(BlockingIOError):
+                self._count += os.eventfd_read(self._event)
+        return self._count
+
+    def close(self) -> None:
+        """Release both descriptors (the kernel drops the registration); idempotent."""
+        for fd in (self._event, self._control):
+            if fd >= 0:
+                os.close(fd)
+        self._event = self._control = -1
 
 
 class ActionCgroups:
@@ -310,6 +355,30 @@ class ActionCgroups:
         except FileNotFoundError:
             return False
         return True
+
+    def hold_memory_limit(self, token: str, memory_bytes: int) -> OomWatch:
+        """cgroup v1: make the action's (parent) memory cgroup with the limit (and ``memsw`` where
+        swap is accounted) and watch it for OOM; the container is then created without a limit.
+
+        v1 counts an OOM kill only in the cgroup the victim was in, which an engine removes with
+        the container; an engine that does not report the kill itself (Podman) would leave the
+        action looking like a plain ``kill -9``. With the limit here the OOM happens in this
+        cgroup, whose eventfd notification the returned watch counts. Raises InternalError
+        naming the file that failed."""
+        assert self._version == 1 and self._memory is not None
+        path = f"{self._memory}{self.parent_for(token)}"
+        limit = str(memory_bytes).encode()
+        try:
+            os.makedirs(path, exist_ok=True)
+            _write(f"{path}/memory.limit_in_bytes", limit)
+            if os.path.exists(f"{path}/memory.memsw.limit_in_bytes"):
+                _write(f"{path}/memory.memsw.limit_in_bytes", limit)
+            return OomWatch.open(path)
+        except OSError as err:
+            raise InternalError(
+                f"could not limit the memory of cgroup {self.parent_for(token)} for action {token}: "
+                f"{err.strerror} ({err.filename})"
+            ) from err
 
     def remove(self, token: str) -> bool:
         """Remove the action's cgroup in every hierarchy; False if one is still busy."""

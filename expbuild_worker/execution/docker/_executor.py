@@ -29,7 +29,13 @@ from expbuild_worker.errors import (
     UnavailableError,
     WorkerError,
 )
-from expbuild_worker.execution.cgroups import ActionCgroups, CgroupReading, read_mountinfo, worker_key
+from expbuild_worker.execution.cgroups import (
+    ActionCgroups,
+    CgroupReading,
+    OomWatch,
+    read_mountinfo,
+    worker_key,
+)
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,
     clear_output,
@@ -139,6 +145,7 @@ class DaemonFacts:
     pids_limit: bool
     cpu_quota: bool
     cpus: int = 0  # the daemon machine's CPU count; 0 = not reported
+    reports_oom_kills: bool = True  # False for Podman: State.OOMKilled stays false on cgroup v1
 
     @classmethod
     def from_info(cls, info: dict[str, Any], api_version: str) -> DaemonFacts:
@@ -176,6 +183,7 @@ class _Run:
     stderr_head: bytearray = field(default_factory=bytearray)
     stdout_head: bytearray = field(default_factory=bytearray)  # the runtime's own exec errors come here
     stopper: asyncio.Future[None] | None = None  # acts on a stop request while the command runs
+    oom_watch: OomWatch | None = None  # when the action's cgroup parent holds its memory limit
     stdin_task: asyncio.Future[None] | None = None
     slot: Slot | None = None  # the pool container the action entered by exec, if any
     recycle: bool = False  # give the pool container back after a clean-up instead of removing it
@@ -362,7 +370,11 @@ class DockerExecutor:
             return self._facts
 
         def learn(api: Any) -> DaemonFacts:
-            return DaemonFacts.from_info(api.info(), str(api.api_version))
+            facts = DaemonFacts.from_info(api.info(), str(api.api_version))
+            components = api.version().get("Components") or []
+            if any("podman" in str(c.get("Name", "")).lower() for c in components):
+                facts = dataclasses.replace(facts, reports_oom_kills=False)
+            return facts
 
         facts = await self._daemon.call(learn)
         if self._daemon.is_local and self._config.cgroup_parent:
@@ -577,6 +589,8 @@ class DockerExecutor:
                     task.cancel()
             if run.streams is not None:
                 run.streams.close()
+            if run.oom_watch is not None:
+                run.oom_watch.close()
             cleanup = self._track(self._dispose(run))
             if not outcome_sent:
                 await asyncio.shield(cleanup)
@@ -599,6 +613,9 @@ class DockerExecutor:
         self, run: _Run, command: Command, stop: StopSignal, image: str, network_mode: str
     ) -> RunOutcome | None:
         """Create the action's container (archive I/O: and copy the root in); an outcome when stopped."""
+        memory = command.limits.memory_bytes
+        if memory is not None and self._cgroups is not None and self._memory_in_parent():
+            run.oom_watch = self._cgroups.hold_memory_limit(run.token, memory)
         body = container_body(
             image=image,
             command=command,
@@ -608,6 +625,7 @@ class DockerExecutor:
             io_mode=self._io_mode,
             cgroup_parent=self._cgroups.parent_for(run.token) if self._cgroups is not None else None,
             pids_room=self._pids_room(),
+            memory_in_parent=run.oom_watch is not None,
         )
         created = await self._create(body, image, run, command, stop)
         if created is None:
@@ -694,6 +712,8 @@ class DockerExecutor:
             reading = run.slot.counters.read()
         elif self._cgroups is not None:
             reading = self._cgroups.read(run.token)
+            if run.oom_watch is not None:
+                reading = CgroupReading(reading.usage, (reading.oom_kills or 0) + run.oom_watch.count())
         else:
             reading = CgroupReading(ResourceUsage(), None)
         over_limit = None
@@ -850,6 +870,12 @@ class DockerExecutor:
                 ) from err
             if budget is not None:
                 budget -= written
+
+    def _memory_in_parent(self) -> bool:
+        """Whether a cold container's memory limit goes on its per-action cgroup parent: on cgroup
+        v1 with an engine that does not report OOM kills, so the worker sees them itself."""
+        facts = self._facts
+        return facts is not None and facts.cgroup_version == "1" and not facts.reports_oom_kills
 
     def _pids_room(self) -> int:
         """Room for the runtime's init under the PIDs limit, where the exact limit can be set once

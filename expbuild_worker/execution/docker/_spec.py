@@ -144,11 +144,14 @@ def container_body(
     io_mode: IoMode,
     cgroup_parent: str | None,
     pids_room: int = 0,
+    memory_in_parent: bool = False,
 ) -> dict[str, Any]:
     """The ``POST /containers/create`` body for ``command``.
 
-    ``pids_room`` is added to the PIDs limit for the runtime's init (``RUNTIME_INIT_PIDS``);
-    whoever passes it sets ``exact_pids_max`` on the container's cgroup once the command runs.
+    ``memory_in_parent``: the memory limit is not the container's, the cgroup parent (which the
+    caller made) holds it. ``pids_room`` is added to the PIDs limit for the runtime's init
+    (``RUNTIME_INIT_PIDS``); whoever passes it sets ``exact_pids_max`` on the container's cgroup
+    once the command runs.
 
     The argv replaces the image's entrypoint and command, so an image cannot wrap it. The
     environment is exactly the command's (the daemon adds PATH and HOSTNAME when absent).
@@ -181,7 +184,7 @@ def container_body(
         ]
     else:
         host_config["Mounts"] = [{"Type": "volume", "Target": ARCHIVE_VOLUME}]
-    if limits.memory_bytes is not None:
+    if limits.memory_bytes is not None and not memory_in_parent:
         host_config["Memory"] = limits.memory_bytes
         host_config["MemorySwap"] = limits.memory_bytes  # equal: swap cannot extend the limit
     if limits.cpu_cores is not None:
