@@ -402,15 +402,18 @@ class ActionCgroups:
 
     # ---- owned action cgroups (host) ------------------------------------------------------------
 
-    def create(self, token: str, *, memory_bytes: int | None, max_processes: int | None) -> ActionCgroup:
+    def create(
+        self, token: str, *, memory_bytes: int | None, max_processes: int | None, pids: bool = False
+    ) -> ActionCgroup:
         """Make the action's cgroup with its limits set; the command is moved in afterwards.
 
         A memory limit covers swap too where the kernel can say so (v1 ``memsw``, v2
         ``memory.swap.max=0``), so a command cannot page its way past it. ``max_processes``
+        (and ``pids``: a v1 pids directory without a limit yet, for ``limit_processes`` later)
         needs ``enforces_processes``. Raises InternalError naming the file that failed.
         """
         rel = self.parent_for(token)
-        leaf = self._leaf(token, pids=max_processes is not None)
+        leaf = self._leaf(token, pids=pids or max_processes is not None)
         made: list[str] = []
         try:
             for path in leaf.dirs:
@@ -437,6 +440,17 @@ class ActionCgroups:
         except OSError as err:
             raise InternalError(
                 f"could not limit the memory of cgroup {self.parent_for(leaf.token)}: "
+                f"{err.strerror} ({err.filename})"
+            ) from err
+
+    def limit_processes(self, leaf: ActionCgroup, max_processes: int) -> None:
+        """Give a cgroup ``create`` made with ``pids`` its process limit (a process already in it
+        counts). Raises InternalError naming the file that failed."""
+        try:
+            _write(f"{leaf.dirs[-1]}/pids.max", str(max_processes).encode())
+        except OSError as err:
+            raise InternalError(
+                f"could not limit the processes of cgroup {self.parent_for(leaf.token)}: "
                 f"{err.strerror} ({err.filename})"
             ) from err
 

@@ -1074,3 +1074,106 @@ def test_close_stops_the_spawner(public_dir: Path) -> None:
         return pid
 
     assert wait_gone(run(scenario()))
+
+
+# ---- children placed ahead of need (no fork or cgroup migration on the command's path) ---------
+
+
+def _placed_children(spawner_pid: int) -> set[int]:
+    """The spawner's children that are still the spawner's program (not yet exec'd): placed ones."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(")") + 2 :].split()[1]) == spawner_pid and b"_spawner_program" in cmdline:
+            found.add(int(entry))
+    return found
+
+
+@needs_root
+@needs_cgroups
+def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_limits(
+    public_dir: Path,
+) -> None:
+    """The spare cgroups have the spawner's children waiting in them; a command execs in one: it
+    is that child's pid, runs as the configured user, in its own cgroup under its memory and
+    process limits; its spare is replaced by a newly placed one."""
+    limits = ResourceLimits(memory_bytes=64 << 20, max_processes=5)
+    script = (
+        "echo $$; id -u; grep -E ':(memory|pids):' /proc/self/cgroup; for i in 1 2 3 4 5 6; do sleep 1 & done"
+    )
+
+    async def scenario() -> tuple[set[int], Result, set[int], str]:
+        executor = make_executor(run_as=NOBODY, default_limits=ResourceLimits(max_processes=64))
+        await executor.start()
+        spawner = executor._runner.spawner
+        assert spawner.pid is not None
+        for _ in range(100):  # placed after the answer to each request
+            before = _placed_children(spawner.pid)
+            if len(before) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        result = await execute(sh(public_dir, script, limits=limits), executor=executor)
+        await asyncio.sleep(0.2)
+        after = _placed_children(spawner.pid)
+        cgroups = executor._runner._cgroups
+        assert cgroups is not None
+        return before, result, after, cgroups.base
+
+    before, result, after, base = run(scenario())
+    assert len(before) >= 4, before
+    lines = result.stdout.decode().splitlines()
+    assert int(lines[0]) in before, "the command is one of the placed children"
+    assert lines[1] == "65534"
+    homes = {line.split(":", 2)[2] for line in lines[2:]}
+    assert len(lines) == 4 and len(homes) == 1 and homes.pop().startswith(base + "/"), lines
+    assert int(lines[0]) not in after and len(after) >= 4, "its spare was replaced"
+    assert b"fork" in result.stderr.lower(), "the process limit of 5 holds in the placed child's cgroup"
+
+
+@needs_root
+@needs_cgroups
+def test_a_placed_child_that_cannot_start_the_command_fails_to_start_naming_why(public_dir: Path) -> None:
+    """A missing argv[0] and a missing working directory are FAILED_TO_START with the same words
+    through a placed child as through a fork; the next command still runs."""
+
+    async def scenario() -> tuple[Result, Result, Result]:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        missing = await execute(command(public_dir, "/bin/not-there"), executor=executor)
+        no_dir = await execute(
+            command(public_dir, "/bin/true", working_directory="missing"), executor=executor
+        )
+        fine = await execute(sh(public_dir, "echo fine"), executor=executor)
+        return missing, no_dir, fine
+
+    missing, no_dir, fine = run(scenario())
+    assert missing.outcome.status is ExecutionStatus.FAILED_TO_START
+    assert "'/bin/not-there'" in missing.outcome.message and "No such file" in missing.outcome.message
+    assert no_dir.outcome.status is ExecutionStatus.FAILED_TO_START
+    assert "working directory 'missing'" in no_dir.outcome.message
+    assert fine.stdout == b"fine\n"
+
+
+@needs_root
+@needs_cgroups
+def test_placed_children_killed_from_outside_are_replaced_by_a_plain_spawn(public_dir: Path) -> None:
+    """A placed child that died (someone killed it) is never used: the command is forked as usual."""
+
+    async def scenario() -> Result:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        spawner = executor._runner.spawner
+        assert spawner.pid is not None
+        await asyncio.sleep(0.2)
+        for pid in _placed_children(spawner.pid):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.1)
+        return await execute(sh(public_dir, "id -u"), executor=executor)
+
+    assert run(scenario()).stdout == b"65534\n"

@@ -19,7 +19,7 @@ from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.process._run import Run
 from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn
-from expbuild_worker.execution.process._spawner import Spawner
+from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -53,8 +53,10 @@ later run can tell whose owner is gone (only those are swept), even when it has 
 crashed predecessor or the pid went to an unrelated process since."""
 
 SPARE_CGROUPS = 4
-"""Action cgroups kept made ahead of need. Creating one (two v1 directories) takes ~0.12 ms, which
-would otherwise be on every action's path; spares are made while commands run."""
+"""Action cgroups kept made ahead of need, each with a child of the spawner (when it runs) already
+waiting in it. Creating one (two or three v1 directories) takes ~0.12 ms and a fork with a cgroup
+migration ~1-20 ms, which would otherwise be on an action's path; spares are made once commands
+have ended."""
 
 _REMOVE_DELAYS = (0.01, 0.05, 0.2, 1.0, 5.0, 30.0)
 """Seconds between attempts to remove an action cgroup whose SIGKILLed processes have not exited yet."""
@@ -175,6 +177,7 @@ class ProcessRunner:
         self._activated = False
         self._leftovers: dict[str, ActionCgroup] = {}
         self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
+        self._placed: set[str] = set()  # spares the spawner has a child waiting in
         self._spares_scheduled = False
         self.run_as = run_as
         self.root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
@@ -191,9 +194,9 @@ class ProcessRunner:
         there; waits a little for those processes to exit."""
         self.activate()
         await self._remove_leftovers()
-        self._make_spare_cgroups()
         if self.run_as is not None:  # every command is forked by the spawner then: start it now
             self._spawner.start()
+        self._make_spare_cgroups()
 
     @property
     def spawner(self) -> Spawner:
@@ -326,11 +329,11 @@ class ProcessRunner:
             born_inside: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if self._cgroups is not None:
                 pids_max = limits.max_processes if self._cgroups.enforces_processes else None
-                leaf = self._action_cgroup(
+                leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
                 vfork = self.run_as is None and limits.memory_bytes is None and pids_max is None
-                if vfork and self._cgroups.moves_threads:
+                if vfork and self._cgroups.moves_threads and not placed:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
                     join = leaf.procs  # the forked child enters before exec (in the spawner)
@@ -387,6 +390,7 @@ class ProcessRunner:
                 if not yielded:
                     await run.wake.wait()
             await run.cgroup_emptied()
+            self._schedule_spares()
             yield run.outcome()
         finally:
             if forget_stop is not None:
@@ -410,9 +414,9 @@ class ProcessRunner:
                 ExecutionStatus.CANCELLED,
                 f"{self._kind} executor {self._name!r} closed while the command ran",
             )
+        self._spawner.close()  # its placed children die with it
         while self._spare_cgroups:
             self._dispose(self._spare_cgroups.pop())
-        self._spawner.close()
         await self._remove_leftovers()
         if self._cgroups is not None:
             self._cgroups.remove_base()
@@ -421,33 +425,55 @@ class ProcessRunner:
 
     def _action_cgroup(
         self, cgroups: ActionCgroups, *, memory_bytes: int | None, max_processes: int | None
-    ) -> ActionCgroup:
-        """A cgroup for one action with its limits set: a spare when no process limit is asked for
-        (spares have no pids directory), else a new one. Schedules making the next spares."""
+    ) -> tuple[ActionCgroup, bool]:
+        """A cgroup for one action with its limits set, and whether the spawner has a child placed
+        in it (then the command must be spawned there, joining it): a spare when there is one,
+        else a new one. Schedules making the next spares."""
+        if not self._spare_cgroups:
+            self._schedule_spares()
+            leaf = cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
+            return leaf, False
+        leaf = self._spare_cgroups.pop()
+        placed = leaf.token in self._placed
+        self._placed.discard(leaf.token)
+        try:
+            if memory_bytes is not None:
+                cgroups.limit_memory(leaf, memory_bytes)
+            if max_processes is not None:
+                cgroups.limit_processes(leaf, max_processes)
+        except BaseException:
+            self._dispose(leaf)
+            raise
+        return leaf, placed
+
+    def _schedule_spares(self) -> None:
+        """Top the spares up soon: once a command has ended (or when none is left), because on
+        cgroup v1 a placed child's migration after a pause holds up every fork and exit on the
+        machine for an RCU grace period (~10-20 ms measured here), a running command's too."""
         if not self._spares_scheduled:
             self._spares_scheduled = True
             asyncio.get_running_loop().call_soon(self._make_spare_cgroups)
-        if max_processes is not None or not self._spare_cgroups:
-            return cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
-        leaf = self._spare_cgroups.pop()
-        if memory_bytes is not None:
-            try:
-                cgroups.limit_memory(leaf, memory_bytes)
-            except BaseException:
-                self._dispose(leaf)
-                raise
-        return leaf
 
     def _make_spare_cgroups(self) -> None:
-        """Top the spares up to SPARE_CGROUPS; a failure is logged and left to the next action's own
-        creation, which reports it."""
+        """Top the spares up to SPARE_CGROUPS, each with a child placed in it ahead of need when the
+        spawner runs (so neither a fork nor a cgroup migration is on the next command's path: on
+        cgroup v1 a migration after a pause waits for an RCU grace period, several ms). A failure
+        is logged and left to the next action's own creation, which reports it."""
         self._spares_scheduled = False
         cgroups = self._cgroups
         try:
             while cgroups is not None and not self.closed and len(self._spare_cgroups) < SPARE_CGROUPS:
-                self._spare_cgroups.append(cgroups.create(new_token(), memory_bytes=None, max_processes=None))
+                leaf = cgroups.create(
+                    new_token(), memory_bytes=None, max_processes=None, pids=cgroups.enforces_processes
+                )
+                self._spare_cgroups.append(leaf)
+                self._spawner.place(leaf.procs)
+                if self._spawner.alive():
+                    self._placed.add(leaf.token)
         except InternalError as err:
             _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
+        except SpawnerGone as err:
+            _log.warning("%s executor %r: could not place a child ahead: %s", self._kind, self._name, err)
 
     async def _remove_leftovers(self) -> None:
         """Kill and remove the action cgroups still waiting for their processes, for at most ~1.3 s."""

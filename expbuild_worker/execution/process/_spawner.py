@@ -149,6 +149,18 @@ class Spawner:
             raise InternalError(f"the spawner of executor {self._name!r} failed: {text}")
         raise SpawnRefused(error)
 
+    def place(self, join: Sequence[str]) -> None:
+        """Have a child forked ahead of need into the cgroups ``join`` (their ``cgroup.procs``):
+        the next ``spawn`` with the same ``join`` execs in it, so neither the fork nor the cgroup
+        migration is on that command's path. Does nothing when the spawner does not run; raises
+        SpawnerGone when it died on the way."""
+        if not self.alive():
+            return
+        reply, got = self._call(("place", list(join)), ())
+        _close(got)
+        if reply[0] != "ok":
+            raise SpawnerGone(f"unexpected answer {reply!r}")
+
     def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
         """wait4 ``pid`` without blocking, in the spawner: (status, usage) once it exited, None
         while it runs. Raises ChildProcessError when its status is lost (the spawner that started

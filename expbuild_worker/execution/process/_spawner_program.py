@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import marshal
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # The worker forks every command that needs a full fork (a user switch, a cgroup to enter or
@@ -27,6 +30,10 @@ from typing import Any
 #     stdout, stderr)        -> ("spawned", pid) + the child's pidfd,
 #                            or ("failed", kind, errno, filename, text)
 #   ("reap", pid)            -> ("running",) | ("reaped", status, rusage tuple) | ("unknown",)
+#   ("place", join)          -> ("ok",), then a child is forked ahead of need that enters the
+#                               cgroups ``join`` at once and waits; the next "spawn" with the same
+#                               ``join`` execs in it instead of forking (fork, cgroup migration and
+#                               this program's own work in the child are off the command's path)
 # A child is reaped only when the worker asks, so the worker knows when its process group id is
 # still safe to signal. End-of-file on the socket (the worker went away) ends this process;
 # every child has SIGKILL as its parent-death signal, so a spawner that dies takes its
@@ -95,24 +102,150 @@ def _prepare(join: Sequence[str], rlimits: Sequence[tuple[int, int]], parent: in
 
     def prepare() -> None:
         _die_with_parent(parent)
-        for path in join:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+        _enter(join)
         for kind, value in rlimits:
             resource.setrlimit(kind, (value, value))
 
     return prepare
 
 
+def _enter(join: Sequence[str]) -> None:
+    """Move the calling process into each cgroup whose ``cgroup.procs`` is listed."""
+    for path in join:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def _exec_in_place(sock: socket.socket, parent: int) -> None:
+    """A placed child: wait for its command, set itself up as subprocess's child would, exec.
+
+    On failure it sends what went wrong and exits 127; on success its end of ``sock`` (close-on-
+    exec) closes, which the spawner reads as started."""
+    try:
+        request, fds = receive(sock)
+    except (Closed, OSError, ValueError, EOFError):
+        os._exit(0)
+    step, filename = "setup", None
+    try:
+        argv, executable, cwd, env, user, rlimits = request
+        stdin = fds[0] if len(fds) == 3 else os.open(os.devnull, os.O_RDONLY)
+        stdout, stderr = fds[-2:]
+        os.setsid()
+        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+            os.dup2(fd, target)  # dup2 clears close-on-exec on the copy
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, 1 << 20)
+        step, filename = "chdir", cwd
+        os.chdir(cwd)
+        step, filename = "user", None
+        if user is not None:
+            os.setgroups([])
+            os.setregid(user[1], user[1])
+            os.setreuid(user[0], user[0])
+            _die_with_parent(parent)  # a change of credentials clears the parent-death signal
+        for kind, value in rlimits:
+            resource.setrlimit(kind, (value, value))
+        for number in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored here, default for the command
+            signal.signal(number, signal.SIG_DFL)
+        step, filename = "exec", executable
+        if "/" in executable:
+            os.execve(executable, argv, env)
+        os.execvpe(executable, argv, env)
+    except OSError as err:
+        kind = "os" if step in ("chdir", "exec") else "subprocess"
+        reply = (kind, err.errno or 0, filename if kind == "os" else None, str(err))
+    except BaseException as err:  # reported to the spawner, then this child ends
+        reply = ("subprocess", 0, None, f"{type(err).__name__}: {err}")
+    with contextlib.suppress(OSError):
+        send(sock, reply)
+    os._exit(127)
+
+
+@dataclass
+class _Placed:
+    """A child forked ahead of need, waiting in its cgroups for a command."""
+
+    pid: int
+    sock: socket.socket
+
+
 class _Spawner:
     def __init__(self) -> None:
-        self.children: dict[int, subprocess.Popen[bytes]] = {}  # unreaped, by pid
+        self.children: dict[int, subprocess.Popen[bytes] | None] = {}  # unreaped, by pid
+        self.placed: dict[tuple[str, ...], _Placed] = {}
         self.me = os.getpid()
 
+    def place(self, join: Sequence[str]) -> None:
+        """Fork a child into ``join`` ahead of need; a failure only means a normal spawn later."""
+        key = tuple(join)
+        if key in self.placed:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:  # the child: nothing of the spawner's but its own end stays open
+            try:
+                _die_with_parent(self.me)
+                keep = theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1 << 20)
+                _enter(key)
+            except BaseException:  # a child that cannot place itself just ends
+                os._exit(1)
+            _exec_in_place(theirs, self.me)
+            os._exit(127)
+        theirs.close()
+        self.placed[key] = _Placed(pid, ours)
+
+    def reap_placed(self) -> None:
+        """Forget placed children that died (their cgroup was killed or removed), reaping them."""
+        for key, placed in list(self.placed.items()):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(placed.pid, os.WNOHANG)[0] == 0:
+                    continue
+            placed.sock.close()
+            del self.placed[key]
+
+    def spawn_placed(
+        self, request: tuple[Any, ...], fds: list[int]
+    ) -> tuple[tuple[Any, ...], list[int]] | None:
+        """Exec the request's command in the child placed in its cgroups; None when there is none."""
+        _, argv, executable, cwd, env, user, join, rlimits = request
+        placed = self.placed.pop(tuple(join), None)
+        if placed is None:
+            return None
+        with placed.sock:
+            try:
+                pidfd = os.pidfd_open(placed.pid)
+            except OSError:
+                return None  # it died since it was placed: fork as usual
+            try:
+                send(placed.sock, (argv, executable, cwd, env, user, rlimits), fds)
+                answer, _ = receive(placed.sock)
+            except Closed:  # its end closed at exec: the command runs
+                self.children[placed.pid] = None
+                return ("spawned", placed.pid), [pidfd]
+            except (OSError, ValueError, EOFError):
+                answer = ("subprocess", 0, None, "the placed child stopped answering")
+            os.close(pidfd)
+        with contextlib.suppress(OSError):
+            os.kill(placed.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(placed.pid, 0)
+        kind, number, filename, text = answer
+        return ("failed", kind, number, filename, text), []
+
     def spawn(self, request: tuple[Any, ...], fds: list[int]) -> tuple[tuple[Any, ...], list[int]]:
+        placed = self.spawn_placed(request, fds)
+        if placed is not None:
+            return placed
         _, argv, executable, cwd, env, user, join, rlimits = request
         if len(fds) == 3:
             stdin, stdout, stderr = fds
@@ -150,19 +283,21 @@ class _Spawner:
         return ("spawned", popen.pid), [pidfd]
 
     def reap(self, pid: int) -> tuple[Any, ...]:
-        popen = self.children.get(pid)
-        if popen is None:
+        if pid not in self.children:
             return ("unknown",)
+        popen = self.children[pid]
         try:
             got, status, usage = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
             del self.children[pid]
-            popen.returncode = -1
+            if popen is not None:
+                popen.returncode = -1
             return ("unknown",)
         if got == 0:
             return ("running",)
         del self.children[pid]
-        popen.returncode = os.waitstatus_to_exitcode(status)
+        if popen is not None:
+            popen.returncode = os.waitstatus_to_exitcode(status)
         return ("reaped", status, tuple(usage))
 
 
@@ -176,11 +311,15 @@ def main(fd: int) -> int:
             request, fds = receive(sock)
         except (Closed, ConnectionError):
             return 0
+        place: Sequence[str] = ()
         try:
+            spawner.reap_placed()
             if request[0] == "spawn":
                 reply, out = spawner.spawn(request, fds)
             elif request[0] == "reap":
                 reply, out = spawner.reap(request[1]), []
+            elif request[0] == "place":
+                reply, out, place = ("ok",), [], request[1]
             else:
                 reply, out = ("failed", "protocol", 0, None, f"unknown request {request[0]!r}"), []
         finally:
@@ -193,6 +332,8 @@ def main(fd: int) -> int:
         finally:
             for sent in out:
                 os.close(sent)
+        if place:  # after the answer: the worker goes on while this forks
+            spawner.place(place)
 
 
 if __name__ == "__main__":
