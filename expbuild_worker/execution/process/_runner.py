@@ -194,7 +194,9 @@ class ProcessRunner:
         there; waits a little for those processes to exit."""
         self.activate()
         await self._remove_leftovers()
-        if self.run_as is not None:  # every command is forked by the spawner then: start it now
+        if self.run_as is not None or self._cgroups is not None:
+            # Every command is forked by the spawner then, or execs in a child it placed in a
+            # spare cgroup ahead of need: start it now.
             self._spawner.start()
         self._make_spare_cgroups()
 
