@@ -18,7 +18,7 @@ from expbuild_worker.errors import ConfigError, InternalError, PreconditionError
 from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.process._run import Run
-from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn
+from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn, started
 from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
@@ -354,6 +354,13 @@ class ProcessRunner:
                     user=self.run_as,
                     spawner=self._spawner,
                 )
+            await started(
+                child,
+                spawner=self._spawner,
+                argv0=launch.argv[0],
+                cwd=launch.cwd,
+                working_directory=command.working_directory,
+            )
         except SpawnFailure as failure:
             self._dispose(leaf)
             yield RunOutcome(status=ExecutionStatus.FAILED_TO_START, message=str(failure))

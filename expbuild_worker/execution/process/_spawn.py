@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import functools
+import marshal
 import os
 import resource
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,7 @@ class Child:
     stderr_fd: int
     stdin_fd: int | None  # None when stdin is /dev/null
     reap: Reaper
+    exec_status: int | None = None  # placed child: reads end-of-file once exec'd (see ``started``)
 
 
 def resolve_executable(argv0: str, environment: Mapping[str, str], cwd: Path) -> str:
@@ -163,8 +167,9 @@ def spawn(
             join=join,
             rlimits=rlimits,
         )
+        status: int | None = None
         if user is not None or join or rlimits:
-            pid, pidfd, reap = _spawn_outside(spawner, how)
+            pid, pidfd, reap, status = _spawn_outside(spawner, how)
         else:
             pid, pidfd, reap = _spawn_here(how)
     except (OSError, ValueError, subprocess.SubprocessError) as err:
@@ -179,7 +184,83 @@ def spawn(
         _close_all(theirs)
     for fd in mine:
         os.set_blocking(fd, False)
-    return Child(pid=pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w, reap=reap)
+    return Child(
+        pid=pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w, reap=reap, exec_status=status
+    )
+
+
+async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, working_directory: str) -> None:
+    """Wait, without blocking the event loop, until a command started in a placed child has exec'd.
+
+    Raises SpawnFailure (worded as ``spawn`` words it) when it could not start; the child is then
+    reaped and every descriptor of ``child`` closed. Returns at once for any other child."""
+    fd = child.exec_status
+    if fd is None:
+        return
+    try:
+        data = await _read_to_end(fd)
+    except BaseException:
+        _abandon(child)
+        raise
+    finally:
+        os.close(fd)
+    if not data:
+        return
+    _abandon(child)
+    try:
+        error = spawner.exec_error(marshal.loads(data))
+    except (ValueError, EOFError, TypeError):
+        error = subprocess.SubprocessError(f"the placed child sent an unreadable error ({len(data)} bytes)")
+    if isinstance(error, (OSError, ValueError, subprocess.SubprocessError)):
+        raise SpawnFailure(
+            _describe(error, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
+        ) from error
+    raise error
+
+
+async def _read_to_end(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    data = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _settle, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_ABANDON_SECONDS = 0.5
+"""How long a command that never started (or whose start was given up) may take to be reaped."""
+
+
+def _abandon(child: Child) -> None:
+    """SIGKILL a child that never ran its command, reap it (bounded) and close its descriptors."""
+    with contextlib.suppress(OSError):
+        os.killpg(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + _ABANDON_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if child.reap() is not None:
+                break
+        except ChildProcessError:
+            break
+        time.sleep(0.001)
+    fds = (child.pidfd, child.stdout_fd, child.stderr_fd, child.stdin_fd)
+    _close_all([fd for fd in fds if fd is not None])
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,12 +311,12 @@ def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
     return popen.pid, pidfd, reap
 
 
-def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper]:
-    """Have the spawner fork and exec: (pid, pidfd, reaper). Raises what its Popen raised, or
-    InternalError when the spawner is unavailable."""
+def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper, int | None]:
+    """Have the spawner fork and exec: (pid, pidfd, reaper, exec status fd or None). Raises what
+    its Popen raised, or InternalError when the spawner is unavailable."""
     given = how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds
     try:
-        pid, pidfd = spawner.spawn(
+        pid, pidfd, status = spawner.spawn(
             argv=how.argv,
             executable=how.executable,
             cwd=str(how.cwd),
@@ -249,7 +330,7 @@ def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper]:
         raise refused.error from refused
     except SpawnerGone as err:
         raise InternalError(f"the spawner process died while starting {how.argv[0]!r}: {err}") from err
-    return pid, pidfd, functools.partial(spawner.reap, pid)
+    return pid, pidfd, functools.partial(spawner.reap, pid), status
 
 
 def _describe(err: BaseException, *, argv0: str, cwd: str, working_directory: str) -> str:

@@ -124,30 +124,35 @@ class Spawner:
         user: tuple[int, int] | None,
         join: Sequence[str],
         rlimits: Sequence[tuple[int, int]],
-    ) -> tuple[int, int]:
-        """Start a command in its own session: (pid, pidfd). ``fds`` are stdin (omitted for
-        /dev/null), stdout and stderr; they stay the caller's. Raises SpawnRefused with the error
-        of the fork or exec, SpawnerGone when the spawner died on the way (then the command may
-        have started and died with it), InternalError when no spawner can be started."""
+    ) -> tuple[int, int, int | None]:
+        """Start a command in its own session: (pid, pidfd, exec status fd). ``fds`` are stdin
+        (omitted for /dev/null), stdout and stderr; they stay the caller's.
+
+        A command started in a child placed ahead of need comes back before it has exec'd, with
+        an exec status fd the caller owns: ``exec_error`` of what it reads tells whether it
+        started. Otherwise that fd is None and the command has exec'd. Raises SpawnRefused with
+        the error of the fork or exec, SpawnerGone when the spawner died on the way (then the
+        command may have started and died with it), InternalError when no spawner can be started."""
         self.start()
         request = ("spawn", list(argv), executable, cwd, environment, user, list(join), list(rlimits))
         reply, got = self._call(request, fds)
-        if reply[0] == "spawned" and len(got) == 1:
-            return int(reply[1]), got[0]
+        if reply[0] == "spawned" and len(got) in (1, 2):
+            return int(reply[1]), got[0], got[1] if len(got) == 2 else None
         _close(got)
         if reply[0] != "failed":
             raise SpawnerGone(f"unexpected answer {reply!r}")
-        _, kind, number, filename, text = reply
-        error: BaseException
+        raise SpawnRefused(self.exec_error(reply[1:]))
+
+    def exec_error(self, report: Sequence[Any]) -> BaseException:
+        """The exception a failed fork or exec reported as (kind, errno, filename, text)."""
+        kind, number, filename, text = report
         if kind == "os":
-            error = OSError(number, os.strerror(number) if number else text, filename)
-        elif kind == "value":
-            error = ValueError(text)
-        elif kind == "subprocess":
-            error = subprocess.SubprocessError(text)
-        else:
-            raise InternalError(f"the spawner of executor {self._name!r} failed: {text}")
-        raise SpawnRefused(error)
+            return OSError(number, os.strerror(number) if number else text, filename)
+        if kind == "value":
+            return ValueError(text)
+        if kind == "subprocess":
+            return subprocess.SubprocessError(text)
+        return InternalError(f"the spawner of executor {self._name!r} failed: {text}")
 
     def place(self, join: Sequence[str]) -> None:
         """Have a child forked ahead of need into the cgroups ``join`` (their ``cgroup.procs``):

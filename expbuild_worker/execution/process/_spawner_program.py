@@ -33,7 +33,11 @@ from typing import Any
 #   ("place", join)          -> ("ok",), then a child is forked ahead of need that enters the
 #                               cgroups ``join`` at once and waits; the next "spawn" with the same
 #                               ``join`` execs in it instead of forking (fork, cgroup migration and
-#                               this program's own work in the child are off the command's path)
+#                               this program's own work in the child are off the command's path).
+#                               That spawn is answered ("spawned", pid) + its pidfd and an exec
+#                               status pipe as soon as the child has the command: the pipe reads
+#                               end-of-file once the command runs, or the child's error tuple
+#                               (kind, errno, filename, text) when it could not start it.
 # A child is reaped only when the worker asks, so the worker knows when its process group id is
 # still safe to signal. End-of-file on the socket (the worker went away) ends this process;
 # every child has SIGKILL as its parent-death signal, so a spawner that dies takes its
@@ -122,22 +126,29 @@ def _enter(join: Sequence[str]) -> None:
 def _exec_in_place(sock: socket.socket, parent: int) -> None:
     """A placed child: wait for its command, set itself up as subprocess's child would, exec.
 
-    On failure it sends what went wrong and exits 127; on success its end of ``sock`` (close-on-
-    exec) closes, which the spawner reads as started."""
+    The command comes with its descriptors and, last, the write end of its exec status pipe
+    (close-on-exec): on failure the child writes what went wrong there and exits 127; on
+    success exec closes it, which the reader sees as end-of-file."""
     try:
         request, fds = receive(sock)
     except (Closed, OSError, ValueError, EOFError):
         os._exit(0)
+    if len(fds) not in (3, 4):
+        os._exit(127)
+    status = fds[-1]
     step, filename = "setup", None
     try:
         argv, executable, cwd, env, user, rlimits = request
-        stdin = fds[0] if len(fds) == 3 else os.open(os.devnull, os.O_RDONLY)
-        stdout, stderr = fds[-2:]
+        stdin = fds[0] if len(fds) == 4 else os.open(os.devnull, os.O_RDONLY)
+        stdout, stderr = fds[-3:-1]
         os.setsid()
         for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
             os.dup2(fd, target)  # dup2 clears close-on-exec on the copy
-        os.closerange(3, sock.fileno())
-        os.closerange(sock.fileno() + 1, 1 << 20)
+        low, high = sorted((sock.fileno(), status))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
+        sock.close()
         step, filename = "chdir", cwd
         os.chdir(cwd)
         step, filename = "user", None
@@ -160,7 +171,7 @@ def _exec_in_place(sock: socket.socket, parent: int) -> None:
     except BaseException as err:  # reported to the spawner, then this child ends
         reply = ("subprocess", 0, None, f"{type(err).__name__}: {err}")
     with contextlib.suppress(OSError):
-        send(sock, reply)
+        os.write(status, marshal.dumps(reply))
     os._exit(127)
 
 
@@ -226,21 +237,19 @@ class _Spawner:
                 pidfd = os.pidfd_open(placed.pid)
             except OSError:
                 return None  # it died since it was placed: fork as usual
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
             try:
-                send(placed.sock, (argv, executable, cwd, env, user, rlimits), fds)
-                answer, _ = receive(placed.sock)
-            except Closed:  # its end closed at exec: the command runs
-                self.children[placed.pid] = None
-                return ("spawned", placed.pid), [pidfd]
-            except (OSError, ValueError, EOFError):
-                answer = ("subprocess", 0, None, "the placed child stopped answering")
-            os.close(pidfd)
-        with contextlib.suppress(OSError):
-            os.kill(placed.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(placed.pid, 0)
-        kind, number, filename, text = answer
-        return ("failed", kind, number, filename, text), []
+                send(placed.sock, (argv, executable, cwd, env, user, rlimits), [*fds, status_w])
+            except OSError:  # it died just now: fork as usual
+                for fd in (pidfd, status_r):
+                    os.close(fd)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(placed.pid, 0)
+                return None
+            finally:
+                os.close(status_w)
+        self.children[placed.pid] = None
+        return ("spawned", placed.pid), [pidfd, status_r]
 
     def spawn(self, request: tuple[Any, ...], fds: list[int]) -> tuple[tuple[Any, ...], list[int]]:
         placed = self.spawn_placed(request, fds)
