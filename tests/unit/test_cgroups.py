@@ -14,6 +14,7 @@ from expbuild_worker.errors import PreconditionError
 from expbuild_worker.execution.cgroups import (
     ActionCgroups,
     Mount,
+    favors_dynamic_migrations,
     parse_mountinfo,
     read_mountinfo,
     worker_key,
@@ -52,6 +53,17 @@ def test_mountinfo_finds_hierarchies_that_show_their_root() -> None:
         ("/sys/fs/cgroup/unified", 2),
     ]
     assert "cpuacct" in mounts[1].controllers
+
+
+def test_favordynmods_is_found_on_any_cgroup_mount_and_nowhere_else() -> None:
+    """The option counts on a v1 or v2 hierarchy's super options; not on another file system."""
+    assert not favors_dynamic_migrations(MOUNTINFO)
+    on_v2 = MOUNTINFO.replace("cgroup2 cgroup2 rw\n", "cgroup2 cgroup2 rw,favordynmods\n")
+    assert favors_dynamic_migrations(on_v2)
+    on_v1 = MOUNTINFO.replace("cgroup cgroup rw,memory", "cgroup cgroup rw,memory,favordynmods")
+    assert favors_dynamic_migrations(on_v1)
+    elsewhere = MOUNTINFO.replace("tmpfs tmpfs rw,mode=755", "tmpfs tmpfs rw,mode=755,favordynmods")
+    assert not favors_dynamic_migrations(elsewhere)
 
 
 def test_worker_key_is_a_safe_directory_name() -> None:

@@ -15,7 +15,12 @@ from typing import Protocol
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, InternalError, PreconditionError, UnavailableError
-from expbuild_worker.execution.cgroups import ActionCgroup, ActionCgroups, read_mountinfo
+from expbuild_worker.execution.cgroups import (
+    ActionCgroup,
+    ActionCgroups,
+    favors_dynamic_migrations,
+    read_mountinfo,
+)
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.process._run import Run
 from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn, started
@@ -172,6 +177,7 @@ class ProcessRunner:
         self._mountinfo = mountinfo
         self._cgroups: ActionCgroups | None = None
         self.cgroup_state = "off (configured)" if cgroups == "off" else "not set up yet"
+        self.cgroup_migrations = "none (no per-action cgroups)"
         """What the executor's capabilities say about cgroups, and why."""
         self._cgroup_error: PreconditionError | None = None
         self._activated = False
@@ -217,9 +223,10 @@ class ProcessRunner:
         if self._activated:
             return
         if self._cgroup_mode != "off":
+            mountinfo = self._mountinfo if self._mountinfo is not None else read_mountinfo()
             try:
                 self._cgroups = ActionCgroups.for_host(
-                    mountinfo=self._mountinfo if self._mountinfo is not None else read_mountinfo(),
+                    mountinfo=mountinfo,
                     parent=self._cgroup_parent,
                     worker_id=self._worker_id,
                     executor=self._name,
@@ -235,6 +242,20 @@ class ProcessRunner:
                 cg = self._cgroups
                 controllers = "memory, pids and cpu" if cg.version == 2 else "memory, cpuacct and pids"
                 self.cgroup_state = f"v{cg.version}: one cgroup per action ({controllers}) under {cg.base}"
+                if favors_dynamic_migrations(mountinfo):
+                    self.cgroup_migrations = "cheap (a cgroup hierarchy is mounted with favordynmods)"
+                else:
+                    self.cgroup_migrations = (
+                        "slow after a pause (no cgroup hierarchy is mounted with favordynmods: a move "
+                        "into a cgroup waits for an RCU grace period; spare cgroups with a child placed "
+                        "ahead keep it off most actions' paths)"
+                    )
+                    _log.info(
+                        "%s executor %r: cgroup migrations %s; see 'favordynmods' in docs/deployment.md",
+                        self._kind,
+                        self._name,
+                        self.cgroup_migrations,
+                    )
                 for leaf in cg.stale(owner_alive):  # a previous run's: kill what runs there, remove
                     leaf.kill()
                     self._dispose(leaf)
@@ -288,6 +309,7 @@ class ProcessRunner:
                 else ("commands run as root (run_as_root)" if self.root else "the worker's own user")
             ),
             "cgroups": self.cgroup_state,
+            "cgroup_migrations": self.cgroup_migrations,
             "memory": memory,
             "processes": processes,
         }
