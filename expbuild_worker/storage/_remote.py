@@ -309,7 +309,8 @@ class RemoteStore:
         missing = self.remote.find_missing(wanted)
         small, large = self._split(missing)
         jobs = [
-            self._pool.submit(self._upload_batch, batch) for batch in _batches(small, self._batch_limit())
+            self._pool.submit(self._upload_batch, batch)
+            for batch in _batches(small, self.remote.max_batch_bytes)
         ]
         jobs += [self._pool.submit(self._upload_large, digest) for digest in large]
         errors = []

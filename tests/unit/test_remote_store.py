@@ -169,6 +169,22 @@ def test_upload_sends_only_what_the_remote_lacks(local):
     store.close()
 
 
+def test_uploads_and_fetches_fill_a_batch_alike(local):
+    """A batch holds as many small blobs as fit the remote's limit, each entry's overhead counted
+    once: two blobs that fit together travel in one call, both ways."""
+    limit = 8 << 10
+    size = limit // 2 - BATCH_ENTRY_BYTES  # two of them, with their overheads, make the limit
+    remote = FakeCas(max_batch_bytes=limit)
+    store = RemoteStore(local=local, remote=remote)
+    pair = [local.put_bytes(bytes([i]) * size) for i in (1, 2)]
+    store.upload(pair)
+    assert remote.count("write_batch") == 1 and remote.count("write_stream") == 0
+    fetched = [remote.add(bytes([i]) * size) for i in (3, 4)]
+    store.pin(fetched).release()
+    assert remote.count("read_batch") == 1 and remote.count("read_stream") == 0
+    store.close()
+
+
 def test_the_remote_store_fetches_from_a_real_reapi_cas(local, start_worker):
     """Against a real REAPI server (our own worker's CAS), blobs written there are fetched here exactly."""
     server = start_worker()
