@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,21 @@ def _deny(behaviour: Any) -> Any:
 
 
 def _as_caller(name: str) -> Callable[[Any], Any]:
+    """Wrap a handler's behaviour so the call runs as the token's ``name`` (a coroutine, or an
+    async generator for a handler that yields its responses)."""
+
     def wrap(behaviour: Any) -> Any:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def as_caller_yielding(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                CALLER.set(name)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return as_caller_yielding
+
         async def as_caller(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             CALLER.set(name)
             return await behaviour(request, context)

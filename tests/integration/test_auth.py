@@ -163,3 +163,28 @@ def test_remote_addresses_are_allowed_with_protection_or_when_said(server):
     """Remote listening is allowed with TLS or tokens, or allow_insecure_remote (checked, not bound)."""
     config = parse_config({"server": server})
     check_listen_address(config.server, config.source)
+
+
+def test_a_token_caller_is_set_for_handlers_that_yield_their_responses() -> None:
+    """The token check wraps a handler written as an async generator as well as a coroutine:
+    every response comes through and the call runs as the token's name."""
+    import asyncio
+
+    from expbuild_worker.engine import CALLER
+    from expbuild_worker.server._auth import _as_caller
+
+    async def streaming(request: int, context: object):  # type: ignore[no-untyped-def]
+        for i in range(request):
+            yield (i, CALLER.get())
+
+    async def unary(request: int, context: object) -> tuple[int, str]:
+        return request, CALLER.get()
+
+    async def scenario() -> tuple[list[object], object]:
+        wrapped_stream = _as_caller("ci")(streaming)
+        wrapped_unary = _as_caller("ci")(unary)
+        return [r async for r in wrapped_stream(3, None)], await wrapped_unary(7, None)
+
+    streamed, single = asyncio.run(scenario())
+    assert streamed == [(0, "ci"), (1, "ci"), (2, "ci")]
+    assert single == (7, "ci")
