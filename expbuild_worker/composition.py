@@ -125,6 +125,7 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str, capaci
             cgroup_parent=config.cgroup_parent,
             worker_id=worker_id,
             run_as=_action_user(name, config),
+            run_as_uids=_action_uids(name, config, capacity=capacity),
         )
     if isinstance(config, SandboxExecutorConfig):
         from expbuild_worker.execution.sandbox import SandboxExecutor  # noqa: PLC0415 - import only what is configured
@@ -145,6 +146,7 @@ def _build_executor(name: str, config: ExecutorConfig, *, worker_id: str, capaci
             cgroup_parent=config.cgroup_parent,
             worker_id=worker_id,
             run_as=_action_user(name, config),
+            run_as_uids=_action_uids(name, config, capacity=capacity),
         )
     assert isinstance(config, DockerExecutorConfig)
     from expbuild_worker.execution.docker import build_docker_executor  # noqa: PLC0415 - loads the Docker SDK
@@ -170,6 +172,41 @@ def _action_user(name: str, config: HostExecutorConfig | SandboxExecutorConfig) 
     if uid == 0 or gid == 0:
         raise ConfigError(f"{where}.run_as_user: must not be root; say run_as_root = true instead")
     return uid, gid
+
+
+def _action_uids(
+    name: str, config: HostExecutorConfig | SandboxExecutorConfig, *, capacity: int
+) -> range | None:
+    """The uids of ``run_as_uid_range`` ("FIRST-LAST") for a root worker: each running action
+    gets one of its own (its gid the same number), so concurrent actions cannot signal each
+    other or enter each other's directories. None when not set, not root, or ``run_as_root``."""
+    text = config.run_as_uid_range.strip()
+    if not text or os.geteuid() != 0 or config.run_as_root:
+        return None
+    where = f"executor.{name}.run_as_uid_range"
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if match is None:
+        raise ConfigError(f"{where}: expected FIRST-LAST, two uids such as 200000-200063; got {text!r}")
+    first, last = int(match[1]), int(match[2])
+    if not 1 <= first <= last <= _MAX_UID:
+        raise ConfigError(f"{where}: needs 1 <= FIRST <= LAST <= {_MAX_UID}; got {text!r}")
+    uids = range(first, last + 1)
+    slots = config.max_concurrency or capacity
+    if slots and len(uids) < slots:
+        raise ConfigError(
+            f"{where}: {len(uids)} uid(s) for up to {slots} concurrent actions; give at least one per slot"
+        )
+    for entry in pwd.getpwall():
+        if entry.pw_uid in uids:
+            raise ConfigError(
+                f"{where}: uid {entry.pw_uid} belongs to user {entry.pw_name!r}; "
+                "the range must hold unused uids"
+            )
+    return uids
+
+
+_MAX_UID = (1 << 32) - 2
+"""The largest valid uid ((uid_t) -1 means "unchanged" to the kernel)."""
 
 
 def _check_reachable(work_root: Path, user: tuple[int, int], source: str) -> None:
@@ -268,7 +305,8 @@ async def build_worker(config: WorkerConfig) -> Worker:
             if isinstance(ex_config, HostExecutorConfig | SandboxExecutorConfig) and (
                 user := _action_user(name, ex_config)
             ):
-                _check_reachable(work_root, user, config.source)
+                uids = _action_uids(name, ex_config, capacity=config.execution.max_concurrent_executions)
+                _check_reachable(work_root, (uids[0], uids[0]) if uids else user, config.source)
             executor = _build_executor(
                 name, ex_config, worker_id=worker_id, capacity=config.execution.max_concurrent_executions
             )

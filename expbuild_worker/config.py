@@ -183,6 +183,7 @@ class HostExecutorConfig:
     run_as_user: str = "nobody"
     run_as_group: str = "nogroup"
     run_as_root: bool = False
+    run_as_uid_range: str = ""  # "FIRST-LAST": a uid (and gid) of its own per running action
     default_limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -273,6 +274,7 @@ class SandboxExecutorConfig:
     run_as_user: str = "nobody"
     run_as_group: str = "nogroup"
     run_as_root: bool = False
+    run_as_uid_range: str = ""  # "FIRST-LAST": a uid (and gid) of its own per running action
     default_limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_limits: LimitsConfig = field(default_factory=LimitsConfig)
 

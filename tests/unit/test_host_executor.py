@@ -85,6 +85,7 @@ def make_executor(
     mountinfo: str | None = None,
     name: str = "host",
     run_as: tuple[int, int] | None = None,
+    run_as_uids: range | None = None,
 ) -> HostExecutor:
     executor = HostExecutor(
         name=name,
@@ -96,6 +97,7 @@ def make_executor(
         worker_id=WORKER,
         mountinfo=mountinfo,
         run_as=run_as,
+        run_as_uids=run_as_uids,
     )
     _MADE.append(executor)
     return executor
@@ -1177,3 +1179,61 @@ def test_placed_children_killed_from_outside_are_replaced_by_a_plain_spawn(publi
         return await execute(sh(public_dir, "id -u"), executor=executor)
 
     assert run(scenario()).stdout == b"65534\n"
+
+
+# ---- a uid of its own per running action (run_as_uids) ----------------------------------------
+
+UIDS = range(231000, 231002)  # unused on test machines; two, to prove reuse
+
+
+@needs_root
+def test_concurrent_actions_with_their_own_uids_cannot_signal_or_enter_each_other(public_dir: Path) -> None:
+    """Two actions running at once get different uids: the second can neither signal the first
+    nor list its directory; each uid is taken back and reused once its action has ended."""
+    shared = public_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    first_root, second_root = public_dir / "first", public_dir / "second"
+    for root in (first_root, second_root):
+        root.mkdir()
+    first_script = f"id -u; echo $$ > {shared}/first.pid; sleep 30"
+    second_script = (
+        f"id -u; kill -0 $(cat {shared}/first.pid) 2>/dev/null && echo signalled || echo refused; "
+        f"ls {first_root} >/dev/null 2>&1 && echo entered || echo kept-out"
+    )
+
+    async def scenario() -> tuple[Result, Result, list[bytes]]:
+        executor = make_executor(run_as_uids=UIDS)
+        await executor.start()
+        stop = StopSignal()
+        seen: list[ExecutorEvent] = []
+        first = executor.execute(sh(first_root, first_script), stop)
+        await until_stdout(first, b"\n", seen)
+        for _ in range(200):
+            if (shared / "first.pid").exists() and (shared / "first.pid").read_text().strip():
+                break
+            await asyncio.sleep(0.01)
+        second = await execute(sh(second_root, second_script), executor=executor)
+        stop.request(ExecutionStatus.CANCELLED)
+        first_result = await collect(first, seen)
+        later = []
+        for i in range(4):  # more actions than uids: each uid came back
+            root = public_dir / f"later{i}"
+            root.mkdir()
+            later.append((await execute(sh(root, "id -u"), executor=executor)).stdout)
+        return first_result, second, later
+
+    first, second, later = run(scenario())
+    first_uid = int(first.stdout.split()[0])
+    second_lines = second.stdout.decode().split()
+    assert first_uid in UIDS and int(second_lines[0]) in UIDS and int(second_lines[0]) != first_uid
+    assert second_lines[1:] == ["refused", "kept-out"], second_lines
+    assert all(int(out) in UIDS for out in later), later
+    assert first.outcome.status is ExecutionStatus.CANCELLED
+
+
+def test_capabilities_name_the_uid_range() -> None:
+    """Capabilities say each command has a uid of its own, and which."""
+    caps = run(make_executor(run_as_uids=UIDS).capabilities())
+    assert caps.details["euid"] == "231000-231001"
+    assert "uid of its own" in caps.details["user"]

@@ -59,6 +59,7 @@ class HostExecutor:
         worker_id: str = "local",
         mountinfo: str | None = None,
         run_as: tuple[int, int] | None = None,
+        run_as_uids: range | None = None,
     ) -> None:
         """See ``ProcessRunner`` for every argument."""
         self._name = name
@@ -77,6 +78,7 @@ class HostExecutor:
             worker_id=worker_id,
             mountinfo=mountinfo,
             run_as=run_as,
+            run_as_uids=run_as_uids,
         )
 
     async def start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -145,13 +146,17 @@ class ProcessRunner:
         worker_id: str = "local",
         mountinfo: str | None = None,
         run_as: tuple[int, int] | None = None,
+        run_as_uids: range | None = None,
     ) -> None:
         """``kind`` names the executor in messages ("host", "sandbox"); ``worker_id`` names this
         worker's cgroup directory; ``mountinfo`` replaces ``/proc/self/mountinfo`` (tests).
         Cgroups are set up by ``start`` (or the first use). ``run_as`` (uid, gid) runs every
         process as that unprivileged user (a root worker's safe default): the action directory's
         directories are handed to it, the inputs stay the worker's and read-only to it, and it
-        cannot leave its cgroup or touch the worker."""
+        cannot leave its cgroup or touch the worker. ``run_as_uids`` instead gives each running
+        action a uid of its own from the range (its gid the same number), taken back once every
+        process of the action is gone, so concurrent actions cannot signal each other or enter
+        each other's directories."""
         if kill_grace_seconds <= 0:
             raise ConfigError(
                 f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
@@ -185,8 +190,14 @@ class ProcessRunner:
         self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
         self._placed: set[str] = set()  # spares the spawner has a child waiting in
         self._spares_scheduled = False
-        self.run_as = run_as
-        self.root = (os.geteuid() == 0 or os.getuid() == 0) and run_as is None
+        if run_as_uids is not None and len(run_as_uids) == 0:
+            raise ConfigError(f"executor {name!r}: run_as_uids is empty")
+        self._uids = run_as_uids
+        self._free_uids = collections.deque(run_as_uids or ())
+        self._held_uids: dict[str, int] = {}  # action cgroup token -> the uid it gives back once removed
+        self.run_as = (run_as_uids[0], run_as_uids[0]) if run_as_uids else run_as
+        """The action user (with ``run_as_uids``, the first of the range, for checks and probes)."""
+        self.root = (os.geteuid() == 0 or os.getuid() == 0) and self.run_as is None
         """Whether processes run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
         self._spawner = Spawner(name=name)
@@ -302,9 +313,15 @@ class ProcessRunner:
         else:
             processes = "RLIMIT_NPROC (counts every process of the worker's user)"
         details = {
-            "euid": str(self.run_as[0] if self.run_as is not None else os.geteuid()),
+            "euid": (
+                f"{self._uids[0]}-{self._uids[-1]}"
+                if self._uids
+                else str(self.run_as[0] if self.run_as is not None else os.geteuid())
+            ),
             "user": (
-                f"commands run as uid {self.run_as[0]}, gid {self.run_as[1]}"
+                f"each running command has a uid of its own, {self._uids[0]}-{self._uids[-1]} (gid = uid)"
+                if self._uids
+                else f"commands run as uid {self.run_as[0]}, gid {self.run_as[1]}"
                 if self.run_as is not None
                 else ("commands run as root (run_as_root)" if self.root else "the worker's own user")
             ),
@@ -346,6 +363,7 @@ class ProcessRunner:
         if stop.reason is not None:
             yield RunOutcome(status=stop.reason, message="stopped before the command started")
             return
+        user = self._take_user()
         leaf: ActionCgroup | None = None
         try:
             launch = self._launcher.launch(command, command.root / command.working_directory)
@@ -356,13 +374,13 @@ class ProcessRunner:
                 leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
-                vfork = self.run_as is None and limits.memory_bytes is None and pids_max is None
+                vfork = user is None and limits.memory_bytes is None and pids_max is None
                 if vfork and self._cgroups.moves_threads and not placed:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
                     join = leaf.procs  # the forked child enters before exec (in the spawner)
-            if self.run_as is not None:
-                await _hand_over(command.root, self.run_as, join)
+            if user is not None:
+                await _hand_over(command.root, user, join)
             with born_inside:
                 child = spawn(
                     argv=launch.argv,
@@ -373,7 +391,7 @@ class ProcessRunner:
                     stdin=command.stdin,
                     rlimits=rlimits,
                     join=join,
-                    user=self.run_as,
+                    user=user,
                     spawner=self._spawner,
                 )
             await started(
@@ -385,10 +403,12 @@ class ProcessRunner:
             )
         except SpawnFailure as failure:
             self._dispose(leaf)
+            self._give_back(user, leaf)
             yield RunOutcome(status=ExecutionStatus.FAILED_TO_START, message=str(failure))
             return
         except BaseException:
             self._dispose(leaf)
+            self._give_back(user, leaf)
             raise
         run = Run(
             child=child,
@@ -429,6 +449,7 @@ class ProcessRunner:
             run.release()
             self._runs.pop(stop, None)
             self._dispose(leaf)
+            self._give_back(user, leaf)
 
     def hold_output(self, stop: StopSignal) -> None:
         """Stop reading the output of the command run with ``stop`` until it exits (by itself or
@@ -451,6 +472,37 @@ class ProcessRunner:
         await self._remove_leftovers()
         if self._cgroups is not None:
             self._cgroups.remove_base()
+
+    # ---- action users ---------------------------------------------------------------------------
+
+    def _take_user(self) -> tuple[int, int] | None:
+        """The (uid, gid) the next command runs as: its own from ``run_as_uids``, else ``run_as``."""
+        if self._uids is None:
+            return self.run_as
+        if not self._free_uids:
+            raise UnavailableError(
+                f"{self._kind} executor {self._name!r}: every uid of its range "
+                f"{self._uids[0]}-{self._uids[-1]} belongs to an action still running or ending"
+            )
+        uid = self._free_uids.popleft()
+        return uid, uid
+
+    def _give_back(self, user: tuple[int, int] | None, leaf: ActionCgroup | None) -> None:
+        """Return an action's own uid once nothing of the action runs: now, or (while its cgroup
+        is still busy with SIGKILLed processes) when that cgroup is removed."""
+        if self._uids is None or user is None:
+            return
+        if leaf is not None and leaf.token in self._leftovers:
+            self._held_uids[leaf.token] = user[0]
+        else:
+            self._free_uids.append(user[0])
+
+    def _forget_leftover(self, token: str) -> None:
+        """An action cgroup is gone: forget it, and free the uid it held back."""
+        self._leftovers.pop(token, None)
+        uid = self._held_uids.pop(token, None)
+        if uid is not None:
+            self._free_uids.append(uid)
 
     # ---- cgroup creation and removal ------------------------------------------------------------
 
@@ -515,7 +567,7 @@ class ProcessRunner:
             for token, leaf in list(self._leftovers.items()):
                 leaf.kill()
                 if _remove_quietly(leaf):
-                    del self._leftovers[token]
+                    self._forget_leftover(token)
         for leaf in self._leftovers.values():
             _log.warning("cgroup %s of executor %r is still busy", leaf.dirs[0], self._name)
 
@@ -524,7 +576,7 @@ class ProcessRunner:
         if leaf is None:
             return
         if _remove_quietly(leaf):
-            self._leftovers.pop(leaf.token, None)
+            self._forget_leftover(leaf.token)
             return
         leaf.kill()
         self._leftovers[leaf.token] = leaf
@@ -632,6 +684,7 @@ async def _hand_over(root: Path, user: tuple[int, int], cgroup_procs: Sequence[s
     uid, gid = user
     for procs in cgroup_procs:
         os.chown(procs, uid, gid)
+    os.chmod(root, 0o700)  # another action's user cannot enter (each has its own with run_as_uids)
     found = directories(root, limit=_HAND_OVER_INLINE)
     if found is None:
         await asyncio.to_thread(_chown_all, directories(root), uid, gid)

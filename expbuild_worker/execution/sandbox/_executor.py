@@ -115,6 +115,7 @@ class SandboxExecutor:
         worker_id: str = "local",
         mountinfo: str | None = None,
         run_as: tuple[int, int] | None = None,
+        run_as_uids: range | None = None,
     ) -> None:
         """``bwrap`` is the bubblewrap program (a name is looked up on the worker's PATH once,
         here); the rest is as for ``ProcessRunner``. Raises ConfigError for a relative or
@@ -158,6 +159,7 @@ class SandboxExecutor:
             worker_id=worker_id,
             mountinfo=mountinfo,
             run_as=run_as,
+            run_as_uids=run_as_uids,
         )
         self._probe: Readiness | None = None
         self._version = ""
