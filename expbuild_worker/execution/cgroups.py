@@ -362,17 +362,36 @@ class ActionCgroups:
     def limit_container_processes(self, token: str, container_id: str, count: int) -> bool:
         """Set ``pids.max`` of the container ``container_id`` under the action ``token``'s parent.
 
-        False when there is no pids hierarchy here or the container's cgroup is gone (it
+        False when there is no pids hierarchy here or the container's cgroup is not there (it
         exited); another error (the file refused the write) raises OSError naming the file."""
-        root = self._memory if self._version == 2 else self._pids
-        if root is None:
+        directory = self._container_directory(token, container_id, self._pids_root())
+        if directory is None:
             return False
-        path = f"{root}{self.parent_for(token)}/{container_id}/pids.max"
         try:
-            _write(path, str(count).encode())
+            _write(f"{directory}/pids.max", str(count).encode())
         except FileNotFoundError:
             return False
         return True
+
+    def container_processes(self, token: str, container_id: str) -> list[int]:
+        """The processes in the container's cgroup now (none when it is not there)."""
+        directory = self._container_directory(token, container_id, self._pids_root() or self._memory)
+        data = _read(f"{directory}/cgroup.procs") if directory is not None else None
+        return [int(word) for word in data.split()] if data else []
+
+    def _pids_root(self) -> Path | None:
+        return self._memory if self._version == 2 else self._pids
+
+    def _container_directory(self, token: str, container_id: str, root: Path | None) -> str | None:
+        """The container's cgroup directory: Docker names it by the container id, Podman (the
+        cgroupfs manager) ``libpod-<id>``."""
+        if root is None:
+            return None
+        parent = f"{root}{self.parent_for(token)}"
+        for name in (container_id, f"libpod-{container_id}"):
+            if os.path.isdir(f"{parent}/{name}"):
+                return f"{parent}/{name}"
+        return None
 
     def hold_memory_limit(self, token: str, memory_bytes: int) -> OomWatch:
         """cgroup v1: make the action's (parent) memory cgroup with the limit (and ``memsw`` where

@@ -13,7 +13,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -673,8 +673,10 @@ class DockerExecutor:
             await self._daemon.call(lambda api: api.start(container_id))
         except docker.errors.APIError as err:
             return self._start_failure(err, command, container_id)
-        if self._pids_room():
-            self._limit_processes(run.token, container_id, exact_pids_max(command.limits, self._hardening))
+        if self._pids_room() and self._cgroups is not None:
+            cgroups, token = self._cgroups, run.token
+            await self._after_runtime_init(lambda: cgroups.container_processes(token, container_id))
+            self._limit_processes(token, container_id, exact_pids_max(command.limits, self._hardening))
         run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
         if command.stdin:
             run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
@@ -883,6 +885,14 @@ class DockerExecutor:
         if self._cgroups is None or "runsc" in self._hardening.runtime:
             return 0
         return RUNTIME_INIT_PIDS
+
+    async def _after_runtime_init(self, processes: Callable[[], Iterable[int]]) -> None:
+        """Wait (a second at most) until none of ``processes`` is still runc's own init, which
+        needs the PIDs room for its threads until it execs the command (keeping its pid)."""
+        for _ in range(200):
+            if not any(_is_runtime_init(pid) for pid in processes()):
+                return
+            await asyncio.sleep(0.005)
 
     def _limit_processes(self, token: str, container_id: str, count: int | None) -> None:
         """Set a running container's PIDs limit; when the cgroup refuses, the limit keeps its room."""
@@ -1215,7 +1225,9 @@ class DockerExecutor:
         run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=run.token[:12])
         streams.start()
         run.exec_pid = await self._exec_pid(run, slot)
-        if slot.pids_room:  # the runtime's exec init is gone once the command runs
+        if slot.pids_room and run.exec_pid:
+            exec_pid = run.exec_pid
+            await self._after_runtime_init(lambda: [exec_pid])
             self._limit_processes(slot.token, cid, slot.pids_max)
         run.reaper = asyncio.ensure_future(self._reap(run, slot))
         run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
@@ -1378,6 +1390,15 @@ def _parent_of(pid: int) -> int:
             return int(fh.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _is_runtime_init(pid: int) -> bool:
+    """Whether ``pid`` is still runc's init (its name until it execs the command)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as fh:
+            return fh.read().startswith(b"runc:[")
+    except OSError:
+        return False
 
 
 def _stdin_written(task: asyncio.Future[None]) -> None:

@@ -524,6 +524,12 @@ class ProcessRunner:
                 cgroups.limit_memory(leaf, memory_bytes)
             if max_processes is not None:
                 cgroups.limit_processes(leaf, max_processes)
+        except InternalError:
+            # v1 refuses a memory limit below what the placed child already uses (EBUSY): a
+            # tiny limit gets a new, empty cgroup, whose own failure is reported.
+            self._dispose(leaf)
+            leaf = cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
+            return leaf, False
         except BaseException:
             self._dispose(leaf)
             raise
@@ -544,19 +550,23 @@ class ProcessRunner:
         is logged and left to the next action's own creation, which reports it."""
         self._spares_scheduled = False
         cgroups = self._cgroups
+        made: list[ActionCgroup] = []
         try:
             while cgroups is not None and not self.closed and len(self._spare_cgroups) < SPARE_CGROUPS:
                 leaf = cgroups.create(
                     new_token(), memory_bytes=None, max_processes=None, pids=cgroups.enforces_processes
                 )
                 self._spare_cgroups.append(leaf)
-                self._spawner.place(leaf.procs)
-                if self._spawner.alive():
-                    self._placed.add(leaf.token)
+                made.append(leaf)
         except InternalError as err:
             _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
+        try:
+            self._spawner.place([leaf.procs for leaf in made])  # one round trip for them all
         except SpawnerGone as err:
             _log.warning("%s executor %r: could not place a child ahead: %s", self._kind, self._name, err)
+            return
+        if self._spawner.alive():
+            self._placed.update(leaf.token for leaf in made)
 
     async def _remove_leftovers(self) -> None:
         """Kill and remove the action cgroups still waiting for their processes, for at most ~1.3 s."""

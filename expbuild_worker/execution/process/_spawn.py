@@ -7,18 +7,20 @@ import contextlib
 import errno
 import fcntl
 import functools
+import logging
 import marshal
 import os
 import resource
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild_worker.errors import InternalError
 from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone, SpawnRefused
+
+_log = logging.getLogger(__name__)
 
 GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
 """gRPC's fork handlers, on by default in grpcio, start threads in a forked child; a child forked
@@ -56,7 +58,8 @@ it runs; raises ChildProcessError when its exit status is lost (someone else rea
 @dataclass(frozen=True, slots=True)
 class Child:
     """A started command; the caller owns every descriptor here and must close it, and must
-    ``reap`` the process (whoever forked it: this process or the spawner)."""
+    ``reap`` the process (whoever forked it: this process or the spawner). ``started`` takes
+    ``exec_status`` (and, when the command did not start, everything else) off its hands."""
 
     pid: int
     pidfd: int
@@ -193,7 +196,8 @@ async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, work
     """Wait, without blocking the event loop, until a command started in a placed child has exec'd.
 
     Raises SpawnFailure (worded as ``spawn`` words it) when it could not start; the child is then
-    reaped and every descriptor of ``child`` closed. Returns at once for any other child."""
+    killed and reaped in the background and every descriptor of ``child`` is closed (the same on
+    cancellation). Returns at once for any other child."""
     fd = child.exec_status
     if fd is None:
         return
@@ -218,20 +222,25 @@ async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, work
     raise error
 
 
-async def _read_to_end(fd: int) -> bytes:
+async def _readable(fd: int) -> None:
+    """Until ``fd`` is readable (a pipe with data or at end-of-file, a pidfd whose process ended)."""
     loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _read_to_end(fd: int) -> bytes:
     os.set_blocking(fd, False)
     data = bytearray()
     while True:
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _settle, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
+            await _readable(fd)
             continue
         if not chunk:
             return bytes(data)
@@ -243,24 +252,42 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-_ABANDON_SECONDS = 0.5
-"""How long a command that never started (or whose start was given up) may take to be reaped."""
+_REAP_DELAYS = (0.0, 0.01, 0.05, 0.2, 1.0, 5.0)
+"""Seconds between attempts to reap an abandoned child once its pidfd says it ended."""
+
+_ABANDONED: set[asyncio.Task[None]] = set()
+"""Background reaps of abandoned children (held so they are not collected while they run)."""
 
 
 def _abandon(child: Child) -> None:
-    """SIGKILL a child that never ran its command, reap it (bounded) and close its descriptors."""
+    """SIGKILL a child that never ran its command, or whose start was given up, close its
+    descriptors, and reap it in the background once it has ended (never blocking the loop).
+
+    The signal goes through the pidfd: a placed child may not have its own process group yet;
+    its group too, for what an exec'd command may have started already."""
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(child.pid, signal.SIGKILL)
-    deadline = time.monotonic() + _ABANDON_SECONDS
-    while time.monotonic() < deadline:
-        try:
-            if child.reap() is not None:
-                break
-        except ChildProcessError:
-            break
-        time.sleep(0.001)
-    fds = (child.pidfd, child.stdout_fd, child.stderr_fd, child.stdin_fd)
-    _close_all([fd for fd in fds if fd is not None])
+    _close_all([fd for fd in (child.stdout_fd, child.stderr_fd, child.stdin_fd) if fd is not None])
+    task = asyncio.get_running_loop().create_task(_reap_when_ended(child))
+    _ABANDONED.add(task)
+    task.add_done_callback(_ABANDONED.discard)
+
+
+async def _reap_when_ended(child: Child) -> None:
+    try:
+        await _readable(child.pidfd)
+        for delay in _REAP_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                if child.reap() is not None:
+                    return
+            except ChildProcessError:
+                return
+        _log.warning("process %d ended but could not be reaped", child.pid)
+    finally:
+        os.close(child.pidfd)
 
 
 @dataclass(frozen=True, slots=True)

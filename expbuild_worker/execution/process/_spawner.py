@@ -154,14 +154,14 @@ class Spawner:
             return subprocess.SubprocessError(text)
         return InternalError(f"the spawner of executor {self._name!r} failed: {text}")
 
-    def place(self, join: Sequence[str]) -> None:
-        """Have a child forked ahead of need into the cgroups ``join`` (their ``cgroup.procs``):
-        the next ``spawn`` with the same ``join`` execs in it, so neither the fork nor the cgroup
-        migration is on that command's path. Does nothing when the spawner does not run; raises
-        SpawnerGone when it died on the way."""
-        if not self.alive():
+    def place(self, joins: Sequence[Sequence[str]]) -> None:
+        """Have a child forked ahead of need into each set of cgroups in ``joins`` (their
+        ``cgroup.procs``), in one round trip: the next ``spawn`` with the same ``join`` execs in
+        it, so neither the fork nor the cgroup migration is on that command's path. Does nothing
+        when the spawner does not run; raises SpawnerGone when it died on the way."""
+        if not self.alive() or not joins:
             return
-        reply, got = self._call(("place", list(join)), ())
+        reply, got = self._call(("place", [list(join) for join in joins]), ())
         _close(got)
         if reply[0] != "ok":
             raise SpawnerGone(f"unexpected answer {reply!r}")

@@ -30,9 +30,9 @@ from typing import Any
 #     stdout, stderr)        -> ("spawned", pid) + the child's pidfd,
 #                            or ("failed", kind, errno, filename, text)
 #   ("reap", pid)            -> ("running",) | ("reaped", status, rusage tuple) | ("unknown",)
-#   ("place", join)          -> ("ok",), then a child is forked ahead of need that enters the
-#                               cgroups ``join`` at once and waits; the next "spawn" with the same
-#                               ``join`` execs in it instead of forking (fork, cgroup migration and
+#   ("place", [join, ...])   -> ("ok",), then for each ``join`` a child is forked ahead of need
+#                               that enters those cgroups at once and waits; the next "spawn"
+#                               with that ``join`` execs in it instead of forking (fork, migration and
 #                               this program's own work in the child are off the command's path).
 #                               That spawn is answered ("spawned", pid) + its pidfd and an exec
 #                               status pipe as soon as the child has the command: the pipe reads
@@ -123,12 +123,34 @@ def _enter(join: Sequence[str]) -> None:
             os.close(fd)
 
 
-def _exec_in_place(sock: socket.socket, parent: int) -> None:
+_ALL_FDS = (1 << 31) - 1
+"""Upper bound for closing every descriptor (``closerange`` uses close_range(2): no cost per fd)."""
+
+
+def _placed_child(sock: socket.socket, join: Sequence[str], parent: int) -> None:
+    """The body of a placed child; never returns (every path ends in exec or ``_exit``)."""
+    try:
+        placing: tuple[Any, ...] | None = None
+        try:
+            _die_with_parent(parent)
+            keep = sock.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, _ALL_FDS)
+            _enter(join)
+        except OSError as err:  # reported when the command comes: it must not look as if it ran
+            placing = ("subprocess", 0, None, f"entering cgroup {err.filename}: {err.strerror}")
+        _exec_in_place(sock, parent, placing)
+    finally:
+        os._exit(127)
+
+
+def _exec_in_place(sock: socket.socket, parent: int, placing: tuple[Any, ...] | None) -> None:
     """A placed child: wait for its command, set itself up as subprocess's child would, exec.
 
     The command comes with its descriptors and, last, the write end of its exec status pipe
-    (close-on-exec): on failure the child writes what went wrong there and exits 127; on
-    success exec closes it, which the reader sees as end-of-file."""
+    (close-on-exec): on failure (or when ``placing`` says the child could not enter its cgroups)
+    the child writes (kind, errno, filename, text) there and exits 127, worded as a forked
+    spawn's failure would be; on success exec closes it, which the reader sees as end-of-file."""
     try:
         request, fds = receive(sock)
     except (Closed, OSError, ValueError, EOFError):
@@ -136,38 +158,43 @@ def _exec_in_place(sock: socket.socket, parent: int) -> None:
     if len(fds) not in (3, 4):
         os._exit(127)
     status = fds[-1]
+    reply = placing
     step, filename = "setup", None
     try:
-        argv, executable, cwd, env, user, rlimits = request
-        stdin = fds[0] if len(fds) == 4 else os.open(os.devnull, os.O_RDONLY)
-        stdout, stderr = fds[-3:-1]
-        os.setsid()
-        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
-            os.dup2(fd, target)  # dup2 clears close-on-exec on the copy
-        low, high = sorted((sock.fileno(), status))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
-        sock.close()
-        step, filename = "chdir", cwd
-        os.chdir(cwd)
-        step, filename = "user", None
-        if user is not None:
-            os.setgroups([])
-            os.setregid(user[1], user[1])
-            os.setreuid(user[0], user[0])
-            _die_with_parent(parent)  # a change of credentials clears the parent-death signal
-        for kind, value in rlimits:
-            resource.setrlimit(kind, (value, value))
-        for number in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored here, default for the command
-            signal.signal(number, signal.SIG_DFL)
-        step, filename = "exec", executable
-        if "/" in executable:
-            os.execve(executable, argv, env)
-        os.execvpe(executable, argv, env)
-    except OSError as err:
-        kind = "os" if step in ("chdir", "exec") else "subprocess"
+        if reply is None:
+            argv, executable, cwd, env, user, rlimits = request
+            stdin = fds[0] if len(fds) == 4 else os.open(os.devnull, os.O_RDONLY)
+            stdout, stderr = fds[-3:-1]
+            os.setsid()
+            for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+                os.dup2(fd, target)  # dup2 clears close-on-exec on the copy
+            low, high = sorted((sock.fileno(), status))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, _ALL_FDS)
+            sock.close()
+            step, filename = "chdir", cwd
+            os.chdir(cwd)
+            step, filename = "user", None
+            if user is not None:
+                os.setgroups([])
+                os.setregid(user[1], user[1])
+                os.setreuid(user[0], user[0])
+                _die_with_parent(parent)  # a change of credentials clears the parent-death signal
+            step = "rlimits"
+            for kind, value in rlimits:
+                resource.setrlimit(kind, (value, value))
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored here, default for the command
+                signal.signal(number, signal.SIG_DFL)
+            step, filename = "exec", executable
+            if "/" in executable:
+                os.execve(executable, argv, env)
+            os.execvpe(executable, argv, env)
+    except OSError as err:  # as CPython's child reports them: chdir, user switch and exec as OSError
+        kind = "os" if step in ("chdir", "user", "exec") else "subprocess"
         reply = (kind, err.errno or 0, filename if kind == "os" else None, str(err))
+    except ValueError as err:  # argv or environment exec cannot take (a NUL byte, "=" in a name)
+        reply = ("value", 0, None, str(err))
     except BaseException as err:  # reported to the spawner, then this child ends
         reply = ("subprocess", 0, None, f"{type(err).__name__}: {err}")
     with contextlib.suppress(OSError):
@@ -194,7 +221,10 @@ class _Spawner:
         key = tuple(join)
         if key in self.placed:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return
         try:
             pid = os.fork()
         except OSError:
@@ -202,18 +232,17 @@ class _Spawner:
             theirs.close()
             return
         if pid == 0:  # the child: nothing of the spawner's but its own end stays open
-            try:
-                _die_with_parent(self.me)
-                keep = theirs.fileno()
-                os.closerange(3, keep)
-                os.closerange(keep + 1, 1 << 20)
-                _enter(key)
-            except BaseException:  # a child that cannot place itself just ends
-                os._exit(1)
-            _exec_in_place(theirs, self.me)
-            os._exit(127)
+            _placed_child(theirs, key, self.me)
         theirs.close()
         self.placed[key] = _Placed(pid, ours)
+
+    def _discard(self, placed: _Placed) -> None:
+        """End a placed child that will not be used, and reap it."""
+        placed.sock.close()  # it was waiting for its command: end-of-file ends it
+        with contextlib.suppress(OSError):
+            os.kill(placed.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(placed.pid, 0)
 
     def reap_placed(self) -> None:
         """Forget placed children that died (their cgroup was killed or removed), reaping them."""
@@ -232,22 +261,27 @@ class _Spawner:
         placed = self.placed.pop(tuple(join), None)
         if placed is None:
             return None
-        with placed.sock:
-            try:
-                pidfd = os.pidfd_open(placed.pid)
-            except OSError:
-                return None  # it died since it was placed: fork as usual
+        try:
+            pidfd = os.pidfd_open(placed.pid)
+        except OSError:  # it died since it was placed (or no descriptor is left): fork as usual
+            self._discard(placed)
+            return None
+        try:
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            try:
-                send(placed.sock, (argv, executable, cwd, env, user, rlimits), [*fds, status_w])
-            except OSError:  # it died just now: fork as usual
-                for fd in (pidfd, status_r):
-                    os.close(fd)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(placed.pid, 0)
-                return None
-            finally:
-                os.close(status_w)
+        except OSError:
+            os.close(pidfd)
+            self._discard(placed)
+            return None
+        try:
+            send(placed.sock, (argv, executable, cwd, env, user, rlimits), [*fds, status_w])
+        except OSError:  # it died just now, or the message could not go: fork as usual
+            for fd in (pidfd, status_r):
+                os.close(fd)
+            self._discard(placed)
+            return None
+        finally:
+            os.close(status_w)
+        placed.sock.close()
         self.children[placed.pid] = None
         return ("spawned", placed.pid), [pidfd, status_r]
 
@@ -320,7 +354,7 @@ def main(fd: int) -> int:
             request, fds = receive(sock)
         except (Closed, ConnectionError):
             return 0
-        place: Sequence[str] = ()
+        place: Sequence[Sequence[str]] = ()
         try:
             spawner.reap_placed()
             if request[0] == "spawn":
@@ -331,6 +365,9 @@ def main(fd: int) -> int:
                 reply, out, place = ("ok",), [], request[1]
             else:
                 reply, out = ("failed", "protocol", 0, None, f"unknown request {request[0]!r}"), []
+        except Exception as err:  # no request may end the spawner (its children would die with it)
+            text = f"the spawner failed: {type(err).__name__}: {err}"
+            reply, out = ("failed", "subprocess", 0, None, text), []
         finally:
             for received in fds:
                 os.close(received)
@@ -341,8 +378,8 @@ def main(fd: int) -> int:
         finally:
             for sent in out:
                 os.close(sent)
-        if place:  # after the answer: the worker goes on while this forks
-            spawner.place(place)
+        for join in place:  # after the answer: the worker goes on while this forks
+            spawner.place(join)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The spawner's placed children: a command execs in a child forked ahead of need, and every way
+it can fail to start is reported as a forked spawn's failure would be, with nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from expbuild_worker.execution.process._spawn import SpawnFailure, spawn, started
+from expbuild_worker.execution.process._spawner import Spawner
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture
+def spawner() -> Iterator[Spawner]:
+    made = Spawner(name="unit")
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _placed(spawner: Spawner, join: list[str]) -> None:
+    """Place a child for ``join`` and give it a moment to get there."""
+    spawner.place([join])
+    time.sleep(0.2)
+
+
+async def _start(
+    spawner: Spawner, tmp_path: Path, join: list[str], argv: list[str], env: dict[str, str]
+) -> int:
+    child = spawn(
+        argv=argv,
+        executable=argv[0],
+        cwd=tmp_path,
+        working_directory="",
+        environment=env,
+        stdin=b"",
+        rlimits=[],
+        join=join,
+        spawner=spawner,
+    )
+    assert child.exec_status is not None, "the placed child was used"
+    try:
+        await started(child, spawner=spawner, argv0=argv[0], cwd=tmp_path, working_directory="")
+    finally:
+        await asyncio.sleep(0.3)  # a failed child is reaped in the background
+    for fd in (child.stdout_fd, child.stderr_fd, child.pidfd):
+        os.close(fd)
+    while child.reap() is None:
+        await asyncio.sleep(0.005)
+    return child.pid
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_a_command_execs_in_the_placed_child(spawner: Spawner, tmp_path: Path) -> None:
+    """The placed child (which entered its "cgroup" ahead) becomes the command."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    _placed(spawner, [str(procs)])
+    pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    assert _gone(pid)
+
+
+def test_a_child_that_could_not_enter_its_cgroup_does_not_look_as_if_it_ran(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    """Placement failed (the cgroup is gone): the command is FAILED_TO_START naming the limits
+    step, not a completed run; the child is reaped."""
+    join = [str(tmp_path / "missing" / "cgroup.procs")]
+    _placed(spawner, join)
+    with pytest.raises(SpawnFailure, match="could not apply resource limits") as info:
+        asyncio.run(_start(spawner, tmp_path, join, ["/bin/true"], ENV))
+    assert "entering cgroup" in str(info.value)
+
+
+def test_an_environment_exec_cannot_take_is_worded_as_for_a_forked_spawn(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    """A NUL byte in the environment: 'argv or environment cannot be passed', as without placement."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    _placed(spawner, [str(procs)])
+    with pytest.raises(SpawnFailure, match="argv or environment cannot be passed"):
+        asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], {**ENV, "A": "x\0y"}))
+
+
+def test_a_missing_program_is_named_and_its_child_reaped(spawner: Spawner, tmp_path: Path) -> None:
+    """ENOENT names argv[0]; the placed child that reported it is reaped, not left a zombie."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    _placed(spawner, [str(procs)])
+    pids_before = set(os.listdir("/proc"))
+    with pytest.raises(SpawnFailure, match="'/bin/not-there'"):
+        asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/not-there"], ENV))
+    assert spawner.pid is not None
+    zombies = [
+        p
+        for p in set(os.listdir("/proc")) - pids_before
+        if p.isdigit() and _state(p) == "Z" and _parent(p) == spawner.pid
+    ]
+    assert not zombies
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def _parent(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
