@@ -120,20 +120,25 @@ def test_memory_hog_is_oom_killed(backend: Backend, tmp_path: Path) -> None:
     assert ran.status is ExecutionStatus.OOM_KILLED, (ran.outcome, ran.stderr)
 
 
+def _assert_processes_reported_unenforced(backend: Backend) -> None:
+    """gVisor: a command's processes are not host processes there. pids.max bounds the runtime's
+    own threads, and a burst of forks ended the whole sandbox (exit 2, output lost) instead of
+    failing fork() in the command. So the limit must be listed as not enforced."""
+
+    async def caps() -> Any:
+        async with backend.executor() as ex:
+            return await ex.capabilities()
+
+    reported = asyncio.run(caps())
+    assert ResourceLimit.PROCESSES in reported.unenforced_limits
+    assert ResourceLimit.PROCESSES not in reported.enforced_limits
+
+
 def test_process_limit_refuses_forks(backend: Backend, tmp_path: Path) -> None:
     """Forks past the process limit fail in the command, so a fork bomb cannot take the machine;
     a backend that cannot promise that (gVisor) says so in its capabilities instead."""
     if backend.name == "gvisor":
-        # A command's processes are not host processes there: pids.max bounds the runtime's own
-        # threads, and a burst of forks ended the whole sandbox (exit 2, output lost) instead of
-        # failing fork() in the command. So the limit is listed as not enforced.
-        async def caps() -> Any:
-            async with backend.executor() as ex:
-                return await ex.capabilities()
-
-        reported = asyncio.run(caps())
-        assert ResourceLimit.PROCESSES in reported.unenforced_limits
-        assert ResourceLimit.PROCESSES not in reported.enforced_limits
+        _assert_processes_reported_unenforced(backend)
         return
     script = "i=0; while [ $i -lt 80 ]; do sleep 30 & i=$((i+1)); done; kill $(jobs -p) 2>/dev/null; exit 0"
     ran = run(
@@ -143,6 +148,19 @@ def test_process_limit_refuses_forks(backend: Backend, tmp_path: Path) -> None:
         limits=ResourceLimits(memory_bytes=256 * MiB, max_processes=20),
     )
     assert FORK_REFUSED.search(ran.stderr), (ran.outcome, ran.stderr[-500:])
+
+
+def test_the_process_limit_is_the_command_s_own_exactly(backend: Backend, tmp_path: Path) -> None:
+    """max_processes=3 gives the command three processes: the shell and two background sleeps
+    (busy box sh exits at the first refused fork); the runtime's init and room are not its."""
+    if backend.name == "gvisor":
+        _assert_processes_reported_unenforced(backend)
+        return
+    script = "sleep 0.5; for i in 1 2 3 4; do sleep 2 & echo started $i; done; wait"
+    ran = run(
+        backend, tmp_path, ["sh", "-c", script], limits=ResourceLimits(memory_bytes=64 * MiB, max_processes=3)
+    )
+    assert ran.stdout == b"started 1\nstarted 2\n", (ran.outcome, ran.stdout, ran.stderr[-300:])
 
 
 def test_sleep_past_its_deadline_is_timed_out_and_nothing_is_left(backend: Backend, tmp_path: Path) -> None:

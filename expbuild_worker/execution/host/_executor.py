@@ -22,6 +22,8 @@ from expbuild_worker.model import (
 class _PlainLaunch:
     """The host's launcher: argv as it is, argv[0] looked up on the command's own PATH."""
 
+    own_processes = 0
+
     def unenforceable(self, limits: ResourceLimits) -> str:
         if limits.cpu_cores is not None:
             return f"cpu_cores={limits.cpu_cores:g} (a plain process shares every host CPU)"

@@ -86,6 +86,10 @@ class Launcher(Protocol):
     argv[0] resolved inside the sandbox's view of the file system.
     """
 
+    own_processes: int
+    """Processes of the launcher's own around the command (a sandbox's monitor and init): the
+    action's cgroup allows them on top of ``max_processes``, which is the command's."""
+
     def unenforceable(self, limits: ResourceLimits) -> str:
         """The first limit (other than processes, which the runner judges) this launcher cannot
         honour, as ``field=value (why)``; '' if none."""
@@ -370,7 +374,11 @@ class ProcessRunner:
             join: tuple[str, ...] = ()
             born_inside: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if self._cgroups is not None:
-                pids_max = limits.max_processes if self._cgroups.enforces_processes else None
+                pids_max = (
+                    limits.max_processes + self._launcher.own_processes
+                    if self._cgroups.enforces_processes and limits.max_processes is not None
+                    else None
+                )
                 leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )

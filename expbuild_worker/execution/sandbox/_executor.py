@@ -30,6 +30,9 @@ _PROBE_TIMEOUT_SECONDS = 10.0
 class _BwrapLaunch:
     """The sandbox's launcher: argv wrapped in bubblewrap, argv[0] looked up in the sandbox's view."""
 
+    own_processes = 2
+    """bubblewrap's monitor outside the sandbox and its init (pid 1) inside, around the command."""
+
     def __init__(
         self,
         *,
