@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -34,6 +35,17 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def scrape_when(worker, ready) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape once ``ready(samples)`` holds, for at most 10 s (then the last one): the worker
+    counts an RPC as it finishes the call, which can be just after the client has its status."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(worker)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
 def test_finished_actions_are_counted_by_status_with_bytes_and_stage_durations(start_worker):
     """An operator reads from the scrape how many actions ran, how they ended, what they wrote
     and where their time went, whatever the exit code."""
@@ -44,7 +56,10 @@ def test_finished_actions_are_counted_by_status_with_bytes_and_stage_durations(s
     failed = execute(stub, request([SH, "-c", "exit 3"]))
     assert ok.status == failed.status == pb.EXECUTION_STATUS_COMPLETED
 
-    samples = scrape(worker)
+    execute_method = "expbuild.worker.v1.WorkerService/Execute"
+    samples = scrape_when(
+        worker, lambda got: value(got, "expbuild_worker_rpcs_total", method=execute_method, code="OK") >= 2
+    )
     assert value(samples, "expbuild_worker_actions_total", executor="host", status="completed") == 2
     assert value(samples, "expbuild_worker_log_bytes_total", executor="host", stream="stdout") == 5
     assert value(samples, "expbuild_worker_log_bytes_total", executor="host", stream="stderr") == 3
@@ -98,17 +113,22 @@ def test_running_gauge_and_refusals_by_reason_follow_admission(start_worker):
         execute(stub, request([SH, "-c", "true"], executor=pb.ExecutorSelector(name="nope")))
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    samples = scrape(worker)
+    method = "expbuild.worker.v1.WorkerService/Execute"
+    samples = scrape_when(
+        worker,
+        lambda got: value(got, "expbuild_worker_rpcs_total", method=method, code="INVALID_ARGUMENT") > 0,
+    )
     assert value(samples, "expbuild_worker_actions_running", executor="host") == 1
     assert value(samples, "expbuild_worker_refusals_total", reason="ResourceExhaustedError") == 1
     assert value(samples, "expbuild_worker_refusals_total", reason="InvalidRequestError") == 1
-    method = "expbuild.worker.v1.WorkerService/Execute"
     assert value(samples, "expbuild_worker_rpcs_total", method=method, code="RESOURCE_EXHAUSTED") == 1
     assert value(samples, "expbuild_worker_rpcs_total", method=method, code="INVALID_ARGUMENT") == 1
 
     stub.CancelExecution(pb.CancelExecutionRequest(execution_id="long-1"), timeout=10)
     thread.join(30)
-    samples = scrape(worker)
+    samples = scrape_when(
+        worker, lambda got: value(got, "expbuild_worker_actions_running", executor="host") == 0
+    )
     assert value(samples, "expbuild_worker_actions_total", executor="host", status="cancelled") == 1
     assert value(samples, "expbuild_worker_actions_running", executor="host") == 0
 
