@@ -1237,3 +1237,22 @@ def test_capabilities_name_the_uid_range() -> None:
     caps = run(make_executor(run_as_uids=UIDS).capabilities())
     assert caps.details["euid"] == "231000-231001"
     assert "uid of its own" in caps.details["user"]
+
+
+@needs_root
+def test_a_single_uid_serves_back_to_back_actions(public_dir: Path) -> None:
+    """With one uid for one slot, the next action waits the moment it takes for the last one's
+    cgroup to go (its uid comes back then) instead of failing."""
+
+    async def scenario() -> list[Result]:
+        executor = make_executor(run_as_uids=range(231010, 231011))
+        await executor.start()
+        results = []
+        for i in range(6):
+            root = public_dir / f"a{i}"
+            root.mkdir()
+            results.append(await execute(sh(root, "id -u"), executor=executor))
+        return results
+
+    for result in run(scenario()):
+        assert result.outcome.status is ExecutionStatus.COMPLETED and result.stdout == b"231010\n", result

@@ -66,6 +66,9 @@ waiting in it. Creating one (two or three v1 directories) takes ~0.12 ms and a f
 migration ~1-20 ms, which would otherwise be on an action's path; spares are made once commands
 have ended."""
 
+UID_WAIT_SECONDS = 5.0
+"""How long an action waits for a uid of ``run_as_uids`` that its predecessor still holds."""
+
 _REMOVE_DELAYS = (0.01, 0.05, 0.2, 1.0, 5.0, 30.0)
 """Seconds between attempts to remove an action cgroup whose SIGKILLed processes have not exited yet."""
 
@@ -202,6 +205,7 @@ class ProcessRunner:
         self._uids = run_as_uids
         self._free_uids = collections.deque(run_as_uids or ())
         self._held_uids: dict[str, int] = {}  # action cgroup token -> the uid it gives back once removed
+        self._uid_freed = asyncio.Event()
         self.run_as = (run_as_uids[0], run_as_uids[0]) if run_as_uids else run_as
         """The action user (with ``run_as_uids``, the first of the range, for checks and probes)."""
         self.root = (os.geteuid() == 0 or os.getuid() == 0) and self.run_as is None
@@ -370,7 +374,7 @@ class ProcessRunner:
         if stop.reason is not None:
             yield RunOutcome(status=stop.reason, message="stopped before the command started")
             return
-        user = self._take_user()
+        user = await self._take_user()
         leaf: ActionCgroup | None = None
         try:
             launch = self._launcher.launch(command, command.root / command.working_directory)
@@ -486,17 +490,31 @@ class ProcessRunner:
 
     # ---- action users ---------------------------------------------------------------------------
 
-    def _take_user(self) -> tuple[int, int] | None:
-        """The (uid, gid) the next command runs as: its own from ``run_as_uids``, else ``run_as``."""
+    async def _take_user(self) -> tuple[int, int] | None:
+        """The (uid, gid) the next command runs as: its own from ``run_as_uids``, else ``run_as``.
+
+        An action's uid comes back once its cgroup is removed, a moment after the action's slot
+        is free: a new action waits for one (UID_WAIT_SECONDS at most, then UNAVAILABLE)."""
         if self._uids is None:
             return self.run_as
-        if not self._free_uids:
-            raise UnavailableError(
-                f"{self._kind} executor {self._name!r}: every uid of its range "
-                f"{self._uids[0]}-{self._uids[-1]} belongs to an action still running or ending"
-            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UID_WAIT_SECONDS
+        while not self._free_uids:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise UnavailableError(
+                    f"{self._kind} executor {self._name!r}: every uid of its range "
+                    f"{self._uids[0]}-{self._uids[-1]} belongs to an action still running or ending"
+                )
+            self._uid_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._uid_freed.wait(), remaining)
         uid = self._free_uids.popleft()
         return uid, uid
+
+    def _free_uid(self, uid: int) -> None:
+        self._free_uids.append(uid)
+        self._uid_freed.set()
 
     def _give_back(self, user: tuple[int, int] | None, leaf: ActionCgroup | None) -> None:
         """Return an action's own uid once nothing of the action runs: now, or (while its cgroup
@@ -506,14 +524,14 @@ class ProcessRunner:
         if leaf is not None and leaf.token in self._leftovers:
             self._held_uids[leaf.token] = user[0]
         else:
-            self._free_uids.append(user[0])
+            self._free_uid(user[0])
 
     def _forget_leftover(self, token: str) -> None:
         """An action cgroup is gone: forget it, and free the uid it held back."""
         self._leftovers.pop(token, None)
         uid = self._held_uids.pop(token, None)
         if uid is not None:
-            self._free_uids.append(uid)
+            self._free_uid(uid)
 
     # ---- cgroup creation and removal ------------------------------------------------------------
 
