@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -109,13 +110,18 @@ def is_spawner(pid: int) -> bool:
         return False
 
 
+def wait_until(predicate: Callable[[], Any], seconds: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds or ``seconds`` have passed; whether it held at the end."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True
+
+
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return not pid_alive(pid)
+    return wait_until(lambda: not pid_alive(pid), timeout)
 
 
 def action_leftovers(work_root: str, *, timeout: float = 3.0) -> list[str]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _support import wait_until
+
 from expbuild_worker.config import DockerExecutorConfig
 from expbuild_worker.execution.docker import DockerExecutor, build_docker_executor
 from expbuild_worker.execution.executor import Command, StopSignal
@@ -135,12 +137,7 @@ def labelled_containers(client: Any, worker_id: str) -> list[dict[str, Any]]:
 
 def gone_within(client: Any, worker_id: str, seconds: float = 5.0) -> bool:
     """True once no container labelled ``worker_id`` exists, polling up to ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while labelled_containers(client, worker_id):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return wait_until(lambda: not labelled_containers(client, worker_id), seconds, 0.1)
 
 
 def remove_labelled(client: Any, worker_id: str) -> None:

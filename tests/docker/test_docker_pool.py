@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from _dockerkit import ENV, TEST_LIMITS, docker_executor, labelled_containers, new_worker_id, remove_labelled
+from _support import wait_until
 from test_worker_crash import WorkerProcess
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
@@ -259,15 +259,6 @@ max_size = 2
     remove_labelled(docker_client, worker_id)
 
 
-def _wait_until(predicate: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_sigkill_of_the_worker_then_restart_leaves_no_pool_container(
     pool_config: tuple[Path, str], docker_client: Any
 ) -> None:
@@ -277,7 +268,7 @@ def test_sigkill_of_the_worker_then_restart_leaves_no_pool_container(
     try:
         with grpc.insecure_channel(worker.target) as channel:
             pb_grpc.WorkerServiceStub(channel).Warmup(pb.WarmupRequest(), timeout=60)
-        assert _wait_until(lambda: len(labelled_containers(docker_client, worker_id)) >= 2, 20)
+        assert wait_until(lambda: len(labelled_containers(docker_client, worker_id)) >= 2, 20)
         os.kill(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(10)
     finally:
@@ -287,7 +278,7 @@ def test_sigkill_of_the_worker_then_restart_leaves_no_pool_container(
 
     restarted = WorkerProcess(config)
     try:
-        assert _wait_until(
+        assert wait_until(
             lambda: not stranded & {c["Id"] for c in labelled_containers(docker_client, worker_id)}, 10
         )
     finally:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from _dockerkit import labelled_containers, new_worker_id, remove_labelled
-from _support import BASE_ENV
+from _support import BASE_ENV, wait_until
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -77,15 +76,6 @@ orphan_sweep_interval_seconds = 600
     remove_labelled(docker_client, worker_id)
 
 
-def _wait_until(predicate: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_sigkill_mid_action_then_restart_leaves_no_container(
     crash_config: tuple[Path, str], docker_client: Any
 ) -> None:
@@ -100,7 +90,7 @@ def test_sigkill_mid_action_then_restart_leaves_no_container(
             for response in stream:
                 if response.WhichOneof("event") == "started":
                     break
-            assert _wait_until(lambda: labelled_containers(docker_client, worker_id), 10)
+            assert wait_until(lambda: labelled_containers(docker_client, worker_id), 10)
             os.kill(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(10)
             stream.cancel()
@@ -111,6 +101,6 @@ def test_sigkill_mid_action_then_restart_leaves_no_container(
 
     restarted = WorkerProcess(config)
     try:
-        assert _wait_until(lambda: not labelled_containers(docker_client, worker_id), 5)
+        assert wait_until(lambda: not labelled_containers(docker_client, worker_id), 5)
     finally:
         restarted.stop()
