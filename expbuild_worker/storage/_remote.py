@@ -126,11 +126,6 @@ class RemoteStore:
         self._pool = concurrent.futures.ThreadPoolExecutor(parallelism, thread_name_prefix="expbuild-fetch")
         self._lock = threading.Lock()
         self._inflight: dict[Digest, concurrent.futures.Future[bool]] = {}
-        self.fetched_blobs = 0
-        """Blobs fetched from the remote since start (each counted once)."""
-        self.fetched_bytes = 0
-        self.uploaded_blobs = 0
-        self.uploaded_bytes = 0
 
     def close(self) -> None:
         """Stop the fetch threads (fetches in progress finish first)."""
@@ -271,7 +266,6 @@ class RemoteStore:
                 writer.write(data)
                 writer.commit()
             found[digest] = True
-            self._count_fetch(digest)
         return found
 
     def _fetch_large(self, digest: Digest) -> dict[Digest, bool]:
@@ -283,13 +277,7 @@ class RemoteStore:
             for chunk in chunks:
                 writer.write(chunk)
             writer.commit()
-        self._count_fetch(digest)
         return {digest: True}
-
-    def _count_fetch(self, digest: Digest) -> None:
-        with self._lock:
-            self.fetched_blobs += 1
-            self.fetched_bytes += digest.size
 
     def _fetch_or_raise(self, digest: Digest) -> None:
         if self.fetch([digest]):
@@ -323,9 +311,6 @@ class RemoteStore:
             if isinstance(errors[0], NotFoundError):
                 raise errors[0]
             raise UnavailableError(f"uploading to the remote CAS failed: {errors[0]}") from errors[0]
-        with self._lock:
-            self.uploaded_blobs += len(missing)
-            self.uploaded_bytes += sum(d.size for d in missing)
         return missing
 
     def _upload_batch(self, batch: list[Digest]) -> None:

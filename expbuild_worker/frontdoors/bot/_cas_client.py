@@ -52,7 +52,6 @@ class GrpcRemoteCas:
         call_timeout_seconds: float = 60.0,
         stream_chunk_bytes: int = 1 << 20,
     ) -> None:
-        self._channel = channel
         self._instance = instance_name
         self._configured_batch = max_batch_bytes
         self._timeout = call_timeout_seconds
@@ -78,7 +77,9 @@ class GrpcRemoteCas:
                         self._batch = min(self._batch, advertised)
                 except grpc.RpcError as err:
                     _log.warning(
-                        "GetCapabilities failed (%s); batches carry up to %d bytes", _why(err), self._batch
+                        "GetCapabilities failed (%s); batches carry up to %d bytes",
+                        rpc_error_text(err),
+                        self._batch,
                     )
             return self._batch
 
@@ -117,7 +118,7 @@ class GrpcRemoteCas:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(f"blob {digest} is not in the remote CAS") from None
-            raise UnavailableError(f"ByteStream.Read {digest}: {_why(err)}") from err
+            raise UnavailableError(f"ByteStream.Read {digest}: {rpc_error_text(err)}") from err
         return self._rest(digest, first, responses)
 
     def _rest(
@@ -129,7 +130,7 @@ class GrpcRemoteCas:
             for response in responses:
                 yield response.data
         except grpc.RpcError as err:
-            raise UnavailableError(f"ByteStream.Read {digest}: {_why(err)}") from err
+            raise UnavailableError(f"ByteStream.Read {digest}: {rpc_error_text(err)}") from err
 
     def write_batch(self, blobs: Sequence[tuple[Digest, bytes]]) -> None:
         request = re_pb.BatchUpdateBlobsRequest(
@@ -165,7 +166,7 @@ class GrpcRemoteCas:
         try:
             response = self._bytestream.Write(requests(), timeout=self._timeout * 10)
         except grpc.RpcError as err:
-            raise UnavailableError(f"ByteStream.Write {digest}: {_why(err)}") from err
+            raise UnavailableError(f"ByteStream.Write {digest}: {rpc_error_text(err)}") from err
         if response.committed_size != digest.size:
             raise UnavailableError(
                 f"ByteStream.Write {digest}: the remote committed {response.committed_size} bytes"
@@ -177,7 +178,8 @@ class GrpcRemoteCas:
                 return call()
             except grpc.RpcError as err:
                 if err.code() not in _TRANSIENT or attempt == _ATTEMPTS:
-                    raise UnavailableError(f"{what} on the scheduler's CAS failed: {_why(err)}") from err
+                    why = rpc_error_text(err)
+                    raise UnavailableError(f"{what} on the scheduler's CAS failed: {why}") from err
                 time.sleep(0.2 * 2**attempt * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
@@ -189,7 +191,8 @@ def _rechunk(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
             yield chunk[start : start + size]
 
 
-def _why(err: grpc.RpcError) -> str:
+def rpc_error_text(err: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, for messages and logs (tolerates errors without either)."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     return f"{code.name if code is not None else 'error'}: {details}"

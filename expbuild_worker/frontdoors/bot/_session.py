@@ -17,6 +17,7 @@ from google.protobuf import any_pb2
 from expbuild_worker.api.rwapi import bots_pb2 as b_pb
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import NotFoundError
+from expbuild_worker.frontdoors.bot._cas_client import rpc_error_text
 from expbuild_worker.frontdoors.bot._leases import HeldLease, LeaseOutcome, LeaseWork, handed_back
 from expbuild_worker.frontdoors.bot._platform import worker_message
 
@@ -201,7 +202,7 @@ class Bot:
                 request, timeout=self.settings.poll_timeout_seconds, metadata=self.settings.call_metadata
             )
         except grpc.aio.AioRpcError as err:
-            _log.warning("bot %s: cannot open a session: %s", self.settings.bot_id, _why(err))
+            _log.warning("bot %s: cannot open a session: %s", self.settings.bot_id, rpc_error_text(err))
             return False
         self._session = answer.name
         self.stats.sessions += 1
@@ -255,7 +256,7 @@ class Bot:
                 "bot %s: session %s is gone (%s); opening a new one",
                 self.settings.bot_id,
                 self._session,
-                _why(err),
+                rpc_error_text(err),
             )
             self._lose_session()
             return
@@ -263,7 +264,10 @@ class Bot:
             return  # a long poll that ran out: ask again at once
         wait = backoff.next()
         _log.warning(
-            "bot %s: UpdateBotSession failed (%s); retrying in %.1fs", self.settings.bot_id, _why(err), wait
+            "bot %s: UpdateBotSession failed (%s); retrying in %.1fs",
+            self.settings.bot_id,
+            rpc_error_text(err),
+            wait,
         )
         await self._sleep(wait)
 
@@ -427,7 +431,3 @@ class Bot:
     async def _wait_changed(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
-
-
-def _why(err: grpc.aio.AioRpcError) -> str:
-    return f"{err.code().name}: {err.details()}"
