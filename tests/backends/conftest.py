@@ -18,28 +18,26 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docker"))
 
 from _dockerkit import docker_executor, gone_within, new_worker_id, remove_labelled
+from _support import unavailable as shared_unavailable
 
 from expbuild_worker.execution.executor import Executor
 from expbuild_worker.execution.sandbox import SandboxExecutor
 from expbuild_worker.model import ResourceLimits
 
-REQUIRED = os.environ.get("EXPBUILD_REQUIRE_BACKENDS") == "1"
 IMAGE = "expbuild-test/busybox:1"
 SANDBOX_USER = (65534, 65534) if os.geteuid() == 0 else None
 
 
-def unavailable(reason: str) -> None:
-    """Skip where the backend is optional; fail where EXPBUILD_REQUIRE_BACKENDS=1 demands it."""
-    if REQUIRED:
-        pytest.fail(f"this backend is required here (EXPBUILD_REQUIRE_BACKENDS=1): {reason}")
-    pytest.skip(reason)
+def unavailable(reason: str) -> NoReturn:
+    """Skip where the backend is optional; fail where CI=true or EXPBUILD_REQUIRE_BACKENDS=1 demands it."""
+    shared_unavailable(reason, flag="EXPBUILD_REQUIRE_BACKENDS")
 
 
 @dataclass
