@@ -1138,7 +1138,6 @@ class DockerExecutor:
             # An action's processes are its own: the idle ones come on top of its limit.
             idle = len(slot.idle_pids) - (1 if self._hardening.init else 0)
             slot.pids_max = exact_pids_max(key.limits, self._hardening, idle=max(0, idle))
-            slot.pids_room = self._pids_room()
             self._loosen_processes(slot)
             return slot
         except BaseException:
@@ -1150,7 +1149,7 @@ class DockerExecutor:
     def _loosen_processes(self, slot: Slot) -> None:
         """Between actions a pool container's PIDs limit has room for the next exec's runtime init."""
         if slot.pids_max is not None:
-            self._limit_processes(slot.token, slot.container_id, slot.pids_max + slot.pids_room)
+            self._limit_processes(slot.token, slot.container_id, slot.pids_max + self._pids_room())
 
     def _new_mount_point(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -1225,7 +1224,7 @@ class DockerExecutor:
         run.streams = streams = AttachedStreams(sock, loop=asyncio.get_running_loop(), name=run.token[:12])
         streams.start()
         run.exec_pid = await self._exec_pid(run, slot)
-        if slot.pids_room and run.exec_pid:
+        if self._pids_room() and run.exec_pid:
             exec_pid = run.exec_pid
             await self._after_runtime_init(lambda: [exec_pid])
             self._limit_processes(slot.token, cid, slot.pids_max)

@@ -229,7 +229,6 @@ class Slot:
     counters: ContainerCounters | None = None
     uses: int = 0
     pids_max: int | None = None  # an action's exact PIDs limit here (its own plus the idle processes)
-    pids_room: int = 0  # added to it between actions, for the runtime's exec init
     idle_since: float = field(default_factory=time.monotonic)
 
 

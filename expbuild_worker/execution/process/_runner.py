@@ -306,8 +306,7 @@ class ProcessRunner:
         self.activate()
         cg = self._cgroups
         enforced = {ResourceLimit.MEMORY, ResourceLimit.TIMEOUT}
-        pids = cg is not None and cg.enforces_processes
-        if pids or not self.root:
+        if self._cgroup_pids or not self.root:
             enforced.add(ResourceLimit.PROCESSES)
         if cg is not None:
             memory = "cgroup memory limit of the whole action" + (
@@ -317,7 +316,7 @@ class ProcessRunner:
             memory = "RLIMIT_AS (address space) of each process" + (
                 "; a command running as root can raise it" if self.root else ""
             )
-        if pids:
+        if self._cgroup_pids:
             processes = "cgroup pids.max of the whole action"
         elif self.root:
             processes = "not enforced: RLIMIT_NPROC does not apply to root"
@@ -383,7 +382,7 @@ class ProcessRunner:
             if self._cgroups is not None:
                 pids_max = (
                     limits.max_processes + self._launcher.own_processes
-                    if self._cgroups.enforces_processes and limits.max_processes is not None
+                    if self._cgroup_pids and limits.max_processes is not None
                     else None
                 )
                 leaf, placed = self._action_cgroup(
@@ -487,6 +486,11 @@ class ProcessRunner:
         self._remover.shutdown(wait=False)
         if self._cgroups is not None:
             self._cgroups.remove_base()
+
+    @property
+    def _cgroup_pids(self) -> bool:
+        """Whether each action's cgroup carries its process limit (``pids.max``)."""
+        return self._cgroups is not None and self._cgroups.enforces_processes
 
     # ---- action users ---------------------------------------------------------------------------
 
@@ -664,8 +668,7 @@ class ProcessRunner:
         problem = self._launcher.unenforceable(limits)
         if problem:
             return problem
-        pids = self._cgroups is not None and self._cgroups.enforces_processes
-        if processes and limits.max_processes is not None and self.root and not pids:
+        if processes and limits.max_processes is not None and self.root and not self._cgroup_pids:
             return f"max_processes={limits.max_processes} (RLIMIT_NPROC does not apply to root)"
         return ""
 
@@ -698,8 +701,7 @@ class ProcessRunner:
         rlimits: list[Rlimit] = []
         if limits.memory_bytes is not None and cg is None:
             rlimits.append(rlimit(resource.RLIMIT_AS, limits.memory_bytes))
-        pids = cg is not None and cg.enforces_processes
-        if limits.max_processes is not None and not self.root and not pids:
+        if limits.max_processes is not None and not self.root and not self._cgroup_pids:
             rlimits.append(rlimit(resource.RLIMIT_NPROC, limits.max_processes))
         return rlimits
 
