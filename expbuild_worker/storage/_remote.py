@@ -155,7 +155,10 @@ class RemoteStore:
         return RemotePin(self, self.local.pin(wanted))
 
     def open_blob(self, digest: Digest, *, offset: int = 0, limit: int | None = None) -> Iterator[bytes]:
-        self._fetch_or_raise(digest)
+        try:  # the local store first: most blobs were fetched ahead (pin, find_missing)
+            return self.local.open_blob(digest, offset=offset, limit=limit)
+        except NotFoundError:
+            self._fetch_or_raise(digest)
         return self.local.open_blob(digest, offset=offset, limit=limit)
 
     def writer(self, digest: Digest) -> BlobWriter:
@@ -165,7 +168,11 @@ class RemoteStore:
         return self.local.put_bytes(data)
 
     def copy_to(self, digest: Digest, dest: Path, *, executable: bool) -> None:
-        self._fetch_or_raise(digest)
+        try:
+            self.local.copy_to(digest, dest, executable=executable)
+            return
+        except NotFoundError:
+            self._fetch_or_raise(digest)
         self.local.copy_to(digest, dest, executable=executable)
 
     def adopt_file(self, name: str, *, dir_fd: int, pin: BlobPin | None = None) -> Digest:
