@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+NAMED_IN_A_MESSAGE = 10
+"""How many items (digests, fields) one error message names; the rest are counted."""
+
+
+def name_some(items: Sequence[object], limit: int = NAMED_IN_A_MESSAGE) -> str:
+    """The first ``limit`` of ``items`` for a message, then how many more there are."""
+    named = ", ".join(str(item) for item in items[:limit])
+    return named + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
 
 class WorkerError(Exception):
     """Base of every error the worker raises on purpose. The message is shown to clients."""

@@ -26,6 +26,7 @@ from expbuild_worker.errors import (
     PreconditionError,
     UnavailableError,
     WorkerError,
+    name_some,
 )
 from expbuild_worker.execution.executor import Executor
 from expbuild_worker.model import (
@@ -60,9 +61,6 @@ _VALIDATE_IN_THREAD_ENTRIES = 256
 """Actions with more input entries are validated on a thread: the work grows with the request,
 and the event loop must keep answering every other call (health included) meanwhile. Smaller
 ones are checked inline, where a thread hop would cost more than the checks."""
-
-_NAMED_MISSING = 10
-"""How many missing blobs a refusal names (the rest are counted; ``MissingBlobsError.digests`` has all)."""
 
 
 class ExecutionEngine:
@@ -393,13 +391,8 @@ class ExecutionEngine:
                 for i, f in enumerate(action.input_files)
                 if f.digest is not None and f.digest in missing
             ]
-            named = ", ".join(fields[:_NAMED_MISSING]) + (
-                f" and {len(fields) - _NAMED_MISSING} more" if len(fields) > _NAMED_MISSING else ""
-            )
             raise MissingBlobsError(
-                f"{named}: {len(err.digests)} blob(s) are not in the worker's store "
-                f"({', '.join(str(d) for d in err.digests[:_NAMED_MISSING])}"
-                f"{' …' if len(err.digests) > _NAMED_MISSING else ''}); upload them and send the "
-                "action again",
+                f"{name_some(fields)}: {len(err.digests)} blob(s) are not in the worker's store "
+                f"({name_some(err.digests)}); upload them and send the action again",
                 digests=err.digests,
             ) from None

@@ -25,6 +25,7 @@ from expbuild_worker.errors import (
     MissingBlobsError,
     NotFoundError,
     ResourceExhaustedError,
+    name_some,
 )
 from expbuild_worker.model import Digest
 from expbuild_worker.storage._index import BlobIndex, IndexEntry
@@ -36,8 +37,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _READ_CHUNK = 1 << 20
 _EVICT_TO = 0.9
 """Eviction frees down to this fraction of the bound, so it runs in batches, not per new blob."""
-_MISSING_NAMED = 10
-"""At most this many missing digests are spelled out in a message (all are in the error's field)."""
 
 
 def check_digest(digest: Digest, field: str) -> None:
@@ -596,9 +595,8 @@ def _on_disk(st: os.stat_result) -> int:
 
 
 def _missing_message(missing: list[Digest]) -> str:
-    named = ", ".join(str(d) for d in missing[:_MISSING_NAMED])
-    more = f" and {len(missing) - _MISSING_NAMED} more" if len(missing) > _MISSING_NAMED else ""
-    return f"{len(missing)} blob(s) are not in the worker's store and must be uploaded again: {named}{more}"
+    named = name_some(missing)
+    return f"{len(missing)} blob(s) are not in the worker's store and must be uploaded again: {named}"
 
 
 def record_use(file: int | Path) -> None:

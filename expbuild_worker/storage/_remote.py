@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from expbuild_worker.errors import MissingBlobsError, NotFoundError, UnavailableError
+from expbuild_worker.errors import MissingBlobsError, NotFoundError, UnavailableError, name_some
 from expbuild_worker.model import Digest
 from expbuild_worker.storage._cas import BlobWriter, ContentAddressedStore, StorePin
 from expbuild_worker.storage._protocol import BlobPin
@@ -20,7 +20,6 @@ _log = logging.getLogger(__name__)
 _PIN_ROUNDS = 3
 """How often ``pin`` fetches again when a blob it fetched was evicted before it could be held
 (only a store far too small for one action's inputs keeps losing that race)."""
-_NAMED = 10
 BATCH_ENTRY_BYTES = 256
 """What one entry of a batch costs in the message besides its data (digest, framing, status), at
 most: counted so that many small blobs cannot push a batch past a message limit their sizes alone
@@ -344,5 +343,5 @@ def _batches(digests: list[Digest], limit: int) -> Iterator[list[Digest]]:
 
 
 def _missing_message(missing: list[Digest]) -> str:
-    named = ", ".join(str(d) for d in missing[:_NAMED]) + (" …" if len(missing) > _NAMED else "")
+    named = name_some(missing)
     return f"{len(missing)} blob(s) are neither in the local store nor in the remote CAS: {named}"

@@ -10,13 +10,12 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
-from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
+from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError, name_some
 from expbuild_worker.frontdoors._remote_actions._digests import digest_from_pb
 from expbuild_worker.frontdoors._remote_actions._platform import choose
 from expbuild_worker.model import Action, Digest, InputFile, InputSymlink
 from expbuild_worker.storage import BlobStore
 
-_NAMED = 10
 _M = TypeVar("_M", bound=Message)
 
 
@@ -206,9 +205,9 @@ def _parse(store: BlobStore, digest: Digest, message: _M, what: str) -> _M:
 
 
 def _missing(digests: list[Digest], what: str) -> MissingBlobsError:
-    named = ", ".join(str(d) for d in digests[:_NAMED]) + (" …" if len(digests) > _NAMED else "")
     return MissingBlobsError(
-        f"{what}: {len(digests)} blob(s) are not in the CAS ({named}); upload them and execute again",
+        f"{what}: {len(digests)} blob(s) are not in the CAS ({name_some(digests)}); "
+        "upload them and execute again",
         digests=tuple(digests),
     )
 

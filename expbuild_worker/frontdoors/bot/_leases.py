@@ -24,6 +24,7 @@ from expbuild_worker.frontdoors._remote_actions import (
     error_to_status,
     execute_response,
     load_action,
+    read_action,
 )
 from expbuild_worker.model import ActionResult, Digest, ExecutionStatus
 from expbuild_worker.storage import RemoteStore
@@ -193,16 +194,12 @@ class LeaseWork:
     def _load(self, digest: Digest, action_bytes: bytes | None) -> LoadedAction:
         """On a thread: the Action (from the lease, else from the CAS), its Command and input tree."""
         if action_bytes is None:
+            reapi_action = read_action(self._store, digest)
+        else:
             try:
-                action_bytes = b"".join(self._store.open_blob(digest))
-            except errors.NotFoundError:
-                raise errors.MissingBlobsError(
-                    f"action_digest: the action {digest} is not in the scheduler's CAS", digests=(digest,)
-                ) from None
-        try:
-            reapi_action = re_pb.Action.FromString(action_bytes)
-        except DecodeError as err:
-            raise errors.InvalidRequestError(f"lease.payload: blob {digest} is not an Action") from err
+                reapi_action = re_pb.Action.FromString(action_bytes)
+            except DecodeError as err:
+                raise errors.InvalidRequestError(f"lease.payload: blob {digest} is not an Action") from err
         return load_action(self._store, digest, reapi_action, max_input_entries=self._max_entries)
 
     def _report(self, loaded: LoadedAction, result: ActionResult, times: LeaseTimes) -> re_pb.ExecuteResponse:

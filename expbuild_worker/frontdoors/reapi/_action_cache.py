@@ -9,7 +9,7 @@ from google.protobuf.message import DecodeError
 
 from expbuild_worker.api.reapi import remote_execution_pb2 as re_pb
 from expbuild_worker.api.reapi import remote_execution_pb2_grpc as re_grpc
-from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError
+from expbuild_worker.errors import InvalidRequestError, MissingBlobsError, NotFoundError, name_some
 from expbuild_worker.frontdoors._grpc import BlockingCalls
 from expbuild_worker.frontdoors._remote_actions import check_digest_function, digest_from_pb, read_blob
 from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors
@@ -21,7 +21,6 @@ _log = logging.getLogger(__name__)
 
 INLINE_RESERVE_BYTES = 64 << 10
 """Room left in a GetActionResult response, besides the result, when contents are inlined."""
-_MISSING_NAMED = 5
 
 
 def referenced_blobs(
@@ -88,7 +87,7 @@ def cached_result(
             "cached result of action %s refers to %d blob(s) no longer in the CAS (%s)",
             action,
             len(err.digests),
-            _named(err.digests),
+            name_some(err.digests),
         )
         return None
     pin.release_after(keep_seconds)
@@ -169,7 +168,7 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
         missing = self._store.find_missing(referenced_blobs(self._store, result))
         if missing:
             raise MissingBlobsError(
-                f"action_result: refers to {len(missing)} blob(s) not in the CAS ({_named(missing)}); "
+                f"action_result: refers to {len(missing)} blob(s) not in the CAS ({name_some(missing)}); "
                 "upload them first",
                 digests=tuple(missing),
             )
@@ -179,8 +178,3 @@ class ActionCacheServicer(re_grpc.ActionCacheServicer):
 
 def _digest(digest: re_pb.Digest) -> Digest:
     return Digest(digest.hash, digest.size_bytes)
-
-
-def _named(digests: tuple[object, ...] | list[Digest]) -> str:
-    named = ", ".join(str(d) for d in digests[:_MISSING_NAMED])
-    return named + (f" and {len(digests) - _MISSING_NAMED} more" if len(digests) > _MISSING_NAMED else "")
