@@ -6,7 +6,7 @@ CONFIG ?= configs/worker/expbuild-worker.toml
 PORT ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test protos check-protos lint unit bench venv docker clean
+.PHONY: run test protos check-protos lint unit bench venv docker clean agent
 
 $(BIN)/activate: pyproject.toml
 	@# A fresh Debian has python3 without the venv module: install it when we can (root), else say so.
@@ -21,6 +21,20 @@ $(BIN)/activate: pyproject.toml
 
 venv: $(BIN)/activate
 
+AGENT_DIR := expbuild_worker/execution/docker/agent
+AGENT := $(AGENT_DIR)/expbuild-agent
+CC ?= cc
+
+## agent: the static in-container agent for Docker pool containers (skipped, with a note, without a C compiler)
+agent: $(AGENT)
+
+$(AGENT): $(AGENT_DIR)/expbuild_agent.c
+	@if command -v $(CC) >/dev/null 2>&1; then \
+	  $(CC) -static -Os -s -Wall -Wextra -Werror -o $@ $< && echo "built $@"; \
+	else \
+	  echo "make: no C compiler ($(CC)): pool containers will be entered by the engine's exec"; \
+	fi
+
 ## protos: regenerate expbuild_worker/api/v1 from proto/ with the pinned generator
 protos: venv
 	$(BIN)/python scripts/gen_protos.py
@@ -30,7 +44,7 @@ check-protos: venv
 	$(BIN)/python scripts/check_protos.py
 
 ## run: start the worker with the host executor on 127.0.0.1:50051 (CONFIG=… another config, PORT=… another port)
-run: venv
+run: venv agent
 	$(BIN)/expbuild-worker serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 ## lint: ruff and mypy --strict on our package
@@ -40,7 +54,7 @@ lint: venv
 	$(BIN)/mypy
 
 ## test: the whole suite (protos fresh, lint, unit, integration, Docker when an engine answers)
-test: venv check-protos lint
+test: venv agent check-protos lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## docker: make a local Docker engine answer (installs docker.io when missing; needs root)
@@ -48,7 +62,7 @@ docker:
 	bash scripts/ensure-docker.sh
 
 ## bench: benchmarks printing numbers and ratios measured in one run
-bench: venv
+bench: venv agent
 	$(BIN)/python benchmarks/bench_host.py
 	$(BIN)/python benchmarks/bench_docker.py
 	$(BIN)/python benchmarks/bench_reapi.py
@@ -56,4 +70,5 @@ bench: venv
 	$(BIN)/python benchmarks/bench_load.py
 
 clean:
+	rm -f $(AGENT)
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ IoMode = Literal["bind", "archive"]
 IoModeSetting = Literal["auto", IoMode]
 """The configured choice: an :data:`IoMode`, or ``auto`` (bind when the Docker daemon is local)."""
 CgroupMode = Literal["auto", "off", "required"]
+AgentMode = Literal["auto", "on", "off"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -168,6 +169,8 @@ class DockerPoolConfig:
     idle_ttl_seconds: float = 300.0
     idle_command: tuple[str, ...] = ("sleep", "2147483647")
     max_uses: int = 100
+    agent: AgentMode = "auto"  # enter pool containers through the in-container agent, not the engine's exec
+    agent_path: str = ""  # the agent binary; empty: the one `make agent` builds inside the package
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

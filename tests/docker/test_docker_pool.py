@@ -30,11 +30,29 @@ LABEL_POOL = "io.expbuild.pool"
 SMALL = ResourceLimits(cpu_cores=1.0, memory_bytes=64 * MiB, max_processes=64)
 
 
-def pooled(image: str, **pool: Any) -> Any:
-    """An executor whose pool keeps containers of the test limits ready."""
+ENTRIES = ["agent", "exec"]
+"""How an action enters a pool container: through the in-container agent, or the engine's exec."""
+
+
+@pytest.fixture(params=ENTRIES)
+def entry(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def idle_processes(entry: str) -> int:
+    """Processes a pool container holds between actions: the agent, or the init and the idle command."""
+    return 1 if entry == "agent" else 2
+
+
+def pooled(image: str, entry: str = "agent", **pool: Any) -> Any:
+    """An executor whose pool keeps containers of the test limits ready, entered the ``entry`` way
+    (``on``, not ``auto``: a missing agent binary fails the test instead of testing exec twice)."""
     return docker_executor(
         image,
-        pool=DockerPoolConfig(enabled=True, **{"min_idle": 1, "max_size": 4, **pool}),
+        pool=DockerPoolConfig(
+            enabled=True,
+            **{"min_idle": 1, "max_size": 4, "agent": "on" if entry == "agent" else "off", **pool},
+        ),
         default_limits=LimitsConfig(
             cpu_cores=TEST_LIMITS.cpu_cores or 0.0,
             memory_bytes=TEST_LIMITS.memory_bytes or 0,
@@ -86,7 +104,7 @@ async def settle(ex: DockerExecutor, limits: ResourceLimits = TEST_LIMITS) -> No
 
 
 def test_a_pool_container_s_idle_processes_do_not_count_against_the_limit(
-    busybox_image: str, tmp_path: Path
+    busybox_image: str, tmp_path: Path, entry: str
 ) -> None:
     """In fresh and recycled pool containers the command gets exactly its max_processes (3: the
     shell and two background sleeps), as in a cold container."""
@@ -94,7 +112,7 @@ def test_a_pool_container_s_idle_processes_do_not_count_against_the_limit(
     script = "sleep 0.5; for i in 1 2 3 4; do sleep 2 & echo started $i; done; wait"
 
     async def main() -> list[tuple[RunOutcome, str]]:
-        async with pooled(busybox_image) as ex:
+        async with pooled(busybox_image, entry) as ex:
             await ex.warmup([])
             results = []
             for i, recycle in enumerate((False, True, True)):
@@ -107,7 +125,9 @@ def test_a_pool_container_s_idle_processes_do_not_count_against_the_limit(
         assert out == "started 1\nstarted 2\n", out
 
 
-def test_recycled_container_shows_no_trace_of_the_previous_action(busybox_image: str, tmp_path: Path) -> None:
+def test_recycled_container_shows_no_trace_of_the_previous_action(
+    busybox_image: str, tmp_path: Path, entry: str
+) -> None:
     """The next action in a recycled container sees none of the last one's files, /tmp, env or processes."""
     dirty = "echo secret > /tmp/s; mkdir /tmp/d; echo x > /dev/shm/m; echo o > left; hostname"
     look = (
@@ -116,7 +136,7 @@ def test_recycled_container_shows_no_trace_of_the_previous_action(busybox_image:
     )
 
     async def main() -> tuple[str, str]:
-        async with pooled(busybox_image) as ex:
+        async with pooled(busybox_image, entry) as ex:
             await ex.warmup([])
             first, out1 = await run(ex, tmp_path / "a", dirty, recycle=True, env={**ENV, "SECRET": "1"})
             assert first.status is ExecutionStatus.COMPLETED, first
@@ -130,15 +150,17 @@ def test_recycled_container_shows_no_trace_of_the_previous_action(busybox_image:
     assert lines[0] == out1.strip(), "the same container was reused"
     assert "secret" not in out2 and "left" not in out2 and "m\n" not in out2
     assert lines[-3] == "0", "no environment variable of the previous action"
-    # The init and the idle command only (this action's shell and ps go with the filter's words).
-    assert lines[-2] == "2", out2
+    # The idle processes only (this action's shell and ps go with the filter's words).
+    assert lines[-2] == str(idle_processes(entry)), out2
 
 
-def test_background_process_left_behind_is_killed_before_reuse(busybox_image: str, tmp_path: Path) -> None:
+def test_background_process_left_behind_is_killed_before_reuse(
+    busybox_image: str, tmp_path: Path, entry: str
+) -> None:
     """A daemonised `sleep` of one action is gone before the next action enters the recycled container."""
 
     async def main() -> tuple[str, str]:
-        async with pooled(busybox_image) as ex:
+        async with pooled(busybox_image, entry) as ex:
             await ex.warmup([])
             first, out1 = await run(
                 ex, tmp_path / "a", "hostname; setsid sleep 4242 </dev/null >/dev/null 2>&1 &", recycle=True
@@ -162,13 +184,16 @@ def test_background_process_left_behind_is_killed_before_reuse(busybox_image: st
     ids=["oom", "timeout"],
 )
 def test_oom_and_timeout_in_a_recycled_container_are_reported_and_it_is_replaced(
-    busybox_image: str, tmp_path: Path, case: tuple[str, ResourceLimits, float | None, ExecutionStatus]
+    busybox_image: str,
+    tmp_path: Path,
+    case: tuple[str, ResourceLimits, float | None, ExecutionStatus],
+    entry: str,
 ) -> None:
     """OOMKilled stays false for an exec'd process, so counters tell; a failed container is not lent again."""
     script, limits, stop_after, status = case
 
     async def main() -> tuple[RunOutcome, str, str]:
-        async with pooled(busybox_image) as ex:
+        async with pooled(busybox_image, entry) as ex:
             _, before = await run(ex, tmp_path / "a", "hostname", recycle=True, limits=limits)
             await settle(ex)
             bad, _ = await run(
@@ -183,11 +208,11 @@ def test_oom_and_timeout_in_a_recycled_container_are_reported_and_it_is_replaced
     assert before != after, "the container that failed was replaced"
 
 
-def test_concurrent_actions_never_share_a_container(busybox_image: str, tmp_path: Path) -> None:
+def test_concurrent_actions_never_share_a_container(busybox_image: str, tmp_path: Path, entry: str) -> None:
     """Four actions at once, fresh and recycled, each run in a container of its own."""
 
     async def main() -> list[str]:
-        async with pooled(busybox_image, min_idle=2) as ex:
+        async with pooled(busybox_image, entry, min_idle=2) as ex:
             await ex.warmup([])
             results = await asyncio.gather(
                 *(run(ex, tmp_path / str(i), "hostname; sleep 1", recycle=i % 2 == 0) for i in range(4))

@@ -18,7 +18,7 @@ from expbuild_worker.execution.docker._archive import (
     pack_root,
     unpack_output,
 )
-from expbuild_worker.execution.docker._attach import MAX_CHUNK, Demultiplexer, _rechunk
+from expbuild_worker.execution.docker._attach import MAX_CHUNK, Demultiplexer, rechunk
 from expbuild_worker.execution.docker._spec import Hardening, container_body, network_mode_for
 from expbuild_worker.execution.executor import Command
 from expbuild_worker.model import LogStream, ResourceLimits
@@ -56,7 +56,7 @@ def test_rechunk_merges_neighbours_and_caps_chunk_size() -> None:
     pieces = deque(
         [(LogStream.STDOUT, b"a" * 40_000), (LogStream.STDOUT, b"b" * 40_000), (LogStream.STDERR, b"e")]
     )
-    chunks = _rechunk(pieces)
+    chunks = rechunk(pieces)
     assert [s for s, _ in chunks] == [LogStream.STDOUT, LogStream.STDOUT, LogStream.STDERR]
     assert len(chunks[0][1]) == MAX_CHUNK and all(len(d) <= MAX_CHUNK for _, d in chunks)
     assert b"".join(d for s, d in chunks if s is LogStream.STDOUT) == b"a" * 40_000 + b"b" * 40_000

@@ -155,7 +155,7 @@ class AttachedStreams:
             with self._cond:
                 self._woken = False
                 if self._pieces:
-                    batch = _rechunk(self._pieces)
+                    batch = rechunk(self._pieces)
                     self._pieces.clear()
                     self._buffered = 0
                     self._cond.notify_all()
@@ -215,7 +215,7 @@ class AttachedStreams:
                 response.close()
 
 
-def _rechunk(pieces: deque[tuple[LogStream, bytes]]) -> list[tuple[LogStream, bytes]]:
+def rechunk(pieces: deque[tuple[LogStream, bytes]]) -> list[tuple[LogStream, bytes]]:
     """Join each run of same-stream pieces, then cut it into ``MAX_CHUNK`` chunks (the last may be short)."""
     runs: list[tuple[LogStream, list[bytes]]] = []
     for stream, data in pieces:

@@ -9,6 +9,7 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -23,6 +24,7 @@ import requests.exceptions
 
 from expbuild_worker.config import DockerExecutorConfig, IoMode
 from expbuild_worker.errors import (
+    ConfigError,
     InternalError,
     OutputLimitExceeded,
     PreconditionError,
@@ -35,6 +37,18 @@ from expbuild_worker.execution.cgroups import (
     OomWatch,
     read_mountinfo,
     worker_key,
+)
+from expbuild_worker.execution.docker._agent import (
+    AGENT_BINARY_NAME,
+    AGENT_MOUNT,
+    SOCKET_NAME,
+    AgentListener,
+    AgentLost,
+    CommandNotStarted,
+    PipeStreams,
+    bundled_agent,
+    exit_code,
+    usable_agent,
 )
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,
@@ -112,6 +126,9 @@ _READINESS_TTL_SECONDS = 2.0
 _TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\n]*)")
 _STDERR_HEAD = 512
 
+_AGENT_CONNECT_SECONDS = 10.0
+"""How long a new pool container's agent has to connect back (it does so as its first act)."""
+
 RECYCLE_PROPERTY = "recycle-runner"
 """Platform property (``true``) asking for a recycled pool container instead of a fresh one."""
 
@@ -173,7 +190,7 @@ class _Run:
     stop: StopSignal | None = None
     container_id: str | None = None
     creating: asyncio.Future[Any] | None = None  # the create call, which runs to its end even if we stop
-    streams: AttachedStreams | None = None
+    streams: AttachedStreams | PipeStreams | None = None
     exit_watch: asyncio.Future[Any] | None = None  # only while its output is held
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     killed: bool = False
@@ -191,6 +208,8 @@ class _Run:
     exec_pid: int = 0
     reaper: asyncio.Future[None] | None = None  # ends the exec'd command's leftovers when it exits
     dirty: bool = False  # stopped, OOM or failed: a recycled container is not handed out again
+    wait_status: int | None = None  # the command's, as the pool container's agent reported it
+    agent_lost: str = ""  # why the agent stopped answering while the command ran
 
 
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
@@ -282,6 +301,7 @@ class DockerExecutor:
             _log.warning(
                 "docker executor %s: the container pool needs bind I/O and a root worker; running cold", name
             )
+        self._agent = self._choose_agent() if self._pool is not None else None
         self._janitor = Janitor(
             daemon=daemon,
             worker_id=worker_id,
@@ -292,6 +312,31 @@ class DockerExecutor:
         )
         self._started = False
         self._closed = False
+
+    def _choose_agent(self) -> Path | None:
+        """The agent binary pool containers run as PID 1; None to enter them by the engine's exec.
+
+        Raises ConfigError when the agent is required (``on``) and cannot be used."""
+        pool = self._config.pool
+        if pool.agent == "off":
+            return None
+        path = Path(pool.agent_path) if pool.agent_path else bundled_agent()
+        problem = usable_agent(path)
+        if not problem and is_virtualized_runtime(self._config.runtime):
+            problem = (
+                f"runtime {self._config.runtime!r} has a kernel of its own: a socket bound into "
+                "its containers is not the host's"
+            )
+        if problem and pool.agent == "on":
+            raise ConfigError(f"executor.{self._name}.pool.agent: 'on', but {problem}")
+        if problem:
+            _log.warning(
+                "docker executor %s: pool containers are entered by the engine's exec (slower): %s",
+                self._name,
+                problem,
+            )
+            return None
+        return path
 
     # ---- identity and lifecycle -----------------------------------------------------------
 
@@ -459,6 +504,13 @@ class DockerExecutor:
             "readonly_rootfs": str(self._hardening.readonly_rootfs).lower(),
             "security_opts": ",".join(
                 o.split("=", 1)[0] if o.startswith("seccomp=") else o for o in self._hardening.security_opts
+            ),
+            "pool": (
+                "off"
+                if self._pool is None
+                else "entered through the in-container agent"
+                if self._agent is not None
+                else "entered by the engine's exec"
             ),
             "stats": (
                 f"cgroup v{self._cgroups.version} files of a per-action parent cgroup"
@@ -677,11 +729,17 @@ class DockerExecutor:
             cgroups, token = self._cgroups, run.token
             await self._after_runtime_init(lambda: cgroups.container_processes(token, container_id))
             self._limit_processes(token, container_id, exact_pids_max(command.limits, self._hardening))
+        self._watch(run, command, streams, stop)
+        return None
+
+    def _watch(
+        self, run: _Run, command: Command, streams: AttachedStreams | PipeStreams, stop: StopSignal
+    ) -> None:
+        """Once the command runs: act on a stop request, and write stdin, each on a task of its own."""
         run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
         if command.stdin:
             run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
             run.stdin_task.add_done_callback(_stdin_written)
-        return None
 
     async def _stream(self, run: _Run) -> AsyncGenerator[LogChunk, None]:
         """The command's output as LogChunks, contiguous per stream, until it closes its output."""
@@ -763,7 +821,7 @@ class DockerExecutor:
         run.exit_watch = asyncio.ensure_future(self._release_on_exit(run, streams))
         stop.on_request(lambda _reason: streams.release())
 
-    async def _release_on_exit(self, run: _Run, streams: AttachedStreams) -> None:
+    async def _release_on_exit(self, run: _Run, streams: AttachedStreams | PipeStreams) -> None:
         try:
             # A failure here is met again, and reported, by the action's own wait after its output.
             with contextlib.suppress(Exception):
@@ -983,7 +1041,7 @@ class DockerExecutor:
         stderr_head: bytes,
         started_at: float,
         ended_at: float,
-        streams: AttachedStreams,
+        streams: AttachedStreams | PipeStreams,
     ) -> RunOutcome:
         exit_code = state.get("ExitCode")
         exit_code = int(exit_code) if exit_code is not None else None
@@ -1062,31 +1120,49 @@ class DockerExecutor:
         the pool's directory goes too once empty."""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self._pool_dir):
-                if entry.name not in self._live_tokens():
+                token, _, agent = entry.name.partition(".")
+                if token in self._live_tokens():
+                    continue
+                if agent:  # an agent's directory: at most its socket inside
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
                     release_mount_point(Path(entry.path))
         with contextlib.suppress(OSError):
             os.rmdir(self._pool_dir)
 
     def _slot_alive(self, slot: Slot) -> bool:
         """The idle processes are all still in the container: nobody killed it from outside."""
-        return slot.counters is not None and slot.idle_pids <= slot.counters.procs()
+        return (
+            slot.counters is not None
+            and slot.idle_pids <= slot.counters.procs()
+            and (slot.agent is None or slot.agent.alive)
+        )
 
     async def _make_slot(self, key: PoolKey) -> Slot | None:
         """Create and start one pool container of ``key`` running the idle command.
 
         Its /work is a bind of a mount point of its own, with ``rslave`` propagation: the action
         directory bound on that mount point later appears at /work inside. Its cgroup parent is
-        per container, so its counters are its own."""
+        per container, so its counters are its own. With the agent, the agent is its PID 1 (and
+        its init) and connects back to a socket bound here before it started."""
         if self._cgroups is None or self._closed:
             return None
         token = uuid.uuid4().hex
         self._making.add(token)
         slot = Slot(token=token, key=key, mount_point=self._pool_dir / token)
+        agent, listener = self._agent, None
+        hardening = dataclasses.replace(self._hardening, init=False) if agent else self._hardening
         try:
             await self._daemon.offload(self._new_mount_point, slot.mount_point)
+            if agent is not None:
+                listener = await self._daemon.offload(self._agent_listener, token)
             placeholder = Command(
                 execution_id="pool",
-                argv=self._config.pool.idle_command,
+                argv=(
+                    [f"{AGENT_MOUNT}/{AGENT_BINARY_NAME}", f"{AGENT_MOUNT}/ctl/{SOCKET_NAME}"]
+                    if agent is not None
+                    else self._config.pool.idle_command
+                ),
                 environment={},
                 root=slot.mount_point,
                 working_directory="",
@@ -1096,7 +1172,7 @@ class DockerExecutor:
             body = container_body(
                 image=key.image,
                 command=placeholder,
-                hardening=self._hardening,
+                hardening=hardening,
                 network_mode=key.network_mode,
                 labels={**self._labels(token, "pool"), LABEL_POOL: "idle"},
                 io_mode="bind",
@@ -1104,6 +1180,11 @@ class DockerExecutor:
                 pids_room=self._pids_room(),
             )
             body["HostConfig"]["Mounts"][0]["BindOptions"] = {"Propagation": "rslave"}
+            if agent is not None and listener is not None:
+                body["HostConfig"]["Mounts"] += [
+                    _read_only_bind(agent, f"{AGENT_MOUNT}/{AGENT_BINARY_NAME}"),
+                    _read_only_bind(listener.path.parent, f"{AGENT_MOUNT}/ctl"),
+                ]
             for flag in ("AttachStdout", "AttachStderr"):
                 body[flag] = False
             created: dict[str, Any] = await self._daemon.call(
@@ -1120,6 +1201,8 @@ class DockerExecutor:
                     f"{self._config.pool.idle_command[0]!r}?"
                 )
             slot.init_pid = int(state.get("Pid") or 0)
+            if listener is not None:
+                slot.agent = await listener.accept(init_pid=slot.init_pid, within=_AGENT_CONNECT_SECONDS)
             mountinfo = self._mountinfo if self._mountinfo is not None else read_mountinfo()
             assert self._facts is not None
             slot.counters = ContainerCounters.locate(
@@ -1129,27 +1212,37 @@ class DockerExecutor:
             )
             if slot.counters is None:
                 raise InternalError(f"pool container {cid[:12]}: its cgroup is not readable here")
-            expected = 2 if self._hardening.init else 1
+            expected = 2 if hardening.init else 1
             for _ in range(200):  # the init starts the idle command a moment after it starts
                 slot.idle_pids = frozenset(slot.counters.procs())
                 if len(slot.idle_pids) >= expected:
                     break
                 await asyncio.sleep(0.005)
             # An action's processes are its own: the idle ones come on top of its limit.
-            idle = len(slot.idle_pids) - (1 if self._hardening.init else 0)
-            slot.pids_max = exact_pids_max(key.limits, self._hardening, idle=max(0, idle))
+            idle = len(slot.idle_pids) - (1 if hardening.init else 0)
+            slot.pids_max = exact_pids_max(key.limits, hardening, idle=max(0, idle))
             self._loosen_processes(slot)
             return slot
         except BaseException:
+            if listener is not None:
+                listener.close()
             await self._discard_slot(slot)
             raise
         finally:
             self._making.discard(token)
 
     def _loosen_processes(self, slot: Slot) -> None:
-        """Between actions a pool container's PIDs limit has room for the next exec's runtime init."""
+        """Between actions a pool container's PIDs limit has room for the next exec's runtime init
+        (the agent needs none: its limit is exact from the start)."""
         if slot.pids_max is not None:
-            self._limit_processes(slot.token, slot.container_id, slot.pids_max + self._pids_room())
+            room = 0 if slot.agent is not None else self._pids_room()
+            self._limit_processes(slot.token, slot.container_id, slot.pids_max + room)
+
+    def _agent_listener(self, token: str) -> AgentListener:
+        """A directory of the slot's own (mounted read-only at AGENT_MOUNT/ctl) with the socket in it."""
+        directory = self._pool_dir / f"{token}.agent"
+        directory.mkdir(mode=0o755, parents=True)
+        return AgentListener(directory)
 
     def _new_mount_point(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -1160,6 +1253,10 @@ class DockerExecutor:
         """Remove a pool container, its mount point and its cgroup; failures are left to the janitor."""
         self._making.add(slot.token)  # until removed, no sweep races this removal
         try:
+            if slot.agent is not None:
+                slot.agent.close()  # the agent exits, and the container with it
+            with contextlib.suppress(OSError):
+                os.rmdir(self._pool_dir / f"{slot.token}.agent")
             if slot.container_id:
                 await self._remove_quietly(slot.container_id)
             await self._daemon.offload(release_mount_point, slot.mount_point)
@@ -1204,6 +1301,8 @@ class DockerExecutor:
             return RunOutcome(status=stop.reason, message="stopped before the command started")
         root = root_in_container("bind")
         workdir = posixpath.join(root, command.working_directory) if command.working_directory else root
+        if slot.agent is not None:
+            return await self._enter_by_agent(run, command, slot, workdir)
         cid = slot.container_id
 
         def start(api: Any) -> tuple[str, Any]:
@@ -1229,10 +1328,46 @@ class DockerExecutor:
             await self._after_runtime_init(lambda: [exec_pid])
             self._limit_processes(slot.token, cid, slot.pids_max)
         run.reaper = asyncio.ensure_future(self._reap(run, slot))
-        run.stopper = asyncio.ensure_future(self._stop_on_request(run, stop))
+        self._watch(run, command, streams, stop)
+        return None
+
+    async def _enter_by_agent(
+        self, run: _Run, command: Command, slot: Slot, workdir: str
+    ) -> RunOutcome | None:
+        """Start the command through the container's agent, on pipes of the worker's own.
+
+        No engine call and no runtime start: the agent forks it inside the container, so it has
+        what the agent has (namespaces, cgroup, seccomp, no capabilities, user). Its
+        environment is the container's overlaid with the request's, as the engine does for an
+        exec; so are the working directory and stdin (the null device when there is none)."""
+        agent, stop = slot.agent, run.stop
+        assert agent is not None and stop is not None
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         if command.stdin:
-            run.stdin_task = asyncio.ensure_future(self._daemon.offload(streams.send_stdin, command.stdin))
-            run.stdin_task.add_done_callback(_stdin_written)
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        else:
+            in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+        run.streams = streams = PipeStreams(
+            stdout=out_r, stderr=err_r, stdin=in_w, loop=asyncio.get_running_loop()
+        )
+        streams.start()
+        run.started_at = time.time()
+        try:
+            run.exec_pid = await agent.run(command.argv, command.environment, workdir, (in_r, out_w, err_w))
+        except CommandNotStarted as err:
+            return RunOutcome(
+                status=ExecutionStatus.FAILED_TO_START,
+                message=f"cannot execute {command.argv[0]!r} in container {slot.container_id[:12]}: {err}",
+            )
+        except AgentLost as err:
+            cid = slot.container_id[:12]
+            raise InternalError(f"pool container {cid} cannot start commands: {err}") from err
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        run.reaper = asyncio.ensure_future(self._reap(run, slot))
+        self._watch(run, command, streams, stop)
         return None
 
     async def _exec_pid(self, run: _Run, slot: Slot) -> int:
@@ -1265,10 +1400,15 @@ class DockerExecutor:
         Its output then closes (a background process may hold it open otherwise)."""
         loop = asyncio.get_running_loop()
         try:
-            fd = os.pidfd_open(run.exec_pid) if run.exec_pid else -1
+            fd = os.pidfd_open(run.exec_pid) if run.exec_pid and slot.agent is None else -1
         except ProcessLookupError:
             fd = -1
-        if fd >= 0:
+        if slot.agent is not None:
+            try:
+                run.wait_status = await slot.agent.exited()
+            except AgentLost as err:
+                run.agent_lost = str(err)
+        elif fd >= 0:
             done: asyncio.Future[None] = loop.create_future()
 
             def exited() -> None:
@@ -1289,6 +1429,15 @@ class DockerExecutor:
         """The exec'd command's exit, as a ``State``-like dict: ExitCode, and ExecFailed when the
         runtime could not start argv[0] (its message then came unframed on the stream)."""
         await run.exited.wait()
+        if run.slot is not None and run.slot.agent is not None:
+            if run.wait_status is not None:
+                return {"ExitCode": exit_code(run.wait_status)}
+            if run.aborted:
+                return {}
+            raise InternalError(
+                f"pool container {run.slot.container_id[:12]} of action {run.execution_id} stopped "
+                f"while the command ran: {run.agent_lost}"
+            )
         info: dict[str, Any] = await self._daemon.call(lambda api: api.exec_inspect(run.exec_id))
         code = info.get("ExitCode")
         state: dict[str, Any] = {"ExitCode": code}
@@ -1298,10 +1447,15 @@ class DockerExecutor:
 
     async def _stop_exec(self, run: _Run, slot: Slot) -> None:
         """SIGTERM to the exec'd command, then SIGKILL to everything it started after the grace."""
-        if run.exited.is_set() or not run.exec_pid:
+        if run.exited.is_set():
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(run.exec_pid, signal.SIGTERM)
+        if slot.agent is not None:
+            slot.agent.signal(signal.SIGTERM)  # the agent signals only its child, never a reused pid
+        elif run.exec_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(run.exec_pid, signal.SIGTERM)
+        else:
+            return
         run.killed = True
         try:
             await asyncio.wait_for(run.exited.wait(), self._config.kill_grace_seconds)
@@ -1380,6 +1534,10 @@ class DockerExecutor:
             _log.exception("cleanup of action %s failed (the janitor will retry)", run.execution_id)
         finally:
             self._runs.pop(run.token, None)
+
+
+def _read_only_bind(source: Path, target: str) -> dict[str, Any]:
+    return {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": True}
 
 
 def _parent_of(pid: int) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from expbuild_worker.config import DockerPoolConfig
 from expbuild_worker.execution.cgroups import CgroupReading, parse_mountinfo
+from expbuild_worker.execution.docker._agent import AgentLink
 from expbuild_worker.model import ResourceLimits, ResourceUsage
 
 _log = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ class Slot:
     counters: ContainerCounters | None = None
     uses: int = 0
     pids_max: int | None = None  # an action's exact PIDs limit here (its own plus the idle processes)
+    agent: AgentLink | None = None  # the container's PID 1 is the agent: entered without the engine
     idle_since: float = field(default_factory=time.monotonic)
 
 

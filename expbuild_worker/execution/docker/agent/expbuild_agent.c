@@ -1,0 +1,396 @@
+/*
+ * expbuild-agent: starts commands inside a pool container for the worker, without the engine.
+ *
+ * Entering a running container through the engine (`docker exec`) costs the engine's API calls
+ * and a whole OCI runtime start per command. The agent is the container's PID 1 instead: it
+ * connects once to a Unix socket the worker bound into the container (read-only), and for each
+ * request forks the command with the stdio pipes the worker passed over that socket. The
+ * command inherits exactly what the agent has: the container's namespaces, cgroup, seccomp
+ * profile, capabilities (none), no-new-privileges and user, as an exec'd process would.
+ *
+ * Protocol (SOCK_SEQPACKET, every message starts with struct header):
+ *   agent -> worker  READY                 once connected (a = protocol version)
+ *   worker -> agent  RUN a=body bytes b=argc c=envc, with SCM_RIGHTS stdin, stdout, stderr;
+ *                    then the body in messages of at most BODY_PIECE bytes (no header):
+ *                    cwd NUL, argc strings NUL-ended, envc "KEY=VALUE" strings NUL-ended
+ *   child -> worker  PID                   sent by the command's own process before exec, so
+ *                                          the kernel's credentials carry its pid as the worker
+ *                                          sees it
+ *   agent -> worker  STARTED a=pid | FAILED a=errno b=stage | EXITED a=wait status
+ *   worker -> agent  SIGNAL a=signal       to the running command
+ * The connection closing ends the agent, and with it the container.
+ *
+ * PID 1 of a PID namespace gets no signal from inside it that it has no handler for, and a
+ * non-dumpable process cannot be traced or read through /proc by the same user: the command
+ * cannot take over the agent to reach the next action. The agent is also the container's init:
+ * it reaps every orphan.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum {
+    PROTOCOL_VERSION = 1,
+    MSG_READY = 1,
+    MSG_RUN = 2,
+    MSG_SIGNAL = 3,
+    MSG_PID = 4,
+    MSG_STARTED = 5,
+    MSG_FAILED = 6,
+    MSG_EXITED = 7,
+};
+
+enum { STAGE_REQUEST = 1, STAGE_FORK = 2, STAGE_CHDIR = 3, STAGE_EXEC = 4, STAGE_STDIO = 5 };
+
+#define BODY_PIECE 65536
+#define BODY_MAX (64u << 20)
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+struct header {
+    uint32_t kind;
+    int32_t a;
+    int32_t b;
+    int32_t c;
+};
+
+extern char **environ;
+
+static int control = -1;
+
+static void say(uint32_t kind, int32_t a, int32_t b) {
+    struct header h = {kind, a, b, 0};
+    while (send(control, &h, sizeof h, MSG_NOSIGNAL) < 0) {
+        if (errno != EINTR)
+            _exit(0); /* the worker is gone: so is the container */
+    }
+}
+
+static void fail_fast(const char *what) {
+    dprintf(2, "expbuild-agent: %s: %s\n", what, strerror(errno));
+    _exit(111);
+}
+
+/* Receive one RUN header with its three descriptors; 0 on EOF. */
+static int receive_run(struct header *h, int fds[3]) {
+    union {
+        char buf[CMSG_SPACE(3 * sizeof(int))];
+        struct cmsghdr align;
+    } control_buf;
+    struct iovec iov = {h, sizeof *h};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control_buf.buf;
+    msg.msg_controllen = sizeof control_buf.buf;
+    ssize_t n;
+    do {
+        n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return 0;
+    fds[0] = fds[1] = fds[2] = -1;
+    int got = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int *passed = (int *)CMSG_DATA(c);
+            for (int i = 0; i < count; i++) {
+                if (got < 3)
+                    fds[got++] = passed[i];
+                else
+                    close(passed[i]);
+            }
+        }
+    }
+    if ((size_t)n != sizeof *h)
+        h->kind = 0;
+    return got == 3 || h->kind != MSG_RUN ? 1 : -1;
+}
+
+static void close_fds(int fds[3]) {
+    for (int i = 0; i < 3; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* The request's body: all of it, or NULL when it is malformed (the connection is then useless). */
+static char *receive_body(uint32_t size) {
+    if (size == 0 || size > BODY_MAX)
+        return NULL;
+    char *body = malloc(size + 1);
+    if (body == NULL)
+        return NULL;
+    uint32_t have = 0;
+    while (have < size) {
+        ssize_t n = recv(control, body + have, size - have < BODY_PIECE ? size - have : BODY_PIECE, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            free(body);
+            return NULL;
+        }
+        have += (uint32_t)n;
+    }
+    body[size] = '\0';
+    return body;
+}
+
+/* Split `count` NUL-ended strings off *cursor; NULL when the body runs out first. */
+static char **take_strings(char **cursor, const char *end, int32_t count, int extra) {
+    if (count < 0 || count > (1 << 22))
+        return NULL;
+    char **out = calloc((size_t)count + (size_t)extra + 1, sizeof *out);
+    if (out == NULL)
+        return NULL;
+    for (int32_t i = 0; i < count; i++) {
+        if (*cursor >= end) {
+            free(out);
+            return NULL;
+        }
+        out[i] = *cursor;
+        *cursor += strlen(*cursor) + 1;
+    }
+    return out;
+}
+
+/* The agent's environment (the container's: image ENV, PATH, HOSTNAME, HOME) overlaid with the
+ * request's, as the engine merges an exec's environment with the container's. */
+static char **merge_environment(char **requested, int32_t count) {
+    size_t own = 0;
+    while (environ[own] != NULL)
+        own++;
+    char **out = calloc(own + (size_t)count + 1, sizeof *out);
+    if (out == NULL)
+        return NULL;
+    size_t n = 0;
+    for (size_t i = 0; i < own; i++) {
+        size_t key = strcspn(environ[i], "=");
+        int overridden = 0;
+        for (int32_t j = 0; j < count && !overridden; j++)
+            overridden = strncmp(requested[j], environ[i], key) == 0 && requested[j][key] == '=';
+        if (!overridden)
+            out[n++] = environ[i];
+    }
+    for (int32_t j = 0; j < count; j++)
+        out[n++] = requested[j];
+    out[n] = NULL;
+    return out;
+}
+
+static const char *lookup(char **env, const char *key) {
+    size_t len = strlen(key);
+    for (; *env != NULL; env++)
+        if (strncmp(*env, key, len) == 0 && (*env)[len] == '=')
+            return *env + len + 1;
+    return NULL;
+}
+
+/* execve argv[0], searched in the command's PATH when it has no slash (as the runtime does);
+ * returns the errno that explains the failure. */
+static int execute(char **argv, char **env) {
+    if (strchr(argv[0], '/') != NULL) {
+        execve(argv[0], argv, env);
+        return errno;
+    }
+    const char *path = lookup(env, "PATH");
+    if (path == NULL)
+        path = DEFAULT_PATH;
+    size_t name_len = strlen(argv[0]);
+    int denied = 0;
+    for (const char *p = path;; p++) {
+        const char *colon = strchrnul(p, ':');
+        size_t dir_len = (size_t)(colon - p);
+        char *candidate = malloc(dir_len + name_len + 3);
+        if (candidate == NULL)
+            return ENOMEM;
+        if (dir_len == 0)
+            candidate[0] = '.', dir_len = 1;
+        else
+            memcpy(candidate, p, dir_len);
+        candidate[dir_len] = '/';
+        memcpy(candidate + dir_len + 1, argv[0], name_len + 1);
+        execve(candidate, argv, env);
+        int err = errno;
+        free(candidate);
+        if (err == EACCES)
+            denied = 1;
+        else if (err != ENOENT && err != ENOTDIR && err != ELOOP && err != ENAMETOOLONG)
+            return err;
+        if (*colon == '\0')
+            break;
+        p = colon;
+    }
+    return denied ? EACCES : ENOENT;
+}
+
+/* The command's side of the fork: never returns. Failures go to `report` as (stage, errno). */
+static void become_command(int fds[3], const char *cwd, char **argv, char **env, int report) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    setsid();
+    int failure[2] = {STAGE_STDIO, 0};
+    for (int i = 0; i < 3; i++) {
+        if (dup2(fds[i], i) < 0) {
+            failure[1] = errno;
+            goto failed;
+        }
+    }
+    struct header pid_message = {MSG_PID, 0, 0, 0};
+    send(control, &pid_message, sizeof pid_message, MSG_NOSIGNAL);
+    if (chdir(cwd) != 0) {
+        failure[0] = STAGE_CHDIR;
+        failure[1] = errno;
+        goto failed;
+    }
+    failure[0] = STAGE_EXEC;
+    failure[1] = execute(argv, env);
+failed:
+    (void)!write(report, failure, sizeof failure);
+    _exit(127);
+}
+
+/* Start the requested command; its pid, or 0 when it did not start (FAILED was sent). */
+static pid_t start_command(const struct header *h, int fds[3]) {
+    char *body = receive_body((uint32_t)h->a);
+    if (body == NULL) {
+        close_fds(fds);
+        say(MSG_FAILED, EINVAL, STAGE_REQUEST);
+        _exit(0); /* a torn request: the stream cannot be trusted any more */
+    }
+    char *cursor = body, *end = body + (uint32_t)h->a;
+    const char *cwd = cursor;
+    cursor += strlen(cursor) + 1;
+    char **argv = take_strings(&cursor, end, h->b, 0);
+    char **requested = argv != NULL ? take_strings(&cursor, end, h->c, 0) : NULL;
+    char **env = requested != NULL ? merge_environment(requested, h->c) : NULL;
+    pid_t child = 0;
+    int report[2] = {-1, -1};
+    if (env == NULL || h->b < 1) {
+        say(MSG_FAILED, EINVAL, STAGE_REQUEST);
+    } else if (pipe2(report, O_CLOEXEC) != 0) {
+        say(MSG_FAILED, errno, STAGE_FORK);
+    } else if ((child = fork()) < 0) {
+        say(MSG_FAILED, errno, STAGE_FORK);
+        child = 0;
+    } else if (child == 0) {
+        close(report[0]);
+        become_command(fds, cwd, argv, env, report[1]);
+    }
+    if (report[1] >= 0)
+        close(report[1]);
+    close_fds(fds);
+    if (child > 0) {
+        int failure[2];
+        ssize_t n;
+        do {
+            n = read(report[0], failure, sizeof failure);
+        } while (n < 0 && errno == EINTR);
+        if (n == (ssize_t)sizeof failure) {
+            say(MSG_FAILED, failure[1], failure[0]);
+            child = -child; /* reaped quietly */
+        } else {
+            say(MSG_STARTED, child, 0);
+        }
+    }
+    if (report[0] >= 0)
+        close(report[0]);
+    free(env);
+    free(requested);
+    free(argv);
+    free(body);
+    return child;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: expbuild-agent SOCKET\n");
+        return 2;
+    }
+    prctl(PR_SET_DUMPABLE, 0);
+    int spare;
+    while ((spare = open("/dev/null", O_RDWR | O_CLOEXEC)) >= 0 && spare < 3) {
+        fcntl(spare, F_SETFD, 0); /* stdio must be taken before descriptors arrive */
+    }
+    if (spare >= 3)
+        close(spare);
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int children = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (children < 0)
+        fail_fast("signalfd");
+    control = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (control < 0)
+        fail_fast("socket");
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(argv[1]) >= sizeof addr.sun_path) {
+        errno = ENAMETOOLONG;
+        fail_fast(argv[1]);
+    }
+    strcpy(addr.sun_path, argv[1]);
+    if (connect(control, (struct sockaddr *)&addr, sizeof addr) != 0)
+        fail_fast(argv[1]);
+    say(MSG_READY, PROTOCOL_VERSION, 0);
+
+    pid_t running = 0;  /* the command of the current request, until reaped */
+    pid_t failed = 0;   /* a child that failed to exec: reaped without a word */
+    for (;;) {
+        struct pollfd watch[2] = {{control, POLLIN, 0}, {children, POLLIN, 0}};
+        if (poll(watch, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail_fast("poll");
+        }
+        if (watch[1].revents & POLLIN) {
+            struct signalfd_siginfo info;
+            while (read(children, &info, sizeof info) > 0) {
+            }
+            int status;
+            pid_t pid;
+            while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+                if (pid == running) {
+                    say(MSG_EXITED, status, 0);
+                    running = 0;
+                } else if (pid == failed) {
+                    failed = 0;
+                }
+            }
+        }
+        if (watch[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            struct header h;
+            int fds[3];
+            int got = receive_run(&h, fds);
+            if (got == 0)
+                return 0;
+            if (h.kind == MSG_SIGNAL) {
+                close_fds(fds);
+                if (running > 0 && h.a > 0 && h.a < 65)
+                    kill(running, h.a);
+            } else if (h.kind == MSG_RUN && got == 1 && running == 0) {
+                pid_t child = start_command(&h, fds);
+                if (child > 0)
+                    running = child;
+                else if (child < 0)
+                    failed = -child;
+            } else {
+                close_fds(fds);
+                say(MSG_FAILED, EINVAL, STAGE_REQUEST);
+                return 0;
+            }
+        }
+    }
+}
