@@ -13,9 +13,10 @@ Prints, measured in this run on this machine:
 5. actions per second with several concurrent clients;
 6. the container pool (``--pool-runs``, default 100; 0 skips): ``docker run --rm`` again as the
    baseline, the executor's cold path, an action entering a fresh pool container, an action in
-   a recycled one, and the docker SDK's own ``exec_run`` into a running hardened container,
-   each median and p90 and as a ratio of ``docker run --rm``; then 8 concurrent actions per
-   second, cold against pooled (fresh and recycled).
+   a recycled one (each entered through the in-container agent, and again by the engine's
+   exec), and the docker SDK's own ``exec_run`` into a running hardened container, each median
+   and p90 and as a ratio of ``docker run --rm``; then 8 concurrent actions per second, cold
+   against pooled (fresh and recycled, agent and exec).
 
 The two sides of each comparison run alternately in small batches, so load from elsewhere on a
 shared machine falls on both alike. The test image is built locally (FROM scratch + the static
@@ -226,7 +227,8 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
         )
 
     cold = make("cold", DockerPoolConfig())
-    pooled = make("pool", DockerPoolConfig(enabled=True, min_idle=1, max_size=12))
+    pooled = make("pool", DockerPoolConfig(enabled=True, min_idle=1, max_size=12, agent="on"))
+    pooled_exec = make("pool-exec", DockerPoolConfig(enabled=True, min_idle=1, max_size=12, agent="off"))
     api = docker.APIClient(version="auto")
     holder = api.create_container(
         IMAGE, entrypoint=["sleep"], command=["2147483647"], user="65534:65534", network_disabled=True,
@@ -239,6 +241,7 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
     running = docker.from_env().containers.get(holder["Id"])
     await cold.start()
     await pooled.start()
+    await pooled_exec.start()
 
     async def run(executor: Any, *, recycle: bool = False) -> None:
         root = Path(tempfile.mkdtemp(dir=work))
@@ -262,9 +265,12 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
             samples.append(time.perf_counter() - start)
         return Timing(samples)
 
-    async def ready() -> None:
-        await asyncio.sleep(0.02)  # the previous container's removal and the refill start
-        await pooled.warmup([])
+    def ready(executor: Any) -> Any:
+        async def filled() -> None:
+            await asyncio.sleep(0.02)  # the previous container's removal and the refill start
+            await executor.warmup([])
+
+        return filled
 
     async def settle() -> None:
         await asyncio.sleep(0.02)  # a recycled container's clean-up runs after the outcome
@@ -277,31 +283,36 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
     try:
         runs = args.pool_runs
         print(f"\ncontainer pool, `true` ({runs} runs each, alternating in batches of 20):")
-        await run(pooled, recycle=True)  # one recycled container exists from here on
-        probes: dict[str, Any] = {
-            "cli": lambda: cli_run(cli_argv(cli_dir, ["true"])),
-            "cold": lambda: run(cold),
-            "fresh": lambda: run(pooled),
-            "recycled": lambda: run(pooled, recycle=True),
-            "exec_run": sdk_exec,
+        for executor in (pooled, pooled_exec):
+            await run(executor, recycle=True)  # one recycled container exists from here on
+        probes: dict[str, tuple[Any, Any]] = {  # name: (probe, untimed step before each run)
+            "cli": (lambda: cli_run(cli_argv(cli_dir, ["true"])), settle),
+            "cold": (lambda: run(cold), settle),
+            "fresh": (lambda: run(pooled), ready(pooled)),
+            "recycled": (lambda: run(pooled, recycle=True), settle),
+            "fresh_exec": (lambda: run(pooled_exec), ready(pooled_exec)),
+            "recycled_exec": (lambda: run(pooled_exec, recycle=True), settle),
+            "exec_run": (sdk_exec, settle),
         }
         timings: dict[str, list[float]] = {name: [] for name in probes}
         for _ in range(2):  # warm-up
-            for name, probe in probes.items():
-                await (ready() if name == "fresh" else asyncio.sleep(0))
+            for probe, before in probes.values():
+                await before()
                 await probe()
         while len(timings["cli"]) < runs:
-            for name, probe in probes.items():
+            for name, (probe, before) in probes.items():
                 batch = min(20, runs - len(timings[name]))
-                got = await timed(probe, batch, ready if name == "fresh" else settle)
+                got = await timed(probe, batch, before)
                 timings[name] += got.samples
         results = {name: Timing(samples) for name, samples in timings.items()}
         base = results["cli"]
         labels = {
             "cli": "docker run --rm (CLI, same hardening)",
             "cold": "cold path (executor, pool off)",
-            "fresh": "fresh from the pool (executor)",
-            "recycled": "recycled pool container (executor)",
+            "fresh": "fresh from the pool, agent (executor)",
+            "recycled": "recycled pool container, agent (executor)",
+            "fresh_exec": "fresh from the pool, engine exec (executor)",
+            "recycled_exec": "recycled pool container, engine exec",
             "exec_run": "docker SDK exec_run into a running container",
         }
         for name, label in labels.items():
@@ -315,6 +326,8 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
             ("cold", cold, False),
             ("pooled, fresh", pooled, False),
             ("pooled, recycled", pooled, True),
+            ("pooled, fresh, exec", pooled_exec, False),
+            ("pooled, recycled, exec", pooled_exec, True),
         ):
             gate = asyncio.Semaphore(width)
 
@@ -325,10 +338,11 @@ async def _measure_pool(args: argparse.Namespace, work: Path, cli_dir: Path, wor
             start = time.perf_counter()
             await asyncio.gather(*(one() for _ in range(n)))
             elapsed = time.perf_counter() - start
-            print(f"  {label:<18} {n / elapsed:8.2f} actions/s ({n} in {elapsed:.2f} s)")
+            print(f"  {label:<22} {n / elapsed:8.2f} actions/s ({n} in {elapsed:.2f} s)")
     finally:
         await cold.close()
         await pooled.close()
+        await pooled_exec.close()
         api.remove_container(holder, force=True)
         running.client.close()
         api.close()

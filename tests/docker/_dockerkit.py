@@ -13,7 +13,7 @@ from typing import Any
 
 from _support import wait_until
 
-from expbuild_worker.config import DockerExecutorConfig
+from expbuild_worker.config import DockerExecutorConfig, DockerPoolConfig, LimitsConfig
 from expbuild_worker.execution.docker import DockerExecutor, build_docker_executor
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.model import (
@@ -28,6 +28,8 @@ from expbuild_worker.model import (
 
 LABEL_WORKER = "io.expbuild.worker-id"
 TEST_LIMITS = ResourceLimits(cpu_cores=1.0, memory_bytes=256 << 20, max_processes=256)
+TEST_LIMITS_CONFIG = LimitsConfig(cpu_cores=1.0, memory_bytes=256 << 20, max_processes=256)
+"""TEST_LIMITS as an executor's ``default_limits``: the shape a pool fills ahead of need."""
 ENV = {"PATH": "/bin"}
 
 
@@ -48,6 +50,29 @@ async def docker_executor(
         yield executor
     finally:
         await executor.close()
+
+
+ENTRIES = ["agent", "exec"]
+"""How an action enters a pool container: through the in-container agent, or the engine's exec."""
+
+
+def idle_processes(entry: str) -> int:
+    """Processes a pool container holds between actions: the agent, or the init and the idle command."""
+    return 1 if entry == "agent" else 2
+
+
+def pooled(image: str, entry: str = "agent", *, kill_grace_seconds: float = 1.0, **pool: Any) -> Any:
+    """An executor whose pool keeps containers of the test limits ready, entered the ``entry`` way
+    (``on``, not ``auto``: a missing agent binary fails the test instead of testing exec twice)."""
+    return docker_executor(
+        image,
+        kill_grace_seconds=kill_grace_seconds,
+        pool=DockerPoolConfig(
+            enabled=True,
+            **{"min_idle": 1, "max_size": 4, "agent": "on" if entry == "agent" else "off", **pool},
+        ),
+        default_limits=TEST_LIMITS_CONFIG,
+    )
 
 
 @dataclass
@@ -79,6 +104,7 @@ async def run_command(
     stop_after: float | None = None,
     stop_reason: ExecutionStatus = ExecutionStatus.TIMED_OUT,
     execution_id: str | None = None,
+    recycle: bool = False,
 ) -> Ran:
     """Run ``argv`` with ``root`` as its action directory; ``stop_after`` seconds after Started,
     ask it to stop with ``stop_reason`` (what the deadline decorator and cancellation do)."""
@@ -93,6 +119,7 @@ async def run_command(
         limits=limits,
         output_paths=list(outputs),
         image=image,
+        recycle_runner=recycle,
     )
     stop = StopSignal()
     streams = {LogStream.STDOUT: bytearray(), LogStream.STDERR: bytearray()}

@@ -12,7 +12,17 @@ from typing import Any
 
 import grpc
 import pytest
-from _dockerkit import ENV, TEST_LIMITS, docker_executor, labelled_containers, new_worker_id, remove_labelled
+from _dockerkit import (
+    ENTRIES,
+    ENV,
+    TEST_LIMITS,
+    docker_executor,
+    idle_processes,
+    labelled_containers,
+    new_worker_id,
+    pooled,
+    remove_labelled,
+)
 from _support import wait_until
 from test_worker_crash import WorkerProcess
 
@@ -30,35 +40,9 @@ LABEL_POOL = "io.expbuild.pool"
 SMALL = ResourceLimits(cpu_cores=1.0, memory_bytes=64 * MiB, max_processes=64)
 
 
-ENTRIES = ["agent", "exec"]
-"""How an action enters a pool container: through the in-container agent, or the engine's exec."""
-
-
 @pytest.fixture(params=ENTRIES)
 def entry(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def idle_processes(entry: str) -> int:
-    """Processes a pool container holds between actions: the agent, or the init and the idle command."""
-    return 1 if entry == "agent" else 2
-
-
-def pooled(image: str, entry: str = "agent", **pool: Any) -> Any:
-    """An executor whose pool keeps containers of the test limits ready, entered the ``entry`` way
-    (``on``, not ``auto``: a missing agent binary fails the test instead of testing exec twice)."""
-    return docker_executor(
-        image,
-        pool=DockerPoolConfig(
-            enabled=True,
-            **{"min_idle": 1, "max_size": 4, "agent": "on" if entry == "agent" else "off", **pool},
-        ),
-        default_limits=LimitsConfig(
-            cpu_cores=TEST_LIMITS.cpu_cores or 0.0,
-            memory_bytes=TEST_LIMITS.memory_bytes or 0,
-            max_processes=TEST_LIMITS.max_processes or 0,
-        ),
-    )
 
 
 async def run(
