@@ -156,15 +156,21 @@ class Spawner:
 
     def place(self, joins: Sequence[Sequence[str]]) -> None:
         """Have a child forked ahead of need into each set of cgroups in ``joins`` (their
-        ``cgroup.procs``), in one round trip: the next ``spawn`` with the same ``join`` execs in
-        it, so neither the fork nor the cgroup migration is on that command's path. Does nothing
-        when the spawner does not run; raises SpawnerGone when it died on the way."""
+        ``cgroup.procs``): the next ``spawn`` with the same ``join`` execs in it, so neither the
+        fork nor the cgroup migration is on that command's path. One message, not answered:
+        the spawner forks while the worker goes on (a child that could not be placed only means
+        a forked spawn later). Does nothing when the spawner does not run; raises SpawnerGone
+        when the message could not be sent."""
         if not self.alive() or not joins:
             return
-        reply, got = self._call(("place", [list(join) for join in joins]), ())
-        _close(got)
-        if reply[0] != "ok":
-            raise SpawnerGone(f"unexpected answer {reply!r}")
+        sock = self._sock
+        try:
+            if sock is None:
+                raise OSError("not running")
+            program.send(sock, ("place", [list(join) for join in joins]))
+        except OSError as err:
+            self._gone(f"stopped answering ({err!r})")
+            raise SpawnerGone(repr(err)) from err
 
     def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
         """wait4 ``pid`` without blocking, in the spawner: (status, usage) once it exited, None

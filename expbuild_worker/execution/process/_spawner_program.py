@@ -27,12 +27,14 @@ from typing import Any
 #
 # Protocol, over a Unix stream socket pair: each message is a 4-byte big-endian length and a
 # ``marshal`` dump of a tuple of plain values (the socket is private to the two processes);
-# descriptors travel with a message's first bytes (SCM_RIGHTS). Requests are answered in order:
+# descriptors travel with a message's first bytes (SCM_RIGHTS). Requests but "place" are
+# answered, in order:
 #   ("spawn", argv, executable, cwd, env, user, join, rlimits) + fds (stdin or -1 omitted,
 #     stdout, stderr)        -> ("spawned", pid) + the child's pidfd,
 #                            or ("failed", kind, errno, filename, text)
 #   ("reap", pid)            -> ("running",) | ("reaped", status, rusage tuple) | ("unknown",)
-#   ("place", [join, ...])   -> ("ok",), then for each ``join`` a child is forked ahead of need
+#   ("place", [join, ...])   -> no answer (the worker does not wait for it); for each ``join``
+#                               a child is forked ahead of need
 #                               that enters those cgroups at once and waits; the next "spawn"
 #                               with that ``join`` execs in it instead of forking (fork, migration and
 #                               this program's own work in the child are off the command's path).
@@ -365,6 +367,7 @@ def main(fd: int) -> int:
         except (Closed, ConnectionError):
             return 0
         place: Sequence[Sequence[str]] = ()
+        reply: tuple[Any, ...] | None
         try:
             spawner.reap_placed()
             if request[0] == "spawn":
@@ -372,7 +375,7 @@ def main(fd: int) -> int:
             elif request[0] == "reap":
                 reply, out = spawner.reap(request[1]), []
             elif request[0] == "place":
-                reply, out, place = ("ok",), [], request[1]
+                reply, out, place = None, [], request[1]
             else:
                 reply, out = ("failed", "protocol", 0, None, f"unknown request {request[0]!r}"), []
         except Exception as err:  # no request may end the spawner (its children would die with it)
@@ -382,13 +385,14 @@ def main(fd: int) -> int:
             for received in fds:
                 os.close(received)
         try:
-            send(sock, reply, out)
+            if reply is not None:
+                send(sock, reply, out)
         except (BrokenPipeError, ConnectionError):
             return 0
         finally:
             for sent in out:
                 os.close(sent)
-        for join in place:  # after the answer: the worker goes on while this forks
+        for join in place:  # unanswered: the worker goes on while this forks
             spawner.place(join)
 
 
