@@ -147,6 +147,7 @@ def test_the_agent_cannot_be_reached_signalled_or_read_by_the_command(
         "kill -9 1; kill -TERM 1; sleep 0.2; "
         "cat /proc/1/environ >/dev/null 2>&1 || echo environ-denied; "
         "readlink /proc/1/exe >/dev/null 2>&1 || echo exe-denied; "
+        "(echo 900 > /proc/1/oom_score_adj) 2>/dev/null || echo oom-score-denied; "
         "grep -E '^(CapEff|NoNewPrivs|Uid)' /proc/self/status"
     )
 
@@ -160,12 +161,45 @@ def test_the_agent_cannot_be_reached_signalled_or_read_by_the_command(
     first, second = asyncio.run(main())
     assert first.status is ExecutionStatus.COMPLETED, first.outcome
     lines = first.stdout.decode().splitlines()
-    assert lines[1:5] == ["0", "read-only", "environ-denied", "exe-denied"], lines
-    status = {line.split(":")[0]: line.split()[1:] for line in lines[5:]}
+    assert lines[1:6] == ["0", "read-only", "environ-denied", "exe-denied", "oom-score-denied"], lines
+    status = {line.split(":")[0]: line.split()[1:] for line in lines[6:]}
     assert status["CapEff"] == ["0000000000000000"] and status["NoNewPrivs"] == ["1"]
     assert status["Uid"][0] == "65534"
     assert second.status is ExecutionStatus.COMPLETED
     assert second.stdout.decode().strip() == lines[0], "the agent survived and the container was reused"
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ("renice -n 10 -p 1", "nice value"),
+        ("ionice -c 3 -p 1", "I/O priority"),
+        ("taskset -p 1 1", "CPU affinity"),
+    ],
+    ids=["nice", "ionice", "affinity"],
+)
+def test_a_command_that_changes_what_the_agent_passes_on_retires_the_container(
+    busybox_image: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str, what: str
+) -> None:
+    """The same user may change some things of the agent that every later command would inherit;
+    the check between actions sees it and the next action gets another container, untouched."""
+    look = VIA_AGENT + "hostname; cut -d' ' -f19 /proc/self/stat"
+
+    async def main() -> tuple[Ran, Ran]:
+        async with pooled(busybox_image) as ex:
+            first = await run_command(
+                await ready(ex), tmp_path / "a", ["sh", "-c", f"hostname; {change}"], recycle=True
+            )
+            await asyncio.sleep(0.3)
+            second = await run_command(await ready(ex), tmp_path / "b", ["sh", "-c", look], recycle=True)
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert first.status is ExecutionStatus.COMPLETED and first.outcome.exit_code == 0, first
+    host, nice = second.stdout.decode().split()
+    assert host != first.stdout.decode().split()[0], "the changed container was not lent again"
+    assert nice == "0" and second.stderr == b"via-agent\n"
+    assert f"a command changed the agent's {what}" in caplog.text
 
 
 def test_a_command_ignoring_sigterm_is_killed_after_the_grace(busybox_image: str, tmp_path: Path) -> None:
@@ -236,6 +270,27 @@ def test_a_pool_container_killed_while_its_command_runs_is_an_internal_error(
     assert error is not None and "stopped while the command ran" in str(error)
     assert after.status is ExecutionStatus.COMPLETED and after.stdout == b"ok\n"
     assert after.stderr == b"via-agent\n", "a new pool container replaced the killed one"
+
+
+def test_the_agent_is_reached_however_long_the_pool_directory_s_name(
+    busybox_image: str, tmp_path: Path
+) -> None:
+    """A Unix socket path has at most 107 bytes; the pool's directory is named after the worker
+    id and the executor, so the socket is bound through a descriptor of its directory."""
+    long_id = "ip-10-0-12-34.eu-west-1.compute.internal." + "w" * 20
+
+    async def main() -> Ran:
+        async with docker_executor(
+            busybox_image,
+            worker_id=long_id,
+            pool=DockerPoolConfig(enabled=True, agent="on"),
+            default_limits=TEST_LIMITS_CONFIG,
+        ) as ex:
+            return await run_command(await ready(ex), tmp_path, ["sh", "-c", VIA_AGENT + "echo ok"])
+
+    ran = asyncio.run(main())
+    assert ran.status is ExecutionStatus.COMPLETED and ran.stdout == b"ok\n"
+    assert ran.stderr == b"via-agent\n"
 
 
 def test_a_required_agent_that_is_missing_is_a_configuration_error(

@@ -18,9 +18,12 @@ import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from expbuild_worker.execution.docker._attach import BUFFER_LIMIT, rechunk
 from expbuild_worker.model import LogStream
+
+T = TypeVar("T")
 
 AGENT_MOUNT = "/.expbuild"
 """Where a pool container sees the agent's directory (read-only): the binary and the socket."""
@@ -32,9 +35,18 @@ PROTOCOL_VERSION = 1
 
 _HEADER = struct.Struct("=Iiii")
 _CREDENTIALS = struct.Struct("=iII")
-_READY, _RUN, _SIGNAL, _PID, _STARTED, _FAILED, _EXITED = range(1, 8)
+_READY, _RUN, _SIGNAL, _PID, _STARTED, _FAILED, _EXITED, _CHECK, _CHECKED = range(1, 10)
+_CHANGES = {
+    1: "resource limits",
+    2: "nice value",
+    3: "I/O priority",
+    4: "scheduling policy",
+    5: "CPU affinity",
+    6: "OOM score",
+}
 _STAGES = {1: "the request", 2: "fork", 3: "its working directory", 4: "exec", 5: "its stdio"}
 _BODY_PIECE = 64 * 1024
+_CHECK_SECONDS = 5.0
 _READ_SIZE = 256 * 1024
 
 
@@ -69,12 +81,15 @@ class AgentListener:
     socket, so no later process in the container can connect."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / SOCKET_NAME
+        self.directory = directory
+        self._dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            self._sock.bind(str(self.path))
-            os.chmod(self.path, 0o666)  # the container's user connects to it
+            # Through the directory's descriptor: a socket path may have at most 107 bytes, and
+            # the pool's directory is named after the worker and the executor.
+            self._sock.bind(f"/proc/self/fd/{self._dir_fd}/{SOCKET_NAME}")
+            os.chmod(SOCKET_NAME, 0o666, dir_fd=self._dir_fd)  # the container's user connects to it
             self._sock.listen(1)
             self._sock.setblocking(False)
         except BaseException:
@@ -109,8 +124,11 @@ class AgentListener:
 
     def close(self) -> None:
         self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._dir_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SOCKET_NAME, dir_fd=self._dir_fd)
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
 
 class AgentLink:
@@ -124,7 +142,9 @@ class AgentLink:
         self.ready: asyncio.Future[int] = loop.create_future()
         self._started: asyncio.Future[int] | None = None
         self._exited: asyncio.Future[int] | None = None
+        self._checked: asyncio.Future[str] | None = None
         self._pid = 0
+        self._searched = False
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -138,11 +158,12 @@ class AgentLink:
         environment: Mapping[str, str],
         cwd: str,
         stdio: tuple[int, int, int],
-    ) -> int:
+    ) -> tuple[int, asyncio.Future[int]]:
         """Start a command with ``stdio`` (stdin, stdout, stderr) as its descriptors 0-2.
 
-        Returns its host pid (0 if it was not learnt). Raises CommandNotStarted when argv[0]
-        or ``cwd`` cannot be used, AgentLost when the agent is gone."""
+        Returns its host pid (0 if it was not learnt) and a future of its wait status (as
+        ``waitpid`` gives it; AgentLost when the agent goes first). Raises CommandNotStarted
+        when argv[0] or ``cwd`` cannot be used, AgentLost when the agent is gone."""
         if self._closed:
             raise AgentLost("the agent's connection is closed")
         if self._started is not None or self._exited is not None:
@@ -150,6 +171,7 @@ class AgentLink:
         strings = [cwd, *argv, *(f"{key}={value}" for key, value in environment.items())]
         body = b"".join(os.fsencode(text) + b"\0" for text in strings)
         self._pid = 0
+        self._searched = "/" not in argv[0]
         self._started = self._loop.create_future()
         self._exited = self._loop.create_future()
         header = _HEADER.pack(_RUN, len(body), len(argv), len(environment))
@@ -159,19 +181,28 @@ class AgentLink:
                 await self._loop.sock_sendall(self._sock, body[start : start + _BODY_PIECE])
         except OSError as err:
             self._lost(AgentLost(f"could not send the command to the agent: {err}"))
+        exited = self._exited
         try:
-            return await self._started
+            return await self._started, exited
         except CommandNotStarted:
             self._started = self._exited = None
             raise
 
-    async def exited(self) -> int:
-        """The running command's wait status (as ``waitpid`` gives it), once it has exited."""
-        assert self._exited is not None, "no command was started"
+    async def check(self) -> str:
+        """Between actions: what of the agent that later commands would inherit (limits, nice,
+        I/O priority, scheduling, CPU affinity, OOM score) a command changed; empty when nothing."""
+        if self._closed:
+            return "the agent's connection is closed"
+        if self._exited is not None:
+            return "a command is still running"
+        self._checked = self._loop.create_future()
         try:
-            return await self._exited
+            self._sock.send(_HEADER.pack(_CHECK, 0, 0, 0))
+            return await asyncio.wait_for(asyncio.shield(self._checked), _CHECK_SECONDS)
+        except (OSError, TimeoutError, AgentLost) as err:
+            return f"the agent did not answer a check: {err!r}"
         finally:
-            self._started = self._exited = None
+            self._checked = None
 
     def signal(self, signum: int) -> None:
         """Ask the agent to signal the running command (when its host pid is not known)."""
@@ -212,7 +243,7 @@ class AgentLink:
             elif kind == _FAILED and self._started is not None:
                 stage = _STAGES.get(b, f"step {b}")
                 reason = os.strerror(a) if a else "unknown error"
-                if b == 4 and a == errno.ENOENT:
+                if b == 4 and a == errno.ENOENT and self._searched:
                     reason += " (not found in the command's PATH)"
                 if not self._started.done():
                     self._started.set_exception(CommandNotStarted(f"{stage}: {reason}"))
@@ -220,6 +251,10 @@ class AgentLink:
                     self._lost(AgentLost(f"the agent refused the request: {reason}"))
             elif kind == _EXITED and self._exited is not None:
                 _settle(self._exited, a)
+                self._started = self._exited = None  # the next command may come
+            elif kind == _CHECKED and self._checked is not None:
+                what = "a command is still running" if a == 2 else _CHANGES.get(b, f"item {b}") if a else ""
+                _settle(self._checked, f"a command changed the agent's {what}" if a == 1 else what)
             else:
                 self._lost(AgentLost(f"the agent sent an unexpected message (kind {kind})"))
 
@@ -230,13 +265,13 @@ class AgentLink:
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
-        for future in (self.ready, self._started, self._exited):
+        for future in (self.ready, self._started, self._exited, self._checked):
             if future is not None and not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: a command that never waits on it is no error
 
 
-def _settle(future: asyncio.Future[int], value: int) -> None:
+def _settle(future: asyncio.Future[T], value: T) -> None:
     if not future.done():
         future.set_result(value)
 

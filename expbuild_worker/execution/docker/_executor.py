@@ -208,6 +208,7 @@ class _Run:
     exec_pid: int = 0
     reaper: asyncio.Future[None] | None = None  # ends the exec'd command's leftovers when it exits
     dirty: bool = False  # stopped, OOM or failed: a recycled container is not handed out again
+    agent_exit: asyncio.Future[int] | None = None  # the command's wait status, from the container's agent
     wait_status: int | None = None  # the command's, as the pool container's agent reported it
     agent_lost: str = ""  # why the agent stopped answering while the command ran
 
@@ -643,6 +644,8 @@ class DockerExecutor:
                 run.streams.close()
             if run.oom_watch is not None:
                 run.oom_watch.close()
+            if not outcome_sent:
+                run.dirty = True  # abandoned before its end: its container is not lent again
             cleanup = self._track(self._dispose(run))
             if not outcome_sent:
                 await asyncio.shield(cleanup)
@@ -1183,7 +1186,7 @@ class DockerExecutor:
             if agent is not None and listener is not None:
                 body["HostConfig"]["Mounts"] += [
                     _read_only_bind(agent, f"{AGENT_MOUNT}/{AGENT_BINARY_NAME}"),
-                    _read_only_bind(listener.path.parent, f"{AGENT_MOUNT}/ctl"),
+                    _read_only_bind(listener.directory, f"{AGENT_MOUNT}/ctl"),
                 ]
             for flag in ("AttachStdout", "AttachStderr"):
                 body[flag] = False
@@ -1197,8 +1200,12 @@ class DockerExecutor:
             if not state.get("Running"):
                 raise InternalError(
                     f"pool container {cid[:12]} of image {key.image!r} exited at once "
-                    f"(exit code {state.get('ExitCode')}): does the image have "
-                    f"{self._config.pool.idle_command[0]!r}?"
+                    f"(exit code {state.get('ExitCode')}): "
+                    + (
+                        "its agent could not start"
+                        if agent is not None
+                        else f"does the image have {self._config.pool.idle_command[0]!r}?"
+                    )
                 )
             slot.init_pid = int(state.get("Pid") or 0)
             if listener is not None:
@@ -1342,19 +1349,27 @@ class DockerExecutor:
         exec; so are the working directory and stdin (the null device when there is none)."""
         agent, stop = slot.agent, run.stop
         assert agent is not None and stop is not None
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        if command.stdin:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        else:
-            in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+        made: list[int] = []
+        try:
+            out_r, out_w = _pipe(made)
+            err_r, err_w = _pipe(made)
+            if command.stdin:
+                in_r, in_w = _pipe(made)
+            else:
+                in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+        except OSError:
+            for fd in made:
+                os.close(fd)
+            raise
         run.streams = streams = PipeStreams(
             stdout=out_r, stderr=err_r, stdin=in_w, loop=asyncio.get_running_loop()
         )
         streams.start()
         run.started_at = time.time()
         try:
-            run.exec_pid = await agent.run(command.argv, command.environment, workdir, (in_r, out_w, err_w))
+            run.exec_pid, run.agent_exit = await agent.run(
+                command.argv, command.environment, workdir, (in_r, out_w, err_w)
+            )
         except CommandNotStarted as err:
             return RunOutcome(
                 status=ExecutionStatus.FAILED_TO_START,
@@ -1403,9 +1418,9 @@ class DockerExecutor:
             fd = os.pidfd_open(run.exec_pid) if run.exec_pid and slot.agent is None else -1
         except ProcessLookupError:
             fd = -1
-        if slot.agent is not None:
-            try:
-                run.wait_status = await slot.agent.exited()
+        if run.agent_exit is not None:
+            try:  # shielded: the agent's report ends the command's turn even if this wait is cancelled
+                run.wait_status = await asyncio.shield(run.agent_exit)
             except AgentLost as err:
                 run.agent_lost = str(err)
         elif fd >= 0:
@@ -1473,6 +1488,11 @@ class DockerExecutor:
         except Exception as err:
             _log.warning("pool container %s failed its clean-up: %s", slot.container_id[:12], err)
             clean = False
+        if clean and slot.agent is not None:
+            changed = await slot.agent.check()
+            if changed:
+                _log.warning("pool container %s is not lent again: %s", slot.container_id[:12], changed)
+                clean = False
         if clean and run.recycle and not run.dirty and not run.aborted and run.exec_pid:
             self._loosen_processes(slot)
             self._pool.give_back(slot)
@@ -1534,6 +1554,13 @@ class DockerExecutor:
             _log.exception("cleanup of action %s failed (the janitor will retry)", run.execution_id)
         finally:
             self._runs.pop(run.token, None)
+
+
+def _pipe(made: list[int]) -> tuple[int, int]:
+    """A close-on-exec pipe; both ends are added to ``made`` (closed by the caller on failure)."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    made += (read, write)
+    return read, write
 
 
 def _read_only_bind(source: Path, target: str) -> dict[str, Any]:

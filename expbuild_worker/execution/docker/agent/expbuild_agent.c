@@ -18,12 +18,17 @@
  *                                          sees it
  *   agent -> worker  STARTED a=pid | FAILED a=errno b=stage | EXITED a=wait status
  *   worker -> agent  SIGNAL a=signal       to the running command
+ *   worker -> agent  CHECK                 between actions (every command reaped):
+ *   agent -> worker  CHECKED a=0 | a=1 b=what changed | a=2 (a command is still running)
  * The connection closing ends the agent, and with it the container.
  *
  * PID 1 of a PID namespace gets no signal from inside it that it has no handler for, and a
  * non-dumpable process cannot be traced or read through /proc by the same user: the command
- * cannot take over the agent to reach the next action. The agent is also the container's init:
- * it reaps every orphan.
+ * cannot take over the agent to reach the next action. What the same user may still change of
+ * another process of its own (resource limits, nice value, I/O priority, CPU affinity,
+ * scheduling policy, OOM score) would pass to every later command: the agent notes all of it
+ * at start and CHECK tells whether any of it changed, so the worker never hands such a
+ * container out again. The agent is also the container's init: it reaps every orphan.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,10 +39,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -50,6 +58,8 @@ enum {
     MSG_STARTED = 5,
     MSG_FAILED = 6,
     MSG_EXITED = 7,
+    MSG_CHECK = 8,
+    MSG_CHECKED = 9,
 };
 
 enum { STAGE_REQUEST = 1, STAGE_FORK = 2, STAGE_CHDIR = 3, STAGE_EXEC = 4, STAGE_STDIO = 5 };
@@ -66,6 +76,55 @@ struct header {
 };
 
 extern char **environ;
+
+/* What a process of the same user may change of the agent, and every later command inherits. */
+struct inheritable {
+    struct rlimit limits[RLIM_NLIMITS];
+    int nice;
+    long ioprio;
+    int policy;
+    struct sched_param param;
+    cpu_set_t cpus;
+    char oom_score_adj[16];
+};
+
+enum { CHANGED_LIMITS = 1, CHANGED_NICE, CHANGED_IOPRIO, CHANGED_POLICY, CHANGED_CPUS, CHANGED_OOM };
+
+static void note_inheritable(struct inheritable *now) {
+    memset(now, 0, sizeof *now);
+    for (int i = 0; i < RLIM_NLIMITS; i++)
+        getrlimit(i, &now->limits[i]);
+    errno = 0;
+    now->nice = getpriority(PRIO_PROCESS, 0);
+    now->ioprio = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
+    now->policy = sched_getscheduler(0);
+    sched_getparam(0, &now->param);
+    sched_getaffinity(0, sizeof now->cpus, &now->cpus);
+    int fd = open("/proc/self/oom_score_adj", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)!read(fd, now->oom_score_adj, sizeof now->oom_score_adj - 1);
+        close(fd);
+    }
+}
+
+/* 0 when nothing inheritable changed since `before`, else which kind of thing did. */
+static int changed_since(const struct inheritable *before) {
+    struct inheritable now;
+    note_inheritable(&now);
+    if (memcmp(now.limits, before->limits, sizeof now.limits) != 0)
+        return CHANGED_LIMITS;
+    if (now.nice != before->nice)
+        return CHANGED_NICE;
+    if (now.ioprio != before->ioprio)
+        return CHANGED_IOPRIO;
+    if (now.policy != before->policy || now.param.sched_priority != before->param.sched_priority)
+        return CHANGED_POLICY;
+    if (!CPU_EQUAL(&now.cpus, &before->cpus))
+        return CHANGED_CPUS;
+    if (strcmp(now.oom_score_adj, before->oom_score_adj) != 0)
+        return CHANGED_OOM;
+    return 0;
+}
 
 static int control = -1;
 
@@ -344,6 +403,8 @@ int main(int argc, char **argv) {
     strcpy(addr.sun_path, argv[1]);
     if (connect(control, (struct sockaddr *)&addr, sizeof addr) != 0)
         fail_fast(argv[1]);
+    struct inheritable at_start;
+    note_inheritable(&at_start);
     say(MSG_READY, PROTOCOL_VERSION, 0);
 
     pid_t running = 0;  /* the command of the current request, until reaped */
@@ -380,6 +441,10 @@ int main(int argc, char **argv) {
                 close_fds(fds);
                 if (running > 0 && h.a > 0 && h.a < 65)
                     kill(running, h.a);
+            } else if (h.kind == MSG_CHECK) {
+                close_fds(fds);
+                int changed = running != 0 ? 0 : changed_since(&at_start);
+                say(MSG_CHECKED, running != 0 ? 2 : changed != 0, changed);
             } else if (h.kind == MSG_RUN && got == 1 && running == 0) {
                 pid_t child = start_command(&h, fds);
                 if (child > 0)
