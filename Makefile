@@ -21,7 +21,7 @@ $(BIN)/activate: pyproject.toml
 
 venv: $(BIN)/activate
 
-AGENT_DIR := expbuild_worker/execution/docker/agent
+AGENT_DIR := expbuild_worker/execution/agent
 AGENT := $(AGENT_DIR)/expbuild-agent
 CC ?= cc
 

@@ -1082,7 +1082,8 @@ def test_close_stops_the_spawner(public_dir: Path) -> None:
 
 
 def _placed_children(spawner_pid: int) -> set[int]:
-    """The spawner's children that are still the spawner's program (not yet exec'd): placed ones."""
+    """The spawner's children that have not become a command yet (the spawner's program or the
+    native helper waiting): placed ones."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1092,7 +1093,8 @@ def _placed_children(spawner_pid: int) -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[stat.rfind(")") + 2 :].split()[1]) == spawner_pid and b"_spawner_program" in cmdline:
+        placed = b"_spawner_program" in cmdline or b"\0--placed\0" in cmdline  # a fork, or the helper
+        if int(stat[stat.rfind(")") + 2 :].split()[1]) == spawner_pid and placed:
             found.add(int(entry))
     return found
 

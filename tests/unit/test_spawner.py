@@ -1,5 +1,6 @@
-"""The spawner's placed children: a command execs in a child forked ahead of need, and every way
-it can fail to start is reported as a forked spawn's failure would be, with nothing left behind."""
+"""The spawner's placed children (the native helper, or forks of the spawner): a command execs in
+a child started ahead of need, and every way it can fail to start is reported as a forked
+spawn's failure would be, with nothing left behind."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from expbuild_worker.execution.agent import bundled_agent, usable_agent
 from expbuild_worker.execution.process._spawn import SpawnFailure, spawn, started
 from expbuild_worker.execution.process._spawner import Spawner
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
 
-@pytest.fixture
-def spawner() -> Iterator[Spawner]:
-    made = Spawner(name="unit")
+@pytest.fixture(params=["native", "fork"])
+def spawner(request: pytest.FixtureRequest) -> Iterator[Spawner]:
+    """A spawner whose placed children are the native helper, or forks of the spawner."""
+    helper = None
+    if request.param == "native":
+        helper = bundled_agent()
+        assert not usable_agent(helper), usable_agent(helper)  # `make agent` builds it; the suite needs it
+    made = Spawner(name="unit", helper=helper)
     made.start()
     try:
         yield made
@@ -64,11 +71,19 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_command_execs_in_the_placed_child(spawner: Spawner, tmp_path: Path) -> None:
-    """The placed child (which entered its "cgroup" ahead) becomes the command."""
+    """The placed child (which entered its "cgroup" ahead) becomes the command; with the helper,
+    the child waiting is the helper, not a fork of the spawner."""
     procs = tmp_path / "procs"
     procs.write_text("")
     _placed(spawner, [str(procs)])
+    assert procs.read_text() == "0", "the child wrote to its cgroup.procs as soon as it was placed"
+    assert spawner.pid is not None
+    waiting = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == spawner.pid]
+    assert len(waiting) == 1, waiting
+    cmdline = Path(f"/proc/{waiting[0]}/cmdline").read_bytes().split(b"\0")
+    assert (b"--placed" in cmdline) == (spawner._helper != "-"), cmdline
     pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    assert str(pid) == waiting[0]
     assert _gone(pid)
 
 

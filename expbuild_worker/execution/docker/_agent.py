@@ -1,4 +1,4 @@
-"""The worker's side of the in-container agent (``agent/expbuild_agent.c``) and the command's pipes.
+"""The worker's side of the in-container agent (``execution/agent/``) and the command's pipes.
 
 A pool container whose PID 1 is the agent is entered without the engine: the worker passes the
 command's argv, environment, directory and three pipe ends over one Unix socket, and reads the
@@ -12,7 +12,6 @@ import contextlib
 import errno
 import os
 import socket
-import stat
 import struct
 import threading
 from collections import deque
@@ -28,7 +27,6 @@ T = TypeVar("T")
 AGENT_MOUNT = "/.expbuild"
 """Where a pool container sees the agent's directory (read-only): the binary and the socket."""
 
-AGENT_BINARY_NAME = "expbuild-agent"
 SOCKET_NAME = "agent.sock"
 
 PROTOCOL_VERSION = 1
@@ -48,22 +46,6 @@ _STAGES = {1: "the request", 2: "fork", 3: "its working directory", 4: "exec", 5
 _BODY_PIECE = 64 * 1024
 _CHECK_SECONDS = 5.0
 _READ_SIZE = 256 * 1024
-
-
-def bundled_agent() -> Path:
-    """Where ``make agent`` puts the binary: beside its source, in the package."""
-    return Path(__file__).with_name("agent") / AGENT_BINARY_NAME
-
-
-def usable_agent(path: Path) -> str:
-    """Why the agent at ``path`` cannot be used; empty when it can."""
-    try:
-        info = path.stat()
-    except OSError as err:
-        return f"no agent binary at {path} ({err.strerror}; `make agent` builds it)"
-    if not stat.S_ISREG(info.st_mode) or not info.st_mode & 0o001:
-        return f"{path} is not a file every user may execute"
-    return ""
 
 
 class AgentLost(Exception):

@@ -31,6 +31,8 @@ from expbuild_worker.errors import (
     UnavailableError,
     WorkerError,
 )
+from expbuild_worker.execution.agent import BINARY_NAME as AGENT_BINARY_NAME
+from expbuild_worker.execution.agent import bundled_agent, usable_agent
 from expbuild_worker.execution.cgroups import (
     ActionCgroups,
     CgroupReading,
@@ -39,16 +41,13 @@ from expbuild_worker.execution.cgroups import (
     worker_key,
 )
 from expbuild_worker.execution.docker._agent import (
-    AGENT_BINARY_NAME,
     AGENT_MOUNT,
     SOCKET_NAME,
     AgentListener,
     AgentLost,
     CommandNotStarted,
     PipeStreams,
-    bundled_agent,
     exit_code,
-    usable_agent,
 )
 from expbuild_worker.execution.docker._archive import (
     UnsafeArchiveError,

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, InternalError, PreconditionError, UnavailableError
+from expbuild_worker.execution.agent import bundled_agent, usable_agent
 from expbuild_worker.execution.cgroups import (
     ActionCgroup,
     ActionCgroups,
@@ -211,7 +212,7 @@ class ProcessRunner:
         self.root = (os.geteuid() == 0 or os.getuid() == 0) and self.run_as is None
         """Whether processes run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
-        self._spawner = Spawner(name=name)
+        self._spawner = Spawner(name=name, helper=_native_helper())
         self.closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
         self._check_default_limits(processes=cgroups == "off")
@@ -704,6 +705,16 @@ class ProcessRunner:
         if limits.max_processes is not None and not self.root and not self._cgroup_pids:
             rlimits.append(rlimit(resource.RLIMIT_NPROC, limits.max_processes))
         return rlimits
+
+
+def _native_helper() -> Path | None:
+    """The native helper for placed children, when it was built (else they are Python forks)."""
+    helper = bundled_agent()
+    problem = usable_agent(helper)
+    if problem:
+        _log.info("placed children are forks of the spawner (slower): %s", problem)
+        return None
+    return helper
 
 
 def new_token() -> str:

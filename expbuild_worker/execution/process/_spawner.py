@@ -58,8 +58,11 @@ class Spawner:
     ``reap`` for one of them raises ChildProcessError: its exit status is lost.
     """
 
-    def __init__(self, *, name: str) -> None:
+    def __init__(self, *, name: str, helper: Path | None = None) -> None:
+        """``helper``: the native helper (``execution/agent``) placed children are, when usable;
+        without it they are forked copies of the spawner."""
         self._name = name
+        self._helper = str(helper) if helper is not None else "-"
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self.started = 0
@@ -86,8 +89,9 @@ class Spawner:
         try:
             # -I -S: no user site, no environment variables, no site-packages; the program uses
             # the standard library only. Started by vfork (no preexec_fn), so no fork of ours.
+            argv = [sys.executable, "-I", "-S", "-B", PROGRAM, str(theirs.fileno()), str(os.getpid())]
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", PROGRAM, str(theirs.fileno()), str(os.getpid())],
+                [*argv, self._helper],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 env={},

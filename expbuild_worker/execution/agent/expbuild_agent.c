@@ -1,5 +1,21 @@
 /*
- * expbuild-agent: starts commands inside a pool container for the worker, without the engine.
+ * expbuild-agent: the worker's native helper, in two roles.
+ *
+ * 1. `expbuild-agent SOCKET`: PID 1 of a Docker pool container (below).
+ * 2. `expbuild-agent --placed PARENT CGROUP_PROCS...`: a host action's placed child. The worker's
+ *    spawner starts it ahead of need with its end of a SOCK_SEQPACKET pair as descriptor 3; it
+ *    dies with PARENT (the spawner), enters the listed cgroups (writes 0 to each cgroup.procs),
+ *    waits for one RUN (body: cwd, executable, uid, gid, rlimit count, that many kind/value
+ *    pairs, then argv and the environment, all NUL-ended; descriptors: stdin (optional),
+ *    stdout, stderr and last the write end of an exec status pipe), and becomes the command:
+ *    new session, stdio, working directory, user (no supplementary groups), rlimits, default
+ *    SIGPIPE/SIGXFSZ, exec with exactly the given environment. A failure goes to the status
+ *    pipe as a marshal'd (kind, errno, filename, text) tuple, the form the spawner's own forked
+ *    children report in; a successful exec closes the pipe. Being a small static program, it
+ *    costs the spawner a vfork and the command an exec, where a forked Python child copies and
+ *    touches the spawner's interpreter.
+ *
+ * Role 1 starts commands inside a pool container for the worker, without the engine.
  *
  * Entering a running container through the engine (`docker exec`) costs the engine's API calls
  * and a whole OCI runtime start per command. The agent is the container's PID 1 instead: it
@@ -40,6 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <grp.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -141,10 +158,11 @@ static void fail_fast(const char *what) {
     _exit(111);
 }
 
-/* Receive one RUN header with its three descriptors; 0 on EOF. */
-static int receive_run(struct header *h, int fds[3]) {
+/* Receive one message with at most `max` descriptors (at most 4); the message's length, 0 at
+ * end-of-file or on error; *count tells how many descriptors came. */
+static ssize_t receive_message(struct header *h, int *fds, int max, int *count) {
     union {
-        char buf[CMSG_SPACE(3 * sizeof(int))];
+        char buf[CMSG_SPACE(4 * sizeof(int))];
         struct cmsghdr align;
     } control_buf;
     struct iovec iov = {h, sizeof *h};
@@ -157,25 +175,36 @@ static int receive_run(struct header *h, int fds[3]) {
     do {
         n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
     } while (n < 0 && errno == EINTR);
+    *count = 0;
     if (n <= 0)
         return 0;
-    fds[0] = fds[1] = fds[2] = -1;
+    for (int i = 0; i < max; i++)
+        fds[i] = -1;
     int got = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int passed_count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
             int *passed = (int *)CMSG_DATA(c);
-            for (int i = 0; i < count; i++) {
-                if (got < 3)
+            for (int i = 0; i < passed_count; i++) {
+                if (got < max)
                     fds[got++] = passed[i];
                 else
                     close(passed[i]);
             }
         }
     }
+    *count = got;
     if ((size_t)n != sizeof *h)
         h->kind = 0;
-    return got == 3 || h->kind != MSG_RUN ? 1 : -1;
+    return n;
+}
+
+/* Receive one RUN header with its three descriptors; 0 on EOF, -1 for a RUN without them. */
+static int receive_run(struct header *h, int fds[3]) {
+    int count;
+    if (receive_message(h, fds, 3, &count) <= 0)
+        return 0;
+    return count == 3 || h->kind != MSG_RUN ? 1 : -1;
 }
 
 static void close_fds(int fds[3]) {
@@ -373,9 +402,133 @@ static pid_t start_command(const struct header *h, int fds[3]) {
     return child;
 }
 
+/* ---- role 2: a host action's placed child ------------------------------------------------ */
+
+static size_t marshal_text(char *out, size_t room, const char *text) {
+    if (text == NULL) {
+        if (room >= 1)
+            out[0] = 'N';
+        return 1;
+    }
+    uint32_t len = (uint32_t)strlen(text);
+    if (room < 5 + (size_t)len)
+        return room + 1;
+    out[0] = 'u';
+    memcpy(out + 1, &len, 4); /* little-endian: the only byte order this is built for */
+    memcpy(out + 5, text, len);
+    return 5 + (size_t)len;
+}
+
+/* Write (kind, errno, filename, text) to `fd` as marshal would, then end. */
+static void placed_failed(int fd, const char *kind, int number, const char *filename, const char *text) {
+    char out[8192];
+    size_t n = 0;
+    out[n++] = ')'; /* a small tuple */
+    out[n++] = 4;
+    n += marshal_text(out + n, sizeof out - n, kind);
+    if (n + 5 <= sizeof out) {
+        int32_t value = number;
+        out[n++] = 'i';
+        memcpy(out + n, &value, 4);
+        n += 4;
+    }
+    n += marshal_text(out + n, sizeof out - n, filename);
+    n += marshal_text(out + n, sizeof out - n, text);
+    if (n <= sizeof out)
+        (void)!write(fd, out, n);
+    _exit(127);
+}
+
+static void die_with(pid_t parent) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent)
+        _exit(1); /* the parent ended before the death signal was set */
+}
+
+static int placed_main(int argc, char **argv) {
+    pid_t parent = (pid_t)strtol(argv[2], NULL, 10);
+    die_with(parent);
+    control = 3;
+    syscall(SYS_close_range, 4u, ~0u, 0u);
+    int placing_errno = 0;
+    const char *placing_path = NULL;
+    for (int i = 3; i < argc && placing_errno == 0; i++) {
+        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) {
+            placing_errno = errno;
+            placing_path = argv[i];
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    struct header h;
+    int fds[4], count;
+    if (receive_message(&h, fds, 4, &count) <= 0)
+        _exit(0); /* not needed after all: the spawner closed our socket */
+    if (h.kind != MSG_RUN || (count != 3 && count != 4))
+        _exit(127);
+    int status = fds[count - 1];
+    char *body = receive_body((uint32_t)h.a);
+    if (body == NULL)
+        placed_failed(status, "subprocess", 0, NULL, "the placed child got a torn request");
+    char *cursor = body, *end = body + (uint32_t)h.a;
+    char **head = take_strings(&cursor, end, 5, 0);
+    if (head == NULL)
+        placed_failed(status, "subprocess", 0, NULL, "the placed child got a malformed request");
+    const char *cwd = head[0], *executable = head[1];
+    long uid = strtol(head[2], NULL, 10), gid = strtol(head[3], NULL, 10);
+    int32_t limits = (int32_t)strtol(head[4], NULL, 10);
+    char **limit_values = take_strings(&cursor, end, 2 * limits, 0);
+    char **command = limit_values != NULL ? take_strings(&cursor, end, h.b, 0) : NULL;
+    char **env = command != NULL ? take_strings(&cursor, end, h.c, 0) : NULL;
+    if (env == NULL || h.b < 1)
+        placed_failed(status, "subprocess", 0, NULL, "the placed child got a malformed request");
+    if (placing_errno != 0) {
+        char text[512];
+        snprintf(text, sizeof text, "entering cgroup %s: %s", placing_path, strerror(placing_errno));
+        placed_failed(status, "subprocess", 0, NULL, text);
+    }
+    setsid();
+    int stdin_fd = count == 4 ? fds[0] : open("/dev/null", O_RDONLY);
+    int stdio[3] = {stdin_fd, fds[count - 3], fds[count - 2]};
+    for (int i = 0; i < 3; i++) {
+        if (stdio[i] < 0 || dup2(stdio[i], i) < 0)
+            placed_failed(status, "subprocess", 0, NULL, "the placed child could not set up its stdio");
+    }
+    /* Nothing else open but the status pipe (close-on-exec). */
+    if (status > 3)
+        syscall(SYS_close_range, 3u, (unsigned)status - 1, 0u);
+    syscall(SYS_close_range, (unsigned)status + 1, ~0u, 0u);
+    if (chdir(cwd) != 0)
+        placed_failed(status, "os", errno, cwd, NULL);
+    if (uid >= 0) {
+        if (setgroups(0, NULL) != 0 || setregid((gid_t)gid, (gid_t)gid) != 0 ||
+            setreuid((uid_t)uid, (uid_t)uid) != 0)
+            placed_failed(status, "os", errno, NULL, NULL);
+        die_with(parent); /* a change of credentials clears the parent-death signal */
+    }
+    for (int32_t i = 0; i < limits; i++) {
+        long long value = strtoll(limit_values[2 * i + 1], NULL, 10);
+        rlim_t limit = value < 0 ? RLIM_INFINITY : (rlim_t)value;
+        struct rlimit both = {limit, limit};
+        if (setrlimit((int)strtol(limit_values[2 * i], NULL, 10), &both) != 0) {
+            char text[128];
+            snprintf(text, sizeof text, "[Errno %d] %s", errno, strerror(errno));
+            placed_failed(status, "subprocess", 0, NULL, text);
+        }
+    }
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGXFSZ, SIG_DFL);
+    execve(executable, command, env);
+    placed_failed(status, "os", errno, executable, NULL);
+    return 127;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 3 && strcmp(argv[1], "--placed") == 0)
+        return placed_main(argc, argv);
     if (argc != 2) {
-        fprintf(stderr, "usage: expbuild-agent SOCKET\n");
+        fprintf(stderr, "usage: expbuild-agent SOCKET | expbuild-agent --placed PARENT CGROUP_PROCS...\n");
         return 2;
     }
     prctl(PR_SET_DUMPABLE, 0);
