@@ -43,7 +43,7 @@ def _placed(spawner: Spawner, join: list[str]) -> None:
 async def _start(
     spawner: Spawner, tmp_path: Path, join: list[str], argv: list[str], env: dict[str, str]
 ) -> int:
-    child = spawn(
+    child = await spawn(
         argv=argv,
         executable=argv[0],
         cwd=tmp_path,
@@ -139,3 +139,48 @@ def _parent(pid: str) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except OSError:
         return 0
+
+
+def test_a_spawn_given_up_while_the_spawner_answers_leaves_nothing_running(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    """Cancelled after its request went out (the client vanished, say): the command the spawner
+    started anyway is killed and reaped once the answer comes; no process or zombie is left."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    marker = f"sleep-{os.getpid()}-given-up"
+
+    async def main() -> None:
+        _placed(spawner, [str(procs)])
+        task = asyncio.ensure_future(
+            spawn(
+                argv=["/bin/sh", "-c", f"exec -a {marker} sleep 30"],
+                executable="/bin/sh",
+                cwd=tmp_path,
+                working_directory="",
+                environment=ENV,
+                stdin=b"",
+                rlimits=[],
+                join=[str(procs)],
+                spawner=spawner,
+            )
+        )
+        await asyncio.sleep(0)  # the request is on its way; the answer is not read yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # the answer, the kill, the background reap
+
+    asyncio.run(main())
+    assert spawner.pid is not None
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == spawner.pid]
+    running = [p for p in left if marker.encode() in _cmdline(p)]
+    assert not running, "the command was killed"
+    assert not [p for p in left if _state(p) == "Z"], "and reaped"
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

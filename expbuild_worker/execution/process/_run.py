@@ -111,6 +111,7 @@ class Run:
         self._status: int | None = None  # wait status
         self._usage: resource.struct_rusage | None = None
         self._reaped = False
+        self._reaping: asyncio.Future[tuple[int, resource.struct_rusage] | None] | None = None
         self._stop_reason: ExecutionStatus | None = None
         self._escalated = False
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -180,8 +181,36 @@ class Run:
 
     def _on_exit(self) -> None:
         self._kill_group(signal.SIGKILL)  # whatever the leader left behind goes with it
-        if not self._reap():
+        if self._child.reap_async is not None:
+            # The spawner's child: reaped without blocking the loop for the round trip. Its pidfd
+            # stays readable, so it is not watched meanwhile; from now on the group is never
+            # signalled again (the spawner may reap the leader at any moment).
+            if self._reaping is None:
+                self._loop.remove_reader(self._pidfd)
+                self._reaping = asyncio.ensure_future(self._child.reap_async())
+                self._reaping.add_done_callback(self._on_reaped)
             return
+        if self._reap():
+            self._ended()
+
+    def _on_reaped(self, reaping: asyncio.Future[tuple[int, resource.struct_rusage] | None]) -> None:
+        if self._reaped or reaping.cancelled():
+            return
+        error = reaping.exception()
+        reaped: tuple[int, resource.struct_rusage | None] | None = (
+            self._status_lost(error) if error is not None else reaping.result()
+        )
+        if reaped is None:  # not over after all (its pidfd said so): watch it again
+            self._reaping = None
+            if not self.released:
+                self._loop.add_reader(self._pidfd, self._on_exit)
+            return
+        self._record(reaped)
+        if not self.released:
+            self._ended()
+
+    def _ended(self) -> None:
+        """The leader is reaped: kill what is left in its cgroup, read its output to the end."""
         self._kill_cgroup()
         if self._held:  # the rest of the output is what the pipes hold: read it to the end
             self._held = False
@@ -195,7 +224,7 @@ class Run:
 
     def request_stop(self, reason: ExecutionStatus) -> None:
         """SIGTERM the group now and SIGKILL it after the grace period; no-op once the leader exited."""
-        if self._reaped or self._stop_reason is not None:
+        if self._reaped or self._reaping is not None or self._stop_reason is not None:
             return
         self._stop_reason = reason
         self._kill_group(signal.SIGTERM)
@@ -240,7 +269,7 @@ class Run:
             self._cgroup.kill()  # whatever was forked meanwhile
 
     def _kill_group(self, sig: signal.Signals) -> None:
-        if self._reaped:
+        if self._reaped or self._reaping is not None:
             return
         try:
             os.killpg(self._pid, sig)
@@ -387,7 +416,10 @@ class Run:
         for timer in (self._kill_timer, self._drain_timer):
             if timer is not None:
                 timer.cancel()
-        if not self._reaped:
+        if not self._reaped and self._reaping is not None:  # it exited; its reap is on its way
+            self._kill_cgroup()
+            self._settle_cgroup()
+        elif not self._reaped:
             self._kill_group(signal.SIGKILL)
             self._kill_cgroup()
             poller = select.poll()
@@ -414,10 +446,19 @@ class Run:
         try:
             reaped = self._child.reap()
         except ChildProcessError as err:
-            self._notes.append(f"process {self._pid}: its exit status is lost ({err.strerror or err})")
-            reaped = (-1, None)
+            reaped = self._status_lost(err)
         if reaped is None:
             return False
+        self._record(reaped)
+        return True
+
+    def _status_lost(self, err: BaseException) -> tuple[int, None]:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        self._notes.append(f"process {self._pid}: its exit status is lost ({reason})")
+        return (-1, None)
+
+    def _record(self, reaped: tuple[int, resource.struct_rusage | None]) -> None:
+        """The leader's wait status and usage: it is over, and its descriptors go."""
         self._reaped = True
         self.ended_at = time.time()
         status, usage = reaped
@@ -428,7 +469,6 @@ class Run:
             self._kill_timer = None
         self._close_pidfd()
         self._close_stdin()
-        return True
 
     def _reap_later(self) -> None:
         """Hand the pidfd to a callback that reaps the process whenever it finally dies."""

@@ -389,15 +389,18 @@ class ProcessRunner:
                 leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
-                vfork = user is None and limits.memory_bytes is None and pids_max is None
+                # rlimits too need the spawner's fork, which a cgroup entered by this thread misses
+                vfork = user is None and limits.memory_bytes is None and pids_max is None and not rlimits
                 if vfork and self._cgroups.moves_threads and not placed:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
                     join = leaf.procs  # the forked child enters before exec (in the spawner)
             if user is not None:
                 await _hand_over(command.root, user, join)
+            # Inside born_inside this thread is in the action's cgroup: spawn then spawns
+            # here, by vfork, without ever yielding to the event loop.
             with born_inside:
-                child = spawn(
+                child = await spawn(
                     argv=launch.argv,
                     executable=launch.executable,
                     cwd=launch.cwd,

@@ -13,7 +13,7 @@ import os
 import resource
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,9 @@ Reaper = Callable[[], "tuple[int, resource.struct_rusage] | None"]
 """wait4 of a started command without blocking: (wait status, usage) once it exited, None while
 it runs; raises ChildProcessError when its exit status is lost (someone else reaped it)."""
 
+AsyncReaper = Callable[[], "Awaitable[tuple[int, resource.struct_rusage] | None]"]
+"""The same, asked of the spawner without blocking the event loop for the round trip."""
+
 
 @dataclass(frozen=True, slots=True)
 class Child:
@@ -68,6 +71,7 @@ class Child:
     stdin_fd: int | None  # None when stdin is /dev/null
     reap: Reaper
     exec_status: int | None = None  # placed child: reads end-of-file once exec'd (see ``started``)
+    reap_async: AsyncReaper | None = None  # the spawner's child: ``reap`` without blocking the loop
 
 
 def resolve_executable(argv0: str, environment: Mapping[str, str], cwd: Path) -> str:
@@ -106,7 +110,7 @@ def rlimit(kind: int, value: int) -> Rlimit:
     return Rlimit(resource=kind, value=value)
 
 
-def spawn(
+async def spawn(
     *,
     argv: Sequence[str],
     executable: str,
@@ -127,69 +131,146 @@ def spawn(
     worker must be root); None runs it as the worker's own user. Raises SpawnFailure when the
     command cannot be started (missing, not executable, bad working directory, cgroup refused)
     and InternalError when the worker itself runs out of descriptors.
-    Without rlimits, ``join`` or ``user`` CPython spawns here with vfork (fast); any of them
-    forces a full fork, which costs in proportion to the forking process's address space, so
-    such a command is forked by the small ``spawner`` process instead of this one.
+
+    Without rlimits, ``join`` or ``user`` CPython spawns here with vfork (fast), and this never
+    yields to the event loop. Any of them forces a full fork, which costs in proportion to the
+    forking process's address space, so such a command is forked by the small ``spawner``
+    process instead (or execs in a child it placed ahead of need); the event loop goes on
+    meanwhile.
     """
     argv0 = argv[0]
-    mine: list[int] = []  # parent ends, closed on failure
-    theirs: list[int] = []  # child ends, always closed here once the child has them
+    pipes = _Pipes.make(argv0, stdin=stdin, user=user)
+    how = _How(
+        argv=argv,
+        executable=executable,
+        cwd=cwd,
+        environment=environment,
+        fds=pipes.child_ends,
+        user=user,
+        join=join,
+        rlimits=rlimits,
+    )
     try:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        mine.append(out_r)
-        theirs.append(out_w)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        mine.append(err_r)
-        theirs.append(err_w)
-        for fd in (out_r, err_r):
-            _grow_pipe(fd)
-        if user is not None:
-            # The command's own ends belong to its user, so it can reopen them by name
-            # (/dev/stdout, /dev/stderr, /proc/self/fd/N) as a command of the worker's user can.
-            for fd in (out_w, err_w):
-                os.fchown(fd, *user)
-        in_r: int = subprocess.DEVNULL
-        in_w: int | None = None
-        if stdin:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-            mine.append(in_w)
-            theirs.append(in_r)
-            if user is not None:
-                os.fchown(in_r, *user)
-    except OSError as err:
-        _close_all(mine + theirs)
-        raise InternalError(f"could not create pipes for {argv0!r}: {err.strerror}") from err
-    try:
-        how = _How(
+        if not _needs_spawner(how):
+            pid, pidfd, reap = _spawn_here(how)
+            return pipes.child(pid, pidfd, reap, None, None)
+        given = how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds
+        answer = spawner.spawn(
             argv=argv,
             executable=executable,
-            cwd=cwd,
-            environment=environment,
-            fds=(in_r, out_w, err_w),
+            cwd=str(cwd),
+            environment=dict(environment),
+            fds=given,
             user=user,
             join=join,
-            rlimits=rlimits,
+            rlimits=[(limit.resource, limit.value) for limit in rlimits],
         )
-        status: int | None = None
-        if user is not None or join or rlimits:
-            pid, pidfd, reap, status = _spawn_outside(spawner, how)
-        else:
-            pid, pidfd, reap = _spawn_here(how)
     except (OSError, ValueError, subprocess.SubprocessError) as err:
-        _close_all(mine)
+        _close_all(pipes.mine)
         raise SpawnFailure(
             _describe(err, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
         ) from err
+    except SpawnerGone as err:
+        _close_all(pipes.mine)
+        raise InternalError(f"the spawner process died while starting {argv0!r}: {err}") from err
     except BaseException:
-        _close_all(mine)
+        _close_all(pipes.mine)
         raise
     finally:
-        _close_all(theirs)
-    for fd in mine:
-        os.set_blocking(fd, False)
-    return Child(
-        pid=pid, pidfd=pidfd, stdout_fd=out_r, stderr_fd=err_r, stdin_fd=in_w, reap=reap, exec_status=status
-    )
+        _close_all(pipes.theirs)  # the child (or the spawner) has its own copies now
+    try:
+        pid, pidfd, status = await asyncio.shield(answer)
+    except asyncio.CancelledError:
+        answer.add_done_callback(functools.partial(_abandon_spawned, spawner))  # killed and reaped
+        _close_all(pipes.mine)
+        raise
+    except SpawnRefused as refused:
+        _close_all(pipes.mine)
+        raise SpawnFailure(
+            _describe(refused.error, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
+        ) from refused.error
+    except SpawnerGone as err:
+        _close_all(pipes.mine)
+        raise InternalError(f"the spawner process died while starting {argv0!r}: {err}") from err
+    reap_async = functools.partial(spawner.reap_async, pid)
+    return pipes.child(pid, pidfd, functools.partial(spawner.reap, pid), status, reap_async)
+
+
+def _needs_spawner(how: _How) -> bool:
+    """A user switch, cgroups to enter or rlimits need a full fork: the spawner's, not ours."""
+    return how.user is not None or bool(how.join) or bool(how.rlimits)
+
+
+def _abandon_spawned(spawner: Spawner, answer: asyncio.Future[tuple[int, int, int | None]]) -> None:
+    """A spawn given up while the spawner answered: kill and reap what it started."""
+    if answer.cancelled() or answer.exception() is not None:
+        return
+    pid, pidfd, status = answer.result()
+    if status is not None:
+        os.close(status)
+    reap = functools.partial(spawner.reap, pid)
+    _abandon(Child(pid=pid, pidfd=pidfd, stdout_fd=-1, stderr_fd=-1, stdin_fd=None, reap=reap))
+
+
+@dataclass
+class _Pipes:
+    """A command's pipes: the worker's ends (``mine``) and the command's (``theirs``)."""
+
+    mine: list[int]
+    theirs: list[int]
+    out_r: int
+    err_r: int
+    in_w: int | None
+    child_ends: tuple[int, int, int]  # stdin (subprocess.DEVNULL for none), stdout, stderr
+
+    @classmethod
+    def make(cls, argv0: str, *, stdin: bytes, user: tuple[int, int] | None) -> _Pipes:
+        """Raises InternalError when the worker is out of descriptors."""
+        mine: list[int] = []  # parent ends, closed on failure
+        theirs: list[int] = []  # child ends, always closed here once the child has them
+        try:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            mine.append(out_r)
+            theirs.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            mine.append(err_r)
+            theirs.append(err_w)
+            for fd in (out_r, err_r):
+                _grow_pipe(fd)
+            if user is not None:
+                # The command's own ends belong to its user, so it can reopen them by name
+                # (/dev/stdout, /dev/stderr, /proc/self/fd/N) as a command of the worker's user can.
+                for fd in (out_w, err_w):
+                    os.fchown(fd, *user)
+            in_r: int = subprocess.DEVNULL
+            in_w: int | None = None
+            if stdin:
+                in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                mine.append(in_w)
+                theirs.append(in_r)
+                if user is not None:
+                    os.fchown(in_r, *user)
+        except OSError as err:
+            _close_all(mine + theirs)
+            raise InternalError(f"could not create pipes for {argv0!r}: {err.strerror}") from err
+        return cls(mine, theirs, out_r, err_r, in_w, (in_r, out_w, err_w))
+
+    def child(
+        self, pid: int, pidfd: int, reap: Reaper, status: int | None, reap_async: AsyncReaper | None
+    ) -> Child:
+        """The started command, owning the worker's ends (made non-blocking)."""
+        for fd in self.mine:
+            os.set_blocking(fd, False)
+        return Child(
+            pid=pid,
+            pidfd=pidfd,
+            stdout_fd=self.out_r,
+            stderr_fd=self.err_r,
+            stdin_fd=self.in_w,
+            reap=reap,
+            exec_status=status,
+            reap_async=reap_async,
+        )
 
 
 async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, working_directory: str) -> None:
@@ -336,28 +417,6 @@ def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
         return status, usage
 
     return popen.pid, pidfd, reap
-
-
-def _spawn_outside(spawner: Spawner, how: _How) -> tuple[int, int, Reaper, int | None]:
-    """Have the spawner fork and exec: (pid, pidfd, reaper, exec status fd or None). Raises what
-    its Popen raised, or InternalError when the spawner is unavailable."""
-    given = how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds
-    try:
-        pid, pidfd, status = spawner.spawn(
-            argv=how.argv,
-            executable=how.executable,
-            cwd=str(how.cwd),
-            environment=dict(how.environment),
-            fds=given,
-            user=how.user,
-            join=how.join,
-            rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
-        )
-    except SpawnRefused as refused:
-        raise refused.error from refused
-    except SpawnerGone as err:
-        raise InternalError(f"the spawner process died while starting {how.argv[0]!r}: {err}") from err
-    return pid, pidfd, functools.partial(spawner.reap, pid), status
 
 
 def _describe(err: BaseException, *, argv0: str, cwd: str, working_directory: str) -> str:

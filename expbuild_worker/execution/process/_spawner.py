@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import array
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +56,13 @@ class Spawner:
     (``reap``), so the worker still knows when a process group id is safe to signal; it gives
     the worker a pidfd for every child to watch its exit with.
 
-    Every call runs on one thread (the event loop's) and blocks it for one round trip, as an
-    in-process spawn does. A spawner that died or hung is noticed by the next call (which fails
-    with SpawnerGone) or by ``alive``, and a new one is started by the next ``spawn``; the
-    children of a dead spawner die with it (their parent-death signal is SIGKILL), and a
-    ``reap`` for one of them raises ChildProcessError: its exit status is lost.
+    Every call runs on one thread (the event loop's). ``spawn`` and ``reap`` block it for one
+    round trip, as an in-process spawn does; ``reap_async`` does not (the answers come in
+    request order, so each is matched to the oldest request still waiting, whichever way it
+    was asked). A spawner that died or hung is noticed by the next call (which fails with
+    SpawnerGone) or by ``alive``, and a new one is started by the next ``spawn``; the children
+    of a dead spawner die with it (their parent-death signal is SIGKILL), and a ``reap`` for
+    one of them raises ChildProcessError: its exit status is lost.
     """
 
     def __init__(self, *, name: str, helper: Path | None = None) -> None:
@@ -65,6 +72,9 @@ class Spawner:
         self._helper = str(helper) if helper is not None else "-"
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        self._waiting: deque[Callable[[_Reply | BaseException], None]] = deque()  # one per request sent
+        self._frame = _FrameReader()
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
         self.started = 0
         """How many spawner processes this object has started (the first, and each restart)."""
 
@@ -115,7 +125,8 @@ class Spawner:
         if reply[0] != "ready":
             self._gone("did not start")
             raise InternalError(f"the spawner of executor {self._name!r} did not start: {reply!r}")
-        ours.settimeout(REPLY_TIMEOUT_SECONDS)
+        ours.setblocking(False)  # answers are read as they come (see _pump); waits use poll
+        self._frame = _FrameReader()
 
     def spawn(
         self,
@@ -128,24 +139,62 @@ class Spawner:
         user: tuple[int, int] | None,
         join: Sequence[str],
         rlimits: Sequence[tuple[int, int]],
-    ) -> tuple[int, int, int | None]:
-        """Start a command in its own session: (pid, pidfd, exec status fd). ``fds`` are stdin
-        (omitted for /dev/null), stdout and stderr; they stay the caller's.
+    ) -> asyncio.Future[tuple[int, int, int | None]]:
+        """Start a command in its own session; the request is sent now (``fds``, which are stdin
+        (omitted for /dev/null), stdout and stderr, may be closed on return) and the event loop
+        is not blocked for the answer. The future gets (pid, pidfd, exec status fd).
 
         A command started in a child placed ahead of need comes back before it has exec'd, with
         an exec status fd the caller owns: ``exec_error`` of what it reads tells whether it
-        started. Otherwise that fd is None and the command has exec'd. Raises SpawnRefused with
-        the error of the fork or exec, SpawnerGone when the spawner died on the way (then the
-        command may have started and died with it), InternalError when no spawner can be started."""
+        started. Otherwise that fd is None and the command has exec'd. The future fails with
+        SpawnRefused (the error of the fork or exec) or SpawnerGone (the spawner died on the
+        way; the command may have started and died with it); InternalError is raised at once
+        when no spawner can be started. A command may be started even if nobody waits any more:
+        whoever gives up on the future must still take its result (descriptors to close, a
+        process to kill and reap)."""
         self.start()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[tuple[int, int, int | None]] = loop.create_future()
+
+        def settle(reply: _Reply | BaseException) -> None:
+            try:
+                if isinstance(reply, BaseException):
+                    raise reply
+                answer.set_result(self._spawned(reply))
+            except (SpawnRefused, SpawnerGone) as err:
+                answer.set_exception(err)
+
         request = ("spawn", list(argv), executable, cwd, environment, user, list(join), list(rlimits))
-        reply, got = self._call(request, fds)
-        if reply[0] == "spawned" and len(got) in (1, 2):
-            return int(reply[1]), got[0], got[1] if len(got) == 2 else None
+        self._send(request, fds, settle)
+        self._read_on(loop)
+        self._expect(answer, loop)
+        return answer
+
+    def _spawned(self, reply: _Reply) -> tuple[int, int, int | None]:
+        answer, got = reply
+        if answer[0] == "spawned" and len(got) in (1, 2):
+            return int(answer[1]), got[0], got[1] if len(got) == 2 else None
         _close(got)
-        if reply[0] != "failed":
-            raise SpawnerGone(f"unexpected answer {reply!r}")
-        raise SpawnRefused(self.exec_error(reply[1:]))
+        if answer[0] != "failed":
+            raise SpawnerGone(f"unexpected answer {answer!r}")
+        raise SpawnRefused(self.exec_error(answer[1:]))
+
+    def _expect(self, answer: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """A spawner that leaves ``answer`` unanswered for REPLY_TIMEOUT_SECONDS is taken for hung."""
+        sock = self._sock
+
+        def overdue() -> None:
+            if not answer.done() and self._sock is sock:
+                self._gone("stopped answering (no answer in time)")
+
+        timer = loop.call_later(REPLY_TIMEOUT_SECONDS, overdue)
+
+        def done(settled: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if not settled.cancelled():
+                settled.exception()  # retrieved: an error nobody awaits any more is no error
+
+        answer.add_done_callback(done)
 
     def exec_error(self, report: Sequence[Any]) -> BaseException:
         """The exception a failed fork or exec reported as (kind, errno, filename, text)."""
@@ -167,47 +216,124 @@ class Spawner:
         when the message could not be sent."""
         if not self.alive() or not joins:
             return
-        sock = self._sock
-        try:
-            if sock is None:
-                raise OSError("not running")
-            program.send(sock, ("place", [list(join) for join in joins]))
-        except OSError as err:
-            self._gone(f"stopped answering ({err!r})")
-            raise SpawnerGone(repr(err)) from err
+        self._send(("place", [list(join) for join in joins]), (), None)
 
     def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
         """wait4 ``pid`` without blocking, in the spawner: (status, usage) once it exited, None
         while it runs. Raises ChildProcessError when its status is lost (the spawner that started
         it died, or it was never one of its children)."""
         try:
-            reply, got = self._call(("reap", pid), ())
+            reply = self._call(("reap", pid), ())
         except SpawnerGone as err:
             raise ChildProcessError(errno.ECHILD, f"the spawner died ({err})") from err
-        _close(got)
-        if reply[0] == "running":
-            return None
-        if reply[0] == "reaped":
-            return int(reply[1]), resource.struct_rusage(tuple(reply[2]))
-        raise ChildProcessError(errno.ECHILD, "not a child of the running spawner")
+        return _reaped(reply)
 
-    def _call(self, request: tuple[Any, ...], fds: Sequence[int]) -> tuple[tuple[Any, ...], list[int]]:
+    async def reap_async(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
+        """``reap``, without blocking the event loop for the round trip."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[_Reply] = loop.create_future()
+
+        def settle(reply: _Reply | BaseException) -> None:
+            if isinstance(reply, BaseException):
+                answer.set_exception(reply)
+            else:
+                answer.set_result(reply)
+
+        try:
+            self._send(("reap", pid), (), settle)
+            self._read_on(loop)
+            self._expect(answer, loop)
+            reply = await asyncio.shield(answer)
+        except SpawnerGone as err:
+            raise ChildProcessError(errno.ECHILD, f"the spawner died ({err})") from err
+        return _reaped(reply)
+
+    def _send(
+        self,
+        request: tuple[Any, ...],
+        fds: Sequence[int],
+        on_reply: Callable[[_Reply | BaseException], None] | None,
+    ) -> None:
+        """Send ``request``; ``on_reply`` gets its answer (or the error that ended the spawner);
+        None for a request that is not answered."""
         sock = self._sock
         if sock is None:
             raise SpawnerGone("not running")
+        data = program.frame(request)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
         try:
-            program.send(sock, request, fds)
-            return program.receive(sock)
-        except (program.Closed, OSError, ValueError, EOFError, TypeError) as err:
+            sent = 0
+            while sent < len(data):
+                try:
+                    sent += sock.sendmsg([data[sent:]], ancillary if sent == 0 else [])
+                except BlockingIOError:
+                    if not _wait_for(sock, select.POLLOUT, deadline):
+                        raise TimeoutError("the spawner took no request in time") from None
+        except (OSError, ValueError) as err:
             self._gone(f"stopped answering ({err!r})")
             raise SpawnerGone(repr(err)) from err
+        if on_reply is not None:
+            self._waiting.append(on_reply)
+
+    def _call(self, request: tuple[Any, ...], fds: Sequence[int]) -> _Reply:
+        """One round trip, blocking: answers to earlier ``reap_async`` requests are handed on as
+        they pass."""
+        got: list[_Reply] = []
+        self._send(request, fds, lambda reply: got.append(reply) if isinstance(reply, tuple) else None)
+        deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
+        sock = self._sock
+        while not got:
+            if sock is None or self._sock is not sock:
+                raise SpawnerGone("the spawner went away")
+            if not self._pump() and not _wait_for(sock, select.POLLIN, deadline):
+                self._gone("stopped answering (no answer in time)")
+                raise SpawnerGone("no answer in time")
+        return got[0]
+
+    def _pump(self) -> bool:
+        """Hand every complete answer to its request; False when none was complete."""
+        sock = self._sock
+        if sock is None:
+            return False
+        progressed = False
+        while True:
+            try:
+                reply = self._frame.read(sock)
+            except (program.Closed, OSError, ValueError, EOFError, TypeError) as err:
+                self._gone(f"stopped answering ({err!r})")
+                return True
+            if reply is None:
+                return progressed
+            progressed = True
+            if self._waiting:
+                self._waiting.popleft()(reply)
+            else:
+                _close(reply[1])
+
+    def _read_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read answers on ``loop`` as they come (for ``reap_async``)."""
+        if self._reader_loop is loop or self._sock is None:
+            return
+        if self._reader_loop is not None:  # an earlier loop's (a test's asyncio.run, say)
+            with contextlib.suppress(Exception):
+                self._reader_loop.remove_reader(self._sock.fileno())
+        loop.add_reader(self._sock.fileno(), self._pump)
+        self._reader_loop = loop
 
     def _gone(self, why: str) -> None:
         """Forget a spawner that died or hung: kill it (by its pid, it is ours) and reap it."""
         process, sock = self._process, self._sock
         self._process = self._sock = None
         if sock is not None:
+            if self._reader_loop is not None:
+                with contextlib.suppress(Exception):
+                    self._reader_loop.remove_reader(sock.fileno())
             sock.close()
+        self._reader_loop = None
+        waiting, self._waiting = self._waiting, deque()
+        for on_reply in waiting:
+            on_reply(SpawnerGone(why))
         if process is None:
             return
         if process.poll() is None:
@@ -222,6 +348,62 @@ class Spawner:
     def close(self) -> None:
         """Stop the spawner (its children die with it); idempotent."""
         self._gone("closed")
+
+
+_Reply = tuple[tuple[Any, ...], list[int]]
+
+
+class _FrameReader:
+    """Reassembles the spawner's answers from a non-blocking socket: exactly the bytes of one
+    answer are asked for at a time, so the descriptors that come with an answer's first bytes
+    are always that answer's."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+        self._size = -1
+
+    def read(self, sock: socket.socket) -> _Reply | None:
+        """One complete answer, or None when the rest has not arrived yet; raises program.Closed
+        at end-of-file."""
+        while True:
+            need = (program.HEADER_SIZE if self._size < 0 else program.HEADER_SIZE + self._size) - len(
+                self._buffer
+            )
+            if need <= 0:
+                message = program.unframe(bytes(self._buffer))
+                fds, self._fds, self._buffer, self._size = self._fds, [], bytearray(), -1
+                return message, fds
+            try:
+                data, ancillary, _, _ = sock.recvmsg(
+                    need, socket.CMSG_SPACE(program.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return None
+            self._fds += program.descriptors(ancillary)
+            if not data:
+                raise program.Closed
+            self._buffer += data
+            if self._size < 0 and len(self._buffer) >= program.HEADER_SIZE:
+                self._size = program.frame_size(bytes(self._buffer[: program.HEADER_SIZE]))
+
+
+def _wait_for(sock: socket.socket, event: int, deadline: float) -> bool:
+    """Until ``sock`` is ready for ``event`` (select.POLLIN or POLLOUT); False at ``deadline``."""
+    poller = select.poll()
+    poller.register(sock, event)
+    remaining = deadline - time.monotonic()
+    return remaining > 0 and bool(poller.poll(remaining * 1000))
+
+
+def _reaped(reply: _Reply) -> tuple[int, resource.struct_rusage] | None:
+    answer, got = reply
+    _close(got)
+    if answer[0] == "running":
+        return None
+    if answer[0] == "reaped":
+        return int(answer[1]), resource.struct_rusage(tuple(answer[2]))
+    raise ChildProcessError(errno.ECHILD, "not a child of the running spawner")
 
 
 def _close(fds: Sequence[int]) -> None:

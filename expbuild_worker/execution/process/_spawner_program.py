@@ -52,8 +52,9 @@ from typing import Any
 # commands' leaders with it and never leaves a running command unowned.
 
 _HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
 MAX_MESSAGE = 1 << 30
-_MAX_FDS = 4
+MAX_FDS = 4
 _PR_SET_PDEATHSIG = 1
 
 
@@ -61,15 +62,45 @@ class Closed(Exception):
     """The other end closed the socket."""
 
 
+def frame(message: tuple[Any, ...]) -> bytes:
+    """One message as it goes on the socket: its length, then its marshal dump."""
+    data = marshal.dumps(message)
+    return _HEADER.pack(len(data)) + data
+
+
+def frame_size(header: bytes) -> int:
+    """The length a frame's header announces; ValueError when it is beyond MAX_MESSAGE."""
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_MESSAGE:
+        raise ValueError(f"message of {size} bytes is too large")
+    return int(size)
+
+
+def unframe(data: bytes) -> tuple[Any, ...]:
+    """The message of one whole frame."""
+    message: tuple[Any, ...] = marshal.loads(data[_HEADER.size :])
+    return message
+
+
+def descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors SCM_RIGHTS brought."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+            fds.extend(got)
+    return fds
+
+
 def send(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
     """Send one message, with ``fds`` attached to its first bytes."""
-    data = marshal.dumps(message)
-    frame = _HEADER.pack(len(data)) + data
+    frame_bytes = frame(message)
     sent = sock.sendmsg(
-        [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        [frame_bytes], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     )
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
+    if sent < len(frame_bytes):
+        sock.sendall(frame_bytes[sent:])
 
 
 def receive(sock: socket.socket) -> tuple[tuple[Any, ...], list[int]]:
@@ -80,25 +111,19 @@ def receive(sock: socket.socket) -> tuple[tuple[Any, ...], list[int]]:
     size = -1
     while True:
         data, ancillary, _, _ = sock.recvmsg(
-            max(need - len(buffer), 1), socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            max(need - len(buffer), 1), socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
         )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                fds.extend(got)
+        fds += descriptors(ancillary)
         if not data:
             for fd in fds:
                 os.close(fd)
             raise Closed
         buffer += data
         if size < 0 and len(buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer)
-            if size > MAX_MESSAGE:
-                raise ValueError(f"message of {size} bytes is too large")
+            size = frame_size(bytes(buffer[: _HEADER.size]))
             need = _HEADER.size + size
         if size >= 0 and len(buffer) >= need:
-            return marshal.loads(bytes(buffer[_HEADER.size :])), fds
+            return unframe(bytes(buffer)), fds
 
 
 @functools.cache
