@@ -598,7 +598,7 @@ class ProcessRunner:
         except InternalError as err:
             _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
         try:
-            self._spawner.place([leaf.procs for leaf in made])  # one round trip for them all
+            self._spawner.place([leaf.procs for leaf in made])  # one message for them all, unanswered
         except SpawnerGone as err:
             _log.warning("%s executor %r: could not place a child ahead: %s", self._kind, self._name, err)
             return

@@ -56,10 +56,11 @@ class Spawner:
     (``reap``), so the worker still knows when a process group id is safe to signal; it gives
     the worker a pidfd for every child to watch its exit with.
 
-    Every call runs on one thread (the event loop's). ``spawn`` and ``reap`` block it for one
-    round trip, as an in-process spawn does; ``reap_async`` does not (the answers come in
-    request order, so each is matched to the oldest request still waiting, whichever way it
-    was asked). A spawner that died or hung is noticed by the next call (which fails with
+    Every call runs on one thread (the event loop's). ``spawn`` and ``reap_async`` send their
+    request and let the loop go on until the answer comes; ``reap`` (for the rare paths that
+    must not await: a kill from a ``finally``) blocks for its round trip; ``place`` is never
+    answered. Answers come in request order, so each is matched to the oldest request still
+    waiting, whichever way it was asked. A spawner that died or hung is noticed by the next call (which fails with
     SpawnerGone) or by ``alive``, and a new one is started by the next ``spawn``; the children
     of a dead spawner die with it (their parent-death signal is SIGKILL), and a ``reap`` for
     one of them raises ChildProcessError: its exit status is lost.
