@@ -60,10 +60,12 @@ class Spawner:
     request and let the loop go on until the answer comes; ``reap`` (for the rare paths that
     must not await: a kill from a ``finally``) blocks for its round trip; ``place`` is never
     answered. Answers come in request order, so each is matched to the oldest request still
-    waiting, whichever way it was asked. A spawner that died or hung is noticed by the next call (which fails with
-    SpawnerGone) or by ``alive``, and a new one is started by the next ``spawn``; the children
-    of a dead spawner die with it (their parent-death signal is SIGKILL), and a ``reap`` for
-    one of them raises ChildProcessError: its exit status is lost.
+    waiting, whichever way it was asked.
+
+    A spawner that died or hung is noticed by the next call (which fails with SpawnerGone) or
+    by ``alive``, and a new one is started by the next ``spawn``; the children of a dead
+    spawner die with it (their parent-death signal is SIGKILL), and a ``reap`` for one of them
+    raises ChildProcessError: its exit status is lost.
     """
 
     def __init__(self, *, name: str, helper: Path | None = None) -> None:
