@@ -798,10 +798,13 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
         result = await execute(
             sh(tmp_path, script, limits=ResourceLimits(memory_bytes=limit)), executor=executor
         )
-        await asyncio.sleep(0)  # the refill runs on the loop after the action took its cgroup
-        after = spares()
-        await executor.close()
         own, *limits_seen = result.stdout.decode().split()
+        for _ in range(200):  # the refill runs on the loop; the used cgroup goes on a thread
+            await asyncio.sleep(0.01)
+            after = spares()
+            if own.rsplit("/", 1)[1] not in after:
+                break
+        await executor.close()
         return before, own, limits_seen, after
 
     before, own, limits_seen, after = run(scenario())
