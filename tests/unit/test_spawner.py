@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,17 +44,7 @@ def _placed(spawner: Spawner, join: list[str]) -> None:
 async def _start(
     spawner: Spawner, tmp_path: Path, join: list[str], argv: list[str], env: dict[str, str]
 ) -> int:
-    child = await spawn(
-        argv=argv,
-        executable=argv[0],
-        cwd=tmp_path,
-        working_directory="",
-        environment=env,
-        stdin=b"",
-        rlimits=[],
-        join=join,
-        spawner=spawner,
-    )
+    child = await _spawn(spawner, tmp_path, join, argv, env)
     assert child.exec_status is not None, "the placed child was used"
     try:
         await started(child, spawner=spawner, argv0=argv[0], cwd=tmp_path, working_directory="")
@@ -64,6 +55,21 @@ async def _start(
     while child.reap() is None:
         await asyncio.sleep(0.005)
     return child.pid
+
+
+def _spawn(spawner: Spawner, cwd: Path, join: list[str], argv: list[str], env: dict[str, str]) -> Any:
+    """spawn() of ``argv`` (argv[0] is the executable) in ``cwd`` with nothing but ``join``."""
+    return spawn(
+        argv=argv,
+        executable=argv[0],
+        cwd=cwd,
+        working_directory="",
+        environment=env,
+        stdin=b"",
+        rlimits=[],
+        join=join,
+        spawner=spawner,
+    )
 
 
 def _gone(pid: int) -> bool:
@@ -153,17 +159,7 @@ def test_a_spawn_given_up_while_the_spawner_answers_leaves_nothing_running(
     async def main() -> None:
         _placed(spawner, [str(procs)])
         task = asyncio.ensure_future(
-            spawn(
-                argv=["/bin/sh", "-c", f"exec -a {marker} sleep 30"],
-                executable="/bin/sh",
-                cwd=tmp_path,
-                working_directory="",
-                environment=ENV,
-                stdin=b"",
-                rlimits=[],
-                join=[str(procs)],
-                spawner=spawner,
-            )
+            _spawn(spawner, tmp_path, [str(procs)], ["/bin/sh", "-c", f"exec -a {marker} sleep 30"], ENV)
         )
         await asyncio.sleep(0)  # the request is on its way; the answer is not read yet
         task.cancel()
@@ -184,3 +180,51 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.parametrize(
+    "cwd",
+    ["/" + "d" * 9000, "/tmp/not-utf8-\udcff\udcfe"],
+    ids=["too-long-to-quote-whole", "not-utf8"],
+)
+def test_a_working_directory_the_child_cannot_enter_fails_to_start_however_it_is_named(
+    spawner: Spawner, tmp_path: Path, cwd: str
+) -> None:
+    """A directory name far longer than a path may be, or not UTF-8, still comes back as a failed
+    start (a placed child's report is cut or leaves the name out), never as a command that ran."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    _placed(spawner, [str(procs)])
+
+    async def main() -> None:
+        child = await _spawn(spawner, Path(cwd), [str(procs)], ["/bin/true"], ENV)
+        await started(child, spawner=spawner, argv0="/bin/true", cwd=Path(cwd), working_directory="")
+
+    with pytest.raises(SpawnFailure):
+        asyncio.run(main())
+
+
+def test_an_answer_to_a_loop_that_has_ended_breaks_nothing_for_the_next(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    """A spawn cancelled as its event loop ends has its answer come later: the command it started
+    is killed, and the spawner serves the next loop as before."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+
+    given_up: list[asyncio.Future[object]] = []  # never awaited: asyncio.run cancels it at its end
+
+    async def abandon() -> None:
+        _placed(spawner, [str(procs)])
+        given_up.append(
+            asyncio.ensure_future(_spawn(spawner, tmp_path, [str(procs)], ["/bin/sleep", "30"], ENV))
+        )
+        await asyncio.sleep(0)  # sent; the loop ends before the answer is read
+
+    asyncio.run(abandon())
+    _placed(spawner, [str(procs)])
+    pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    assert _gone(pid)
+    assert spawner.pid is not None
+    sleeping = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == spawner.pid]
+    assert not [p for p in sleeping if _state(p) not in ("Z", "")], "the abandoned command was killed"

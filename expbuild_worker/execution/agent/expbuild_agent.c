@@ -404,38 +404,56 @@ static pid_t start_command(const struct header *h, int fds[3]) {
 
 /* ---- role 2: a host action's placed child ------------------------------------------------ */
 
-static size_t marshal_text(char *out, size_t room, const char *text) {
-    if (text == NULL) {
-        if (room >= 1)
-            out[0] = 'N';
+#define MARSHAL_TEXT_MAX 2048
+
+/* The length of the longest prefix of `text` (at most `max` bytes) that is whole UTF-8; -1 when
+ * `text` is not UTF-8 at all within that prefix. */
+static long utf8_prefix(const char *text, size_t max) {
+    const unsigned char *p = (const unsigned char *)text;
+    size_t i = 0;
+    while (p[i] != 0) {
+        size_t len = p[i] < 0x80 ? 1 : (p[i] >> 5) == 6 ? 2 : (p[i] >> 4) == 14 ? 3 : (p[i] >> 3) == 30 ? 4 : 0;
+        if (len == 0)
+            return -1;
+        for (size_t k = 1; k < len; k++)
+            if ((p[i + k] & 0xC0) != 0x80)
+                return -1;
+        if (i + len > max)
+            break; /* cut before a character that would not fit */
+        i += len;
+    }
+    return (long)i;
+}
+
+/* Append `text` as a marshal'd str (at most MARSHAL_TEXT_MAX bytes of it), or None when it is
+ * NULL or not UTF-8; `out` has room for 5 + MARSHAL_TEXT_MAX bytes. */
+static size_t marshal_text(char *out, const char *text) {
+    long len = text != NULL ? utf8_prefix(text, MARSHAL_TEXT_MAX) : -1;
+    if (len < 0) {
+        out[0] = 'N';
         return 1;
     }
-    uint32_t len = (uint32_t)strlen(text);
-    if (room < 5 + (size_t)len)
-        return room + 1;
+    uint32_t size = (uint32_t)len;
     out[0] = 'u';
-    memcpy(out + 1, &len, 4); /* little-endian: the only byte order this is built for */
-    memcpy(out + 5, text, len);
-    return 5 + (size_t)len;
+    memcpy(out + 1, &size, 4); /* little-endian: the only byte order this is built for */
+    memcpy(out + 5, text, size);
+    return 5 + (size_t)size;
 }
 
 /* Write (kind, errno, filename, text) to `fd` as marshal would, then end. */
 static void placed_failed(int fd, const char *kind, int number, const char *filename, const char *text) {
-    char out[8192];
+    char out[2 + 3 * (5 + MARSHAL_TEXT_MAX) + 5];
     size_t n = 0;
+    int32_t value = number;
     out[n++] = ')'; /* a small tuple */
     out[n++] = 4;
-    n += marshal_text(out + n, sizeof out - n, kind);
-    if (n + 5 <= sizeof out) {
-        int32_t value = number;
-        out[n++] = 'i';
-        memcpy(out + n, &value, 4);
-        n += 4;
-    }
-    n += marshal_text(out + n, sizeof out - n, filename);
-    n += marshal_text(out + n, sizeof out - n, text);
-    if (n <= sizeof out)
-        (void)!write(fd, out, n);
+    n += marshal_text(out + n, kind);
+    out[n++] = 'i';
+    memcpy(out + n, &value, 4);
+    n += 4;
+    n += marshal_text(out + n, filename);
+    n += marshal_text(out + n, text);
+    (void)!write(fd, out, n);
     _exit(127);
 }
 

@@ -194,7 +194,10 @@ class Run:
             self._ended()
 
     def _on_reaped(self, reaping: asyncio.Future[tuple[int, resource.struct_rusage] | None]) -> None:
-        if self._reaped or reaping.cancelled():
+        if self._reaped:
+            return
+        if reaping.cancelled():  # the loop is shutting down: reap whenever it is possible
+            self._reap_later(f"process {self._pid}: its exit status was not asked for in time")
             return
         error = reaping.exception()
         reaped: tuple[int, resource.struct_rusage | None] | None = (
@@ -202,7 +205,9 @@ class Run:
         )
         if reaped is None:  # not over after all (its pidfd said so): watch it again
             self._reaping = None
-            if not self.released:
+            if self.released:
+                self._reap_later(f"process {self._pid}: reaped in the background")
+            else:
                 self._loop.add_reader(self._pidfd, self._on_exit)
             return
         self._record(reaped)
@@ -232,7 +237,7 @@ class Run:
 
     def _escalate(self) -> None:
         self._kill_timer = None
-        if not self._reaped:
+        if not self._reaped and self._reaping is None:  # else it is over and its group was killed
             self._escalated = True
             self._kill_group(signal.SIGKILL)
 
@@ -470,11 +475,15 @@ class Run:
         self._close_pidfd()
         self._close_stdin()
 
-    def _reap_later(self) -> None:
+    def _reap_later(self, note: str | None = None) -> None:
         """Hand the pidfd to a callback that reaps the process whenever it finally dies."""
         pidfd, pid, reap_child = self._pidfd, self._pid, self._child.reap
+        if pidfd < 0:
+            return
         self._pidfd = -1
-        self._notes.append(f"process {pid} did not die within {REAP_SECONDS:g}s of SIGKILL; reaping it later")
+        self._notes.append(
+            note or f"process {pid} did not die within {REAP_SECONDS:g}s of SIGKILL; reaping it later"
+        )
         loop = self._loop
 
         def reap() -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +79,7 @@ class Spawner:
         self._waiting: deque[Callable[[_Reply | BaseException], None]] = deque()  # one per request sent
         self._frame = _FrameReader()
         self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._progress = time.monotonic()  # when the spawner last answered
         self.started = 0
         """How many spawner processes this object has started (the first, and each restart)."""
 
@@ -160,6 +162,12 @@ class Spawner:
         answer: asyncio.Future[tuple[int, int, int | None]] = loop.create_future()
 
         def settle(reply: _Reply | BaseException) -> None:
+            if loop.is_closed():  # asked on a loop that has ended: nobody can take the command
+                if isinstance(reply, tuple) and reply[0][0] == "spawned" and reply[1]:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(reply[1][0], signal.SIGKILL)
+                    _close(reply[1])
+                return
             try:
                 if isinstance(reply, BaseException):
                     raise reply
@@ -178,17 +186,27 @@ class Spawner:
         if answer[0] == "spawned" and len(got) in (1, 2):
             return int(answer[1]), got[0], got[1] if len(got) == 2 else None
         _close(got)
-        if answer[0] != "failed":
+        if answer[0] != "failed":  # out of step (or descriptors lost): nothing it says can be trusted
+            self._gone(f"gave an unexpected answer {answer!r}")
             raise SpawnerGone(f"unexpected answer {answer!r}")
         raise SpawnRefused(self.exec_error(answer[1:]))
 
     def _expect(self, answer: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
-        """A spawner that leaves ``answer`` unanswered for REPLY_TIMEOUT_SECONDS is taken for hung."""
+        """A spawner that leaves ``answer`` unanswered, and answers nothing else either, for
+        REPLY_TIMEOUT_SECONDS is taken for hung (it works through a burst of requests in turn,
+        so the clock is its progress, not this request's age)."""
         sock = self._sock
+        timer: asyncio.TimerHandle
 
         def overdue() -> None:
-            if not answer.done() and self._sock is sock:
-                self._gone("stopped answering (no answer in time)")
+            nonlocal timer
+            if answer.done() or self._sock is not sock:
+                return
+            quiet = time.monotonic() - self._progress
+            if quiet < REPLY_TIMEOUT_SECONDS:
+                timer = loop.call_later(REPLY_TIMEOUT_SECONDS - quiet, overdue)
+                return
+            self._gone("stopped answering (no answer in time)")
 
         timer = loop.call_later(REPLY_TIMEOUT_SECONDS, overdue)
 
@@ -237,6 +255,8 @@ class Spawner:
         answer: asyncio.Future[_Reply] = loop.create_future()
 
         def settle(reply: _Reply | BaseException) -> None:
+            if loop.is_closed():
+                return
             if isinstance(reply, BaseException):
                 answer.set_exception(reply)
             else:
@@ -309,8 +329,9 @@ class Spawner:
             if reply is None:
                 return progressed
             progressed = True
+            self._progress = time.monotonic()
             if self._waiting:
-                self._waiting.popleft()(reply)
+                _hand_on(self._waiting.popleft(), reply)
             else:
                 _close(reply[1])
 
@@ -336,7 +357,7 @@ class Spawner:
         self._reader_loop = None
         waiting, self._waiting = self._waiting, deque()
         for on_reply in waiting:
-            on_reply(SpawnerGone(why))
+            _hand_on(on_reply, SpawnerGone(why))
         if process is None:
             return
         if process.poll() is None:
@@ -378,17 +399,29 @@ class _FrameReader:
                 fds, self._fds, self._buffer, self._size = self._fds, [], bytearray(), -1
                 return message, fds
             try:
-                data, ancillary, _, _ = sock.recvmsg(
+                data, ancillary, flags, _ = sock.recvmsg(
                     need, socket.CMSG_SPACE(program.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
                 return None
             self._fds += program.descriptors(ancillary)
+            if flags & socket.MSG_CTRUNC:  # descriptors dropped (none left here): out of step
+                raise ValueError("descriptors of an answer were lost (is the worker out of descriptors?)")
             if not data:
                 raise program.Closed
             self._buffer += data
             if self._size < 0 and len(self._buffer) >= program.HEADER_SIZE:
                 self._size = program.frame_size(bytes(self._buffer[: program.HEADER_SIZE]))
+
+
+def _hand_on(on_reply: Callable[[_Reply | BaseException], None], reply: _Reply | BaseException) -> None:
+    """Give one request its answer; a failure there is that request's, never the next one's."""
+    try:
+        on_reply(reply)
+    except Exception:
+        _log.exception("handling a spawner answer failed")
+        if isinstance(reply, tuple):
+            _close(reply[1])
 
 
 def _wait_for(sock: socket.socket, event: int, deadline: float) -> bool:

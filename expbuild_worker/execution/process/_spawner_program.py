@@ -349,7 +349,7 @@ class _Spawner:
                 _send_to_helper(placed.sock, command, [*fds, status_w])
             else:
                 send(placed.sock, command, [*fds, status_w])
-        except OSError:  # it died just now, or the message could not go: fork as usual
+        except Exception:  # it died just now, or the message could not go: fork as usual
             for fd in (pidfd, status_r):
                 os.close(fd)
             self._discard(placed)
@@ -474,7 +474,9 @@ def main(fd: int) -> int:
                 reply, out = ("failed", "protocol", 0, None, f"unknown request {request[0]!r}"), []
         except Exception as err:  # no request may end the spawner (its children would die with it)
             text = f"the spawner failed: {type(err).__name__}: {err}"
-            reply, out = ("failed", "subprocess", 0, None, text), []
+            # "place" is never answered, even now: an answer would be taken for the next request's
+            reply = None if request[0] == "place" else ("failed", "subprocess", 0, None, text)
+            out = []
         finally:
             for received in fds:
                 os.close(received)
