@@ -80,6 +80,7 @@ class Spawner:
         self._frame = _FrameReader()
         self._reader_loop: asyncio.AbstractEventLoop | None = None
         self._progress = time.monotonic()  # when the spawner last answered
+        self._watchdog: asyncio.TimerHandle | None = None
         self.started = 0
         """How many spawner processes this object has started (the first, and each restart)."""
 
@@ -192,30 +193,22 @@ class Spawner:
         raise SpawnRefused(self.exec_error(answer[1:]))
 
     def _expect(self, answer: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
-        """A spawner that leaves ``answer`` unanswered, and answers nothing else either, for
-        REPLY_TIMEOUT_SECONDS is taken for hung (it works through a burst of requests in turn,
-        so the clock is its progress, not this request's age)."""
-        sock = self._sock
-        timer: asyncio.TimerHandle
+        """Watch for a hung spawner while ``answer`` waits: one timer for all waiting requests, and
+        the clock is the spawner's progress (it works through a burst of requests in turn), not
+        a request's age. Silent for REPLY_TIMEOUT_SECONDS with requests waiting: taken for hung."""
+        answer.add_done_callback(_retrieved)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(REPLY_TIMEOUT_SECONDS, self._watch, loop)
 
-        def overdue() -> None:
-            nonlocal timer
-            if answer.done() or self._sock is not sock:
-                return
-            quiet = time.monotonic() - self._progress
-            if quiet < REPLY_TIMEOUT_SECONDS:
-                timer = loop.call_later(REPLY_TIMEOUT_SECONDS - quiet, overdue)
-                return
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        if not self._waiting or self._sock is None:
+            return
+        quiet = time.monotonic() - self._progress
+        if quiet >= REPLY_TIMEOUT_SECONDS:
             self._gone("stopped answering (no answer in time)")
-
-        timer = loop.call_later(REPLY_TIMEOUT_SECONDS, overdue)
-
-        def done(settled: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            if not settled.cancelled():
-                settled.exception()  # retrieved: an error nobody awaits any more is no error
-
-        answer.add_done_callback(done)
+        elif not loop.is_closed():
+            self._watchdog = loop.call_later(REPLY_TIMEOUT_SECONDS - quiet, self._watch, loop)
 
     def exec_error(self, report: Sequence[Any]) -> BaseException:
         """The exception a failed fork or exec reported as (kind, errno, filename, text)."""
@@ -297,6 +290,8 @@ class Spawner:
             self._gone(f"stopped answering ({err!r})")
             raise SpawnerGone(repr(err)) from err
         if on_reply is not None:
+            if not self._waiting:  # the spawner's clock starts when something waits for it
+                self._progress = time.monotonic()
             self._waiting.append(on_reply)
 
     def _call(self, request: tuple[Any, ...], fds: Sequence[int]) -> _Reply:
@@ -355,6 +350,9 @@ class Spawner:
                     self._reader_loop.remove_reader(sock.fileno())
             sock.close()
         self._reader_loop = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiting, self._waiting = self._waiting, deque()
         for on_reply in waiting:
             _hand_on(on_reply, SpawnerGone(why))
@@ -412,6 +410,12 @@ class _FrameReader:
             self._buffer += data
             if self._size < 0 and len(self._buffer) >= program.HEADER_SIZE:
                 self._size = program.frame_size(bytes(self._buffer[: program.HEADER_SIZE]))
+
+
+def _retrieved(settled: asyncio.Future[Any]) -> None:
+    """Mark an answer's error retrieved: one nobody awaits any more is no error."""
+    if not settled.cancelled():
+        settled.exception()
 
 
 def _hand_on(on_reply: Callable[[_Reply | BaseException], None], reply: _Reply | BaseException) -> None:
