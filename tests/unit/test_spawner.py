@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from expbuild_worker.execution.agent import bundled_agent, usable_agent
+from expbuild_worker.execution.process import _spawner as spawner_module
 from expbuild_worker.execution.process._spawn import SpawnFailure, spawn, started
 from expbuild_worker.execution.process._spawner import Spawner
 
@@ -228,3 +230,30 @@ def test_an_answer_to_a_loop_that_has_ended_breaks_nothing_for_the_next(
     assert spawner.pid is not None
     sleeping = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == spawner.pid]
     assert not [p for p in sleeping if _state(p) not in ("Z", "")], "the abandoned command was killed"
+
+
+def test_a_hung_spawner_is_given_up_after_the_answer_timeout_and_replaced(
+    spawner: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawner that stops answering (here: stopped by a signal) fails the waiting request once
+    it has been silent for the answer timeout; it is killed, and the next spawn starts a new one."""
+    monkeypatch.setattr(spawner_module, "REPLY_TIMEOUT_SECONDS", 0.5)
+    hung = spawner.pid
+    assert hung is not None
+
+    async def main() -> float:
+        os.kill(hung, signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(ChildProcessError, match="stopped answering"):
+            await spawner.reap_async(os.getpid())
+        return time.monotonic() - began
+
+    waited = asyncio.run(main())
+    assert 0.4 <= waited < 5, waited
+    assert not spawner.alive() and _gone(hung), "the hung spawner was killed"
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    spawner.start()
+    _placed(spawner, [str(procs)])
+    pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    assert _gone(pid) and spawner.pid != hung
