@@ -692,8 +692,10 @@ def _read_pids(path: str) -> set[int]:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
-    except FileNotFoundError:
-        return set()
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ENODEV):  # removed, or being removed (v1: ENODEV)
+            return set()
+        raise
     finally:
         if fd >= 0:
             os.close(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import wait_until
 
 from expbuild_worker.execution.agent import bundled_agent, usable_agent
 from expbuild_worker.execution.process import _spawner as spawner_module
@@ -228,8 +229,14 @@ def test_an_answer_to_a_loop_that_has_ended_breaks_nothing_for_the_next(
     pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
     assert _gone(pid)
     assert spawner.pid is not None
-    sleeping = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == spawner.pid]
-    assert not [p for p in sleeping if _state(p) not in ("Z", "")], "the abandoned command was killed"
+    hung_on = spawner.pid
+
+    def still_running() -> list[str]:
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == hung_on]
+        return [p for p in children if _state(p) not in ("Z", "")]
+
+    # SIGKILL was sent as the answer came; dying takes a moment
+    assert wait_until(lambda: not still_running(), 5), "the abandoned command was killed"
 
 
 def test_a_hung_spawner_is_given_up_after_the_answer_timeout_and_replaced(
