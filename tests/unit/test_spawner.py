@@ -264,3 +264,11 @@ def test_a_hung_spawner_is_given_up_after_the_answer_timeout_and_replaced(
     _placed(spawner, [str(procs)])
     pid = asyncio.run(_start(spawner, tmp_path, [str(procs)], ["/bin/true"], ENV))
     assert _gone(pid) and spawner.pid != hung
+
+
+def test_the_spawner_is_out_of_the_worker_s_process_group(spawner: Spawner) -> None:
+    """A terminal's Ctrl-C goes to the worker's process group: the worker shuts down in order, and
+    the spawner, in a session of its own, never sees it (it used to print a traceback)."""
+    assert spawner.pid is not None
+    assert os.getpgid(spawner.pid) != os.getpgid(0)
+    assert os.getsid(spawner.pid) == spawner.pid

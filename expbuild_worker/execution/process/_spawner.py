@@ -113,6 +113,9 @@ class Spawner:
                 env={},
                 pass_fds=(theirs.fileno(),),
                 close_fds=True,
+                # A session of its own: a terminal's Ctrl-C (SIGINT to the worker's process
+                # group) is the worker's to handle; the spawner ends with the worker anyway.
+                start_new_session=True,
             )
         except OSError as err:
             ours.close()
