@@ -376,8 +376,7 @@ class ActionCgroups:
     def container_processes(self, token: str, container_id: str) -> list[int]:
         """The processes in the container's cgroup now (none when it is not there)."""
         directory = self._container_directory(token, container_id, self._pids_root() or self._memory)
-        data = _read(f"{directory}/cgroup.procs") if directory is not None else None
-        return [int(word) for word in data.split()] if data else []
+        return sorted(_read_pids(f"{directory}/cgroup.procs")) if directory is not None else []
 
     def _pids_root(self) -> Path | None:
         return self._memory if self._version == 2 else self._pids

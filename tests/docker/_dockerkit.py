@@ -28,7 +28,11 @@ from expbuild_worker.model import (
 
 LABEL_WORKER = "io.expbuild.worker-id"
 TEST_LIMITS = ResourceLimits(cpu_cores=1.0, memory_bytes=256 << 20, max_processes=256)
-TEST_LIMITS_CONFIG = LimitsConfig(cpu_cores=1.0, memory_bytes=256 << 20, max_processes=256)
+TEST_LIMITS_CONFIG = LimitsConfig(
+    cpu_cores=TEST_LIMITS.cpu_cores or 0.0,
+    memory_bytes=TEST_LIMITS.memory_bytes or 0,
+    max_processes=TEST_LIMITS.max_processes or 0,
+)
 """TEST_LIMITS as an executor's ``default_limits``: the shape a pool fills ahead of need."""
 ENV = {"PATH": "/bin"}
 

@@ -11,6 +11,7 @@ import posixpath
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -93,6 +94,7 @@ from expbuild_worker.execution.docker._spec import (
     root_in_container,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.process import CommandPipes
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
     ExecutionStatus,
@@ -124,6 +126,8 @@ _READINESS_TTL_SECONDS = 2.0
 
 _TINI_EXEC_FAILED = re.compile(rb"^\[FATAL tini \(\d+\)\] exec (.*) failed: ([^\n]*)")
 _STDERR_HEAD = 512
+
+_AGENT_DIR_SUFFIX = ".agent"
 
 _AGENT_CONNECT_SECONDS = 10.0
 """How long a new pool container's agent has to connect back (it does so as its first act)."""
@@ -208,8 +212,6 @@ class _Run:
     reaper: asyncio.Future[None] | None = None  # ends the exec'd command's leftovers when it exits
     dirty: bool = False  # stopped, OOM or failed: a recycled container is not handed out again
     agent_exit: asyncio.Future[int] | None = None  # the command's wait status, from the container's agent
-    wait_status: int | None = None  # the command's, as the pool container's agent reported it
-    agent_lost: str = ""  # why the agent stopped answering while the command ran
 
 
 def prepare_root(root: Path, owner: tuple[int, int] | None) -> None:
@@ -1122,10 +1124,10 @@ class DockerExecutor:
         the pool's directory goes too once empty."""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self._pool_dir):
-                token, _, agent = entry.name.partition(".")
+                token = entry.name.removesuffix(_AGENT_DIR_SUFFIX)
                 if token in self._live_tokens():
                     continue
-                if agent:  # an agent's directory: at most its socket inside
+                if token != entry.name:  # an agent's directory: at most its socket inside
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     release_mount_point(Path(entry.path))
@@ -1182,7 +1184,8 @@ class DockerExecutor:
                 pids_room=self._pids_room(),
             )
             body["HostConfig"]["Mounts"][0]["BindOptions"] = {"Propagation": "rslave"}
-            if agent is not None and listener is not None:
+            if listener is not None:  # set exactly when there is an agent
+                assert agent is not None
                 body["HostConfig"]["Mounts"] += [
                     _read_only_bind(agent, f"{AGENT_MOUNT}/{AGENT_BINARY_NAME}"),
                     _read_only_bind(listener.directory, f"{AGENT_MOUNT}/ctl"),
@@ -1244,9 +1247,13 @@ class DockerExecutor:
             room = 0 if slot.agent is not None else self._pids_room()
             self._limit_processes(slot.token, slot.container_id, slot.pids_max + room)
 
+    def _agent_dir(self, token: str) -> Path:
+        """The slot's agent directory, beside its mount point (the sweep tells them by the suffix)."""
+        return self._pool_dir / f"{token}{_AGENT_DIR_SUFFIX}"
+
     def _agent_listener(self, token: str) -> AgentListener:
         """A directory of the slot's own (mounted read-only at AGENT_MOUNT/ctl) with the socket in it."""
-        directory = self._pool_dir / f"{token}.agent"
+        directory = self._agent_dir(token)
         directory.mkdir(mode=0o755, parents=True)
         return AgentListener(directory)
 
@@ -1262,7 +1269,7 @@ class DockerExecutor:
             if slot.agent is not None:
                 slot.agent.close()  # the agent exits, and the container with it
             with contextlib.suppress(OSError):
-                os.rmdir(self._pool_dir / f"{slot.token}.agent")
+                os.rmdir(self._agent_dir(slot.token))
             if slot.container_id:
                 await self._remove_quietly(slot.container_id)
             await self._daemon.offload(release_mount_point, slot.mount_point)
@@ -1348,20 +1355,13 @@ class DockerExecutor:
         exec; so are the working directory and stdin (the null device when there is none)."""
         agent, stop = slot.agent, run.stop
         assert agent is not None and stop is not None
-        made: list[int] = []
-        try:
-            out_r, out_w = _pipe(made)
-            err_r, err_w = _pipe(made)
-            if command.stdin:
-                in_r, in_w = _pipe(made)
-            else:
-                in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
-        except OSError:
-            for fd in made:
-                os.close(fd)
-            raise
+        pipes = CommandPipes.make(command.argv[0], stdin=command.stdin, user=None)
+        in_r, out_w, err_w = pipes.child_ends
+        if in_r == subprocess.DEVNULL:
+            in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            pipes.theirs.append(in_r)
         run.streams = streams = PipeStreams(
-            stdout=out_r, stderr=err_r, stdin=in_w, loop=asyncio.get_running_loop()
+            stdout=pipes.out_r, stderr=pipes.err_r, stdin=pipes.in_w, loop=asyncio.get_running_loop()
         )
         streams.start()
         run.started_at = time.time()
@@ -1378,7 +1378,7 @@ class DockerExecutor:
             cid = slot.container_id[:12]
             raise InternalError(f"pool container {cid} cannot start commands: {err}") from err
         finally:
-            for fd in (in_r, out_w, err_w):
+            for fd in pipes.theirs:
                 os.close(fd)
         run.reaper = asyncio.ensure_future(self._reap(run, slot))
         self._watch(run, command, streams, stop)
@@ -1413,16 +1413,11 @@ class DockerExecutor:
 
         Its output then closes (a background process may hold it open otherwise)."""
         loop = asyncio.get_running_loop()
-        try:
-            fd = os.pidfd_open(run.exec_pid) if run.exec_pid and slot.agent is None else -1
-        except ProcessLookupError:
-            fd = -1
         if run.agent_exit is not None:
-            try:  # shielded: the agent's report ends the command's turn even if this wait is cancelled
-                run.wait_status = await asyncio.shield(run.agent_exit)
-            except AgentLost as err:
-                run.agent_lost = str(err)
-        elif fd >= 0:
+            # Shielded: the agent's report ends the command's turn even if this wait is cancelled;
+            # its wait status (or why the agent went) stays in the future for _wait_exec.
+            await asyncio.wait({asyncio.shield(run.agent_exit)})
+        elif (fd := _pidfd(run.exec_pid)) >= 0:
             done: asyncio.Future[None] = loop.create_future()
 
             def exited() -> None:
@@ -1443,14 +1438,15 @@ class DockerExecutor:
         """The exec'd command's exit, as a ``State``-like dict: ExitCode, and ExecFailed when the
         runtime could not start argv[0] (its message then came unframed on the stream)."""
         await run.exited.wait()
-        if run.slot is not None and run.slot.agent is not None:
-            if run.wait_status is not None:
-                return {"ExitCode": exit_code(run.wait_status)}
+        if run.slot is not None and run.agent_exit is not None:
+            lost = run.agent_exit.exception()
+            if lost is None:
+                return {"ExitCode": exit_code(run.agent_exit.result())}
             if run.aborted:
                 return {}
             raise InternalError(
                 f"pool container {run.slot.container_id[:12]} of action {run.execution_id} stopped "
-                f"while the command ran: {run.agent_lost}"
+                f"while the command ran: {lost}"
             )
         info: dict[str, Any] = await self._daemon.call(lambda api: api.exec_inspect(run.exec_id))
         code = info.get("ExitCode")
@@ -1555,11 +1551,12 @@ class DockerExecutor:
             self._runs.pop(run.token, None)
 
 
-def _pipe(made: list[int]) -> tuple[int, int]:
-    """A close-on-exec pipe; both ends are added to ``made`` (closed by the caller on failure)."""
-    read, write = os.pipe2(os.O_CLOEXEC)
-    made += (read, write)
-    return read, write
+def _pidfd(pid: int) -> int:
+    """A pidfd of ``pid``; -1 for no pid or one already gone."""
+    try:
+        return os.pidfd_open(pid) if pid else -1
+    except ProcessLookupError:
+        return -1
 
 
 def _read_only_bind(source: Path, target: str) -> dict[str, Any]:

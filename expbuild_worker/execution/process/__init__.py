@@ -12,6 +12,7 @@ from expbuild_worker.execution.process._runner import (
 )
 from expbuild_worker.execution.process._spawn import (
     GRPC_FORK_SUPPORT,
+    CommandPipes,
     SpawnFailure,
     disable_grpc_fork_handlers,
     grpc_fork_handlers_disabled,
@@ -21,6 +22,7 @@ from expbuild_worker.execution.process._spawn import (
 __all__ = [
     "GRPC_FORK_SUPPORT",
     "SPARE_CGROUPS",
+    "CommandPipes",
     "Launch",
     "Launcher",
     "ProcessRunner",

@@ -27,7 +27,14 @@ from expbuild_worker.execution.cgroups import (
 )
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.process._run import Run
-from expbuild_worker.execution.process._spawn import Rlimit, SpawnFailure, rlimit, spawn, started
+from expbuild_worker.execution.process._spawn import (
+    Rlimit,
+    SpawnFailure,
+    needs_full_fork,
+    rlimit,
+    spawn,
+    started,
+)
 from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
@@ -389,8 +396,9 @@ class ProcessRunner:
                 leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
-                # rlimits too need the spawner's fork, which a cgroup entered by this thread misses
-                vfork = user is None and limits.memory_bytes is None and pids_max is None and not rlimits
+                vfork = (
+                    not needs_full_fork(user, rlimits) and limits.memory_bytes is None and pids_max is None
+                )
                 if vfork and self._cgroups.moves_threads and not placed:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:

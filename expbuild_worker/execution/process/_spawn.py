@@ -139,7 +139,7 @@ async def spawn(
     meanwhile.
     """
     argv0 = argv[0]
-    pipes = _Pipes.make(argv0, stdin=stdin, user=user)
+    pipes = CommandPipes.make(argv0, stdin=stdin, user=user)
     how = _How(
         argv=argv,
         executable=executable,
@@ -151,54 +151,54 @@ async def spawn(
         rlimits=rlimits,
     )
     try:
+        return await _launch(how, pipes, spawner)
+    except BaseException as err:
+        _close_all(pipes.mine)
+        cause = err.error if isinstance(err, SpawnRefused) else err
+        if isinstance(cause, (OSError, ValueError, subprocess.SubprocessError)):
+            raise SpawnFailure(
+                _describe(cause, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
+            ) from cause
+        if isinstance(err, SpawnerGone):
+            raise InternalError(f"the spawner process died while starting {argv0!r}: {err}") from err
+        raise
+
+
+async def _launch(how: _How, pipes: CommandPipes, spawner: Spawner) -> Child:
+    """Start ``how`` here (vfork) or by the spawner; the command's pipe ends are closed here."""
+    try:
         if not _needs_spawner(how):
             pid, pidfd, reap = _spawn_here(how)
             return pipes.child(pid, pidfd, reap, None, None)
-        given = how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds
         answer = spawner.spawn(
-            argv=argv,
-            executable=executable,
-            cwd=str(cwd),
-            environment=dict(environment),
-            fds=given,
-            user=user,
-            join=join,
-            rlimits=[(limit.resource, limit.value) for limit in rlimits],
+            argv=how.argv,
+            executable=how.executable,
+            cwd=str(how.cwd),
+            environment=dict(how.environment),
+            fds=how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds,
+            user=how.user,
+            join=how.join,
+            rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
         )
-    except (OSError, ValueError, subprocess.SubprocessError) as err:
-        _close_all(pipes.mine)
-        raise SpawnFailure(
-            _describe(err, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
-        ) from err
-    except SpawnerGone as err:
-        _close_all(pipes.mine)
-        raise InternalError(f"the spawner process died while starting {argv0!r}: {err}") from err
-    except BaseException:
-        _close_all(pipes.mine)
-        raise
     finally:
         _close_all(pipes.theirs)  # the child (or the spawner) has its own copies now
     try:
         pid, pidfd, status = await asyncio.shield(answer)
     except asyncio.CancelledError:
         answer.add_done_callback(functools.partial(_abandon_spawned, spawner))  # killed and reaped
-        _close_all(pipes.mine)
         raise
-    except SpawnRefused as refused:
-        _close_all(pipes.mine)
-        raise SpawnFailure(
-            _describe(refused.error, argv0=argv0, cwd=str(cwd), working_directory=working_directory)
-        ) from refused.error
-    except SpawnerGone as err:
-        _close_all(pipes.mine)
-        raise InternalError(f"the spawner process died while starting {argv0!r}: {err}") from err
     reap_async = functools.partial(spawner.reap_async, pid)
     return pipes.child(pid, pidfd, functools.partial(spawner.reap, pid), status, reap_async)
 
 
+def needs_full_fork(user: tuple[int, int] | None, rlimits: Sequence[Rlimit]) -> bool:
+    """A user switch or rlimits need a full fork before exec (the spawner's), never a vfork here."""
+    return user is not None or bool(rlimits)
+
+
 def _needs_spawner(how: _How) -> bool:
-    """A user switch, cgroups to enter or rlimits need a full fork: the spawner's, not ours."""
-    return how.user is not None or bool(how.join) or bool(how.rlimits)
+    """A full fork, or cgroups to enter before exec: the spawner's work, not ours."""
+    return needs_full_fork(how.user, how.rlimits) or bool(how.join)
 
 
 def _abandon_spawned(spawner: Spawner, answer: asyncio.Future[tuple[int, int, int | None]]) -> None:
@@ -213,7 +213,7 @@ def _abandon_spawned(spawner: Spawner, answer: asyncio.Future[tuple[int, int, in
 
 
 @dataclass
-class _Pipes:
+class CommandPipes:
     """A command's pipes: the worker's ends (``mine``) and the command's (``theirs``)."""
 
     mine: list[int]
@@ -224,7 +224,7 @@ class _Pipes:
     child_ends: tuple[int, int, int]  # stdin (subprocess.DEVNULL for none), stdout, stderr
 
     @classmethod
-    def make(cls, argv0: str, *, stdin: bytes, user: tuple[int, int] | None) -> _Pipes:
+    def make(cls, argv0: str, *, stdin: bytes, user: tuple[int, int] | None) -> CommandPipes:
         """Raises InternalError when the worker is out of descriptors."""
         mine: list[int] = []  # parent ends, closed on failure
         theirs: list[int] = []  # child ends, always closed here once the child has them

@@ -361,8 +361,8 @@ class _Spawner:
         return ("spawned", placed.pid), [pidfd, status_r]
 
     def spawn(self, request: tuple[Any, ...], fds: list[int]) -> tuple[tuple[Any, ...], list[int]]:
-        refused = _unpassable(request)
-        if refused is not None:  # as exec itself would refuse it, before any child is used
+        refused = _unpassable(request) if self.helper else None
+        if refused is not None:  # the helper's NUL-separated format cannot carry it; exec would refuse it too
             return ("failed", "value", 0, None, refused), []
         placed = self.spawn_placed(request, fds)
         if placed is not None:
@@ -453,7 +453,7 @@ def main(fd: int) -> int:
     os.set_inheritable(fd, False)  # no helper started by posix_spawn holds the worker's socket
     sock = socket.socket(fileno=fd)
     helper = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else ""
-    spawner = _Spawner(helper if helper and os.access(helper, os.X_OK) else "")
+    spawner = _Spawner(helper)  # the worker passes one only when it is usable
     send(sock, ("ready", os.getpid()))
     while True:
         try:
