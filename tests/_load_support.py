@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _support import ServedWorker, is_spawner, write_worker_config
+from _support import ServedWorker, is_worker_helper, write_worker_config
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
@@ -501,7 +501,7 @@ class WorkerProcess(ServedWorker):
             hwm_kib=int(status["VmHWM"]),
             threads=len(os.listdir(f"/proc/{self.pid}/task")),
             fds=fds,
-            children=frozenset(pid for pid in children if not is_spawner(pid)),
+            children=frozenset(pid for pid in children if not is_worker_helper(pid)),
         )
 
     def action_directories(self) -> list[str]:

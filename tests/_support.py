@@ -100,14 +100,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_spawner(pid: int) -> bool:
-    """Whether ``pid`` is an executor's spawner: a helper that lives as long as its executor, not
-    a process of any action."""
+def is_worker_helper(pid: int) -> bool:
+    """Whether ``pid`` is an executor's own helper, not a process of any action: its spawner
+    process, or a native helper placed ahead of need that waits for its command."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return SPAWNER_PROGRAM.encode() in fh.read()
+            cmdline = fh.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
+    return SPAWNER_PROGRAM.encode() in cmdline or b"\0--placed\0" in cmdline
 
 
 def wait_until(predicate: Callable[[], Any], seconds: float, interval: float = 0.05) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _support import action_leftovers, is_spawner, pid_alive
+from _support import action_leftovers, is_worker_helper, pid_alive
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -110,7 +110,7 @@ def children_of(pid: int) -> set[int]:
         except FileNotFoundError:
             continue
         found.update(int(x) for x in text.split())
-    return {p for p in found if pid_alive(p) and not is_spawner(p)}
+    return {p for p in found if pid_alive(p) and not is_worker_helper(p)}
 
 
 def nothing_left_behind(worker: Any, children_before: set[int]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _support import WorkerProcess, consume, request, wait_gone
+from _support import WorkerProcess, consume, pid_alive, request, wait_gone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -180,3 +180,29 @@ def test_actions_with_limits_never_die_of_the_worker_s_grpc_fork_handlers(worker
     assert [(r.status, r.exit_code, r.signal) for r in results] == [
         (pb.EXECUTION_STATUS_COMPLETED, 0, 0)
     ] * 40
+
+
+def test_sigkill_of_the_worker_ends_its_running_command(worker_process):
+    """A worker killed outright (SIGKILL: no shutdown code runs) takes its commands with it: a
+    command placed in its cgroup before exec dies with the worker, instead of running on,
+    unowned, until a restart sweeps its cgroup."""
+    limits = pb.ResourceLimits(memory_bytes=256 << 20)  # a limit: started by the native helper
+    channel = grpc.insecure_channel(worker_process.target)
+    try:
+        stub = pb_grpc.WorkerServiceStub(channel)
+        responses = stub.Execute(
+            request(["/bin/sh", "-c", "echo $$; exec sleep 600"], limits=limits), timeout=60
+        )
+        leader = 0
+        for resp in responses:
+            if resp.WhichOneof("event") == "log":
+                leader = int(resp.log.data.split()[0])
+                break
+        assert leader and pid_alive(leader)
+        worker_process.proc.send_signal(signal.SIGKILL)
+        worker_process.proc.wait(10)
+        assert wait_gone(leader), "the command outlived the worker"
+        with pytest.raises(grpc.RpcError):
+            list(responses)
+    finally:
+        channel.close()

@@ -24,9 +24,11 @@ from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, re
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
 from expbuild_worker.execution.process import SPARE_CGROUPS
+from expbuild_worker.execution.process import _runner as process_runner
 from expbuild_worker.execution.process import new_token as _new_token
 from expbuild_worker.execution.process import owner_alive as _owner_alive
 from expbuild_worker.execution.process._run import CHUNK_MAX
+from expbuild_worker.execution.process._spawn import Starter
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorEvent,
@@ -520,14 +522,28 @@ def assert_nothing_left(
     assert cbs_after == cbs_before
 
 
+async def spares_placed(executor: HostExecutor) -> None:
+    """Wait (2 s at most) until the executor's spare cgroups are made and have their helpers
+    placed: the descriptors it keeps standing (their sockets) are all open then."""
+    await asyncio.sleep(0)  # spares are topped up soon after an action, not at once
+    for _ in range(200):
+        if not getattr(executor._runner.starter, "_pending", None):
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
     """aclose() kills and reaps everything, and releases every descriptor and loop callback."""
 
     async def scenario() -> tuple[int, int, int, int]:
+        executor = make_executor()
+        await executor.start()
+        await spares_placed(executor)  # its standing descriptors (placed helpers' sockets) count before
         fds, callbacks = open_fds(), registered_callbacks()
-        events = make_executor().execute(sh(tmp_path, SPAWNS_GRANDCHILD), StopSignal())
+        events = executor.execute(sh(tmp_path, SPAWNS_GRANDCHILD), StopSignal())
         await until_stdout(events, b"ready", [])
         await events.aclose()
+        await spares_placed(executor)
         return fds, open_fds(), callbacks, registered_callbacks()
 
     assert_nothing_left(tmp_path, *run(scenario()))
@@ -537,12 +553,16 @@ def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
     """Cancelling the task that reads the stream kills and reaps the command and frees its descriptors."""
 
     async def scenario() -> tuple[int, int, int, int]:
+        executor = make_executor()
+        await executor.start()
+        await spares_placed(executor)  # its standing descriptors (placed helpers' sockets) count before
         fds, callbacks = open_fds(), registered_callbacks()
-        task = asyncio.ensure_future(execute(sh(tmp_path, SPAWNS_GRANDCHILD)))
+        task = asyncio.ensure_future(execute(sh(tmp_path, SPAWNS_GRANDCHILD), executor=executor))
         await until_exists(tmp_path / "grandchild")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await spares_placed(executor)
         return fds, open_fds(), callbacks, registered_callbacks()
 
     assert_nothing_left(tmp_path, *run(scenario()))
@@ -1004,10 +1024,25 @@ def test_capabilities_with_cgroups_enforce_memory_and_processes() -> None:
     assert "cgroup" in caps.details["memory"] and "pids.max" in caps.details["processes"]
 
 
-# ---- the spawner (commands of another user are forked outside the worker) ---------------------
+# ---- the starters (commands of another user are never forked by the worker itself) --------------
 
 NOBODY = (65534, 65534)
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="only root runs commands as another user")
+
+
+@pytest.fixture(params=["native", "fork"])
+def starter_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Executors made in the test start placed commands with the native helper (the default,
+    once built), or, as where it is not built, through the spawner process."""
+    if request.param == "fork":
+        monkeypatch.setattr(process_runner, "_native_helper", lambda: None)
+    return str(request.param)
+
+
+@pytest.fixture
+def spawner_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Executors made in the test use the spawner process (no native helper)."""
+    monkeypatch.setattr(process_runner, "_native_helper", lambda: None)
 
 
 @pytest.fixture
@@ -1022,8 +1057,10 @@ def public_dir() -> Iterator[Path]:
 
 
 @needs_root
-def test_commands_of_another_user_run_with_stdin_limits_and_exit_codes(public_dir: Path) -> None:
-    """Through the spawner, a command gets its user, stdin, rlimit-free cgroup, exit code and usage."""
+def test_commands_of_another_user_run_with_stdin_limits_and_exit_codes(
+    public_dir: Path, starter_kind: str
+) -> None:
+    """Through either starter, a command gets its user, stdin, rlimit-free cgroup, exit code and usage."""
     script = "id -u; id -G; cat; exit 3"
     result = run(execute(sh(public_dir, script, stdin=b"in\n"), executor=make_executor(run_as=NOBODY)))
     assert result.stdout == b"65534\n65534\nin\n"
@@ -1032,8 +1069,10 @@ def test_commands_of_another_user_run_with_stdin_limits_and_exit_codes(public_di
 
 
 @needs_root
-def test_a_command_the_spawner_cannot_start_fails_to_start_naming_it(public_dir: Path) -> None:
-    """A missing working directory is FAILED_TO_START with the same message as without a spawner."""
+def test_a_command_the_starter_cannot_start_fails_to_start_naming_it(
+    public_dir: Path, starter_kind: str
+) -> None:
+    """A missing working directory is FAILED_TO_START with the same message as a vfork spawn's."""
     cmd = command(public_dir, "/bin/true", working_directory="missing")
     result = run(execute(cmd, executor=make_executor(run_as=NOBODY)))
     assert result.outcome.status is ExecutionStatus.FAILED_TO_START
@@ -1041,6 +1080,7 @@ def test_a_command_the_spawner_cannot_start_fails_to_start_naming_it(public_dir:
 
 
 @needs_root
+@pytest.mark.usefixtures("spawner_only")
 def test_a_spawner_that_dies_ends_its_commands_and_is_replaced(public_dir: Path) -> None:
     """Killing the spawner kills what it started (nothing leaks), the action ends at once saying its
     status is lost, and the next command gets a new spawner."""
@@ -1048,7 +1088,7 @@ def test_a_spawner_that_dies_ends_its_commands_and_is_replaced(public_dir: Path)
     async def scenario() -> tuple[Result, Result, int]:
         executor = make_executor(run_as=NOBODY)
         await executor.start()
-        spawner = executor._runner.spawner
+        spawner = executor._runner.starter
         assert spawner.pid is not None
         seen: list[ExecutorEvent] = []
         events = executor.execute(sh(public_dir, SPAWNS_GRANDCHILD), StopSignal())
@@ -1067,13 +1107,14 @@ def test_a_spawner_that_dies_ends_its_commands_and_is_replaced(public_dir: Path)
 
 
 @needs_root
+@pytest.mark.usefixtures("spawner_only")
 def test_close_stops_the_spawner(public_dir: Path) -> None:
     """A closed executor leaves no spawner process behind."""
 
     async def scenario() -> int:
         executor = make_executor(run_as=NOBODY)
         await executor.start()
-        pid = executor._runner.spawner.pid
+        pid = executor._runner.starter.pid
         assert pid is not None
         await executor.close()
         return pid
@@ -1084,9 +1125,10 @@ def test_close_stops_the_spawner(public_dir: Path) -> None:
 # ---- children placed ahead of need (no fork or cgroup migration on the command's path) ---------
 
 
-def _placed_children(spawner_pid: int) -> set[int]:
-    """The spawner's children that have not become a command yet (the spawner's program or the
-    native helper waiting): placed ones."""
+def _placed_children(starter: Starter) -> set[int]:
+    """The starter's children that have not become a command yet (the native helper, the worker's
+    own child, or a fork of the spawner's program, waiting): placed ones."""
+    parent = starter.pid if starter.pid is not None else os.getpid()
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1097,7 +1139,7 @@ def _placed_children(spawner_pid: int) -> set[int]:
         except OSError:
             continue
         placed = b"_spawner_program" in cmdline or b"\0--placed\0" in cmdline  # a fork, or the helper
-        if int(stat[stat.rfind(")") + 2 :].split()[1]) == spawner_pid and placed:
+        if int(stat[stat.rfind(")") + 2 :].split()[1]) == parent and placed:
             found.add(int(entry))
     return found
 
@@ -1105,9 +1147,9 @@ def _placed_children(spawner_pid: int) -> set[int]:
 @needs_root
 @needs_cgroups
 def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_limits(
-    public_dir: Path,
+    public_dir: Path, starter_kind: str
 ) -> None:
-    """The spare cgroups have the spawner's children waiting in them; a command execs in one: it
+    """The spare cgroups have the starter's children waiting in them; a command execs in one: it
     is that child's pid, runs as the configured user, in its own cgroup under its memory and
     process limits; its spare is replaced by a newly placed one."""
     limits = ResourceLimits(memory_bytes=64 << 20, max_processes=5)
@@ -1118,16 +1160,15 @@ def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_
     async def scenario() -> tuple[set[int], Result, set[int], str]:
         executor = make_executor(run_as=NOBODY, default_limits=ResourceLimits(max_processes=64))
         await executor.start()
-        spawner = executor._runner.spawner
-        assert spawner.pid is not None
+        starter = executor._runner.starter
         for _ in range(100):  # placed after the answer to each request
-            before = _placed_children(spawner.pid)
+            before = _placed_children(starter)
             if len(before) >= 4:
                 break
             await asyncio.sleep(0.02)
         result = await execute(sh(public_dir, script, limits=limits), executor=executor)
         await asyncio.sleep(0.2)
-        after = _placed_children(spawner.pid)
+        after = _placed_children(starter)
         cgroups = executor._runner._cgroups
         assert cgroups is not None
         return before, result, after, cgroups.base
@@ -1145,7 +1186,9 @@ def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_
 
 @needs_root
 @needs_cgroups
-def test_a_placed_child_that_cannot_start_the_command_fails_to_start_naming_why(public_dir: Path) -> None:
+def test_a_placed_child_that_cannot_start_the_command_fails_to_start_naming_why(
+    public_dir: Path, starter_kind: str
+) -> None:
     """A missing argv[0] and a missing working directory are FAILED_TO_START with the same words
     through a placed child as through a fork; the next command still runs."""
 
@@ -1169,16 +1212,16 @@ def test_a_placed_child_that_cannot_start_the_command_fails_to_start_naming_why(
 
 @needs_root
 @needs_cgroups
-def test_placed_children_killed_from_outside_are_replaced_by_a_plain_spawn(public_dir: Path) -> None:
+def test_placed_children_killed_from_outside_are_replaced_by_a_plain_spawn(
+    public_dir: Path, starter_kind: str
+) -> None:
     """A placed child that died (someone killed it) is never used: the command is forked as usual."""
 
     async def scenario() -> Result:
         executor = make_executor(run_as=NOBODY)
         await executor.start()
-        spawner = executor._runner.spawner
-        assert spawner.pid is not None
         await asyncio.sleep(0.2)
-        for pid in _placed_children(spawner.pid):
+        for pid in _placed_children(executor._runner.starter):
             os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(0.1)
         return await execute(sh(public_dir, "id -u"), executor=executor)

@@ -2,8 +2,8 @@
 
 Two roles, one binary: PID 1 of a Docker pool container, which starts each action's command
 without the engine (``execution/docker/_agent.py``), and a host action's placed child, which
-the spawner starts ahead of need in the action's cgroups and which becomes the command
-(``execution/process/_spawner_program.py``). The protocol of each is described in the C file.
+the worker starts ahead of need in the action's cgroups and which becomes the command
+(``execution/process/_helper_starter.py``). The protocol of each is described in the C file.
 """
 
 from __future__ import annotations

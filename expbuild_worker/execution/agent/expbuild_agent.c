@@ -2,18 +2,18 @@
  * expbuild-agent: the worker's native helper, in two roles.
  *
  * 1. `expbuild-agent SOCKET`: PID 1 of a Docker pool container (below).
- * 2. `expbuild-agent --placed PARENT CGROUP_PROCS...`: a host action's placed child. The worker's
- *    spawner starts it ahead of need with its end of a SOCK_SEQPACKET pair as descriptor 3; it
- *    dies with PARENT (the spawner), enters the listed cgroups (writes 0 to each cgroup.procs),
+ * 2. `expbuild-agent --placed PARENT CGROUP_PROCS...`: a host action's placed child. The worker
+ *    starts it (posix_spawn) ahead of need with its end of a SOCK_SEQPACKET pair as descriptor 3;
+ *    it dies with PARENT (the worker), enters the listed cgroups (writes 0 to each cgroup.procs),
  *    waits for one RUN (body: cwd, executable, uid, gid, rlimit count, that many kind/value
  *    pairs, then argv and the environment, all NUL-ended; descriptors: stdin (optional),
  *    stdout, stderr and last the write end of an exec status pipe), and becomes the command:
  *    new session, stdio, working directory, user (no supplementary groups), rlimits, default
  *    SIGPIPE/SIGXFSZ, exec with exactly the given environment. A failure goes to the status
- *    pipe as a marshal'd (kind, errno, filename, text) tuple, the form the spawner's own forked
- *    children report in; a successful exec closes the pipe. Being a small static program, it
- *    costs the spawner a vfork and the command an exec, where a forked Python child copies and
- *    touches the spawner's interpreter.
+ *    pipe as a marshal'd (kind, errno, filename, text) tuple, the form the worker's spawner
+ *    process reports a failed fork in; a successful exec closes the pipe. Being a small static
+ *    program, it costs the worker a vfork and the command an exec: no fork of the worker's
+ *    address space, and no round trip through another process.
  *
  * Role 1 starts commands inside a pool container for the worker, without the engine.
  *
@@ -482,7 +482,7 @@ static int placed_main(int argc, char **argv) {
     struct header h;
     int fds[4], count;
     if (receive_message(&h, fds, 4, &count) <= 0)
-        _exit(0); /* not needed after all: the spawner closed our socket */
+        _exit(0); /* not needed after all: the worker closed our socket */
     if (h.kind != MSG_RUN || (count != 3 && count != 4))
         _exit(127);
     int status = fds[count - 1];

@@ -26,10 +26,12 @@ from expbuild_worker.execution.cgroups import (
     read_mountinfo,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.process._helper_starter import HelperStarter
 from expbuild_worker.execution.process._run import Run
 from expbuild_worker.execution.process._spawn import (
     Rlimit,
     SpawnFailure,
+    Starter,
     needs_full_fork,
     rlimit,
     spawn,
@@ -69,7 +71,7 @@ later run can tell whose owner is gone (only those are swept), even when it has 
 crashed predecessor or the pid went to an unrelated process since."""
 
 SPARE_CGROUPS = 4
-"""Action cgroups kept made ahead of need, each with a child of the spawner (when it runs) already
+"""Action cgroups kept made ahead of need, each with a placed child (the starter's) already
 waiting in it. Creating one (two or three v1 directories) takes ~0.12 ms and a fork with a cgroup
 migration ~1-20 ms, which would otherwise be on an action's path; spares are made once commands
 have ended."""
@@ -204,8 +206,10 @@ class ProcessRunner:
         self._cgroup_error: PreconditionError | None = None
         self._activated = False
         self._leftovers: dict[str, ActionCgroup] = {}
-        self._spare_cgroups: list[ActionCgroup] = []  # made ahead, no limit set, nothing ever ran in them
-        self._placed: set[str] = set()  # spares the spawner has a child waiting in
+        # Made ahead, no limit set, nothing ever ran in them; taken oldest first (its placed child
+        # is the likeliest to be there already).
+        self._spare_cgroups: collections.deque[ActionCgroup] = collections.deque()
+        self._placed: set[str] = set()  # spares the starter has a child waiting in
         self._remover = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-cgroup-removal")
         self._spares_scheduled = False
         if run_as_uids is not None and len(run_as_uids) == 0:
@@ -219,7 +223,8 @@ class ProcessRunner:
         self.root = (os.geteuid() == 0 or os.getuid() == 0) and self.run_as is None
         """Whether processes run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
-        self._spawner = Spawner(name=name, helper=_native_helper())
+        helper = _native_helper()
+        self._starter: Starter = HelperStarter(helper) if helper is not None else Spawner(name=name)
         self.closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
         self._check_default_limits(processes=cgroups == "off")
@@ -231,16 +236,16 @@ class ProcessRunner:
         self.activate()
         await self._remove_leftovers()
         if self.run_as is not None or self._cgroups is not None:
-            # Every command is forked by the spawner then, or execs in a child it placed in a
+            # Every command is started by the starter then, or execs in a child it placed in a
             # spare cgroup ahead of need: start it now.
-            self._spawner.start()
+            self._starter.start()
         self._make_spare_cgroups()
 
     @property
-    def spawner(self) -> Spawner:
-        """The small process that forks commands needing a full fork (a user switch, a cgroup or
-        rlimits to apply before exec), so the worker itself never forks."""
-        return self._spawner
+    def starter(self) -> Starter:
+        """What starts the commands needing a cgroup, user switch or rlimits applied before exec,
+        so the worker itself never forks: the native helper, else the spawner process."""
+        return self._starter
 
     @property
     def cgroups(self) -> ActionCgroups | None:
@@ -402,7 +407,7 @@ class ProcessRunner:
                 if vfork and self._cgroups.moves_threads and not placed:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
-                    join = leaf.procs  # the forked child enters before exec (in the spawner)
+                    join = leaf.procs  # the starter's child enters before exec
             if user is not None:
                 await _hand_over(command.root, user, join)
             # Inside born_inside this thread is in the action's cgroup: spawn then spawns
@@ -418,11 +423,10 @@ class ProcessRunner:
                     rlimits=rlimits,
                     join=join,
                     user=user,
-                    spawner=self._spawner,
+                    starter=self._starter,
                 )
             await started(
                 child,
-                spawner=self._spawner,
                 argv0=launch.argv[0],
                 cwd=launch.cwd,
                 working_directory=command.working_directory,
@@ -467,7 +471,6 @@ class ProcessRunner:
                 if not yielded:
                     await run.wake.wait()
             await run.cgroup_emptied()
-            self._schedule_spares()
             yield run.outcome()
         finally:
             if forget_stop is not None:
@@ -475,6 +478,9 @@ class ProcessRunner:
             run.release()
             self._runs.pop(stop, None)
             self._retire(leaf, user)
+            # Here, not before the outcome: the engine closes this generator once its report is
+            # on its way, so making the next spares (~0.25 ms) does not delay that report.
+            self._schedule_spares()
 
     def hold_output(self, stop: StopSignal) -> None:
         """Stop reading the output of the command run with ``stop`` until it exits (by itself or
@@ -491,7 +497,7 @@ class ProcessRunner:
                 ExecutionStatus.CANCELLED,
                 f"{self._kind} executor {self._name!r} closed while the command ran",
             )
-        self._spawner.close()  # its placed children die with it
+        self._starter.close()  # its placed children end with it
         while self._spare_cgroups:
             self._dispose(self._spare_cgroups.pop())
         await self._remove_leftovers()
@@ -554,14 +560,14 @@ class ProcessRunner:
     def _action_cgroup(
         self, cgroups: ActionCgroups, *, memory_bytes: int | None, max_processes: int | None
     ) -> tuple[ActionCgroup, bool]:
-        """A cgroup for one action with its limits set, and whether the spawner has a child placed
+        """A cgroup for one action with its limits set, and whether the starter has a child placed
         in it (then the command must be spawned there, joining it): a spare when there is one,
         else a new one. Schedules making the next spares."""
         if not self._spare_cgroups:
             self._schedule_spares()
             leaf = cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
             return leaf, False
-        leaf = self._spare_cgroups.pop()
+        leaf = self._spare_cgroups.popleft()
         placed = leaf.token in self._placed
         self._placed.discard(leaf.token)
         try:
@@ -590,7 +596,7 @@ class ProcessRunner:
 
     def _make_spare_cgroups(self) -> None:
         """Top the spares up to SPARE_CGROUPS, each with a child placed in it ahead of need when the
-        spawner runs (so neither a fork nor a cgroup migration is on the next command's path: on
+        starter runs (so neither a fork nor a cgroup migration is on the next command's path: on
         cgroup v1 a migration after a pause waits for an RCU grace period, several ms). A failure
         is logged and left to the next action's own creation, which reports it."""
         self._spares_scheduled = False
@@ -606,11 +612,11 @@ class ProcessRunner:
         except InternalError as err:
             _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
         try:
-            self._spawner.place([leaf.procs for leaf in made])  # one message for them all, unanswered
+            self._starter.place([leaf.procs for leaf in made])  # placed while the worker goes on
         except SpawnerGone as err:
             _log.warning("%s executor %r: could not place a child ahead: %s", self._kind, self._name, err)
             return
-        if self._spawner.alive():
+        if self._starter.alive():
             self._placed.update(leaf.token for leaf in made)
 
     async def _remove_leftovers(self) -> None:
@@ -723,7 +729,7 @@ def _native_helper() -> Path | None:
     helper = bundled_agent()
     problem = usable_agent(helper)
     if problem:
-        _log.info("placed children are forks of the spawner (slower): %s", problem)
+        _log.info("commands needing placement are forked by the spawner process (slower): %s", problem)
         return None
     return helper
 

@@ -16,9 +16,10 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from expbuild_worker.errors import InternalError
-from expbuild_worker.execution.process._spawner import Spawner, SpawnerGone, SpawnRefused
+from expbuild_worker.execution.process._spawner import SpawnerGone, SpawnRefused, SpawnRequest, exec_error
 
 _log = logging.getLogger(__name__)
 
@@ -58,10 +59,45 @@ AsyncReaper = Callable[[], "Awaitable[tuple[int, resource.struct_rusage] | None]
 """The same, asked of the spawner without blocking the event loop for the round trip."""
 
 
+class Starter(Protocol):
+    """What starts the commands that must be placed before exec (cgroups to enter, a user switch,
+    rlimits), so the worker never forks itself: the native helper started by the worker
+    (``HelperStarter``), or, where it is not built, the spawner process (``Spawner``). Every
+    call runs on the event loop's thread."""
+
+    reaps_here: bool
+    """Whether its commands are this process's children (reaped with a plain wait4 here)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its own process, if it has one."""
+        ...
+
+    def start(self) -> None:
+        """Ready it; raises InternalError when it cannot be."""
+        ...
+
+    def alive(self) -> bool: ...
+
+    def place(self, joins: Sequence[Sequence[str]]) -> None:
+        """Have a child wait ahead of need in each set of cgroups (their ``cgroup.procs``) in ``joins``."""
+        ...
+
+    def spawn(self, command: SpawnRequest) -> asyncio.Future[tuple[int, int, int | None]]:
+        """Start ``command``: (pid, pidfd, exec status fd or None), or SpawnRefused."""
+        ...
+
+    def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None: ...
+
+    async def reap_async(self, pid: int) -> tuple[int, resource.struct_rusage] | None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Child:
     """A started command; the caller owns every descriptor here and must close it, and must
-    ``reap`` the process (whoever forked it: this process or the spawner). ``started`` takes
+    ``reap`` the process (whoever started it: this process or the spawner). ``started`` takes
     ``exec_status`` (and, when the command did not start, everything else) off its hands."""
 
     pid: int
@@ -71,7 +107,7 @@ class Child:
     stdin_fd: int | None  # None when stdin is /dev/null
     reap: Reaper
     exec_status: int | None = None  # placed child: reads end-of-file once exec'd (see ``started``)
-    reap_async: AsyncReaper | None = None  # the spawner's child: ``reap`` without blocking the loop
+    reap_async: AsyncReaper | None = None  # the spawner process's child: ``reap`` without blocking the loop
 
 
 def resolve_executable(argv0: str, environment: Mapping[str, str], cwd: Path) -> str:
@@ -121,7 +157,7 @@ async def spawn(
     rlimits: Sequence[Rlimit],
     join: Sequence[str] = (),
     user: tuple[int, int] | None = None,
-    spawner: Spawner,
+    starter: Starter,
 ) -> Child:
     """Start ``argv`` in its own session with piped stdout/stderr (and stdin when given).
 
@@ -133,10 +169,9 @@ async def spawn(
     and InternalError when the worker itself runs out of descriptors.
 
     Without rlimits, ``join`` or ``user`` CPython spawns here with vfork (fast), and this never
-    yields to the event loop. Any of them forces a full fork, which costs in proportion to the
-    forking process's address space, so such a command is forked by the small ``spawner``
-    process instead (or execs in a child it placed ahead of need); the event loop goes on
-    meanwhile.
+    yields to the event loop. Any of them must be applied between fork and exec, and a full
+    fork of the worker costs in proportion to its address space, so such a command is started
+    by ``starter`` instead (which execs it in a child placed ahead of need when it has one).
     """
     argv0 = argv[0]
     pipes = CommandPipes.make(argv0, stdin=stdin, user=user)
@@ -151,7 +186,7 @@ async def spawn(
         rlimits=rlimits,
     )
     try:
-        return await _launch(how, pipes, spawner)
+        return await _launch(how, pipes, starter)
     except BaseException as err:
         _close_all(pipes.mine)
         cause = err.error if isinstance(err, SpawnRefused) else err
@@ -164,51 +199,54 @@ async def spawn(
         raise
 
 
-async def _launch(how: _How, pipes: CommandPipes, spawner: Spawner) -> Child:
-    """Start ``how`` here (vfork) or by the spawner; the command's pipe ends are closed here."""
+async def _launch(how: _How, pipes: CommandPipes, starter: Starter) -> Child:
+    """Start ``how`` here (vfork) or by the starter; the command's pipe ends are closed here."""
     try:
-        if not _needs_spawner(how):
+        if not _needs_starter(how):
             pid, pidfd, reap = _spawn_here(how)
             return pipes.child(pid, pidfd, reap, None, None)
-        answer = spawner.spawn(
-            argv=how.argv,
-            executable=how.executable,
-            cwd=str(how.cwd),
-            environment=dict(how.environment),
-            fds=how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds,
-            user=how.user,
-            join=how.join,
-            rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
+        answer = starter.spawn(
+            SpawnRequest(
+                argv=how.argv,
+                executable=how.executable,
+                cwd=str(how.cwd),
+                environment=dict(how.environment),
+                fds=how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds,
+                user=how.user,
+                join=how.join,
+                rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
+            )
         )
     finally:
-        _close_all(pipes.theirs)  # the child (or the spawner) has its own copies now
+        _close_all(pipes.theirs)  # the child (or the starter) has its own copies now
     try:
         pid, pidfd, status = await asyncio.shield(answer)
     except asyncio.CancelledError:
-        answer.add_done_callback(functools.partial(_abandon_spawned, spawner))  # killed and reaped
+        answer.add_done_callback(functools.partial(_abandon_spawned, starter))  # killed and reaped
         raise
-    reap_async = functools.partial(spawner.reap_async, pid)
-    return pipes.child(pid, pidfd, functools.partial(spawner.reap, pid), status, reap_async)
+    reap_async = None if starter.reaps_here else functools.partial(starter.reap_async, pid)
+    return pipes.child(pid, pidfd, functools.partial(starter.reap, pid), status, reap_async)
 
 
 def needs_full_fork(user: tuple[int, int] | None, rlimits: Sequence[Rlimit]) -> bool:
-    """A user switch or rlimits need a full fork before exec (the spawner's), never a vfork here."""
+    """A user switch or rlimits must be applied between fork and exec (by the starter), never
+    in a vfork here."""
     return user is not None or bool(rlimits)
 
 
-def _needs_spawner(how: _How) -> bool:
-    """A full fork, or cgroups to enter before exec: the spawner's work, not ours."""
+def _needs_starter(how: _How) -> bool:
+    """A full fork, or cgroups to enter before exec: the starter's work, not a vfork here."""
     return needs_full_fork(how.user, how.rlimits) or bool(how.join)
 
 
-def _abandon_spawned(spawner: Spawner, answer: asyncio.Future[tuple[int, int, int | None]]) -> None:
-    """A spawn given up while the spawner answered: kill and reap what it started."""
+def _abandon_spawned(starter: Starter, answer: asyncio.Future[tuple[int, int, int | None]]) -> None:
+    """A spawn given up while the starter answered: kill and reap what it started."""
     if answer.cancelled() or answer.exception() is not None:
         return
     pid, pidfd, status = answer.result()
     if status is not None:
         os.close(status)
-    reap = functools.partial(spawner.reap, pid)
+    reap = functools.partial(starter.reap, pid)
     _abandon(Child(pid=pid, pidfd=pidfd, stdout_fd=-1, stderr_fd=-1, stdin_fd=None, reap=reap))
 
 
@@ -273,7 +311,7 @@ class CommandPipes:
         )
 
 
-async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, working_directory: str) -> None:
+async def started(child: Child, *, argv0: str, cwd: Path, working_directory: str) -> None:
     """Wait, without blocking the event loop, until a command started in a placed child has exec'd.
 
     Raises SpawnFailure (worded as ``spawn`` words it) when it could not start; the child is then
@@ -293,7 +331,7 @@ async def started(child: Child, *, spawner: Spawner, argv0: str, cwd: Path, work
         return
     _abandon(child)
     try:
-        error = spawner.exec_error(marshal.loads(data))
+        error = exec_error(marshal.loads(data))
     except (ValueError, EOFError, TypeError):
         error = subprocess.SubprocessError(f"the placed child sent an unreadable error ({len(data)} bytes)")
     if isinstance(error, (OSError, ValueError, subprocess.SubprocessError)):

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,23 @@ START_TIMEOUT_SECONDS = 30.0
 
 PROGRAM = str(Path(program.__file__).resolve())
 """The file the spawner process runs (its command line names it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnRequest:
+    """A command for a starter to start in its own session, after entering the cgroups whose
+    ``cgroup.procs`` are in ``join``, switching to ``user`` (uid, gid; no supplementary groups)
+    and setting ``rlimits`` ((resource, value) pairs, soft and hard alike). ``fds`` are its
+    stdin (left out for /dev/null), stdout and stderr."""
+
+    argv: Sequence[str]
+    executable: str
+    cwd: str
+    environment: dict[str, str]
+    fds: Sequence[int]
+    user: tuple[int, int] | None
+    join: Sequence[str]
+    rlimits: Sequence[tuple[int, int]]
 
 
 class SpawnerGone(Exception):
@@ -69,11 +87,11 @@ class Spawner:
     raises ChildProcessError: its exit status is lost.
     """
 
-    def __init__(self, *, name: str, helper: Path | None = None) -> None:
-        """``helper``: the native helper (``execution/agent``) placed children are, when usable;
-        without it they are forked copies of the spawner."""
+    reaps_here = False
+    """Its commands are the spawner's children: only the spawner can reap them (a round trip)."""
+
+    def __init__(self, *, name: str) -> None:
         self._name = name
-        self._helper = str(helper) if helper is not None else "-"
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._waiting: deque[Callable[[_Reply | BaseException], None]] = deque()  # one per request sent
@@ -107,7 +125,7 @@ class Spawner:
             # the standard library only. Started by vfork (no preexec_fn), so no fork of ours.
             argv = [sys.executable, "-I", "-S", "-B", PROGRAM, str(theirs.fileno()), str(os.getpid())]
             process = subprocess.Popen(
-                [*argv, self._helper],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 env={},
@@ -137,21 +155,10 @@ class Spawner:
         ours.setblocking(False)  # answers are read as they come (see _pump); waits use poll
         self._frame = _FrameReader()
 
-    def spawn(
-        self,
-        *,
-        argv: Sequence[str],
-        executable: str,
-        cwd: str,
-        environment: dict[str, str],
-        fds: Sequence[int],
-        user: tuple[int, int] | None,
-        join: Sequence[str],
-        rlimits: Sequence[tuple[int, int]],
-    ) -> asyncio.Future[tuple[int, int, int | None]]:
-        """Start a command in its own session; the request is sent now (``fds``, which are stdin
-        (omitted for /dev/null), stdout and stderr, may be closed on return) and the event loop
-        is not blocked for the answer. The future gets (pid, pidfd, exec status fd).
+    def spawn(self, command: SpawnRequest) -> asyncio.Future[tuple[int, int, int | None]]:
+        """Start a command in its own session; the request is sent now (its ``fds`` may be closed
+        on return) and the event loop is not blocked for the answer. The future gets (pid,
+        pidfd, exec status fd).
 
         A command started in a child placed ahead of need comes back before it has exec'd, with
         an exec status fd the caller owns: ``exec_error`` of what it reads tells whether it
@@ -179,8 +186,18 @@ class Spawner:
             except (SpawnRefused, SpawnerGone) as err:
                 answer.set_exception(err)
 
-        request = ("spawn", list(argv), executable, cwd, environment, user, list(join), list(rlimits))
-        self._send(request, fds, settle)
+        c = command
+        request = (
+            "spawn",
+            list(c.argv),
+            c.executable,
+            c.cwd,
+            c.environment,
+            c.user,
+            list(c.join),
+            list(c.rlimits),
+        )
+        self._send(request, c.fds, settle)
         self._read_on(loop)
         self._expect(answer, loop)
         return answer
@@ -193,7 +210,7 @@ class Spawner:
         if answer[0] != "failed":  # out of step (or descriptors lost): nothing it says can be trusted
             self._gone(f"gave an unexpected answer {answer!r}")
             raise SpawnerGone(f"unexpected answer {answer!r}")
-        raise SpawnRefused(self.exec_error(answer[1:]))
+        raise SpawnRefused(exec_error(answer[1:]))
 
     def _expect(self, answer: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
         """Watch for a hung spawner while ``answer`` waits: one timer for all waiting requests, and
@@ -212,17 +229,6 @@ class Spawner:
             self._gone("stopped answering (no answer in time)")
         elif not loop.is_closed():
             self._watchdog = loop.call_later(REPLY_TIMEOUT_SECONDS - quiet, self._watch, loop)
-
-    def exec_error(self, report: Sequence[Any]) -> BaseException:
-        """The exception a failed fork or exec reported as (kind, errno, filename, text)."""
-        kind, number, filename, text = report
-        if kind == "os":
-            return OSError(number, os.strerror(number) if number else text, filename)
-        if kind == "value":
-            return ValueError(text)
-        if kind == "subprocess":
-            return subprocess.SubprocessError(text)
-        return InternalError(f"the spawner of executor {self._name!r} failed: {text}")
 
     def place(self, joins: Sequence[Sequence[str]]) -> None:
         """Have a child forked ahead of need into each set of cgroups in ``joins`` (their
@@ -376,6 +382,19 @@ class Spawner:
 
 
 _Reply = tuple[tuple[Any, ...], list[int]]
+
+
+def exec_error(report: Sequence[Any]) -> BaseException:
+    """The exception a failed fork or exec reported as (kind, errno, filename, text), whether by
+    the spawner or by a placed child (a fork of it, or the native helper)."""
+    kind, number, filename, text = report
+    if kind == "os":
+        return OSError(number, os.strerror(number) if number else text, filename)
+    if kind == "value":
+        return ValueError(text)
+    if kind == "subprocess":
+        return subprocess.SubprocessError(text)
+    return InternalError(f"starting the command failed: {text}")
 
 
 class _FrameReader:

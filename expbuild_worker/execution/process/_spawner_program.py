@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# The worker forks every command that needs a full fork (a user switch, a cgroup to enter or
-# rlimits to set before exec) in this process instead of its own: this one has no threads and
+# Where the native helper is not built (``make agent``; with it the worker starts placed
+# commands itself, see _helper_starter.py), the worker forks every command that needs a full
+# fork (a user switch, a cgroup to enter or rlimits to set before exec) in this process
+# instead of its own: this one has no threads and
 # a few MiB of memory, where a fork of the worker copies the page tables of its whole address
 # space and runs gRPC's fork handlers. It is started without ``site`` by running this file,
 # so none of the worker's packages is ever imported here.
@@ -42,10 +44,6 @@ from typing import Any
 #                               status pipe as soon as the child has the command: the pipe reads
 #                               end-of-file once the command runs, or the child's error tuple
 #                               (kind, errno, filename, text) when it could not start it.
-# With the native helper (its path is this program's third argument; "-" for none) a placed
-# child is that small static program, started by posix_spawn (a vfork: nothing of this
-# process is copied), and the command reaches it over a SOCK_SEQPACKET pair in the helper's
-# own format (see execution/agent/expbuild_agent.c); its failures come back in the same form.
 # A child is reaped only when the worker asks, so the worker knows when its process group id is
 # still safe to signal. End-of-file on the socket (the worker went away) ends this process;
 # every child has SIGKILL as its parent-death signal, so a spawner that dies takes its
@@ -244,33 +242,43 @@ def _exec_in_place(sock: socket.socket, parent: int, placing: tuple[Any, ...] | 
 
 
 @dataclass
-class _Placed:
-    """A child forked ahead of need, waiting in its cgroups for a command."""
+class Placed:
+    """A child started ahead of need, waiting in its cgroups for a command (the spawner's fork,
+    or the worker's native helper)."""
 
     pid: int
     sock: socket.socket
-    native: bool = False  # the native helper, which takes its command in the helper's format
 
 
-_RUN = 2
-_HELPER_HEADER = struct.Struct("=Iiii")
-_HELPER_PIECE = 65536
+def discard(placed: Placed) -> None:
+    """End a placed child that will not be used, and reap it."""
+    placed.sock.close()  # it was waiting for its command: end-of-file ends it
+    with contextlib.suppress(OSError):
+        os.kill(placed.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(placed.pid, 0)
+
+
+def forget_dead(placed: dict[tuple[str, ...], Placed]) -> None:
+    """Drop the placed children that died (their cgroup was killed or removed), reaping them."""
+    for key, waiting in list(placed.items()):
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(waiting.pid, os.WNOHANG)[0] == 0:
+                continue
+        waiting.sock.close()
+        del placed[key]
 
 
 class _Spawner:
-    def __init__(self, helper: str = "") -> None:
+    def __init__(self) -> None:
         self.children: dict[int, subprocess.Popen[bytes] | None] = {}  # unreaped, by pid
-        self.placed: dict[tuple[str, ...], _Placed] = {}
+        self.placed: dict[tuple[str, ...], Placed] = {}
         self.me = os.getpid()
-        self.helper = helper
 
     def place(self, join: Sequence[str]) -> None:
         """Start a child into ``join`` ahead of need; a failure only means a normal spawn later."""
         key = tuple(join)
         if key in self.placed:
-            return
-        if self.helper:
-            self._place_native(key)
             return
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -285,44 +293,10 @@ class _Spawner:
         if pid == 0:  # the child: nothing of the spawner's but its own end stays open
             _placed_child(theirs, key, self.me)
         theirs.close()
-        self.placed[key] = _Placed(pid, ours)
-
-    def _place_native(self, key: tuple[str, ...]) -> None:
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError:
-            return
-        try:
-            pid = os.posix_spawn(
-                self.helper,
-                [self.helper, "--placed", str(self.me), *key],
-                {},
-                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-            )
-        except OSError:
-            ours.close()
-            return
-        finally:
-            theirs.close()
-        self.placed[key] = _Placed(pid, ours, native=True)
-
-    def _discard(self, placed: _Placed) -> None:
-        """End a placed child that will not be used, and reap it."""
-        placed.sock.close()  # it was waiting for its command: end-of-file ends it
-        with contextlib.suppress(OSError):
-            os.kill(placed.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(placed.pid, 0)
+        self.placed[key] = Placed(pid, ours)
 
     def reap_placed(self) -> None:
-        """Forget placed children that died (their cgroup was killed or removed), reaping them."""
-        for key, placed in list(self.placed.items()):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(placed.pid, os.WNOHANG)[0] == 0:
-                    continue
-            placed.sock.close()
-            del self.placed[key]
+        forget_dead(self.placed)
 
     def spawn_placed(
         self, request: tuple[Any, ...], fds: list[int]
@@ -335,24 +309,20 @@ class _Spawner:
         try:
             pidfd = os.pidfd_open(placed.pid)
         except OSError:  # it died since it was placed (or no descriptor is left): fork as usual
-            self._discard(placed)
+            discard(placed)
             return None
         try:
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
         except OSError:
             os.close(pidfd)
-            self._discard(placed)
+            discard(placed)
             return None
         try:
-            command = (argv, executable, cwd, env, user, rlimits)
-            if placed.native:
-                _send_to_helper(placed.sock, command, [*fds, status_w])
-            else:
-                send(placed.sock, command, [*fds, status_w])
+            send(placed.sock, (argv, executable, cwd, env, user, rlimits), [*fds, status_w])
         except Exception:  # it died just now, or the message could not go: fork as usual
             for fd in (pidfd, status_r):
                 os.close(fd)
-            self._discard(placed)
+            discard(placed)
             return None
         finally:
             os.close(status_w)
@@ -361,9 +331,6 @@ class _Spawner:
         return ("spawned", placed.pid), [pidfd, status_r]
 
     def spawn(self, request: tuple[Any, ...], fds: list[int]) -> tuple[tuple[Any, ...], list[int]]:
-        refused = _unpassable(request) if self.helper else None
-        if refused is not None:  # the helper's NUL-separated format cannot carry it; exec would refuse it too
-            return ("failed", "value", 0, None, refused), []
         placed = self.spawn_placed(request, fds)
         if placed is not None:
             return placed
@@ -422,38 +389,11 @@ class _Spawner:
         return ("reaped", status, tuple(usage))
 
 
-def _unpassable(request: tuple[Any, ...]) -> str | None:
-    """Why exec could not take the request's argv or environment (CPython's words), or None."""
-    _, argv, executable, cwd, env, *_ = request
-    texts = [*argv, executable, cwd, *env.keys(), *env.values()]
-    if any("\0" in text for text in texts):
-        return "embedded null byte"
-    if any(not key or "=" in key for key in env):
-        return "illegal environment variable name"
-    return None
-
-
-def _send_to_helper(sock: socket.socket, command: tuple[Any, ...], fds: Sequence[int]) -> None:
-    """The command (argv, executable, cwd, env, user, rlimits) for a native placed child: one
-    header with the descriptors, then the body."""
-    argv, executable, cwd, env, user, rlimits = command
-    uid, gid = (user[0], user[1]) if user is not None else (-1, -1)
-    texts = [cwd, executable, str(uid), str(gid), str(len(rlimits))]
-    texts += [str(number) for pair in rlimits for number in pair]
-    texts += [*argv, *(f"{key}={value}" for key, value in env.items())]
-    body = b"".join(os.fsencode(text) + b"\0" for text in texts)
-    header = _HELPER_HEADER.pack(_RUN, len(body), len(argv), len(env))
-    sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    for start in range(0, len(body), _HELPER_PIECE):
-        sock.send(body[start : start + _HELPER_PIECE])
-
-
 def main(fd: int) -> int:
     _die_with_parent(int(sys.argv[2]))
-    os.set_inheritable(fd, False)  # no helper started by posix_spawn holds the worker's socket
+    os.set_inheritable(fd, False)
     sock = socket.socket(fileno=fd)
-    helper = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else ""
-    spawner = _Spawner(helper)  # the worker passes one only when it is usable
+    spawner = _Spawner()
     send(sock, ("ready", os.getpid()))
     while True:
         try:

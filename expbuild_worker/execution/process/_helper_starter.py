@@ -1,0 +1,332 @@
+"""Starting placed commands with the native helper, from the worker itself: no spawner round trip."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import functools
+import os
+import queue
+import resource
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from expbuild_worker.execution.process._spawner import SpawnRefused, SpawnRequest
+from expbuild_worker.execution.process._spawner_program import Placed, discard, forget_dead
+
+SEND_TIMEOUT_SECONDS = 10.0
+"""How long handing a command to a placed helper may take before the helper is taken for hung
+(it reads as fast as the kernel hands it the body; only a stopped helper takes longer)."""
+
+_Spawned = tuple[int, int, int | None]
+"""(pid, pidfd, exec status fd), as the spawner's ``spawn`` answers."""
+
+_Key = tuple[str, ...]
+"""The ``cgroup.procs`` files a placed helper entered."""
+
+_RUN = 2
+_HEADER = struct.Struct("=Iiii")
+_PIECE = 65536
+
+
+class HelperStarter:
+    """Starts each command that must be placed before exec (cgroups to enter, a user switch,
+    rlimits) in an ``expbuild-agent --placed`` helper the worker itself started.
+
+    The helper is a small static program: ``posix_spawn`` starts it with a vfork (nothing of the
+    worker's address space is copied and no fork handler runs), it enters its cgroups, waits
+    for its command over a socket pair, sets it up and execs it. The command is this process's
+    own child, reaped here with ``wait4``: no round trip to another process.
+
+    ``place`` starts helpers ahead of need on a thread of their own (the placer), so neither
+    that start nor the cgroup migration (on cgroup v1 an RCU grace period after a pause) is on a
+    command's path, and the event loop is not held meanwhile: a vfork parent waits until its
+    child execs, ~0.5 ms here while both cores are busy, and it is called with the GIL released.
+    A command whose helper is still being placed waits for it; one with none placed gets a new
+    helper at once, on the event loop's thread. A helper's parent-death signal is SIGKILL, kept
+    across exec, tied to the thread that started it (the placer, which ends with ``close``, or
+    the event loop's): commands end with the worker, however it ends.
+
+    It is the spawner's drop-in for when the helper is built (``Starter`` in ``_spawn``); every
+    call but the placer's own runs on the event loop's thread.
+    """
+
+    reaps_here = True
+    """Its commands are this process's children: ``reap`` is a plain wait4, never a round trip."""
+
+    def __init__(self, helper: Path) -> None:
+        self._helper = os.fsencode(helper)
+        self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer
+        self._placed: dict[_Key, Placed] = {}
+        self._pending: dict[_Key, list[Callable[[], None]]] = {}  # being placed -> who waits for it
+        self._requests: queue.SimpleQueue[list[_Key] | None] = queue.SimpleQueue()
+        self._placer: threading.Thread | None = None
+        self._closed = False
+        self.pid: int | None = None
+        """No process of its own (the spawner's has one)."""
+
+    def start(self) -> None:
+        self._closed = False
+
+    def alive(self) -> bool:
+        return not self._closed
+
+    def place(self, joins: Sequence[Sequence[str]]) -> None:
+        """Have the placer start a helper into each set of cgroups in ``joins`` (their
+        ``cgroup.procs``) unless one waits there already; forget placed helpers that died
+        meanwhile. A helper that cannot be started only means one started for its command."""
+        if self._closed:
+            return
+        with self._lock:
+            forget_dead(self._placed)
+            keys = [key for key in map(tuple, joins) if key not in self._placed and key not in self._pending]
+            for key in keys:
+                self._pending[key] = []
+        if keys:
+            if self._placer is None:
+                self._placer = threading.Thread(target=self._place_in_turn, name="helper-placer", daemon=True)
+                self._placer.start()
+            self._requests.put(keys)
+
+    def spawn(self, command: SpawnRequest) -> asyncio.Future[_Spawned]:
+        """Hand ``command`` to the helper placed for its ``join`` (or a new one). The future gets
+        (pid, pidfd, exec status fd), or fails with SpawnRefused; it is done on return unless
+        that helper is still being placed. ``command.fds`` may be closed on return. The exec
+        status fd reads end-of-file once the command runs, or the helper's (kind, errno,
+        filename, text) when it could not start it (see ``exec_error``)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[_Spawned] = loop.create_future()
+        refused = _unpassable(command)
+        if refused:
+            answer.set_exception(SpawnRefused(ValueError(refused)))
+            return answer
+        key = tuple(command.join)
+        with self._lock:
+            waiters = self._pending.get(key)
+            if waiters is not None:  # its helper is on its way: hand the command over once it is there
+                own = dataclasses.replace(command, fds=[_duplicate(fd) for fd in command.fds])
+                waiters.append(functools.partial(_wake, loop, self._answer, answer, key, own))
+                return answer
+        self._answer(answer, key, command)
+        return answer
+
+    def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
+        """wait4 ``pid`` without blocking: (status, usage) once it exited, None while it runs."""
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+        return None if got == 0 else (status, usage)
+
+    async def reap_async(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
+        return self.reap(pid)
+
+    def close(self) -> None:
+        """Stop the placer and end every placed helper; commands already started are their runs'
+        to end (and die with the placer's thread, as the worker's shutdown expects)."""
+        self._closed = True
+        placer, self._placer = self._placer, None
+        if placer is not None:
+            self._requests.put(None)
+            placer.join(SEND_TIMEOUT_SECONDS)
+        with self._lock:
+            placed, self._placed = self._placed, {}
+        for waiting in placed.values():
+            discard(waiting)
+
+    def _place_in_turn(self) -> None:
+        """The placer thread: start the helpers asked for, in turn, until ``close``."""
+        while (keys := self._requests.get()) is not None:
+            for key in keys:
+                placed: Placed | None = None
+                if not self._closed:
+                    with contextlib.suppress(OSError):
+                        placed = _start_helper(self._helper, key)
+                with self._lock:
+                    waiters = self._pending.pop(key, [])
+                    if placed is not None:
+                        self._placed[key] = placed
+                for wake in waiters:
+                    wake()
+
+    def _answer(self, answer: asyncio.Future[_Spawned], key: _Key, command: SpawnRequest) -> None:
+        if answer.done():
+            return
+        try:
+            answer.set_result(self._hand(key, command))
+        except SpawnRefused as err:
+            answer.set_exception(err)
+
+    def _hand(self, key: _Key, command: SpawnRequest) -> _Spawned:
+        """The command to its placed helper (a new one when none waits, or the one that did died)."""
+        for attempt in range(2):
+            with self._lock:
+                placed = self._placed.pop(key, None) if attempt == 0 else None
+            if placed is None:
+                try:
+                    placed = _start_helper(self._helper, key)
+                except OSError as err:  # out of processes or memory: as a fork's failure would read
+                    raise SpawnRefused(OSError(err.errno, err.strerror)) from err
+            try:
+                return _send(placed, command)
+            except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
+                discard(placed)
+            except OSError as err:
+                discard(placed)
+                raise SpawnRefused(OSError(err.errno, f"handing the command over: {err.strerror}")) from err
+        raise SpawnRefused(OSError(errno.ECHILD, "the placed helper died before it took the command"))
+
+
+def _wake(
+    loop: asyncio.AbstractEventLoop,
+    answer_with: Callable[[asyncio.Future[_Spawned], _Key, SpawnRequest], None],
+    answer: asyncio.Future[_Spawned],
+    key: _Key,
+    command: SpawnRequest,
+) -> None:
+    """On the placer: the helper ``command`` waited for is placed (or could not be); answer on
+    the loop, then close the descriptors kept for it. A loop that has ended gets no answer."""
+
+    def answer_and_close() -> None:
+        try:
+            answer_with(answer, key, command)
+        finally:
+            _close(command.fds)
+
+    try:
+        loop.call_soon_threadsafe(answer_and_close)
+    except RuntimeError:
+        _close(command.fds)
+
+
+def _send(placed: Placed, command: SpawnRequest) -> _Spawned:
+    """The command to a placed helper: a RUN header with its descriptors (and, last, the write end
+    of its exec status pipe), then the body."""
+    pidfd = os.pidfd_open(placed.pid)  # an unreaped child of ours: its pid cannot be reused
+    try:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        os.close(pidfd)
+        raise
+    try:
+        body = _body(command)
+        header = _HEADER.pack(_RUN, len(body), len(command.argv), len(command.environment))
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [*command.fds, status_w]))]
+        placed.sock.sendmsg([header], ancillary)
+        for start in range(0, len(body), _PIECE):
+            placed.sock.send(body[start : start + _PIECE])
+    except BaseException:
+        os.close(pidfd)
+        os.close(status_r)
+        raise
+    finally:
+        os.close(status_w)
+    placed.sock.close()  # the helper has its command; it reads no more
+    return placed.pid, pidfd, status_r
+
+
+def _body(command: SpawnRequest) -> bytes:
+    """The RUN body in the helper's format: cwd, executable, uid, gid, the rlimit count and pairs,
+    argv, then the environment as KEY=VALUE, each NUL-ended (see execution/agent)."""
+    uid, gid = command.user if command.user is not None else (-1, -1)
+    texts = [command.cwd, command.executable, str(uid), str(gid), str(len(command.rlimits))]
+    texts += [str(number) for pair in command.rlimits for number in pair]
+    texts += [*command.argv, *(f"{key}={value}" for key, value in command.environment.items())]
+    return b"".join(os.fsencode(text) + b"\0" for text in texts)
+
+
+def _unpassable(command: SpawnRequest) -> str:
+    """Why exec could not take the command's texts or environment (CPython's words); '' when it
+    can. The helper's NUL-separated format could not carry them either."""
+    env = command.environment
+    if any("\0" in text for text in [*command.argv, command.executable, command.cwd, *env, *env.values()]):
+        return "embedded null byte"
+    if any(not key or "=" in key for key in env):
+        return "illegal environment variable name"
+    return ""
+
+
+def _start_helper(helper: bytes, key: _Key) -> Placed:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    copy = -1
+    try:
+        control = theirs.fileno()
+        if control == _CONTROL:  # dup2 onto itself would keep close-on-exec: the helper would lose it
+            control = copy = _duplicate(control)
+        argv = [helper, b"--placed", str(os.getpid()).encode(), *map(os.fsencode, key)]
+        pid = _posix_spawn(helper, argv, control)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        if copy >= 0:
+            os.close(copy)
+    ours.settimeout(SEND_TIMEOUT_SECONDS)
+    return Placed(pid, ours)
+
+
+_CONTROL = 3
+"""The descriptor a placed helper reads its command from."""
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_OPAQUE_BYTES = 1024  # room for posix_spawn_file_actions_t and posix_spawnattr_t (glibc: 80, 336)
+_SIGSET_BYTES = 128  # sigset_t
+_SETSIGDEF = 0x04  # POSIX_SPAWN_SETSIGDEF, the same in glibc and musl
+_SETSIGMASK = 0x08  # POSIX_SPAWN_SETSIGMASK
+
+
+def _posix_spawn(path: bytes, argv: Sequence[bytes], control: int) -> int:
+    """posix_spawn ``path`` with ``control`` as descriptor 3, no signal blocked, SIGPIPE and
+    SIGXFSZ at their defaults (this process ignores them) and an empty environment.
+
+    Through ctypes, which releases the GIL for the call: ``os.posix_spawn`` holds it while the
+    kernel starts the child, and a vfork parent waits until its child execs."""
+    actions = ctypes.create_string_buffer(_OPAQUE_BYTES)
+    attributes = ctypes.create_string_buffer(_OPAQUE_BYTES)
+    _check(_LIBC.posix_spawn_file_actions_init(actions))
+    try:
+        _check(_LIBC.posix_spawn_file_actions_adddup2(actions, control, _CONTROL))
+        _check(_LIBC.posix_spawnattr_init(attributes))
+        try:
+            blocked = ctypes.create_string_buffer(_SIGSET_BYTES)
+            defaults = ctypes.create_string_buffer(_SIGSET_BYTES)
+            _LIBC.sigemptyset(blocked)
+            _LIBC.sigemptyset(defaults)
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):
+                _LIBC.sigaddset(defaults, int(number))
+            _check(_LIBC.posix_spawnattr_setsigmask(attributes, blocked))
+            _check(_LIBC.posix_spawnattr_setsigdefault(attributes, defaults))
+            _check(_LIBC.posix_spawnattr_setflags(attributes, ctypes.c_short(_SETSIGDEF | _SETSIGMASK)))
+            pid = ctypes.c_int(0)
+            args = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
+            environment = (ctypes.c_char_p * 1)(None)
+            _check(_LIBC.posix_spawn(ctypes.byref(pid), path, actions, attributes, args, environment))
+            return pid.value
+        finally:
+            _LIBC.posix_spawnattr_destroy(attributes)
+    finally:
+        _LIBC.posix_spawn_file_actions_destroy(actions)
+
+
+def _check(number: int) -> None:
+    """posix_spawn and its set-up calls return an errno value, 0 for success."""
+    if number:
+        raise OSError(number, os.strerror(number))
+
+
+def _duplicate(fd: int) -> int:
+    """A close-on-exec copy of ``fd`` above the standard descriptors and the helper's control one."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _CONTROL + 1)
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
