@@ -22,6 +22,7 @@ from expbuild_worker.execution.decorators._disk_limit import measure
 from expbuild_worker.execution.executor import Command, Executor, OutputHolding, StopSignal
 from expbuild_worker.execution.host import HostExecutor
 from expbuild_worker.execution.process._run import CHUNK_MAX, HIGH_WATER
+from expbuild_worker.execution.process._spawn import PIPE_BYTES
 from expbuild_worker.model import (
     ExecutionStatus,
     ExecutorCapabilities,
@@ -52,9 +53,9 @@ while True:
 """
 """Writes stdout forever, 64 KiB at a time, recording in ./progress how many writes went through."""
 
-HOST_BUFFERS = 2 * HIGH_WATER + CHUNK_MAX + 64 * 1024
+HOST_BUFFERS = 2 * HIGH_WATER + CHUNK_MAX + PIPE_BYTES
 """The most a held host action can have written past what was streamed: the bytes read ahead of
-the consumer (high water, plus one read pass past it) and a full pipe."""
+the consumer (high water, plus one read pass past it) and a full pipe (grown to PIPE_BYTES)."""
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
