@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
@@ -125,6 +125,20 @@ async def _decoded(requests: AsyncIterator[bytes], decode: Decode, method: str) 
 
 def _undecodable(method: str, err: DecodeError) -> str:
     return f"the request is not a valid message for {method} ({err})"
+
+
+MESSAGE_BYTES = 64 * 1024
+"""Payload bytes per streamed response of file bytes (an output or blob chunk; the process
+runner cuts log chunks to the same size). gRPC writes one large message far slower than the
+same bytes in messages of this size: an output streamed through Execute went from ~395 to
+480-575 MB/s when its 1 MiB reads were sent as 64 KiB responses."""
+
+
+def message_pieces(data: bytes) -> Iterator[bytes]:
+    """``data`` cut into MESSAGE_BYTES pieces, one per response (a short one last)."""
+    view = memoryview(data)
+    for start in range(0, len(view), MESSAGE_BYTES):
+        yield bytes(view[start : start + MESSAGE_BYTES])
 
 
 class CallGone(Exception):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from expbuild_worker.api.reapi import bytestream_pb2 as bs_pb
 from expbuild_worker.api.reapi import bytestream_pb2_grpc as bs_grpc
 from expbuild_worker.errors import InvalidRequestError, NotFoundError, UnavailableError
-from expbuild_worker.frontdoors._grpc import BlockingCalls
+from expbuild_worker.frontdoors._grpc import BlockingCalls, message_pieces
 from expbuild_worker.frontdoors._remote_actions import OutOfRangeError
 from expbuild_worker.frontdoors.reapi._errors import Context, maps_errors, send
 from expbuild_worker.frontdoors.reapi._names import BlobResource, parse_read_resource, parse_upload_resource
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from expbuild_worker.storage import BlobWriter
 
 _log = logging.getLogger(__name__)
-
-READ_CHUNK_BYTES = 1 << 20
-"""Most bytes per ReadResponse: well under any client's message limit."""
 
 
 @dataclass(eq=False)
@@ -165,8 +162,8 @@ class ByteStreamServicer(bs_grpc.ByteStreamServicer):
         )
         try:
             while chunk := await calls.run(next, chunks, b""):
-                for start in range(0, len(chunk), READ_CHUNK_BYTES):
-                    await send(context, bs_pb.ReadResponse(data=chunk[start : start + READ_CHUNK_BYTES]))
+                for piece in message_pieces(chunk):
+                    await send(context, bs_pb.ReadResponse(data=piece))
         finally:
             calls.finish(lambda: _close(chunks))
 

@@ -20,7 +20,7 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.api.v1.digests import add_digests, digest_from_pb, digests_from_pb
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
-from expbuild_worker.frontdoors._grpc import BlockingCalls
+from expbuild_worker.frontdoors._grpc import BlockingCalls, message_pieces
 from expbuild_worker.frontdoors.worker_v1 import _translate as tr
 from expbuild_worker.frontdoors.worker_v1._errors import maps_errors, send
 from expbuild_worker.model import ActionResult, Digest, OutputChunk, StageEntered
@@ -155,8 +155,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             try:
                 offset = 0
                 while chunk := await calls.run(next, chunks, b""):
-                    await send(context, tr.event_to_pb(OutputChunk(f.path, offset, chunk)))
-                    offset += len(chunk)
+                    for piece in message_pieces(chunk):
+                        await send(context, tr.event_to_pb(OutputChunk(f.path, offset, piece)))
+                        offset += len(piece)
             finally:
                 calls.finish(lambda chunks=chunks: _close(chunks))  # type: ignore[misc]
 
@@ -237,8 +238,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         try:
             offset = 0
             while chunk := await calls.run(next, chunks, b""):
-                await send(context, pb.ReadBlobResponse(offset=offset, data=chunk))
-                offset += len(chunk)
+                for piece in message_pieces(chunk):
+                    await send(context, pb.ReadBlobResponse(offset=offset, data=piece))
+                    offset += len(piece)
         finally:
             calls.finish(lambda: _close(chunks))
 
