@@ -1184,6 +1184,30 @@ def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_
     assert b"fork" in result.stderr.lower(), "the process limit of 5 holds in the placed child's cgroup"
 
 
+_CGROUP_PROCS_OWNER = (
+    "while IFS=: read -r _ controllers path; do case $controllers in"
+    ' memory) stat -c %u "/sys/fs/cgroup/memory$path/cgroup.procs"; exit;;'
+    ' "") stat -c %u "/sys/fs/cgroup$path/cgroup.procs"; exit;;'
+    " esac; done < /proc/self/cgroup"
+)
+"""Prints the owner of the command's own memory cgroup's ``cgroup.procs`` (v1 or v2)."""
+
+
+@needs_root
+@needs_cgroups
+def test_the_action_user_owns_its_cgroup_procs_only_where_its_child_must_write_it(
+    public_dir: Path, starter_kind: str
+) -> None:
+    """The native helper enters the action's cgroup as root before it switches user, so the
+    command's user gets no cgroup file; a fork of the spawner enters after the switch and needs
+    its ``cgroup.procs`` handed over."""
+    limits = ResourceLimits(memory_bytes=64 << 20)
+    cmd = sh(public_dir, _CGROUP_PROCS_OWNER, limits=limits)
+    result = run(execute(cmd, executor=make_executor(run_as=NOBODY)))
+    assert result.outcome.exit_code == 0, result.stderr
+    assert result.stdout.decode().strip() == ("0" if starter_kind == "native" else str(NOBODY[0]))
+
+
 @needs_root
 @needs_cgroups
 def test_a_placed_child_that_cannot_start_the_command_fails_to_start_naming_why(

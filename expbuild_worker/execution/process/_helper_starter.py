@@ -63,6 +63,9 @@ class HelperStarter:
     reaps_here = True
     """Its commands are this process's children: ``reap`` is a plain wait4, never a round trip."""
 
+    joins_as_root = True
+    """A helper enters its cgroups as soon as it starts, as root, long before the user switch."""
+
     def __init__(self, helper: Path) -> None:
         self._helper = os.fsencode(helper)
         self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer

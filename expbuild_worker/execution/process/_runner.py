@@ -409,7 +409,7 @@ class ProcessRunner:
                 else:
                     join = leaf.procs  # the starter's child enters before exec
             if user is not None:
-                await _hand_over(command.root, user, join)
+                await _hand_over(command.root, user, () if self._starter.joins_as_root else join)
             # Inside born_inside this thread is in the action's cgroup: spawn then spawns
             # here, by vfork, without ever yielding to the event loop.
             with born_inside:

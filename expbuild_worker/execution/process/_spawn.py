@@ -68,6 +68,10 @@ class Starter(Protocol):
     reaps_here: bool
     """Whether its commands are this process's children (reaped with a plain wait4 here)."""
 
+    joins_as_root: bool
+    """Whether its children enter their cgroups before they switch to the command's user (so
+    no ``cgroup.procs`` needs to be writable by that user)."""
+
     @property
     def pid(self) -> int | None:
         """Its own process, if it has one."""

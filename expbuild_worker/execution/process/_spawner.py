@@ -90,6 +90,10 @@ class Spawner:
     reaps_here = False
     """Its commands are the spawner's children: only the spawner can reap them (a round trip)."""
 
+    joins_as_root = False
+    """A forked child enters its cgroups after the user switch (subprocess runs ``preexec_fn``
+    then), so their ``cgroup.procs`` must be the command user's."""
+
     def __init__(self, *, name: str) -> None:
         self._name = name
         self._process: subprocess.Popen[bytes] | None = None
