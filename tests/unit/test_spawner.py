@@ -5,6 +5,7 @@ fail to start is reported as a forked spawn's failure would be, with nothing lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from _support import wait_until
 
+from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.agent import bundled_agent, usable_agent
 from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _spawner as spawner_module
@@ -57,16 +59,21 @@ def _parent(starter: Starter) -> int:
     return starter.pid if starter.pid is not None else os.getpid()
 
 
-def _placed(spawner: Starter, join: list[str]) -> None:
-    """Place a child for ``join`` and give it a moment to get there."""
-    spawner.place([join])
-    time.sleep(0.2)
+def _placed(starter: Starter, join: list[str]) -> None:
+    """Place a child for ``join`` and wait (5 s at most) until it is there."""
+    starter.place([join])
+
+    def there() -> bool:
+        waiting = any(_placed_child(p, _parent(starter)) for p in os.listdir("/proc") if p.isdigit())
+        return waiting and not getattr(starter, "_pending", None)
+
+    assert wait_until(there, 5), "the child was placed"
 
 
 async def _start(
-    spawner: Starter, tmp_path: Path, join: list[str], argv: list[str], env: dict[str, str]
+    starter: Starter, tmp_path: Path, join: list[str], argv: list[str], env: dict[str, str]
 ) -> int:
-    child = await _spawn(spawner, tmp_path, join, argv, env)
+    child = await _spawn(starter, tmp_path, join, argv, env)
     assert child.exec_status is not None, "the placed child was used"
     try:
         await started(child, argv0=argv[0], cwd=tmp_path, working_directory="")
@@ -79,7 +86,7 @@ async def _start(
     return child.pid
 
 
-def _spawn(spawner: Starter, cwd: Path, join: list[str], argv: list[str], env: dict[str, str]) -> Any:
+def _spawn(starter: Starter, cwd: Path, join: list[str], argv: list[str], env: dict[str, str]) -> Any:
     """spawn() of ``argv`` (argv[0] is the executable) in ``cwd`` with nothing but ``join``."""
     return spawn(
         argv=argv,
@@ -90,7 +97,7 @@ def _spawn(spawner: Starter, cwd: Path, join: list[str], argv: list[str], env: d
         stdin=b"",
         rlimits=[],
         join=join,
-        starter=spawner,
+        starter=starter,
     )
 
 
@@ -104,7 +111,7 @@ def test_a_command_execs_in_the_placed_child(starter: Starter, tmp_path: Path) -
     procs = tmp_path / "procs"
     procs.write_text("")
     _placed(starter, [str(procs)])
-    assert procs.read_text() == "0", "the child wrote to its cgroup.procs as soon as it was placed"
+    assert wait_until(lambda: procs.read_text() == "0", 5), "the child wrote its cgroup.procs once placed"
     waiting = [p for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, _parent(starter))]
     assert len(waiting) == 1, waiting
     cmdline = Path(f"/proc/{waiting[0]}/cmdline").read_bytes().split(b"\0")
@@ -355,14 +362,21 @@ def test_a_command_dies_with_the_thread_that_started_its_helper(tmp_path: Path) 
             for fd in (child.stdout_fd, child.stderr_fd, child.pidfd):
                 os.close(fd)
 
-        asyncio.run(run())
+        try:
+            asyncio.run(run())
+        finally:
+            starter.close()
 
     thread = threading.Thread(target=loop_thread)
     thread.start()
     thread.join()
     (pid,) = started_pid
-    assert wait_until(lambda: _state(str(pid)) in ("Z", ""), 5), "the command was killed"
-    _, status = os.waitpid(pid, 0)
+    try:
+        assert wait_until(lambda: _state(str(pid)) in ("Z", ""), 5), "the command was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
@@ -387,4 +401,38 @@ def test_a_command_whose_helper_is_still_being_placed_waits_for_it(
     procs.write_text("")
     helpers.place([[str(procs)]])
     pid = asyncio.run(_start(helpers, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    helpers.close()  # the placer has finished whatever it was doing
     assert started_helpers == [pid], "the command ran in the helper placed for it, the only one started"
+
+
+def test_a_helper_placed_in_cgroups_that_will_not_be_used_is_ended_and_reaped(
+    helpers: HelperStarter, tmp_path: Path
+) -> None:
+    """Its action failed before handing a command over (or its cgroup is being removed, so the
+    helper could not even enter it and would wait forever): ``forget`` ends it, and reaps it."""
+    join = [str(tmp_path / "removed" / "cgroup.procs")]
+    _placed(helpers, join)
+    (waiting,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, os.getpid())]
+    helpers.forget(join)
+    assert _gone(waiting), "ended and reaped at once"
+
+
+def test_a_placed_helper_is_in_a_session_of_its_own(helpers: HelperStarter, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C (or any signal to the worker's process group) never reaches a helper
+    waiting for its command; the command it becomes leads that session and process group."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    _placed(helpers, [str(procs)])
+    (waiting,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, os.getpid())]
+    assert os.getsid(waiting) == waiting and os.getpgid(waiting) == waiting
+
+
+def test_a_closed_starter_starts_nothing(helpers: HelperStarter, tmp_path: Path) -> None:
+    """After close (the executor is shutting down) a command is refused as unavailable, not run
+    in a helper nobody would stop."""
+    procs = tmp_path / "procs"
+    procs.write_text("")
+    helpers.close()
+    with pytest.raises(UnavailableError, match="closing"):
+        asyncio.run(_start(helpers, tmp_path, [str(procs)], ["/bin/true"], ENV))
+    assert procs.read_text() == "", "no helper entered the cgroup"

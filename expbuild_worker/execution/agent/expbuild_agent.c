@@ -47,6 +47,7 @@
  * container out again. The agent is also the container's init: it reaps every orphan.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -328,7 +329,7 @@ static void become_command(int fds[3], const char *cwd, char **argv, char **env,
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    setsid();
+    setsid(); /* the worker already made it a session leader (then this fails, harmlessly) */
     int failure[2] = {STAGE_STDIO, 0};
     for (int i = 0; i < 3; i++) {
         if (dup2(fds[i], i) < 0) {
@@ -457,6 +458,32 @@ static void placed_failed(int fd, const char *kind, int number, const char *file
     _exit(127);
 }
 
+/* Close every descriptor from `low` to `high`: close_range (Linux 5.9), else one by one from
+ * /proc/self/fd, so a kernel without it never passes the worker's descriptors on. */
+static void close_from(unsigned low, unsigned high) {
+    if (low > high || syscall(SYS_close_range, low, high, 0u) == 0)
+        return;
+    DIR *listing = opendir("/proc/self/fd");
+    if (listing == NULL)
+        return;
+    int own = dirfd(listing);
+    int found[256];
+    int count;
+    do { /* closing while listing may skip entries: list again until nothing is left */
+        count = 0;
+        rewinddir(listing);
+        for (struct dirent *entry; (entry = readdir(listing)) != NULL && count < 256;) {
+            char *end;
+            long fd = strtol(entry->d_name, &end, 10);
+            if (*end == '\0' && end != entry->d_name && fd != own && fd >= (long)low && fd <= (long)high)
+                found[count++] = (int)fd;
+        }
+        for (int i = 0; i < count; i++)
+            close(found[i]);
+    } while (count > 0);
+    closedir(listing);
+}
+
 static void die_with(pid_t parent) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent)
@@ -467,7 +494,7 @@ static int placed_main(int argc, char **argv) {
     pid_t parent = (pid_t)strtol(argv[2], NULL, 10);
     die_with(parent);
     control = 3;
-    syscall(SYS_close_range, 4u, ~0u, 0u);
+    close_from(4u, ~0u);
     int placing_errno = 0;
     const char *placing_path = NULL;
     for (int i = 3; i < argc && placing_errno == 0; i++) {
@@ -506,7 +533,7 @@ static int placed_main(int argc, char **argv) {
         snprintf(text, sizeof text, "entering cgroup %s: %s", placing_path, strerror(placing_errno));
         placed_failed(status, "subprocess", 0, NULL, text);
     }
-    setsid();
+    setsid(); /* the worker already made it a session leader (then this fails, harmlessly) */
     int stdin_fd = count == 4 ? fds[0] : open("/dev/null", O_RDONLY);
     int stdio[3] = {stdin_fd, fds[count - 3], fds[count - 2]};
     for (int i = 0; i < 3; i++) {
@@ -515,8 +542,8 @@ static int placed_main(int argc, char **argv) {
     }
     /* Nothing else open but the status pipe (close-on-exec). */
     if (status > 3)
-        syscall(SYS_close_range, 3u, (unsigned)status - 1, 0u);
-    syscall(SYS_close_range, (unsigned)status + 1, ~0u, 0u);
+        close_from(3u, (unsigned)status - 1);
+    close_from((unsigned)status + 1, ~0u);
     if (chdir(cwd) != 0)
         placed_failed(status, "os", errno, cwd, NULL);
     if (uid >= 0) {

@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import fcntl
 import functools
+import logging
 import os
 import queue
 import resource
@@ -20,12 +20,18 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from expbuild_worker.errors import InternalError, UnavailableError
 from expbuild_worker.execution.process._spawner import SpawnRefused, SpawnRequest
 from expbuild_worker.execution.process._spawner_program import Placed, discard, forget_dead
+
+_log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_SECONDS = 10.0
 """How long handing a command to a placed helper may take before the helper is taken for hung
 (it reads as fast as the kernel hands it the body; only a stopped helper takes longer)."""
+
+PLACER_STOP_SECONDS = 10.0
+"""How long ``close`` waits for the placer to finish the helper it is starting."""
 
 _Spawned = tuple[int, int, int | None]
 """(pid, pidfd, exec status fd), as the spawner's ``spawn`` answers."""
@@ -94,18 +100,38 @@ class HelperStarter:
             keys = [key for key in map(tuple, joins) if key not in self._placed and key not in self._pending]
             for key in keys:
                 self._pending[key] = []
-        if keys:
-            if self._placer is None:
-                self._placer = threading.Thread(target=self._place_in_turn, name="helper-placer", daemon=True)
-                self._placer.start()
-            self._requests.put(keys)
+        if not keys:
+            return
+        if self._placer is None or not self._placer.is_alive():
+            placer = threading.Thread(target=self._place_in_turn, name="helper-placer", daemon=True)
+            try:
+                placer.start()
+            except RuntimeError:  # no thread to be had: each command gets its helper when it comes
+                self._placing_done(keys)
+                return
+            self._placer = placer
+        self._requests.put(keys)
+
+    def forget(self, join: Sequence[str]) -> None:
+        """The cgroups of ``join`` will not be used (their action failed before its command was
+        handed over, or they are being removed): end the helper placed there, now or, while it
+        is still being placed, as soon as it is."""
+        key = tuple(join)
+        with self._lock:
+            placed = self._placed.pop(key, None)
+            waiters = self._pending.get(key)
+            if waiters is not None:
+                waiters.append(functools.partial(self._forget_placed, key))
+        if placed is not None:
+            discard(placed)
 
     def spawn(self, command: SpawnRequest) -> asyncio.Future[_Spawned]:
         """Hand ``command`` to the helper placed for its ``join`` (or a new one). The future gets
-        (pid, pidfd, exec status fd), or fails with SpawnRefused; it is done on return unless
-        that helper is still being placed. ``command.fds`` may be closed on return. The exec
-        status fd reads end-of-file once the command runs, or the helper's (kind, errno,
-        filename, text) when it could not start it (see ``exec_error``)."""
+        (pid, pidfd, exec status fd); it fails with SpawnRefused when the command cannot be
+        passed, InternalError when no helper could take it, UnavailableError once closed. It is
+        done on return unless that helper is still being placed. ``command.fds`` may be closed
+        on return. The exec status fd reads end-of-file once the command runs, or the helper's
+        (kind, errno, filename, text) when it could not start it (see ``exec_error``)."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[_Spawned] = loop.create_future()
         refused = _unpassable(command)
@@ -116,7 +142,7 @@ class HelperStarter:
         with self._lock:
             waiters = self._pending.get(key)
             if waiters is not None:  # its helper is on its way: hand the command over once it is there
-                own = dataclasses.replace(command, fds=[_duplicate(fd) for fd in command.fds])
+                own = dataclasses.replace(command, fds=_duplicates(command.fds))
                 waiters.append(functools.partial(_wake, loop, self._answer, answer, key, own))
                 return answer
         self._answer(answer, key, command)
@@ -131,39 +157,63 @@ class HelperStarter:
         return self.reap(pid)
 
     def close(self) -> None:
-        """Stop the placer and end every placed helper; commands already started are their runs'
-        to end (and die with the placer's thread, as the worker's shutdown expects)."""
+        """Stop the placer and end every placed helper; later spawns fail with UnavailableError.
+        The placer's thread ends here, and with it (their parent-death signal) every command
+        that runs in a helper it placed: the runner has stopped its runs before."""
         self._closed = True
         placer, self._placer = self._placer, None
         if placer is not None:
             self._requests.put(None)
-            placer.join(SEND_TIMEOUT_SECONDS)
+            placer.join(PLACER_STOP_SECONDS)
         with self._lock:
             placed, self._placed = self._placed, {}
         for waiting in placed.values():
             discard(waiting)
 
     def _place_in_turn(self) -> None:
-        """The placer thread: start the helpers asked for, in turn, until ``close``."""
+        """The placer thread: start the helpers asked for, in turn, until ``close``. Nothing ends
+        it early (it takes the commands of the helpers it started with it)."""
         while (keys := self._requests.get()) is not None:
             for key in keys:
                 placed: Placed | None = None
                 if not self._closed:
-                    with contextlib.suppress(OSError):
+                    try:
                         placed = _start_helper(self._helper, key)
+                    except Exception:
+                        placed = None
                 with self._lock:
-                    waiters = self._pending.pop(key, [])
-                    if placed is not None:
+                    if placed is not None and not self._closed:
                         self._placed[key] = placed
-                for wake in waiters:
+                        placed = None
+                if placed is not None:  # closed meanwhile: nobody will take it
+                    discard(placed)
+                self._placing_done([key])
+
+    def _placing_done(self, keys: Sequence[_Key]) -> None:
+        """The keys' helpers are placed (or could not be): wake whoever waits for them."""
+        for key in keys:
+            with self._lock:
+                waiters = self._pending.pop(key, [])
+            for wake in waiters:
+                try:
                     wake()
+                except Exception:
+                    _log.exception("handing a command to its placed helper failed")
+
+    def _forget_placed(self, key: _Key) -> None:
+        with self._lock:
+            placed = self._placed.pop(key, None)
+        if placed is not None:
+            discard(placed)
 
     def _answer(self, answer: asyncio.Future[_Spawned], key: _Key, command: SpawnRequest) -> None:
         if answer.done():
             return
         try:
+            if self._closed:
+                raise UnavailableError("the executor is closing; the command was not started")
             answer.set_result(self._hand(key, command))
-        except SpawnRefused as err:
+        except Exception as err:  # the caller's to word; never left waiting
             answer.set_exception(err)
 
     def _hand(self, key: _Key, command: SpawnRequest) -> _Spawned:
@@ -174,16 +224,19 @@ class HelperStarter:
             if placed is None:
                 try:
                     placed = _start_helper(self._helper, key)
-                except OSError as err:  # out of processes or memory: as a fork's failure would read
-                    raise SpawnRefused(OSError(err.errno, err.strerror)) from err
+                except OSError as err:
+                    raise InternalError(f"could not start the native helper {self._helper!r}: {err}") from err
             try:
                 return _send(placed, command)
             except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
                 discard(placed)
             except OSError as err:
                 discard(placed)
-                raise SpawnRefused(OSError(err.errno, f"handing the command over: {err.strerror}")) from err
-        raise SpawnRefused(OSError(errno.ECHILD, "the placed helper died before it took the command"))
+                raise InternalError(f"could not hand the command to its placed helper: {err!r}") from err
+            except BaseException:
+                discard(placed)
+                raise
+        raise InternalError("two helpers in a row died before they took the command")
 
 
 def _wake(
@@ -283,11 +336,14 @@ _OPAQUE_BYTES = 1024  # room for posix_spawn_file_actions_t and posix_spawnattr_
 _SIGSET_BYTES = 128  # sigset_t
 _SETSIGDEF = 0x04  # POSIX_SPAWN_SETSIGDEF, the same in glibc and musl
 _SETSIGMASK = 0x08  # POSIX_SPAWN_SETSIGMASK
+_SETSID = 0x80  # POSIX_SPAWN_SETSID (glibc 2.26, musl)
 
 
 def _posix_spawn(path: bytes, argv: Sequence[bytes], control: int) -> int:
-    """posix_spawn ``path`` with ``control`` as descriptor 3, no signal blocked, SIGPIPE and
-    SIGXFSZ at their defaults (this process ignores them) and an empty environment.
+    """posix_spawn ``path`` with ``control`` as descriptor 3, in a session of its own (a
+    terminal's Ctrl-C or a signal to the worker's process group never reaches a waiting
+    helper; the command keeps that session), no signal blocked, SIGPIPE and SIGXFSZ at their
+    defaults (this process ignores them) and an empty environment.
 
     Through ctypes, which releases the GIL for the call: ``os.posix_spawn`` holds it while the
     kernel starts the child, and a vfork parent waits until its child execs."""
@@ -306,7 +362,8 @@ def _posix_spawn(path: bytes, argv: Sequence[bytes], control: int) -> int:
                 _LIBC.sigaddset(defaults, int(number))
             _check(_LIBC.posix_spawnattr_setsigmask(attributes, blocked))
             _check(_LIBC.posix_spawnattr_setsigdefault(attributes, defaults))
-            _check(_LIBC.posix_spawnattr_setflags(attributes, ctypes.c_short(_SETSIGDEF | _SETSIGMASK)))
+            flags = ctypes.c_short(_SETSIGDEF | _SETSIGMASK | _SETSID)
+            _check(_LIBC.posix_spawnattr_setflags(attributes, flags))
             pid = ctypes.c_int(0)
             args = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
             environment = (ctypes.c_char_p * 1)(None)
@@ -322,6 +379,18 @@ def _check(number: int) -> None:
     """posix_spawn and its set-up calls return an errno value, 0 for success."""
     if number:
         raise OSError(number, os.strerror(number))
+
+
+def _duplicates(fds: Sequence[int]) -> list[int]:
+    """Close-on-exec copies of ``fds`` (all or, on failure, none: the copies made are closed)."""
+    copies: list[int] = []
+    try:
+        for fd in fds:
+            copies.append(_duplicate(fd))
+    except BaseException:
+        _close(copies)
+        raise
+    return copies
 
 
 def _duplicate(fd: int) -> int:

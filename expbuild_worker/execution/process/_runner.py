@@ -660,6 +660,8 @@ class ProcessRunner:
         """Remove an action's cgroup now, or (while SIGKILLed processes are still exiting) a little later."""
         if leaf is None:
             return
+        if attempt == 0:
+            self._starter.forget(leaf.procs)  # a child still placed there (its action never used it)
         if _remove_quietly(leaf):
             self._forget_leftover(leaf.token)
             return

@@ -87,6 +87,10 @@ class Starter(Protocol):
         """Have a child wait ahead of need in each set of cgroups (their ``cgroup.procs``) in ``joins``."""
         ...
 
+    def forget(self, join: Sequence[str]) -> None:
+        """The cgroups of ``join`` will not be used: end the child placed there, if any."""
+        ...
+
     def spawn(self, command: SpawnRequest) -> asyncio.Future[tuple[int, int, int | None]]:
         """Start ``command``: (pid, pidfd, exec status fd or None), or SpawnRefused."""
         ...
@@ -166,7 +170,8 @@ async def spawn(
     """Start ``argv`` in its own session with piped stdout/stderr (and stdin when given).
 
     ``join`` lists ``cgroup.procs`` files the child enters before exec (so nothing it runs
-    escapes a cgroup limit); they must be writable by ``user`` when one is given. ``user``
+    escapes a cgroup limit); they must be writable by ``user`` when one is given, unless the
+    starter's children join as root (``Starter.joins_as_root``). ``user``
     (uid, gid) runs the command as that user and group with no supplementary groups (the
     worker must be root); None runs it as the worker's own user. Raises SpawnFailure when the
     command cannot be started (missing, not executable, bad working directory, cgroup refused)

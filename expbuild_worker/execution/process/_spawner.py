@@ -245,6 +245,10 @@ class Spawner:
             return
         self._send(("place", [list(join) for join in joins]), (), None)
 
+    def forget(self, join: Sequence[str]) -> None:
+        """Nothing to do: a fork placed in those cgroups is killed with them, and the spawner
+        reaps it before its next request."""
+
     def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
         """wait4 ``pid`` without blocking, in the spawner: (status, usage) once it exited, None
         while it runs. Raises ChildProcessError when its status is lost (the spawner that started
