@@ -22,6 +22,7 @@ from _support import ServedWorker, is_worker_helper, write_worker_config
 
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
+from expbuild_worker.execution.process import SPARE_CGROUPS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER_IMAGE = "expbuild/busybox:local"
@@ -32,8 +33,6 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 32 << 20), ("grpc.max_sen
 CALL_DEADLINE = 300.0
 """Seconds any one action's stream may take from call to result under load; past it the worker hung."""
 UPLOAD_PIECE = 256 << 10
-SPARE_CGROUPS = 4
-"""Action cgroups the host executor keeps made ahead of need (execution/process/_runner.py)."""
 
 
 # ---- bytes a command is told to produce -----------------------------------------------------------
@@ -496,12 +495,16 @@ class WorkerProcess(ServedWorker):
                 children.update(
                     int(x) for x in Path(f"/proc/{self.pid}/task/{task}/children").read_text().split()
                 )
+        helpers = {pid for pid in children if is_worker_helper(pid)}
+        # Each helper placed ahead of need holds one socket of the worker's; how many wait at a
+        # moment depends on where the spares are between their low and high water marks.
+        fds["socket"] -= len(helpers)
         return Snapshot(
             rss_kib=int(status["VmRSS"]),
             hwm_kib=int(status["VmHWM"]),
             threads=len(os.listdir(f"/proc/{self.pid}/task")),
             fds=fds,
-            children=frozenset(pid for pid in children if not is_worker_helper(pid)),
+            children=frozenset(children - helpers),
         )
 
     def action_directories(self) -> list[str]:
@@ -536,7 +539,7 @@ class WorkerProcess(ServedWorker):
         """Action cgroups beyond the host executor's spares, and any Docker action's parent cgroup."""
         leftovers = []
         for where, names in self.cgroups().items():
-            allowed = SPARE_CGROUPS if where.endswith("/host") else 0
+            allowed = SPARE_CGROUPS if where.endswith("/host") else 0  # at most the high water mark
             if len(names) > allowed:
                 leftovers.append(f"{where}: {len(names)} cgroups {names[:5]}")
         return leftovers

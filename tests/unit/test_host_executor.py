@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableEr
 from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.process import SPARE_CGROUPS
+from expbuild_worker.execution.process import SPARE_CGROUPS, SPARE_CGROUPS_LOW
 from expbuild_worker.execution.process import _runner as process_runner
 from expbuild_worker.execution.process import new_token as _new_token
 from expbuild_worker.execution.process import owner_alive as _owner_alive
@@ -522,6 +522,14 @@ def assert_nothing_left(
     assert cbs_after == cbs_before
 
 
+def action_fds(executor: HostExecutor) -> int:
+    """This process's open descriptors less the executor's standing ones: a socket for each
+    child placed ahead of need (how many wait depends on where the spares are between their
+    low and high water marks)."""
+    starter = executor._runner.starter
+    return open_fds() - (len(_placed_children(starter)) if starter.reaps_here else 0)
+
+
 async def spares_placed(executor: HostExecutor) -> None:
     """Wait (2 s at most) until the executor's spare cgroups are made and have their helpers
     placed: the descriptors it keeps standing (their sockets) are all open then."""
@@ -538,13 +546,13 @@ def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> Non
     async def scenario() -> tuple[int, int, int, int]:
         executor = make_executor()
         await executor.start()
-        await spares_placed(executor)  # its standing descriptors (placed helpers' sockets) count before
-        fds, callbacks = open_fds(), registered_callbacks()
+        await spares_placed(executor)
+        fds, callbacks = action_fds(executor), registered_callbacks()
         events = executor.execute(sh(tmp_path, SPAWNS_GRANDCHILD), StopSignal())
         await until_stdout(events, b"ready", [])
         await events.aclose()
         await spares_placed(executor)
-        return fds, open_fds(), callbacks, registered_callbacks()
+        return fds, action_fds(executor), callbacks, registered_callbacks()
 
     assert_nothing_left(tmp_path, *run(scenario()))
 
@@ -555,15 +563,15 @@ def test_cancelling_the_consumer_leaves_nothing_behind(tmp_path: Path) -> None:
     async def scenario() -> tuple[int, int, int, int]:
         executor = make_executor()
         await executor.start()
-        await spares_placed(executor)  # its standing descriptors (placed helpers' sockets) count before
-        fds, callbacks = open_fds(), registered_callbacks()
+        await spares_placed(executor)
+        fds, callbacks = action_fds(executor), registered_callbacks()
         task = asyncio.ensure_future(execute(sh(tmp_path, SPAWNS_GRANDCHILD), executor=executor))
         await until_exists(tmp_path / "grandchild")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await spares_placed(executor)
-        return fds, open_fds(), callbacks, registered_callbacks()
+        return fds, action_fds(executor), callbacks, registered_callbacks()
 
     assert_nothing_left(tmp_path, *run(scenario()))
 
@@ -797,7 +805,8 @@ def test_each_action_runs_in_its_own_cgroup_which_is_removed_afterwards(tmp_path
 @needs_cgroups
 def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Path) -> None:
     """start() makes SPARE_CGROUPS unused cgroups; an action runs in one of them (with its memory
-    limit written when taken), the spares are topped up, and close() removes them all."""
+    limit written when taken), the spares are topped up once no more than SPARE_CGROUPS_LOW are
+    left, and close() removes them all."""
     base = memory_root() / "expbuild" / WORKER / "ahead"
     limit = 96 << 20
     limit_file = (
@@ -819,20 +828,30 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
             sh(tmp_path, script, limits=ResourceLimits(memory_bytes=limit)), executor=executor
         )
         own, *limits_seen = result.stdout.decode().split()
-        for _ in range(200):  # the refill runs on the loop; the used cgroup goes on a thread
-            await asyncio.sleep(0.01)
-            after = spares()
-            if own.rsplit("/", 1)[1] not in after:
-                break
+        after_one = await settled(spares, lambda found: own.rsplit("/", 1)[1] not in found)
+        for _ in range(SPARE_CGROUPS - SPARE_CGROUPS_LOW - 1):  # down to the low water mark
+            await execute(sh(tmp_path, "true"), executor=executor)
+        topped_up = await settled(spares, lambda found: len(found) == SPARE_CGROUPS)
         await executor.close()
-        return before, own, limits_seen, after
+        return before, own, limits_seen, after_one, topped_up
 
-    before, own, limits_seen, after = run(scenario())
+    before, own, limits_seen, after_one, topped_up = run(scenario())
     assert len(before) == SPARE_CGROUPS
     assert own.rsplit("/", 1)[1] in before
     assert limits_seen and all(int(seen) == limit for seen in limits_seen)  # memory (and swap, if counted)
-    assert len(after) == SPARE_CGROUPS and own.rsplit("/", 1)[1] not in after
+    assert len(after_one) == SPARE_CGROUPS - 1 and own.rsplit("/", 1)[1] not in after_one, "not yet topped up"
+    assert len(topped_up) == SPARE_CGROUPS and own.rsplit("/", 1)[1] not in topped_up
     assert not base.exists()
+
+
+async def settled(found: Callable[[], set[str]], done: Callable[[set[str]], bool]) -> set[str]:
+    """``found()`` once ``done`` holds for it (2 s at most: the used cgroup goes on a thread)."""
+    for _ in range(200):
+        seen = found()
+        if done(seen):
+            return seen
+        await asyncio.sleep(0.01)
+    return found()
 
 
 @needs_cgroups

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from expbuild_worker.execution.process._runner import (
     SPARE_CGROUPS,
+    SPARE_CGROUPS_LOW,
     Launch,
     Launcher,
     ProcessRunner,
@@ -22,6 +23,7 @@ from expbuild_worker.execution.process._spawn import (
 __all__ = [
     "GRPC_FORK_SUPPORT",
     "SPARE_CGROUPS",
+    "SPARE_CGROUPS_LOW",
     "CommandPipes",
     "Launch",
     "Launcher",
