@@ -844,6 +844,25 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
     assert not base.exists()
 
 
+@needs_cgroups
+def test_close_while_spares_are_being_made_leaves_no_cgroup(tmp_path: Path) -> None:
+    """The action that takes the spares down to the low water mark starts a top-up on the
+    housekeeping thread; closing at once waits for it and removes what it made."""
+    base = memory_root() / "expbuild" / WORKER / "burst"
+
+    async def scenario() -> bool:
+        executor = make_executor(name="burst")
+        await executor.start()
+        for _ in range(SPARE_CGROUPS - SPARE_CGROUPS_LOW):
+            await execute(sh(tmp_path, "true"), executor=executor)
+        making = executor._runner._spares_making is not None or executor._runner._spares_scheduled
+        await executor.close()
+        return making
+
+    assert run(scenario()), "a top-up was on its way when close came"
+    assert not base.exists()
+
+
 async def settled(found: Callable[[], set[str]], done: Callable[[set[str]], bool]) -> set[str]:
     """``found()`` once ``done`` holds for it (2 s at most: the used cgroup goes on a thread)."""
     for _ in range(200):
