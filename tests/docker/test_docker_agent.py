@@ -222,7 +222,8 @@ def test_a_held_command_blocks_past_the_log_cap(busybox_image: str, tmp_path: Pa
     cap, piece = 1 * MiB, 65536
     writer = VIA_AGENT + (
         f"s=$(head -c {piece} /dev/zero | tr '\\0' x); n=0; "
-        'while :; do n=$((n+1)); echo $n > /work/progress; printf %s "$s"; done'
+        "while :; do n=$((n+1)); echo $n > /work/progress.new; mv /work/progress.new /work/progress; "
+        'printf %s "$s"; done'
     )
 
     async def main() -> Ran:

@@ -22,9 +22,11 @@ PIECE = 65536
 
 WRITER = (
     f"s=$(head -c {PIECE} /dev/zero | tr '\\0' x); n=0; "
-    'while :; do n=$((n+1)); echo $n > /work/progress; printf %s "$s"; done'
+    "while :; do n=$((n+1)); echo $n > /work/progress.new; mv /work/progress.new /work/progress; "
+    'printf %s "$s"; done'
 )
-"""Writes stdout forever, 64 KiB at a time, recording in /work/progress how many writes it began."""
+"""Writes stdout forever, 64 KiB at a time, recording in /work/progress how many writes it began
+(renamed into place: a command killed mid-update never leaves it empty)."""
 
 HELD_BOUND = CAP + 16 * MiB
 """Far more than a held container can write: what the worker reads ahead (4 MiB and one read),
