@@ -48,15 +48,21 @@ class Mount:
     controllers: frozenset[str]
 
 
+def _cgroup_mounts(text: str) -> Iterator[tuple[list[str], list[str]]]:
+    """The cgroup (v1 or v2) lines of ``/proc/self/mountinfo``, each split in its fields before
+    the ``-`` separator and after it (filesystem type, source, super options)."""
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and len(fields) >= 6 and len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
+            yield fields, tail
+
+
 def parse_mountinfo(text: str) -> list[Mount]:
     """Cgroup hierarchies from ``/proc/self/mountinfo`` that show their root (not a nested view)."""
     mounts: list[Mount] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/":
+    for fields, tail in _cgroup_mounts(text):
+        if fields[3] != "/":
             continue
         path = Path(fields[4].replace("\\040", " "))
         if tail[0] == "cgroup2":
@@ -75,14 +81,10 @@ def favors_dynamic_migrations(mountinfo: str) -> bool:
     it; with it migrations are cheap and forks and exits pay slightly more. The setting is
     global, whichever hierarchy carries the option (and on some kernels it stays on until
     reboot once set, even if the option is removed: then this says False wrongly)."""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 6 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
-            continue
-        if "favordynmods" in tail[2].split(",") or "favordynmods" in fields[5].split(","):
-            return True
-    return False
+    return any(
+        "favordynmods" in tail[2].split(",") or "favordynmods" in fields[5].split(",")
+        for fields, tail in _cgroup_mounts(mountinfo)
+    )
 
 
 def read_mountinfo() -> str:

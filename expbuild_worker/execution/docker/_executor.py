@@ -94,6 +94,7 @@ from expbuild_worker.execution.docker._spec import (
     root_in_container,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.proc_stat import PARENT, stat_fields
 from expbuild_worker.execution.process import CommandPipes
 from expbuild_worker.fs import directories
 from expbuild_worker.model import (
@@ -1565,10 +1566,10 @@ def _read_only_bind(source: Path, target: str) -> dict[str, Any]:
 
 def _parent_of(pid: int) -> int:
     """A process's parent pid (0 when it is gone)."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return int(fields[PARENT]) if fields is not None else 0
+    except (ValueError, IndexError):
         return 0
 
 

@@ -26,6 +26,7 @@ from expbuild_worker.execution.cgroups import (
     read_mountinfo,
 )
 from expbuild_worker.execution.executor import Command, StopSignal
+from expbuild_worker.execution.proc_stat import START_TIME, stat_fields
 from expbuild_worker.execution.process._helper_starter import HelperStarter
 from expbuild_worker.execution.process._run import Run
 from expbuild_worker.execution.process._spawn import (
@@ -54,13 +55,8 @@ _log = logging.getLogger(__name__)
 
 def _process_start(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # the name in parentheses may hold spaces
-    return fields[19].decode() if len(fields) > 19 else None
+    fields = stat_fields(pid)
+    return fields[START_TIME].decode() if fields is not None and len(fields) > START_TIME else None
 
 
 _STARTED = _process_start(os.getpid())
