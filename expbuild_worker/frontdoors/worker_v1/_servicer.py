@@ -20,10 +20,10 @@ from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.api.v1.digests import add_digests, digest_from_pb, digests_from_pb
 from expbuild_worker.engine import ExecutionEngine
 from expbuild_worker.errors import InvalidRequestError
-from expbuild_worker.frontdoors._grpc import BlockingCalls, message_pieces
+from expbuild_worker.frontdoors._grpc import BlockingCalls, CallGone, message_pieces
 from expbuild_worker.frontdoors.worker_v1 import _translate as tr
 from expbuild_worker.frontdoors.worker_v1._errors import maps_errors, send
-from expbuild_worker.model import ActionResult, Digest, OutputChunk, StageEntered
+from expbuild_worker.model import Accepted, ActionResult, Digest, OutputChunk, StageEntered
 from expbuild_worker.storage import BlobStore, BlobWriter
 from expbuild_worker.storage._cas import check_digest
 from expbuild_worker.validation import check_digest_count, check_execution_id, check_input_entries
@@ -139,13 +139,33 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         # aclosing: a vanished client cancels this task; the engine is closed (and the command
         # killed) right here, not whenever a suspended generator is garbage-collected. While
         # the outputs stream, the engine waits at the result it gave, holding them pinned.
-        async with contextlib.aclosing(self._engine.execute(action)) as events:
-            async for event in events:
-                if isinstance(event, StageEntered):
-                    continue  # this API tells stages by its own events (accepted, started, result)
-                if isinstance(event, ActionResult) and not request.omit_output_contents:
-                    await self._stream_outputs(event, context)
-                await send(context, tr.event_to_pb(event))
+        accepted: asyncio.Future[None] | None = None  # its write, while in flight
+        try:
+            async with contextlib.aclosing(self._engine.execute(action)) as events:
+                async for event in events:
+                    if isinstance(event, StageEntered):
+                        continue  # this API tells stages by its own events (accepted, started, result)
+                    message = tr.event_to_pb(event)
+                    if isinstance(event, Accepted):
+                        # Written while the engine goes on to start the command (one write in
+                        # flight at a time: the next one waits for it below).
+                        accepted = asyncio.ensure_future(send(context, message))
+                        continue
+                    if accepted is not None:
+                        await accepted
+                        accepted = None
+                    if isinstance(event, ActionResult) and not request.omit_output_contents:
+                        await self._stream_outputs(event, context)
+                    await send(context, message)
+            if accepted is not None:
+                await accepted
+        except BaseException as err:
+            if accepted is not None:  # an error's status follows the accepted event, as it did
+                if isinstance(err, asyncio.CancelledError):
+                    accepted.cancel()
+                with contextlib.suppress(asyncio.CancelledError, CallGone):
+                    await accepted
+            raise
 
     async def _stream_outputs(self, result: ActionResult, context: Context) -> None:
         """Each collected file's bytes, in chunks read from the store on the pool."""
