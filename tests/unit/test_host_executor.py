@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -845,17 +846,34 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
 
 
 @needs_cgroups
-def test_close_while_spares_are_being_made_leaves_no_cgroup(tmp_path: Path) -> None:
+def test_close_while_spares_are_being_made_leaves_no_cgroup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The action that takes the spares down to the low water mark starts a top-up on the
-    housekeeping thread; closing at once waits for it and removes what it made."""
+    housekeeping thread; closing while it runs waits for it and removes what it made."""
     base = memory_root() / "expbuild" / WORKER / "burst"
+    create = process_runner.ProcessRunner._create_spares
+    slow = threading.Event()
+
+    def slow_create(runner: Any, cgroups: Any, count: int) -> Any:
+        made = create(runner, cgroups, count)
+        if slow.is_set():
+            time.sleep(0.3)  # made, and not yet handed back, when close comes
+        return made
+
+    monkeypatch.setattr(process_runner.ProcessRunner, "_create_spares", slow_create)
 
     async def scenario() -> bool:
         executor = make_executor(name="burst")
         await executor.start()
+        slow.set()
         for _ in range(SPARE_CGROUPS - SPARE_CGROUPS_LOW):
             await execute(sh(tmp_path, "true"), executor=executor)
-        making = executor._runner._spares_making is not None or executor._runner._spares_scheduled
+        for _ in range(100):  # the top-up is scheduled soon after the last action
+            if executor._runner._spares_making is not None:
+                break
+            await asyncio.sleep(0.001)
+        making = executor._runner._spares_making is not None
         await executor.close()
         return making
 

@@ -329,7 +329,7 @@ static void become_command(int fds[3], const char *cwd, char **argv, char **env,
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    setsid(); /* the worker already made it a session leader (then this fails, harmlessly) */
+    setsid();
     int failure[2] = {STAGE_STDIO, 0};
     for (int i = 0; i < 3; i++) {
         if (dup2(fds[i], i) < 0) {
@@ -464,8 +464,14 @@ static void close_from(unsigned low, unsigned high) {
     if (low > high || syscall(SYS_close_range, low, high, 0u) == 0)
         return;
     DIR *listing = opendir("/proc/self/fd");
-    if (listing == NULL)
+    if (listing == NULL) { /* no /proc either: every possible descriptor, one by one */
+        struct rlimit most;
+        unsigned last = getrlimit(RLIMIT_NOFILE, &most) == 0 && most.rlim_cur != RLIM_INFINITY
+                            ? (unsigned)most.rlim_cur - 1 : 65535u;
+        for (unsigned fd = low; fd <= high && fd <= last; fd++)
+            close((int)fd);
         return;
+    }
     int own = dirfd(listing);
     int found[256];
     int count;

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import fcntl
 import functools
 import logging
@@ -80,6 +81,7 @@ class HelperStarter:
         self._requests: queue.SimpleQueue[list[_Key] | None] = queue.SimpleQueue()
         self._placer: threading.Thread | None = None
         self._closed = False
+        self._start_failed = False  # said once in the log
         self.pid: int | None = None
         """No process of its own (the spawner's has one)."""
 
@@ -179,8 +181,10 @@ class HelperStarter:
                 if not self._closed:
                     try:
                         placed = _start_helper(self._helper, key)
-                    except Exception:
-                        placed = None
+                    except Exception as err:  # only means a helper started for the command
+                        if not self._start_failed:
+                            self._start_failed = True
+                            _log.warning("could not place a native helper ahead of need: %s", err)
                 with self._lock:
                     if placed is not None and not self._closed:
                         self._placed[key] = placed
@@ -362,8 +366,10 @@ def _posix_spawn(path: bytes, argv: Sequence[bytes], control: int) -> int:
                 _LIBC.sigaddset(defaults, int(number))
             _check(_LIBC.posix_spawnattr_setsigmask(attributes, blocked))
             _check(_LIBC.posix_spawnattr_setsigdefault(attributes, defaults))
-            flags = ctypes.c_short(_SETSIGDEF | _SETSIGMASK | _SETSID)
-            _check(_LIBC.posix_spawnattr_setflags(attributes, flags))
+            flags = _SETSIGDEF | _SETSIGMASK | _SETSID
+            if _LIBC.posix_spawnattr_setflags(attributes, ctypes.c_short(flags)) == errno.EINVAL:
+                # glibc before 2.26 knows no POSIX_SPAWN_SETSID: the helper's own setsid() does it
+                _check(_LIBC.posix_spawnattr_setflags(attributes, ctypes.c_short(flags & ~_SETSID)))
             pid = ctypes.c_int(0)
             args = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
             environment = (ctypes.c_char_p * 1)(None)

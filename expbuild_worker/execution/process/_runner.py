@@ -243,8 +243,8 @@ class ProcessRunner:
             # spare cgroup ahead of need: start it now.
             self._starter.start()
         making = self._make_spare_cgroups()
-        if making is not None:
-            await making  # the first spares are there (their children being placed) on return
+        if making is not None:  # shielded: a cancelled start still lets close() wait for them
+            await asyncio.shield(making)  # the first spares are there (children being placed)
 
     @property
     def starter(self) -> Starter:
@@ -503,10 +503,9 @@ class ProcessRunner:
                 f"{self._kind} executor {self._name!r} closed while the command ran",
             )
         self._starter.close()  # its placed children end with it
-        if self._spares_making is not None:  # spares being made: they are disposed once made
-            with contextlib.suppress(Exception):
+        if self._spares_making is not None:  # spares being made: disposed once made (its callback
+            with contextlib.suppress(Exception):  # runs before this resumes: registered first)
                 await asyncio.shield(self._spares_making)
-            await asyncio.sleep(0)  # the done callback has run
         while self._spare_cgroups:
             self._dispose(self._spare_cgroups.pop())
         await self._remove_leftovers()
@@ -632,7 +631,7 @@ class ProcessRunner:
 
     def _spares_done(self, making: asyncio.Future[list[ActionCgroup]]) -> None:
         self._spares_making = None
-        if making.cancelled() or making.exception() is not None:
+        if making.cancelled() or making.exception() is not None:  # _create_spares returns what it made
             self._spares_scheduled = False
             return
         self._spares_made(making.result())
@@ -648,6 +647,8 @@ class ProcessRunner:
                 )
         except InternalError as err:
             _log.warning("%s executor %r: could not make a spare cgroup: %s", self._kind, self._name, err)
+        except Exception:
+            _log.exception("%s executor %r: making spare cgroups failed", self._kind, self._name)
         return made
 
     def _spares_made(self, made: list[ActionCgroup]) -> None:

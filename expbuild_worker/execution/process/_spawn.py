@@ -231,6 +231,8 @@ async def _launch(how: _How, pipes: CommandPipes, starter: Starter) -> Child:
     try:
         pid, pidfd, status = await asyncio.shield(answer)
     except asyncio.CancelledError:
+        if starter.reaps_here:  # a hand-over still waiting for its helper never happens now
+            answer.cancel()
         answer.add_done_callback(functools.partial(_abandon_spawned, starter))  # killed and reaped
         raise
     reap_async = None if starter.reaps_here else functools.partial(starter.reap_async, pid)

@@ -161,9 +161,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 await accepted
         except BaseException as err:
             if accepted is not None:  # an error's status follows the accepted event, as it did
-                if isinstance(err, asyncio.CancelledError):
+                cancelled = isinstance(err, asyncio.CancelledError)
+                if cancelled:
                     accepted.cancel()
-                with contextlib.suppress(asyncio.CancelledError, CallGone):
+                with contextlib.suppress(CallGone, *((asyncio.CancelledError,) if cancelled else ())):
                     await accepted
             raise
 
