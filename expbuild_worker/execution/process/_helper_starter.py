@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from expbuild_worker.errors import InternalError, UnavailableError
 from expbuild_worker.execution.process._spawner import SpawnRefused, SpawnRequest
-from expbuild_worker.execution.process._spawner_program import Placed, discard, forget_dead
+from expbuild_worker.execution.process._spawner_program import Placed, close_all, discard, forget_dead
 
 _log = logging.getLogger(__name__)
 
@@ -257,12 +256,12 @@ def _wake(
         try:
             answer_with(answer, key, command)
         finally:
-            _close(command.fds)
+            close_all(command.fds)
 
     try:
         loop.call_soon_threadsafe(answer_and_close)
     except RuntimeError:
-        _close(command.fds)
+        close_all(command.fds)
 
 
 def _send(placed: Placed, command: SpawnRequest) -> _Spawned:
@@ -394,7 +393,7 @@ def _duplicates(fds: Sequence[int]) -> list[int]:
         for fd in fds:
             copies.append(_duplicate(fd))
     except BaseException:
-        _close(copies)
+        close_all(copies)
         raise
     return copies
 
@@ -402,9 +401,3 @@ def _duplicates(fds: Sequence[int]) -> list[int]:
 def _duplicate(fd: int) -> int:
     """A close-on-exec copy of ``fd`` above the standard descriptors and the helper's control one."""
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _CONTROL + 1)
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from expbuild_worker.errors import InternalError
 from expbuild_worker.execution.process._spawner import SpawnerGone, SpawnRefused, SpawnRequest, exec_error
+from expbuild_worker.execution.process._spawner_program import close_all
 
 _log = logging.getLogger(__name__)
 
@@ -184,20 +185,21 @@ async def spawn(
     """
     argv0 = argv[0]
     pipes = CommandPipes.make(argv0, stdin=stdin, user=user)
-    how = _How(
+    in_r, out_w, err_w = pipes.child_ends
+    command = SpawnRequest(
         argv=argv,
         executable=executable,
-        cwd=cwd,
-        environment=environment,
-        fds=pipes.child_ends,
+        cwd=str(cwd),
+        environment=dict(environment),
+        fds=(out_w, err_w) if in_r == subprocess.DEVNULL else (in_r, out_w, err_w),
         user=user,
         join=join,
-        rlimits=rlimits,
+        rlimits=[(limit.resource, limit.value) for limit in rlimits],
     )
     try:
-        return await _launch(how, pipes, starter)
+        return await _launch(command, pipes, starter)
     except BaseException as err:
-        _close_all(pipes.mine)
+        close_all(pipes.mine)
         cause = err.error if isinstance(err, SpawnRefused) else err
         if isinstance(cause, (OSError, ValueError, subprocess.SubprocessError)):
             raise SpawnFailure(
@@ -208,26 +210,15 @@ async def spawn(
         raise
 
 
-async def _launch(how: _How, pipes: CommandPipes, starter: Starter) -> Child:
-    """Start ``how`` here (vfork) or by the starter; the command's pipe ends are closed here."""
+async def _launch(command: SpawnRequest, pipes: CommandPipes, starter: Starter) -> Child:
+    """Start ``command`` here (vfork) or by the starter; the command's pipe ends are closed here."""
     try:
-        if not _needs_starter(how):
-            pid, pidfd, reap = _spawn_here(how)
+        if not _needs_starter(command):
+            pid, pidfd, reap = _spawn_here(command)
             return pipes.child(pid, pidfd, reap, None, None)
-        answer = starter.spawn(
-            SpawnRequest(
-                argv=how.argv,
-                executable=how.executable,
-                cwd=str(how.cwd),
-                environment=dict(how.environment),
-                fds=how.fds[1:] if how.fds[0] == subprocess.DEVNULL else how.fds,
-                user=how.user,
-                join=how.join,
-                rlimits=[(limit.resource, limit.value) for limit in how.rlimits],
-            )
-        )
+        answer = starter.spawn(command)
     finally:
-        _close_all(pipes.theirs)  # the child (or the starter) has its own copies now
+        close_all(pipes.theirs)  # the child (or the starter) has its own copies now
     try:
         pid, pidfd, status = await asyncio.shield(answer)
     except asyncio.CancelledError:
@@ -245,9 +236,9 @@ def needs_full_fork(user: tuple[int, int] | None, rlimits: Sequence[Rlimit]) -> 
     return user is not None or bool(rlimits)
 
 
-def _needs_starter(how: _How) -> bool:
-    """A full fork, or cgroups to enter before exec: the starter's work, not a vfork here."""
-    return needs_full_fork(how.user, how.rlimits) or bool(how.join)
+def _needs_starter(command: SpawnRequest) -> bool:
+    """A user switch, rlimits or cgroups to enter before exec: the starter's work, not a vfork here."""
+    return command.user is not None or bool(command.rlimits) or bool(command.join)
 
 
 def _abandon_spawned(starter: Starter, answer: asyncio.Future[tuple[int, int, int | None]]) -> None:
@@ -300,7 +291,7 @@ class CommandPipes:
                 if user is not None:
                     os.fchown(in_r, *user)
         except OSError as err:
-            _close_all(mine + theirs)
+            close_all(mine + theirs)
             raise InternalError(f"could not create pipes for {argv0!r}: {err.strerror}") from err
         return cls(mine, theirs, out_r, err_r, in_w, (in_r, out_w, err_w))
 
@@ -399,7 +390,7 @@ def _abandon(child: Child) -> None:
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(child.pid, signal.SIGKILL)
-    _close_all([fd for fd in (child.stdout_fd, child.stderr_fd, child.stdin_fd) if fd is not None])
+    close_all([fd for fd in (child.stdout_fd, child.stderr_fd, child.stdin_fd) if fd is not None])
     task = asyncio.get_running_loop().create_task(_reap_when_ended(child))
     _ABANDONED.add(task)
     task.add_done_callback(_ABANDONED.discard)
@@ -420,31 +411,18 @@ async def _reap_when_ended(child: Child) -> None:
         os.close(child.pidfd)
 
 
-@dataclass(frozen=True, slots=True)
-class _How:
-    """What to start: ``fds`` are stdin (``subprocess.DEVNULL`` for none), stdout and stderr."""
-
-    argv: Sequence[str]
-    executable: str
-    cwd: Path
-    environment: Mapping[str, str]
-    fds: tuple[int, int, int]
-    user: tuple[int, int] | None
-    join: Sequence[str]
-    rlimits: Sequence[Rlimit]
-
-
-def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
+def _spawn_here(command: SpawnRequest) -> tuple[int, int, Reaper]:
     """vfork and exec in this process (no user, cgroup or rlimits to apply before exec):
     (pid, pidfd, reaper). Raises what Popen raises."""
+    *stdin, stdout, stderr = command.fds
     popen = subprocess.Popen(
-        list(how.argv),
-        executable=how.executable,
-        stdin=how.fds[0],
-        stdout=how.fds[1],
-        stderr=how.fds[2],
-        cwd=str(how.cwd),
-        env=dict(how.environment),
+        list(command.argv),
+        executable=command.executable,
+        stdin=stdin[0] if stdin else subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=command.cwd,
+        env=command.environment,
         start_new_session=True,
         close_fds=True,
     )
@@ -452,7 +430,9 @@ def _spawn_here(how: _How) -> tuple[int, int, Reaper]:
         pidfd = os.pidfd_open(popen.pid)
     except OSError as err:
         _kill_and_reap(popen)
-        raise InternalError(f"could not watch process {popen.pid} ({how.argv[0]!r}): {err.strerror}") from err
+        raise InternalError(
+            f"could not watch process {popen.pid} ({command.argv[0]!r}): {err.strerror}"
+        ) from err
 
     def reap() -> tuple[int, resource.struct_rusage] | None:
         try:
@@ -499,9 +479,3 @@ def _kill_and_reap(popen: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(OSError):
         os.killpg(popen.pid, signal.SIGKILL)
     popen.wait()
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)

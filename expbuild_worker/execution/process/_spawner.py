@@ -152,7 +152,7 @@ class Spawner:
         except (program.Closed, OSError) as err:
             self._gone("did not start")
             raise InternalError(f"the spawner of executor {self._name!r} did not start: {err!r}") from err
-        _close(fds)
+        program.close_all(fds)
         if reply[0] != "ready":
             self._gone("did not start")
             raise InternalError(f"the spawner of executor {self._name!r} did not start: {reply!r}")
@@ -181,7 +181,7 @@ class Spawner:
                 if isinstance(reply, tuple) and reply[0][0] == "spawned" and reply[1]:
                     with contextlib.suppress(OSError):
                         signal.pidfd_send_signal(reply[1][0], signal.SIGKILL)
-                    _close(reply[1])
+                    program.close_all(reply[1])
                 return
             try:
                 if isinstance(reply, BaseException):
@@ -210,7 +210,7 @@ class Spawner:
         answer, got = reply
         if answer[0] == "spawned" and len(got) in (1, 2):
             return int(answer[1]), got[0], got[1] if len(got) == 2 else None
-        _close(got)
+        program.close_all(got)
         if answer[0] != "failed":  # out of step (or descriptors lost): nothing it says can be trusted
             self._gone(f"gave an unexpected answer {answer!r}")
             raise SpawnerGone(f"unexpected answer {answer!r}")
@@ -345,7 +345,7 @@ class Spawner:
             if self._waiting:
                 _hand_on(self._waiting.popleft(), reply)
             else:
-                _close(reply[1])
+                program.close_all(reply[1])
 
     def _read_on(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read answers on ``loop`` as they come (for ``reap_async``)."""
@@ -455,7 +455,7 @@ def _hand_on(on_reply: Callable[[_Reply | BaseException], None], reply: _Reply |
     except Exception:
         _log.exception("handling a spawner answer failed")
         if isinstance(reply, tuple):
-            _close(reply[1])
+            program.close_all(reply[1])
 
 
 def _wait_for(sock: socket.socket, event: int, deadline: float) -> bool:
@@ -468,15 +468,9 @@ def _wait_for(sock: socket.socket, event: int, deadline: float) -> bool:
 
 def _reaped(reply: _Reply) -> tuple[int, resource.struct_rusage] | None:
     answer, got = reply
-    _close(got)
+    program.close_all(got)
     if answer[0] == "running":
         return None
     if answer[0] == "reaped":
         return int(answer[1]), resource.struct_rusage(tuple(answer[2]))
     raise ChildProcessError(errno.ECHILD, "not a child of the running spawner")
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -113,8 +113,7 @@ def receive(sock: socket.socket) -> tuple[tuple[Any, ...], list[int]]:
         )
         fds += descriptors(ancillary)
         if not data:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             raise Closed
         buffer += data
         if size < 0 and len(buffer) >= _HEADER.size:
@@ -250,6 +249,13 @@ class Placed:
     sock: socket.socket
 
 
+def close_all(fds: Sequence[int]) -> None:
+    """Close each descriptor, ignoring any that is already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def discard(placed: Placed) -> None:
     """End a placed child that will not be used, and reap it."""
     placed.sock.close()  # it was waiting for its command: end-of-file ends it
@@ -320,8 +326,7 @@ class _Spawner:
         try:
             send(placed.sock, (argv, executable, cwd, env, user, rlimits), [*fds, status_w])
         except Exception:  # it died just now, or the message could not go: fork as usual
-            for fd in (pidfd, status_r):
-                os.close(fd)
+            close_all((pidfd, status_r))
             discard(placed)
             return None
         finally:
@@ -418,16 +423,14 @@ def main(fd: int) -> int:
             reply = None if request[0] == "place" else ("failed", "subprocess", 0, None, text)
             out = []
         finally:
-            for received in fds:
-                os.close(received)
+            close_all(fds)
         try:
             if reply is not None:
                 send(sock, reply, out)
         except (BrokenPipeError, ConnectionError):
             return 0
         finally:
-            for sent in out:
-                os.close(sent)
+            close_all(out)
         for join in place:  # unanswered: the worker goes on while this forks
             spawner.place(join)
 
