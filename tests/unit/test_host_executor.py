@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import wait_gone
+from _support import placed_children, wait_gone
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
@@ -1182,22 +1182,8 @@ def test_close_stops_the_spawner(public_dir: Path) -> None:
 
 
 def _placed_children(starter: Starter) -> set[int]:
-    """The starter's children that have not become a command yet (the native helper, the worker's
-    own child, or a fork of the spawner's program, waiting): placed ones."""
-    parent = starter.pid if starter.pid is not None else os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        placed = b"_spawner_program" in cmdline or b"\0--placed\0" in cmdline  # a fork, or the helper
-        if int(stat[stat.rfind(")") + 2 :].split()[1]) == parent and placed:
-            found.add(int(entry))
-    return found
+    """The starter's children that have not become a command yet: placed ones."""
+    return placed_children(starter.pid if starter.pid is not None else os.getpid())
 
 
 @needs_root

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import wait_until
+from _support import placed_children, wait_until
 
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.agent import bundled_agent, usable_agent
+from expbuild_worker.execution.proc_stat import PARENT, stat_fields
 from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _spawner as spawner_module
 from expbuild_worker.execution.process._helper_starter import HelperStarter
@@ -64,7 +65,7 @@ def _placed(starter: Starter, join: list[str]) -> None:
     starter.place([join])
 
     def there() -> bool:
-        waiting = any(_placed_child(p, _parent(starter)) for p in os.listdir("/proc") if p.isdigit())
+        waiting = bool(placed_children(_parent(starter)))
         return waiting and not getattr(starter, "_pending", None)
 
     assert wait_until(there, 5), "the child was placed"
@@ -112,19 +113,13 @@ def test_a_command_execs_in_the_placed_child(starter: Starter, tmp_path: Path) -
     procs.write_text("")
     _placed(starter, [str(procs)])
     assert wait_until(lambda: procs.read_text() == "0", 5), "the child wrote its cgroup.procs once placed"
-    waiting = [p for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, _parent(starter))]
+    waiting = sorted(placed_children(_parent(starter)))
     assert len(waiting) == 1, waiting
     cmdline = Path(f"/proc/{waiting[0]}/cmdline").read_bytes().split(b"\0")
     assert (b"--placed" in cmdline) == isinstance(starter, HelperStarter), cmdline
     pid = asyncio.run(_start(starter, tmp_path, [str(procs)], ["/bin/true"], ENV))
-    assert str(pid) == waiting[0]
+    assert pid == waiting[0]
     assert _gone(pid)
-
-
-def _placed_child(pid: str, parent: int) -> bool:
-    """A child of ``parent`` waiting for its command: the native helper, or a fork of the spawner."""
-    cmdline = _cmdline(pid)
-    return _parent_of(pid) == parent and (b"--placed" in cmdline or b"_spawner_program" in cmdline)
 
 
 def test_a_child_that_could_not_enter_its_cgroup_does_not_look_as_if_it_ran(
@@ -167,17 +162,13 @@ def test_a_missing_program_is_named_and_its_child_reaped(starter: Starter, tmp_p
 
 
 def _state(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
+    fields = stat_fields(int(pid))
+    return fields[0].decode() if fields else ""
 
 
 def _parent_of(pid: str) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return 0
+    fields = stat_fields(int(pid))
+    return int(fields[PARENT]) if fields else 0
 
 
 def test_a_spawn_given_up_while_the_spawner_answers_leaves_nothing_running(
@@ -336,7 +327,7 @@ def test_a_placed_helper_killed_from_outside_is_replaced_for_its_command(
     procs = tmp_path / "procs"
     procs.write_text("")
     _placed(helpers, [str(procs)])
-    (dead,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, os.getpid())]
+    (dead,) = placed_children(os.getpid())
     os.kill(dead, signal.SIGKILL)
     assert wait_until(lambda: _state(str(dead)) == "Z", 5)
     pid = asyncio.run(_start(helpers, tmp_path, [str(procs)], ["/bin/true"], ENV))
@@ -412,7 +403,7 @@ def test_a_helper_placed_in_cgroups_that_will_not_be_used_is_ended_and_reaped(
     helper could not even enter it and would wait forever): ``forget`` ends it, and reaps it."""
     join = [str(tmp_path / "removed" / "cgroup.procs")]
     _placed(helpers, join)
-    (waiting,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, os.getpid())]
+    (waiting,) = placed_children(os.getpid())
     helpers.forget(join)
     assert _gone(waiting), "ended and reaped at once"
 
@@ -423,7 +414,7 @@ def test_a_placed_helper_is_in_a_session_of_its_own(helpers: HelperStarter, tmp_
     procs = tmp_path / "procs"
     procs.write_text("")
     _placed(helpers, [str(procs)])
-    (waiting,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _placed_child(p, os.getpid())]
+    (waiting,) = placed_children(os.getpid())
     assert os.getsid(waiting) == waiting and os.getpgid(waiting) == waiting
 
 
