@@ -10,10 +10,12 @@ Prints, measured in this run on this machine:
    three messages (accepted, started, result) around a Popen of /bin/true and a pidfd wait, with
    no engine, directory, pipes or cgroup, i.e. what any worker with this API pays before doing
    any work of its own (e2e minus floor is the worker's own overhead), and the same handler
-   writing one message (what a wire that batches events could save);
+   writing one message (what a wire that batches events could save); with cgroups, also a
+   second worker that makes a new cgroup for every action (``reuse_cgroups = false``), in the
+   same interleaved batches, so the gain of reused cgroups is measured in the same run;
 4. 1 GiB of stdout streamed through Execute against a raw gRPC server stream of 64 KiB chunks
    (target ratio >= 0.5);
-5. actions per second with 16 concurrent clients.
+5. actions per second with 16 concurrent clients (with cgroups: reused, new per action, reused).
 
 Topology: with ``--topology subprocess`` (default, as a worker is deployed) the worker and the
 baseline servers each run in a child process, so client and server use both cores; with
@@ -142,7 +144,9 @@ async def baseline_target(topology: str) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-def _worker_config(work: Path, concurrency: int, stream_bytes: int, cgroups: str) -> dict[str, Any]:
+def _worker_config(
+    work: Path, concurrency: int, stream_bytes: int, cgroups: str, reuse: bool
+) -> dict[str, Any]:
     return {
         "server": {
             "address": "127.0.0.1",
@@ -158,15 +162,17 @@ def _worker_config(work: Path, concurrency: int, stream_bytes: int, cgroups: str
             "max_log_bytes_per_stream": max(stream_bytes, 1 << 20),
         },
         "storage": {"path": str(work / "cas")},
-        "executor": {"host": {"type": "host", "cgroups": cgroups}},
+        "executor": {"host": {"type": "host", "cgroups": cgroups, "reuse_cgroups": reuse}},
     }
 
 
 @asynccontextmanager
-async def host_worker(topology: str, concurrency: int, stream_bytes: int, cgroups: str) -> AsyncIterator[str]:
+async def host_worker(
+    topology: str, concurrency: int, stream_bytes: int, cgroups: str, *, reuse: bool = True
+) -> AsyncIterator[str]:
     work = work_directory("expbuild-bench-")
     try:
-        config = _worker_config(work, concurrency, stream_bytes, cgroups)
+        config = _worker_config(work, concurrency, stream_bytes, cgroups, reuse)
         async with worker_target(topology, config, work) as target:
             yield target
     finally:
@@ -260,6 +266,16 @@ async def bench(args: argparse.Namespace) -> None:
         ch = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         stack.push_async_callback(ch.close)
         stub = pb_grpc.WorkerServiceStub(ch)
+        probes: dict[str, Any] = {}
+        fresh_target = ""
+        if args.cgroups == "auto":  # beside it, the same worker with a new cgroup for every action
+            fresh_target = await stack.enter_async_context(
+                host_worker(args.topology, args.clients, 1 << 20, args.cgroups, reuse=False)
+            )
+            fresh_ch = grpc.aio.insecure_channel(fresh_target, options=CHANNEL_OPTIONS)
+            stack.push_async_callback(fresh_ch.close)
+            fresh_stub = pb_grpc.WorkerServiceStub(fresh_ch)
+            probes["fresh"] = lambda: run_action(fresh_stub, true_request())
 
         echo_call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = base_ch.unary_unary(ECHO_METHOD)
         floor_call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = base_ch.unary_stream(FLOOR_METHOD)
@@ -274,6 +290,7 @@ async def bench(args: argparse.Namespace) -> None:
                 "e2e": lambda: run_action(stub, true_request()),
                 "floor": lambda: drain(floor_call(payload)),
                 "floor1": lambda: drain(floor1_call(payload)),
+                **probes,
             },
             args.runs,
         )
@@ -294,6 +311,12 @@ async def bench(args: argparse.Namespace) -> None:
               f"{floor1.median / base_median:.3f} (1 message)")  # fmt: skip
         print(f"  the worker's own overhead, 3 - floor: median {(e2e.median - floor.median) * 1e3:.3f} ms; "
               f"the target leaves {(1.5 * base_median - floor.median) * 1e3:.3f} ms for it")  # fmt: skip
+        if "fresh" in timings:
+            fresh = timings["fresh"]
+            print(fresh.row("   3 with a new cgroup per action (reuse_cgroups=false)"))
+            print(f"  its own overhead: median {(fresh.median - floor.median) * 1e3:.3f} ms; reuse saves "
+                  f"{(fresh.median - e2e.median) * 1e3:.3f} ms (median), "
+                  f"{(fresh.p90 - e2e.p90) * 1e3:.3f} ms (p90)")  # fmt: skip
 
         print(f"\nstreaming {args.stream_bytes / (1 << 30):g} GiB of stdout:")
         # raw, worker, raw: the worker is compared with the mean of the raw runs around it.
@@ -312,6 +335,13 @@ async def bench(args: argparse.Namespace) -> None:
         elapsed, n = await concurrent_actions(target, args.clients, args.per_client)
         print(f"  {n / elapsed:8.1f} actions/s ({n} actions in {elapsed:.2f} s, "
               f"max_concurrent_executions = {args.clients})")  # fmt: skip
+        if fresh_target:
+            elapsed, n = await concurrent_actions(fresh_target, args.clients, args.per_client)
+            print(f"  {n / elapsed:8.1f} actions/s with a new cgroup per action (reuse_cgroups=false)")
+            elapsed, n = await concurrent_actions(target, args.clients, args.per_client)
+            print(
+                f"  {n / elapsed:8.1f} actions/s reused again (the first run's machine may have been busier)"
+            )
 
 
 def main() -> int:

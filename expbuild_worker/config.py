@@ -183,6 +183,7 @@ class HostExecutorConfig:
     refuse_unenforceable_limits: bool = True
     cgroups: CgroupMode = "auto"
     cgroup_parent: str = "expbuild"
+    reuse_cgroups: bool = True  # cgroup v1: keep an action's cgroup for a later one once proven clean
     run_as_user: str = "nobody"
     run_as_group: str = "nogroup"
     run_as_root: bool = False
@@ -274,6 +275,7 @@ class SandboxExecutorConfig:
     refuse_unenforceable_limits: bool = True
     cgroups: CgroupMode = "auto"
     cgroup_parent: str = "expbuild"
+    reuse_cgroups: bool = True  # cgroup v1: keep an action's cgroup for a later one once proven clean
     run_as_user: str = "nobody"
     run_as_group: str = "nogroup"
     run_as_root: bool = False

@@ -103,13 +103,16 @@ def pid_alive(pid: int) -> bool:
 
 def is_worker_helper(pid: int) -> bool:
     """Whether ``pid`` is an executor's own helper, not a process of any action: its spawner
-    process, or a native helper placed ahead of need that waits for its command."""
+    process, or a native helper placed ahead of need that waits for its command (once, or,
+    resident in a reused cgroup, for each command there)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             cmdline = fh.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return SPAWNER_PROGRAM.encode() in cmdline or b"\0--placed\0" in cmdline
+    return SPAWNER_PROGRAM.encode() in cmdline or any(
+        role in cmdline for role in (b"\0--placed\0", b"\0--resident\0")
+    )
 
 
 def placed_children(parent: int) -> set[int]:

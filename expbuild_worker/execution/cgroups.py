@@ -24,6 +24,13 @@ _HOST_V1_CONTROLLERS = frozenset({"memory", "cpuacct", "pids"})
 _HOST_V2_CONTROLLERS = ("memory", "pids", "cpu")
 """Enabled for the children of every directory of our path on cgroup v2; memory is required."""
 
+RESIDUE_BYTES = 2 << 20
+"""What an ended action may leave charged to its cgroup for the cgroup to be reused: the
+resident helper's own pages (~16 KiB) and kernel objects (~1-1.5 MiB measured after a few
+processes were killed, much of it freed a moment later, after an RCU grace period). The next
+action's peak memory includes it, so it is kept small; a cgroup holding more (page cache of
+files the action wrote, a tmpfs file) is removed, and the next action gets another."""
+
 _KILL_PASSES = 16
 """Rounds of read-and-SIGKILL per kill: each round catches processes forked during the previous one."""
 
@@ -112,7 +119,19 @@ class ActionCgroup:
     ``cgroup.procs`` files a process joins through (writing ``0`` there moves the writer).
     """
 
-    __slots__ = ("_cpu", "_dirs", "_kill_file", "_memory", "_version", "procs", "token")
+    __slots__ = (
+        "_cpu",
+        "_dirs",
+        "_kill_file",
+        "_memory",
+        "_version",
+        "memory_limit",
+        "oom_base",
+        "process_limit",
+        "procs",
+        "resident",
+        "token",
+    )
 
     def __init__(self, *, token: str, version: int, dirs: tuple[str, ...], cpu: str, kill_file: bool) -> None:
         self.token = token
@@ -122,6 +141,14 @@ class ActionCgroup:
         self._cpu = cpu
         self._kill_file = kill_file
         self.procs = tuple(f"{d}/cgroup.procs" for d in dirs)
+        self.resident = 0
+        """A helper that stays in the cgroup between actions (v1 only), never killed or counted
+        as left over here; 0 when there is none."""
+        self.oom_base = 0
+        """OOM kills counted before the current action (a reused cgroup's count only grows)."""
+        self.memory_limit: int | None = None
+        self.process_limit: int | None = None
+        """The limits written now (None: none), so a reused cgroup's are changed only when they differ."""
 
     @property
     def dirs(self) -> tuple[str, ...]:
@@ -141,10 +168,31 @@ class ActionCgroup:
                 return
 
     def read(self) -> CgroupReading:
-        """CPU time, peak memory and OOM kills of everything that ran in the cgroup."""
+        """CPU time, peak memory and OOM kills of everything that ran in the cgroup since it was
+        made, or (reused) since ``ActionCgroups.recycle`` reset it."""
         if self._version == 2:
             return _read_v2(self._memory)
-        return _read_v1(self._memory, self._cpu, oom=True)
+        reading = _read_v1(self._memory, self._cpu, oom=True)
+        if self.oom_base and reading.oom_kills is not None:
+            return CgroupReading(reading.usage, reading.oom_kills - self.oom_base)
+        return reading
+
+    def reset_v1(self, *, swap: bool) -> str:
+        """See ``ActionCgroups.recycle``; raises OSError naming the file that failed."""
+        members = _read_pids(self.procs[0])
+        if members != {self.resident}:
+            return (
+                f"it holds processes {sorted(members - {self.resident})}, not only its helper {self.resident}"
+            )
+        held = _read_int(f"{self._memory}/memory.usage_in_bytes")
+        if held is None or held > RESIDUE_BYTES:
+            return f"{held} bytes are still charged to it (at most {RESIDUE_BYTES} for reuse)"
+        _write(f"{self._cpu}/cpuacct.usage", b"0")
+        _write(f"{self._memory}/memory.max_usage_in_bytes", b"0")
+        if swap:
+            _write(f"{self._memory}/memory.memsw.max_usage_in_bytes", b"0")
+        self.oom_base = _read_keyed(f"{self._memory}/memory.oom_control").get("oom_kill", 0)
+        return ""
 
     def kill(self) -> int:
         """SIGKILL every process in the cgroup, including those that left the process group;
@@ -155,13 +203,14 @@ class ActionCgroup:
         only once they have exited; ``empty`` and ``remove`` say when that is.
         """
         me = os.getpid()  # never ourselves, whatever a racing thread move left listed
-        if self._kill_file:
+        if self._kill_file:  # v2, which never has a resident helper
             found = len(_read_pids(self.procs[0]) - {me})
             if found:
                 with contextlib.suppress(FileNotFoundError):
                     _write(f"{self._memory}/cgroup.kill", b"1")
             return found
-        signalled = {me}
+        spared = {me, self.resident}
+        signalled = set(spared)
         for _ in range(_KILL_PASSES):
             fresh = _read_pids(self.procs[0]) - signalled
             if not fresh:
@@ -170,11 +219,12 @@ class ActionCgroup:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             signalled |= fresh
-        return len(signalled) - 1
+        return len(signalled - spared)
 
     def empty(self) -> bool:
-        """Whether no process is left in the cgroup (a SIGKILLed one stays until it has exited)."""
-        return not _read_pids(self.procs[0])
+        """Whether no process is left in the cgroup but its resident helper (a SIGKILLed one
+        stays until it has exited)."""
+        return not _read_pids(self.procs[0]) - {self.resident}
 
     def remove(self) -> bool:
         """rmdir the cgroup in every hierarchy; False while a process is still in it."""
@@ -370,7 +420,7 @@ class ActionCgroups:
         if directory is None:
             return False
         try:
-            _write(f"{directory}/pids.max", str(count).encode())
+            _write(f"{directory}/pids.max", _pids_max(count))
         except FileNotFoundError:
             return False
         return True
@@ -460,7 +510,8 @@ class ActionCgroups:
             if memory_bytes is not None:
                 self._write_memory_limit(leaf, memory_bytes)
             if max_processes is not None:
-                _write(f"{leaf.dirs[-1]}/pids.max", str(max_processes).encode())
+                _write(f"{leaf.dirs[-1]}/pids.max", _pids_max(max_processes))
+                leaf.process_limit = max_processes
         except OSError as err:
             for path in reversed(made):
                 with contextlib.suppress(OSError):
@@ -470,38 +521,57 @@ class ActionCgroups:
             ) from err
         return leaf
 
-    def limit_memory(self, leaf: ActionCgroup, memory_bytes: int) -> None:
-        """Give a cgroup ``create`` made without a memory limit one, before anything runs in it
-        (so a cgroup can be made ahead of need). Raises InternalError naming the file that failed."""
+    def set_limits(self, leaf: ActionCgroup, *, memory_bytes: int | None, max_processes: int | None) -> None:
+        """Give a cgroup the limits of its next action (None: no limit), writing only those that
+        differ from what it has: one ``create`` made ahead of need, or one reused. Raises
+        InternalError naming the file that failed (v1 refuses a memory limit below what the
+        cgroup already holds, EBUSY)."""
         try:
-            self._write_memory_limit(leaf, memory_bytes)
+            if memory_bytes != leaf.memory_limit:
+                self._write_memory_limit(leaf, memory_bytes)
+            if max_processes != leaf.process_limit:
+                _write(f"{leaf.dirs[-1]}/pids.max", _pids_max(max_processes))
+                leaf.process_limit = max_processes
         except OSError as err:
             raise InternalError(
-                f"could not limit the memory of cgroup {self.parent_for(leaf.token)}: "
+                f"could not set the limits of cgroup {self.parent_for(leaf.token)}: "
                 f"{err.strerror} ({err.filename})"
             ) from err
 
-    def limit_processes(self, leaf: ActionCgroup, max_processes: int) -> None:
-        """Give a cgroup ``create`` made with ``pids`` its process limit (a process already in it
-        counts). Raises InternalError naming the file that failed."""
-        try:
-            _write(f"{leaf.dirs[-1]}/pids.max", str(max_processes).encode())
-        except OSError as err:
-            raise InternalError(
-                f"could not limit the processes of cgroup {self.parent_for(leaf.token)}: "
-                f"{err.strerror} ({err.filename})"
-            ) from err
-
-    def _write_memory_limit(self, leaf: ActionCgroup, memory_bytes: int) -> None:
-        memory, limit = leaf.dirs[0], str(memory_bytes).encode()
+    def _write_memory_limit(self, leaf: ActionCgroup, memory_bytes: int | None) -> None:
+        """On v1 the swap-included limit may never be below the memory limit: it is written
+        first when the limit rises, last when it falls."""
+        memory = leaf.dirs[0]
+        limit = b"-1" if memory_bytes is None else str(memory_bytes).encode()
         if self._version == 2:
-            _write(f"{memory}/memory.max", limit)
+            _write(f"{memory}/memory.max", b"max" if memory_bytes is None else limit)
             with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap to limit
-                _write(f"{memory}/memory.swap.max", b"0")
+                _write(f"{memory}/memory.swap.max", b"max" if memory_bytes is None else b"0")
         else:
-            _write(f"{memory}/memory.limit_in_bytes", limit)
-            if self._memsw:
-                _write(f"{memory}/memory.memsw.limit_in_bytes", limit)
+            files = (
+                ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+                if self._memsw
+                else ["memory.limit_in_bytes"]
+            )
+            rising = memory_bytes is None or (
+                leaf.memory_limit is not None and memory_bytes > leaf.memory_limit
+            )
+            for name in reversed(files) if rising else files:
+                _write(f"{memory}/{name}", limit)
+        leaf.memory_limit = memory_bytes
+
+    def recycle(self, leaf: ActionCgroup) -> str:
+        """Make a v1 cgroup whose action has ended ready for the next one, keeping its limits
+        and its resident helper: nothing but that helper may be left in it, nor more than
+        RESIDUE_BYTES charged; then its CPU time and peak memory are reset and its OOM kills
+        so far noted. Returns why it cannot be reused, '' when it can. Not for v2, whose CPU
+        time and (before Linux 6.12) peak memory cannot be reset."""
+        if self._version != 1 or not leaf.resident:
+            return "only a cgroup v1 cgroup with a resident helper is reused"
+        try:
+            return leaf.reset_v1(swap=self._memsw)
+        except OSError as err:
+            return f"{err.strerror} ({err.filename})"
 
     @contextlib.contextmanager
     def spawning_into(self, leaf: ActionCgroup) -> Iterator[None]:
@@ -632,6 +702,16 @@ class ActionCgroups:
                 continue
             found.extend((root, entry) for entry in entries if entry.is_dir(follow_symlinks=False))
         return found
+
+
+PID_MAX_LIMIT = 1 << 22
+"""No system has more processes (the kernel's PID_MAX_LIMIT); ``pids.max`` refuses more."""
+
+
+def _pids_max(count: int | None) -> bytes:
+    """``pids.max`` for at most ``count`` processes (None: no limit). A count the kernel cannot
+    take (the action's limit plus the helpers around it may pass PID_MAX_LIMIT) is no limit."""
+    return b"max" if count is None or count >= PID_MAX_LIMIT else str(count).encode()
 
 
 def _write(path: str, data: bytes) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import placed_children, wait_gone
+from _support import is_worker_helper, placed_children, wait_gone
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
-from expbuild_worker.execution.cgroups import ActionCgroups, parse_mountinfo, read_mountinfo
+from expbuild_worker.execution.cgroups import RESIDUE_BYTES, ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
 from expbuild_worker.execution.process import SPARE_CGROUPS, SPARE_CGROUPS_LOW
@@ -89,6 +89,7 @@ def make_executor(
     name: str = "host",
     run_as: tuple[int, int] | None = None,
     run_as_uids: range | None = None,
+    reuse_cgroups: bool = True,
 ) -> HostExecutor:
     executor = HostExecutor(
         name=name,
@@ -101,6 +102,7 @@ def make_executor(
         mountinfo=mountinfo,
         run_as=run_as,
         run_as_uids=run_as_uids,
+        reuse_cgroups=reuse_cgroups,
     )
     _MADE.append(executor)
     return executor
@@ -533,12 +535,15 @@ def action_fds(executor: HostExecutor) -> int:
 
 async def spares_placed(executor: HostExecutor) -> None:
     """Wait (2 s at most) until the executor's spare cgroups are made and have their helpers
-    placed: the descriptors it keeps standing (their sockets) are all open then."""
+    placed, and the last action's cgroup is back among them or removed (either needs its
+    processes gone, and so their reaps under way): the descriptors it keeps standing (their
+    sockets) are all open then, and no action's are."""
     await asyncio.sleep(0)  # spares are topped up soon after an action, not at once
     for _ in range(200):
-        if not getattr(executor._runner.starter, "_pending", None):
-            return
+        if not getattr(executor._runner.starter, "_pending", None) and not executor._runner._leftovers:
+            break
         await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # the reaps of processes seen gone run on the loop
 
 
 def test_closing_the_stream_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -796,8 +801,9 @@ def cgroup_gone_within(path: Path, seconds: float = 5.0) -> bool:
 
 @needs_cgroups
 def test_each_action_runs_in_its_own_cgroup_which_is_removed_afterwards(tmp_path: Path) -> None:
-    """The command is in <parent>/<worker>/<executor>/<token>, and that directory is gone after the action."""
-    result = run(execute(sh(tmp_path, OWN_CGROUP)))
+    """Without reuse, the command is in <parent>/<worker>/<executor>/<token>, and that directory
+    is gone after the action."""
+    result = run(execute(sh(tmp_path, OWN_CGROUP), executor=make_executor(reuse_cgroups=False)))
     own = result.stdout.decode().strip()
     assert own.startswith(f"/expbuild/{WORKER}/host/"), own
     assert cgroup_gone_within(memory_root() / own.lstrip("/"))
@@ -818,7 +824,7 @@ def test_action_cgroups_are_made_ahead_and_none_is_left_after_close(tmp_path: Pa
         return {p.name for p in base.iterdir() if p.is_dir()}
 
     async def scenario() -> tuple[set[str], str, list[str], set[str]]:
-        executor = make_executor(name="ahead")
+        executor = make_executor(name="ahead", reuse_cgroups=False)
         await executor.start()
         before = spares()
         script = (
@@ -864,7 +870,7 @@ def test_close_while_spares_are_being_made_leaves_no_cgroup(
     monkeypatch.setattr(process_runner.ProcessRunner, "_create_spares", slow_create)
 
     async def scenario() -> bool:
-        executor = make_executor(name="burst")
+        executor = make_executor(name="burst", reuse_cgroups=False)
         await executor.start()
         slow.set()
         for _ in range(SPARE_CGROUPS - SPARE_CGROUPS_LOW):
@@ -1191,8 +1197,8 @@ def _placed_children(starter: Starter) -> set[int]:
 def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_limits(
     public_dir: Path, starter_kind: str
 ) -> None:
-    """The spare cgroups have the starter's children waiting in them; a command execs in one: it
-    is that child's pid, runs as the configured user, in its own cgroup under its memory and
+    """Without reuse, the spare cgroups have the starter's children waiting in them; a command
+    execs in one: it is that child's pid, runs as the configured user, in its own cgroup under its memory and
     process limits; its spare is replaced by a newly placed one."""
     limits = ResourceLimits(memory_bytes=64 << 20, max_processes=5)
     script = (
@@ -1200,7 +1206,9 @@ def test_a_command_runs_in_a_child_placed_in_its_cgroup_ahead_with_its_user_and_
     )
 
     async def scenario() -> tuple[set[int], Result, set[int], str]:
-        executor = make_executor(run_as=NOBODY, default_limits=ResourceLimits(max_processes=64))
+        executor = make_executor(
+            run_as=NOBODY, default_limits=ResourceLimits(max_processes=64), reuse_cgroups=False
+        )
         await executor.start()
         starter = executor._runner.starter
         for _ in range(100):  # placed after the answer to each request
@@ -1377,3 +1385,171 @@ def test_a_single_uid_serves_back_to_back_actions(public_dir: Path) -> None:
 
     for result in run(scenario()):
         assert result.outcome.status is ExecutionStatus.COMPLETED and result.stdout == b"231010\n", result
+
+
+# ---- reused action cgroups (cgroup v1, native helper) --------------------------------------------
+
+
+def _reuses_cgroups() -> str:
+    """Why this machine runs without reused cgroups ('' when it reuses them)."""
+    if CGROUPS_UNAVAILABLE:
+        return CGROUPS_UNAVAILABLE
+    if not any(m.version == 1 and "memory" in m.controllers for m in parse_mountinfo(read_mountinfo())):
+        return "cgroup v2 only: its CPU time and peak memory cannot be reset, so cgroups are not reused"
+    if process_runner._native_helper() is None:
+        return "the native helper is not built (make agent)"
+    return ""
+
+
+needs_reuse = pytest.mark.skipif(bool(_reuses_cgroups()), reason=_reuses_cgroups() or "reuses")
+
+CGROUP_AND_MEMBERS = f'own=$({OWN_CGROUP}); echo "$own"; echo $(cat "{memory_root()}$own/cgroup.procs")'
+"""Prints the command's own cgroup, then on one line the pids in it (its own among them)."""
+
+
+async def back_in_line(executor: HostExecutor, cgroup: str) -> bool:
+    """Until the cgroup ``cgroup`` (a path as the command saw it) is next in line for an action
+    (its check for reuse runs on a thread after the action); False if it never is (2 s)."""
+    token = cgroup.rsplit("/", 1)[1]
+    spares = executor._runner._spare_cgroups
+    for _ in range(200):
+        if spares and spares[0].token == token:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def _members(result: Result) -> tuple[str, set[int]]:
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) >= 2, result
+    own, members = lines[:2]
+    return own, {int(pid) for pid in members.split()}
+
+
+@needs_root
+@needs_reuse
+def test_a_reused_cgroup_keeps_nothing_of_the_previous_action(public_dir: Path) -> None:
+    """Back-to-back actions run in one cgroup, each started by the same resident helper (which the
+    action user cannot signal): what the first left running is killed before the second starts,
+    and the second's peak memory and CPU time are its own, not the first's."""
+    first_script = (
+        f"{CGROUP_AND_MEMBERS}; setsid sh -c 'echo $$ > {public_dir}/left; exec sleep 600' & "
+        f'for pid in $(cat "{memory_root()}$own/cgroup.procs"); do '
+        'grep -q -- --reside""nt /proc/$pid/cmdline 2>/dev/null && '
+        "{ kill -9 $pid 2>/dev/null && echo killed $pid || echo refused $pid; }; done; "
+        "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; "
+        "dd if=/dev/zero of=/dev/null bs=120M count=1 2>/dev/null"
+    )
+
+    async def scenario() -> tuple[Result, Result, bool]:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        first = await execute(sh(public_dir, first_script), executor=executor)
+        own = first.stdout.decode().splitlines()[0]
+        in_line = await back_in_line(executor, own)
+        second = await execute(sh(public_dir, CGROUP_AND_MEMBERS), executor=executor)
+        return first, second, in_line
+
+    first, second, in_line = run(scenario())
+    assert first.outcome.exit_code == 0 and second.outcome.exit_code == 0, (first, second)
+    assert b"refused" in first.stdout and b"killed" not in first.stdout, (
+        "the action user cannot signal its helper"
+    )
+    (own, first_members), (again, second_members) = _members(first), _members(second)
+    assert in_line and own == again, "the cgroup was reused"
+    helpers = {pid for pid in first_members if is_worker_helper(pid)}
+    assert len(helpers) == 1 and helpers <= second_members, "one resident helper, the same for both"
+    left = int((public_dir / "left").read_text())
+    assert left not in second_members and wait_gone(left), "what the first action left was killed"
+    first_usage, second_usage = first.outcome.usage, second.outcome.usage
+    assert first_usage.peak_memory_bytes is not None and second_usage.peak_memory_bytes is not None
+    assert first_usage.peak_memory_bytes >= 120 << 20
+    assert second_usage.peak_memory_bytes < 16 << 20, second_usage
+    assert first_usage.user_cpu_seconds is not None and second_usage.user_cpu_seconds is not None
+    assert second_usage.user_cpu_seconds < first_usage.user_cpu_seconds, (first_usage, second_usage)
+
+
+@needs_root
+@needs_reuse
+def test_a_reused_cgroup_reports_oom_once_and_takes_each_action_s_limits(public_dir: Path) -> None:
+    """An OOM kill in a reused cgroup is that action's alone (the next one in the same cgroup
+    completes), the resident helper survives it, and each action gets its own limits however
+    they compare with the previous one's: lower, higher, none, and an exact process limit."""
+    dd = "dd if=/dev/zero of=/dev/null bs={}M count=1 2>/dev/null"
+    actions = [
+        (ResourceLimits(memory_bytes=48 << 20), dd.format(200)),
+        (ResourceLimits(memory_bytes=48 << 20), "true"),
+        (ResourceLimits(memory_bytes=256 << 20), dd.format(150)),
+        (ResourceLimits(), dd.format(150)),
+        (ResourceLimits(max_processes=5), "sleep 1 & " * 4 + "wait"),  # sh and four: allowed
+        (ResourceLimits(max_processes=5), "sleep 1 & " * 5 + "wait"),  # one too many
+    ]
+
+    async def scenario() -> tuple[list[Result], list[bool], list[set[int]]]:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        results, in_line, helpers = [], [], []
+        for limits, script in actions:
+            result = await execute(
+                sh(public_dir, f"{CGROUP_AND_MEMBERS}; {script}", limits=limits), executor=executor
+            )
+            results.append(result)
+            helpers.append({pid for pid in _members(result)[1] if is_worker_helper(pid)})
+            in_line.append(await back_in_line(executor, result.stdout.decode().splitlines()[0]))
+        return results, in_line, helpers
+
+    results, in_line, helpers = run(scenario())
+    statuses = [(r.outcome.status, r.outcome.exit_code) for r in results]
+    assert statuses[0][0] is ExecutionStatus.OOM_KILLED, results[0]
+    assert all(status == (ExecutionStatus.COMPLETED, 0) for status in statuses[1:5]), results
+    assert statuses[5][0] is ExecutionStatus.COMPLETED and b"fork" in results[5].stderr.lower(), results[5]
+    assert b"fork" not in results[4].stderr.lower(), results[4]
+    cgroups = {_members(r)[0] for r in results}
+    assert len(cgroups) == 1 and all(in_line[:-1]), "one cgroup served every action"
+    # (the last one's processes, killed at its end, may leave more than RESIDUE_BYTES charged for
+    # a moment: then its cgroup is removed, which is the rule, so it is not asked to be reused)
+    assert len(helpers[0]) == 1 and all(h == helpers[0] for h in helpers), "the helper outlived the OOM kill"
+
+
+@needs_reuse
+def test_a_cgroup_left_holding_memory_is_removed_not_reused(tmp_path: Path) -> None:
+    """Memory an action leaves charged to its cgroup (here a tmpfs file) would count as the next
+    action's: past RESIDUE_BYTES the cgroup is removed, and the next action gets another."""
+    residue = Path("/dev/shm") / f"expbuild-residue-{os.getpid()}"
+    script = f"{OWN_CGROUP}; head -c {4 * RESIDUE_BYTES} /dev/zero > {residue}"
+
+    async def scenario() -> tuple[Result, bool, Result]:
+        executor = make_executor()
+        await executor.start()
+        first = await execute(sh(tmp_path, script), executor=executor)
+        own = first.stdout.decode().strip()
+        gone = await asyncio.to_thread(cgroup_gone_within, memory_root() / own.lstrip("/"))
+        second = await execute(sh(tmp_path, OWN_CGROUP), executor=executor)
+        return first, gone, second
+
+    try:
+        first, gone, second = run(scenario())
+    finally:
+        residue.unlink(missing_ok=True)
+    assert first.outcome.exit_code == 0, first
+    assert gone, "the cgroup holding the file's pages was removed"
+    assert second.stdout.decode().strip() != first.stdout.decode().strip()
+
+
+@needs_reuse
+def test_concurrent_actions_never_share_a_cgroup(tmp_path: Path) -> None:
+    """Actions running at the same time each have a cgroup of their own, reused or not."""
+
+    async def scenario() -> list[list[str]]:
+        executor = make_executor()
+        await executor.start()
+        rounds = []
+        for _ in range(3):
+            results = await asyncio.gather(
+                *(execute(sh(tmp_path, f"{OWN_CGROUP}; sleep 0.2"), executor=executor) for _ in range(6))
+            )
+            rounds.append([r.stdout.decode().strip() for r in results])
+        return rounds
+
+    for cgroups in run(scenario()):
+        assert len(set(cgroups)) == 6, cgroups

@@ -380,10 +380,10 @@ def test_a_command_whose_helper_is_still_being_placed_waits_for_it(
     started_helpers: list[int] = []
     start = helper_starter_module._start_helper
 
-    def slow_start(helper: bytes, key: tuple[str, ...]) -> Any:
+    def slow_start(helper: bytes, key: tuple[str, ...], *, resident: bool = False) -> Any:
         if threading.current_thread().name == "helper-placer":
             time.sleep(0.3)
-        placed = start(helper, key)
+        placed = start(helper, key, resident=resident)
         started_helpers.append(placed.pid)
         return placed
 

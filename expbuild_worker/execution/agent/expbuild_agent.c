@@ -15,6 +15,11 @@
  *    program, it costs the worker a vfork and the command an exec: no fork of the worker's
  *    address space, and no round trip through another process.
  *
+ * 3. `expbuild-agent --resident PARENT CGROUP_PROCS...`: a helper that stays in a host action's
+ *    cgroups (which the worker reuses) and, for each RUN as above, clones the command with
+ *    CLONE_PARENT (the worker's child, born inside those cgroups: no migration), answers
+ *    PID a=pid, and waits for the next (see resident_main).
+ *
  * Role 1 starts commands inside a pool container for the worker, without the engine.
  *
  * Entering a running container through the engine (`docker exec`) costs the engine's API calls
@@ -441,8 +446,8 @@ static size_t marshal_text(char *out, const char *text) {
     return 5 + (size_t)size;
 }
 
-/* Write (kind, errno, filename, text) to `fd` as marshal would, then end. */
-static void placed_failed(int fd, const char *kind, int number, const char *filename, const char *text) {
+/* Write (kind, errno, filename, text) to `fd` as marshal would. */
+static void write_failure(int fd, const char *kind, int number, const char *filename, const char *text) {
     char out[2 + 3 * (5 + MARSHAL_TEXT_MAX) + 5];
     size_t n = 0;
     int32_t value = number;
@@ -455,6 +460,11 @@ static void placed_failed(int fd, const char *kind, int number, const char *file
     n += marshal_text(out + n, filename);
     n += marshal_text(out + n, text);
     (void)!write(fd, out, n);
+}
+
+/* The same, then end: the command never runs. */
+static void placed_failed(int fd, const char *kind, int number, const char *filename, const char *text) {
+    write_failure(fd, kind, number, filename, text);
     _exit(127);
 }
 
@@ -496,52 +506,79 @@ static void die_with(pid_t parent) {
         _exit(1); /* the parent ended before the death signal was set */
 }
 
-static int placed_main(int argc, char **argv) {
-    pid_t parent = (pid_t)strtol(argv[2], NULL, 10);
-    die_with(parent);
-    control = 3;
-    close_from(4u, ~0u);
-    int placing_errno = 0;
-    const char *placing_path = NULL;
-    for (int i = 3; i < argc && placing_errno == 0; i++) {
-        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, "0", 1) != 1) {
-            placing_errno = errno;
-            placing_path = argv[i];
-        }
+/* Enter the cgroups whose cgroup.procs files are listed: 0, or the errno with *path set. */
+static int enter_cgroups(char **procs, int count, const char **path) {
+    for (int i = 0; i < count; i++) {
+        int fd = open(procs[i], O_WRONLY | O_CLOEXEC);
+        int err = fd < 0 || write(fd, "0", 1) != 1 ? errno : 0;
         if (fd >= 0)
             close(fd);
+        if (err != 0) {
+            *path = procs[i];
+            return err;
+        }
     }
+    return 0;
+}
+
+/* One RUN for a placed or resident helper, parsed; `body` owns the strings. */
+struct placed_run {
+    int fds[4];
+    int count;
+    int status; /* the exec status pipe's write end, last of the descriptors */
+    char *body;
+    char **head, **limit_values, **command, **env;
+    int32_t limits;
+};
+
+static void free_run(struct placed_run *run) {
+    for (int i = 0; i < run->count; i++)
+        close(run->fds[i]);
+    free(run->env);
+    free(run->command);
+    free(run->limit_values);
+    free(run->head);
+    free(run->body);
+    memset(run, 0, sizeof *run);
+}
+
+/* Receive one RUN: 1 when parsed, 0 at end-of-file (the worker closed our socket), -1 when it
+ * is unusable. With -1 and run->status >= 0, *problem says why and the status pipe is there to
+ * tell the worker; with -1 and no status pipe, the stream cannot be trusted any more. */
+static int receive_placed_run(struct placed_run *run, const char **problem) {
     struct header h;
-    int fds[4], count;
-    if (receive_message(&h, fds, 4, &count) <= 0)
-        _exit(0); /* not needed after all: the worker closed our socket */
-    if (h.kind != MSG_RUN || (count != 3 && count != 4))
-        _exit(127);
-    int status = fds[count - 1];
-    char *body = receive_body((uint32_t)h.a);
-    if (body == NULL)
-        placed_failed(status, "subprocess", 0, NULL, "the placed child got a torn request");
-    char *cursor = body, *end = body + (uint32_t)h.a;
-    char **head = take_strings(&cursor, end, 5, 0);
-    if (head == NULL)
-        placed_failed(status, "subprocess", 0, NULL, "the placed child got a malformed request");
-    const char *cwd = head[0], *executable = head[1];
-    long uid = strtol(head[2], NULL, 10), gid = strtol(head[3], NULL, 10);
-    int32_t limits = (int32_t)strtol(head[4], NULL, 10);
-    char **limit_values = take_strings(&cursor, end, 2 * limits, 0);
-    char **command = limit_values != NULL ? take_strings(&cursor, end, h.b, 0) : NULL;
-    char **env = command != NULL ? take_strings(&cursor, end, h.c, 0) : NULL;
-    if (env == NULL || h.b < 1)
-        placed_failed(status, "subprocess", 0, NULL, "the placed child got a malformed request");
-    if (placing_errno != 0) {
-        char text[512];
-        snprintf(text, sizeof text, "entering cgroup %s: %s", placing_path, strerror(placing_errno));
-        placed_failed(status, "subprocess", 0, NULL, text);
-    }
-    setsid(); /* the worker already made it a session leader (then this fails, harmlessly) */
-    int stdin_fd = count == 4 ? fds[0] : open("/dev/null", O_RDONLY);
-    int stdio[3] = {stdin_fd, fds[count - 3], fds[count - 2]};
+    memset(run, 0, sizeof *run);
+    run->status = -1;
+    if (receive_message(&h, run->fds, 4, &run->count) <= 0)
+        return 0;
+    if (h.kind != MSG_RUN || (run->count != 3 && run->count != 4))
+        return -1;
+    run->status = run->fds[run->count - 1];
+    *problem = "the placed child got a torn request";
+    run->body = receive_body((uint32_t)h.a);
+    if (run->body == NULL)
+        return -1;
+    *problem = "the placed child got a malformed request";
+    char *cursor = run->body, *end = run->body + (uint32_t)h.a;
+    run->head = take_strings(&cursor, end, 5, 0);
+    if (run->head == NULL)
+        return -1;
+    run->limits = (int32_t)strtol(run->head[4], NULL, 10);
+    run->limit_values = take_strings(&cursor, end, 2 * run->limits, 0);
+    run->command = run->limit_values != NULL ? take_strings(&cursor, end, h.b, 0) : NULL;
+    run->env = run->command != NULL ? take_strings(&cursor, end, h.c, 0) : NULL;
+    return run->env == NULL || h.b < 1 ? -1 : 1;
+}
+
+/* The command's side: new session, stdio, working directory, user, rlimits, default SIGPIPE and
+ * SIGXFSZ, exec. Never returns; a failure goes to the status pipe. */
+static void become_placed(struct placed_run *run, pid_t parent) {
+    int status = run->status;
+    const char *cwd = run->head[0], *executable = run->head[1];
+    long uid = strtol(run->head[2], NULL, 10), gid = strtol(run->head[3], NULL, 10);
+    setsid(); /* the worker already made a placed helper a session leader (then this fails, harmlessly) */
+    int stdin_fd = run->count == 4 ? run->fds[0] : open("/dev/null", O_RDONLY);
+    int stdio[3] = {stdin_fd, run->fds[run->count - 3], run->fds[run->count - 2]};
     for (int i = 0; i < 3; i++) {
         if (stdio[i] < 0 || dup2(stdio[i], i) < 0)
             placed_failed(status, "subprocess", 0, NULL, "the placed child could not set up its stdio");
@@ -558,11 +595,11 @@ static int placed_main(int argc, char **argv) {
             placed_failed(status, "os", errno, NULL, NULL);
         die_with(parent); /* a change of credentials clears the parent-death signal */
     }
-    for (int32_t i = 0; i < limits; i++) {
-        long long value = strtoll(limit_values[2 * i + 1], NULL, 10);
+    for (int32_t i = 0; i < run->limits; i++) {
+        long long value = strtoll(run->limit_values[2 * i + 1], NULL, 10);
         rlim_t limit = value < 0 ? RLIM_INFINITY : (rlim_t)value;
         struct rlimit both = {limit, limit};
-        if (setrlimit((int)strtol(limit_values[2 * i], NULL, 10), &both) != 0) {
+        if (setrlimit((int)strtol(run->limit_values[2 * i], NULL, 10), &both) != 0) {
             char text[128];
             snprintf(text, sizeof text, "[Errno %d] %s", errno, strerror(errno));
             placed_failed(status, "subprocess", 0, NULL, text);
@@ -570,16 +607,105 @@ static int placed_main(int argc, char **argv) {
     }
     signal(SIGPIPE, SIG_DFL);
     signal(SIGXFSZ, SIG_DFL);
-    execve(executable, command, env);
+    execve(executable, run->command, run->env);
     placed_failed(status, "os", errno, executable, NULL);
+}
+
+static void placing_failed(int status, const char *path, int err) {
+    char text[512];
+    snprintf(text, sizeof text, "entering cgroup %s: %s", path, strerror(err));
+    placed_failed(status, "subprocess", 0, NULL, text);
+}
+
+/* The start of both helper roles: die with PARENT (argv[2]), keep only the control socket
+ * (descriptor 3) and stdio, enter the cgroups listed after it; 0, or the errno of the cgroup
+ * that could not be entered, with *path set. */
+static int take_place(int argc, char **argv, pid_t *parent, const char **path) {
+    *parent = (pid_t)strtol(argv[2], NULL, 10);
+    die_with(*parent);
+    control = 3;
+    close_from(4u, ~0u);
+    return enter_cgroups(argv + 3, argc - 3, path);
+}
+
+static int placed_main(int argc, char **argv) {
+    pid_t parent;
+    const char *placing_path = NULL;
+    int placing_errno = take_place(argc, argv, &parent, &placing_path);
+    struct placed_run run;
+    const char *problem = NULL;
+    int got = receive_placed_run(&run, &problem);
+    if (got == 0)
+        _exit(0); /* not needed after all: the worker closed our socket */
+    if (got < 0 && run.status < 0)
+        _exit(127);
+    if (got < 0)
+        placed_failed(run.status, "subprocess", 0, NULL, problem);
+    if (placing_errno != 0)
+        placing_failed(run.status, placing_path, placing_errno);
+    become_placed(&run, parent);
     return 127;
+}
+
+/* Role 3: a resident helper. It stays in its cgroups and starts one command per RUN, cloned
+ * with CLONE_PARENT: each command is the worker's own child (reaped there with wait4, its
+ * parent-death signal tied to the worker), born inside the cgroups, with no migration. After
+ * the clone it answers PID a=pid (a=0: no command, the status pipe says why) and waits for the
+ * next RUN; end-of-file on its socket ends it. The OOM killer never picks it (oom_score_adj
+ * -1000 where it may lower it); each command gets the helper's original score back. */
+static int resident_main(int argc, char **argv) {
+    pid_t parent;
+    const char *placing_path = NULL;
+    if (take_place(argc, argv, &parent, &placing_path) != 0)
+        _exit(1); /* the worker finds no helper there, and starts the command another way */
+    signal(SIGPIPE, SIG_IGN);
+    char own_score[16] = {0};
+    int score = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);
+    if (score >= 0) {
+        (void)!read(score, own_score, sizeof own_score - 1);
+        if (pwrite(score, "-1000", 5, 0) != 5)
+            own_score[0] = '\0'; /* not allowed to lower it: nothing to give back */
+    }
+    for (;;) {
+        struct placed_run run;
+        const char *problem = NULL;
+        int got = receive_placed_run(&run, &problem);
+        if (got == 0 || (got < 0 && run.status < 0))
+            _exit(0);
+        pid_t child = 0;
+        if (got < 0) {
+            write_failure(run.status, "subprocess", 0, NULL, problem);
+        } else {
+            child = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, NULL, NULL, NULL, 0);
+            if (child == 0) {
+                die_with(parent); /* a fork clears the parent-death signal */
+                if (score >= 0) {
+                    if (own_score[0] != '\0')
+                        (void)!pwrite(score, own_score, strlen(own_score), 0);
+                    close(score);
+                }
+                close(control);
+                become_placed(&run, parent);
+            }
+            if (child < 0) {
+                char text[128];
+                snprintf(text, sizeof text, "could not start the command: %s", strerror(errno));
+                write_failure(run.status, "subprocess", 0, NULL, text);
+                child = 0;
+            }
+        }
+        say(MSG_PID, (int32_t)child, 0);
+        free_run(&run);
+    }
 }
 
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "--placed") == 0)
         return placed_main(argc, argv);
+    if (argc >= 3 && strcmp(argv[1], "--resident") == 0)
+        return resident_main(argc, argv);
     if (argc != 2) {
-        fprintf(stderr, "usage: expbuild-agent SOCKET | expbuild-agent --placed PARENT CGROUP_PROCS...\n");
+        fprintf(stderr, "usage: expbuild-agent SOCKET | expbuild-agent --placed|--resident PARENT CGROUP_PROCS...\n");
         return 2;
     }
     prctl(PR_SET_DUMPABLE, 0);

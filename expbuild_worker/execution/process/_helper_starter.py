@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -40,6 +41,7 @@ _Key = tuple[str, ...]
 """The ``cgroup.procs`` files a placed helper entered."""
 
 _RUN = 2
+_PID = 4
 _HEADER = struct.Struct("=Iiii")
 _PIECE = 65536
 
@@ -72,8 +74,14 @@ class HelperStarter:
     joins_as_root = True
     """A helper enters its cgroups as soon as it starts, as root, long before the user switch."""
 
-    def __init__(self, helper: Path) -> None:
+    def __init__(self, helper: Path, *, resident: bool = False) -> None:
+        """``resident``: each helper stays in its cgroups after starting a command there, and
+        starts the next command handed to the same cgroups (see ``resident``)."""
         self._helper = os.fsencode(helper)
+        self.resident = resident
+        """Whether its helpers stay in their cgroups: each command is cloned by the helper with
+        ``CLONE_PARENT`` (so it is still this process's child, born inside the cgroups, with no
+        migration), and the helper waits for the next; ``forget`` ends it."""
         self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer
         self._placed: dict[_Key, Placed] = {}
         self._pending: dict[_Key, list[Callable[[], None]]] = {}  # being placed -> who waits for it
@@ -122,9 +130,16 @@ class HelperStarter:
             placed = self._placed.pop(key, None)
             waiters = self._pending.get(key)
             if waiters is not None:
-                waiters.append(functools.partial(self._forget_placed, key))
+                waiters.append(functools.partial(self.drop, key))
         if placed is not None:
             discard(placed)
+
+    def resident_pid(self, join: Sequence[str]) -> int | None:
+        """The resident helper waiting in the cgroups of ``join`` (None when there is none, or
+        it is not resident); safe from any thread."""
+        with self._lock:
+            placed = self._placed.get(tuple(join)) if self.resident else None
+        return placed.pid if placed is not None else None
 
     def spawn(self, command: SpawnRequest) -> asyncio.Future[_Spawned]:
         """Hand ``command`` to the helper placed for its ``join`` (or a new one). The future gets
@@ -179,7 +194,7 @@ class HelperStarter:
                 placed: Placed | None = None
                 if not self._closed:
                     try:
-                        placed = _start_helper(self._helper, key)
+                        placed = _start_helper(self._helper, key, resident=self.resident)
                     except Exception as err:  # only means a helper started for the command
                         if not self._start_failed:
                             self._start_failed = True
@@ -203,7 +218,8 @@ class HelperStarter:
                 except Exception:
                     _log.exception("handing a command to its placed helper failed")
 
-    def _forget_placed(self, key: _Key) -> None:
+    def drop(self, key: _Key) -> None:
+        """End the helper placed in ``key`` now, if one is (``forget`` also covers one still being placed)."""
         with self._lock:
             placed = self._placed.pop(key, None)
         if placed is not None:
@@ -215,20 +231,17 @@ class HelperStarter:
         try:
             if self._closed:
                 raise UnavailableError("the executor is closing; the command was not started")
-            answer.set_result(self._hand(key, command))
+            if self.resident:
+                self._hand_resident(answer, key, command)
+            else:
+                answer.set_result(self._hand(key, command))
         except Exception as err:  # the caller's to word; never left waiting
             answer.set_exception(err)
 
     def _hand(self, key: _Key, command: SpawnRequest) -> _Spawned:
         """The command to its placed helper (a new one when none waits, or the one that did died)."""
         for attempt in range(2):
-            with self._lock:
-                placed = self._placed.pop(key, None) if attempt == 0 else None
-            if placed is None:
-                try:
-                    placed = _start_helper(self._helper, key)
-                except OSError as err:
-                    raise InternalError(f"could not start the native helper {self._helper!r}: {err}") from err
+            placed = self._helper_for(key, attempt, take=True)
             try:
                 return _send(placed, command)
             except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
@@ -239,6 +252,42 @@ class HelperStarter:
             except BaseException:
                 discard(placed)
                 raise
+        raise InternalError("two helpers in a row died before they took the command")
+
+    def _helper_for(self, key: _Key, attempt: int, *, take: bool) -> Placed:
+        """The helper waiting in ``key`` (first attempt only; ``take`` removes it from the
+        placed ones), else a new one started here."""
+        with self._lock:
+            placed = None
+            if attempt == 0:
+                placed = self._placed.pop(key, None) if take else self._placed.get(key)
+        if placed is None:
+            try:
+                placed = _start_helper(self._helper, key, resident=self.resident)
+            except OSError as err:
+                raise InternalError(f"could not start the native helper {self._helper!r}: {err}") from err
+            if not take:
+                with self._lock:
+                    self._placed[key] = placed
+        return placed
+
+    def _hand_resident(self, answer: asyncio.Future[_Spawned], key: _Key, command: SpawnRequest) -> None:
+        """The command to the resident helper of ``key`` (a new one when none waits, or the one
+        that did died). ``answer`` gets (pid, pidfd, exec status) once the command has exec'd,
+        or could not: its helper answers with the clone's pid before the exec status pipe can
+        read end-of-file (the helper's copy of the write end closes after that answer)."""
+        for attempt in range(2):
+            placed = self._helper_for(key, attempt, take=False)
+            try:
+                status = _send_resident(placed, command)
+            except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
+                self.drop(key)
+                continue
+            except BaseException:
+                self.drop(key)
+                raise
+            _ResidentStart(self, answer, key, placed, status).watch()
+            return
         raise InternalError("two helpers in a row died before they took the command")
 
 
@@ -265,14 +314,26 @@ def _wake(
 
 
 def _send(placed: Placed, command: SpawnRequest) -> _Spawned:
-    """The command to a placed helper: a RUN header with its descriptors (and, last, the write end
-    of its exec status pipe), then the body."""
+    """The command to a placed helper, which execs it; then that helper's socket is closed."""
     pidfd = os.pidfd_open(placed.pid)  # an unreaped child of ours: its pid cannot be reused
     try:
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    except OSError:
+        status_r = _send_run(placed, command)
+    except BaseException:
         os.close(pidfd)
         raise
+    placed.sock.close()  # the helper has its command; it reads no more
+    return placed.pid, pidfd, status_r
+
+
+def _send_resident(placed: Placed, command: SpawnRequest) -> int:
+    """The command to a resident helper, which clones it; the exec status pipe's read end."""
+    return _send_run(placed, command)
+
+
+def _send_run(placed: Placed, command: SpawnRequest) -> int:
+    """A RUN header with the command's descriptors (and, last, the write end of its exec status
+    pipe), then the body; the status pipe's read end."""
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
     try:
         body = _body(command)
         header = _HEADER.pack(_RUN, len(body), len(command.argv), len(command.environment))
@@ -281,13 +342,134 @@ def _send(placed: Placed, command: SpawnRequest) -> _Spawned:
         for start in range(0, len(body), _PIECE):
             placed.sock.send(body[start : start + _PIECE])
     except BaseException:
-        os.close(pidfd)
         os.close(status_r)
         raise
     finally:
         os.close(status_w)
-    placed.sock.close()  # the helper has its command; it reads no more
-    return placed.pid, pidfd, status_r
+    return status_r
+
+
+class _ResidentStart:
+    """Waits, on the event loop, for a command handed to a resident helper to exec (its status
+    pipe at end-of-file) and answers with (pid, pidfd, exec status). The pid comes from the
+    helper's PID answer, already there by then. A failure to start is replayed on a fresh pipe
+    for ``started`` to report as it does for a placed helper; an answer given up meanwhile gets
+    its command killed and reaped instead."""
+
+    __slots__ = ("_answer", "_data", "_key", "_placed", "_starter", "_status", "_watched")
+
+    def __init__(
+        self,
+        starter: HelperStarter,
+        answer: asyncio.Future[_Spawned],
+        key: _Key,
+        placed: Placed,
+        status: int,
+    ) -> None:
+        self._starter = starter
+        self._answer = answer
+        self._key = key
+        self._placed = placed
+        self._status = status
+        self._data = bytearray()
+        self._watched = False
+
+    def watch(self) -> None:
+        os.set_blocking(self._status, False)
+        if not self._read():
+            asyncio.get_running_loop().add_reader(self._status, self._read)
+            self._watched = True
+
+    def _read(self) -> bool:
+        """Read what the status pipe has; True once it is at end-of-file and answered."""
+        try:
+            while chunk := os.read(self._status, 65536):
+                self._data += chunk
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            self._finish(InternalError(f"could not read a command's exec status: {err}"))
+            return True
+        self._finish(None)
+        return True
+
+    def _finish(self, error: Exception | None) -> None:
+        if self._watched:  # before the close: a vfork child of this process (a helper being
+            # started) may hold the pipe a moment longer, and epoll would then keep reporting it
+            # under the number the pidfd is about to get
+            asyncio.get_running_loop().remove_reader(self._status)
+        os.close(self._status)
+        pid = 0
+        if error is None:
+            pid, error = _resident_answer(self._placed)
+        if error is not None:
+            self._starter.drop(self._key)
+        pidfd = -1
+        if pid > 0:
+            try:
+                pidfd = os.pidfd_open(pid)  # an unreaped child of ours: its pid cannot be reused
+            except OSError as err:  # out of descriptors: the command cannot be watched, so it ends
+                error = InternalError(f"could not watch process {pid}: {err.strerror}")
+                _kill_and_reap(pid, None)  # an unreaped child of ours: its pid is still its own
+                pid = 0
+        if self._answer.done():  # given up meanwhile: nobody will run this command
+            if pidfd >= 0:
+                _kill_and_reap(pid, pidfd)
+            return
+        if error is not None:
+            self._answer.set_exception(error)
+            return
+        replay: int | None = None
+        if self._data:  # it could not start: the error, as a placed helper's status pipe has it
+            replay = _replay(bytes(self._data))
+        self._answer.set_result((pid, pidfd, replay))
+
+
+def _resident_answer(placed: Placed) -> tuple[int, Exception | None]:
+    """The resident helper's PID answer: (pid, None), pid 0 when no command was started (the
+    status pipe says why), or (0, the error) when the helper is gone."""
+    try:
+        data = placed.sock.recv(_HEADER.size, socket.MSG_DONTWAIT)
+    except OSError as err:
+        return 0, InternalError(
+            f"the resident helper {placed.pid} ended before it started the command: {err}"
+        )
+    if len(data) != _HEADER.size:
+        return 0, InternalError(f"the resident helper {placed.pid} ended before it started the command")
+    kind, pid, _, _ = _HEADER.unpack(data)
+    if kind != _PID or pid < 0:
+        return 0, InternalError(f"the resident helper {placed.pid} sent an unexpected answer ({kind}, {pid})")
+    return pid, None
+
+
+def _replay(data: bytes) -> int:
+    """A pipe's read end that holds ``data`` and then reads end-of-file."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(write_end, data)  # an error tuple: far below a pipe's capacity
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def _kill_and_reap(pid: int, pidfd: int | None) -> None:
+    """End a command nobody waits for any more (it, and its process group once it has one);
+    reaped by a thread, since a kill is quick but not instant."""
+    with contextlib.suppress(OSError):
+        if pidfd is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    if pidfd is not None:
+        os.close(pidfd)
+    threading.Thread(target=_reap_quietly, args=(pid,), name="reap-abandoned", daemon=True).start()
+
+
+def _reap_quietly(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _body(command: SpawnRequest) -> bytes:
@@ -311,14 +493,15 @@ def _unpassable(command: SpawnRequest) -> str:
     return ""
 
 
-def _start_helper(helper: bytes, key: _Key) -> Placed:
+def _start_helper(helper: bytes, key: _Key, *, resident: bool = False) -> Placed:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     copy = -1
     try:
         control = theirs.fileno()
         if control == _CONTROL:  # dup2 onto itself would keep close-on-exec: the helper would lose it
             control = copy = _duplicate(control)
-        argv = [helper, b"--placed", str(os.getpid()).encode(), *map(os.fsencode, key)]
+        role = b"--resident" if resident else b"--placed"
+        argv = [helper, role, str(os.getpid()).encode(), *map(os.fsencode, key)]
         pid = _posix_spawn(helper, argv, control)
     except BaseException:
         ours.close()

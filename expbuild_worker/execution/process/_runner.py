@@ -78,6 +78,9 @@ on the machine, the next commands' too, for up to an RCU grace period, and migra
 share one. Topped up one by one after every action, the spares cost a sequential client ~0.46 ms
 per action; in bursts of twelve, ~0.2 ms less in the same run."""
 
+MAX_IDLE_CGROUPS = 2 * SPARE_CGROUPS
+"""Reused cgroups are kept while fewer than this many cgroups wait for an action; more are removed."""
+
 UID_WAIT_SECONDS = 5.0
 """How long an action waits for a uid of ``run_as_uids`` that its predecessor still holds."""
 
@@ -168,6 +171,7 @@ class ProcessRunner:
         mountinfo: str | None = None,
         run_as: tuple[int, int] | None = None,
         run_as_uids: range | None = None,
+        reuse_cgroups: bool = True,
     ) -> None:
         """``kind`` names the executor in messages ("host", "sandbox"); ``worker_id`` names this
         worker's cgroup directory; ``mountinfo`` replaces ``/proc/self/mountinfo`` (tests).
@@ -177,7 +181,9 @@ class ProcessRunner:
         cannot leave its cgroup or touch the worker. ``run_as_uids`` instead gives each running
         action a uid of its own from the range (its gid the same number), taken back once every
         process of the action is gone, so concurrent actions cannot signal each other or enter
-        each other's directories."""
+        each other's directories. ``reuse_cgroups`` (cgroup v1 with the native helper) keeps
+        each action cgroup, with a resident helper in it, for a later action once it is proven
+        clean (see ``_recycle``) instead of removing it."""
         if kill_grace_seconds <= 0:
             raise ConfigError(
                 f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
@@ -212,6 +218,8 @@ class ProcessRunner:
         # is the likeliest to be there already).
         self._spare_cgroups: collections.deque[ActionCgroup] = collections.deque()
         self._placed: set[str] = set()  # spares the starter has a child waiting in
+        self._reuse_wanted = reuse_cgroups
+        self._reuse = False  # decided once the cgroups are found (v1 and a resident helper)
         self._housekeeping = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-cgroups")
         self._spares_scheduled = False
         self._spares_making: asyncio.Future[list[ActionCgroup]] | None = None
@@ -227,7 +235,9 @@ class ProcessRunner:
         """Whether processes run as root (limits that do not bind root are then not enforced)."""
         self._runs: dict[StopSignal, Run] = {}
         helper = _native_helper()
-        self._starter: Starter = HelperStarter(helper) if helper is not None else Spawner(name=name)
+        self._starter: Starter = (
+            HelperStarter(helper, resident=reuse_cgroups) if helper is not None else Spawner(name=name)
+        )
         self.closed = False
         # Whether processes can be limited is known once cgroups are set up; checked again then.
         self._check_default_limits(processes=cgroups == "off")
@@ -281,7 +291,15 @@ class ProcessRunner:
             else:
                 cg = self._cgroups
                 controllers = "memory, pids and cpu" if cg.version == 2 else "memory, cpuacct and pids"
-                self.cgroup_state = f"v{cg.version}: one cgroup per action ({controllers}) under {cg.base}"
+                self._reuse = self._reuse_wanted and cg.version == 1 and self._starter.resident
+                reuse = (
+                    ", each reused once proven clean (a resident helper in it starts its commands)"
+                    if self._reuse
+                    else ""
+                )
+                self.cgroup_state = (
+                    f"v{cg.version}: one cgroup per running action ({controllers}) under {cg.base}{reuse}"
+                )
                 if favors_dynamic_migrations(mountinfo):
                     self.cgroup_migrations = "cheap (a cgroup hierarchy is mounted with favordynmods)"
                 else:
@@ -299,6 +317,8 @@ class ProcessRunner:
                 for leaf in cg.stale(owner_alive):  # a previous run's: kill what runs there, remove
                     leaf.kill()
                     self._dispose(leaf)
+        if not self._reuse and self._starter.resident and isinstance(self._starter, HelperStarter):
+            self._starter.resident = False  # no cgroup to stay in between commands
         self._activated = True
         self._check_default_limits(processes=True)
 
@@ -399,17 +419,17 @@ class ProcessRunner:
             born_inside: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if self._cgroups is not None:
                 pids_max = (
-                    limits.max_processes + self._launcher.own_processes
+                    limits.max_processes + self._launcher.own_processes + (1 if self._reuse else 0)
                     if self._cgroup_pids and limits.max_processes is not None
                     else None
-                )
+                )  # with reuse, the resident helper is one more process in the cgroup
                 leaf, placed = self._action_cgroup(
                     self._cgroups, memory_bytes=limits.memory_bytes, max_processes=pids_max
                 )
                 vfork = (
                     not needs_full_fork(user, rlimits) and limits.memory_bytes is None and pids_max is None
                 )
-                if vfork and self._cgroups.moves_threads and not placed:
+                if vfork and self._cgroups.moves_threads and not placed and not self._reuse:
                     born_inside = self._cgroups.spawning_into(leaf)  # keeps the fast vfork spawn
                 else:
                     join = leaf.procs  # the starter's child enters before exec
@@ -436,6 +456,8 @@ class ProcessRunner:
                 cwd=launch.cwd,
                 working_directory=command.working_directory,
             )
+            if leaf is not None and self._reuse:  # never killed or counted as the action's
+                leaf.resident = self._starter.resident_pid(leaf.procs) or 0
         except SpawnFailure as failure:
             self._dispose(leaf)
             self._give_back(user, leaf)
@@ -569,8 +591,8 @@ class ProcessRunner:
         self, cgroups: ActionCgroups, *, memory_bytes: int | None, max_processes: int | None
     ) -> tuple[ActionCgroup, bool]:
         """A cgroup for one action with its limits set, and whether the starter has a child placed
-        in it (then the command must be spawned there, joining it): a spare when there is one,
-        else a new one. Schedules making the next spares."""
+        in it (then the command must be spawned there, joining it): a spare when there is one (a
+        reused one first), else a new one. Schedules making the next spares."""
         if not self._spare_cgroups:
             self._schedule_spares()
             leaf = cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
@@ -579,13 +601,10 @@ class ProcessRunner:
         placed = leaf.token in self._placed
         self._placed.discard(leaf.token)
         try:
-            if memory_bytes is not None:
-                cgroups.limit_memory(leaf, memory_bytes)
-            if max_processes is not None:
-                cgroups.limit_processes(leaf, max_processes)
+            cgroups.set_limits(leaf, memory_bytes=memory_bytes, max_processes=max_processes)
         except InternalError:
-            # v1 refuses a memory limit below what the placed child already uses (EBUSY): a
-            # tiny limit gets a new, empty cgroup, whose own failure is reported.
+            # v1 refuses a memory limit below what the cgroup already holds (EBUSY): a tiny
+            # limit gets a new, empty cgroup, whose own failure is reported.
             self._dispose(leaf)
             leaf = cgroups.create(new_token(), memory_bytes=memory_bytes, max_processes=max_processes)
             return leaf, False
@@ -688,12 +707,32 @@ class ProcessRunner:
             return
         self._leftovers[leaf.token] = leaf
         self._give_back(user, leaf)
+        cgroups = self._cgroups
         try:
+            if leaf.resident and cgroups is not None and not self.closed:
+                check = asyncio.get_running_loop().run_in_executor(self._housekeeping, cgroups.recycle, leaf)
+                check.add_done_callback(functools.partial(self._recycled, leaf))
+                return
             removal = asyncio.get_running_loop().run_in_executor(self._housekeeping, _remove_quietly, leaf)
         except RuntimeError:  # no running loop, or closed: remove it here
             self._dispose(leaf)
             return
         removal.add_done_callback(functools.partial(self._retired, leaf))
+
+    def _recycled(self, leaf: ActionCgroup, check: asyncio.Future[str]) -> None:
+        """A used cgroup was checked for reuse: back to the spares (first in line, its helper
+        waiting) when clean, else removed with its helper. Either way its uid is free again."""
+        if leaf.token not in self._leftovers:  # close() removed it meanwhile
+            return
+        problem = "the check failed" if check.cancelled() or check.exception() is not None else check.result()
+        if problem or self.closed or len(self._spare_cgroups) >= MAX_IDLE_CGROUPS:
+            if problem:
+                _log.debug("cgroup %s is not reused: %s", leaf.token, problem)
+            self._dispose(leaf)
+            return
+        self._forget_leftover(leaf.token)
+        self._spare_cgroups.appendleft(leaf)
+        self._placed.add(leaf.token)
 
     def _retired(self, leaf: ActionCgroup, removal: asyncio.Future[bool]) -> None:
         if leaf.token not in self._leftovers:  # close() removed it meanwhile

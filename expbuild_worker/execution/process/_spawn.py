@@ -73,6 +73,10 @@ class Starter(Protocol):
     """Whether its children enter their cgroups before they switch to the command's user (so
     no ``cgroup.procs`` needs to be writable by that user)."""
 
+    resident: bool
+    """Whether a child it placed stays in its cgroups after starting a command there, ready for
+    the next one (``resident_pid``), until ``forget``."""
+
     @property
     def pid(self) -> int | None:
         """Its own process, if it has one."""
@@ -90,6 +94,10 @@ class Starter(Protocol):
 
     def forget(self, join: Sequence[str]) -> None:
         """The cgroups of ``join`` will not be used: end the child placed there, if any."""
+        ...
+
+    def resident_pid(self, join: Sequence[str]) -> int | None:
+        """The resident child in the cgroups of ``join``, if any; safe from any thread."""
         ...
 
     def spawn(self, command: SpawnRequest) -> asyncio.Future[tuple[int, int, int | None]]:

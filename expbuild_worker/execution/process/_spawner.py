@@ -94,6 +94,9 @@ class Spawner:
     """A forked child enters its cgroups after the user switch (subprocess runs ``preexec_fn``
     then), so their ``cgroup.procs`` must be the command user's."""
 
+    resident = False
+    """A placed fork becomes its command: it never stays for the next one."""
+
     def __init__(self, *, name: str) -> None:
         self._name = name
         self._process: subprocess.Popen[bytes] | None = None
@@ -248,6 +251,9 @@ class Spawner:
     def forget(self, join: Sequence[str]) -> None:
         """Nothing to do: a fork placed in those cgroups is killed with them, and the spawner
         reaps it before its next request."""
+
+    def resident_pid(self, join: Sequence[str]) -> int | None:
+        return None
 
     def reap(self, pid: int) -> tuple[int, resource.struct_rusage] | None:
         """wait4 ``pid`` without blocking, in the spawner: (status, usage) once it exited, None
