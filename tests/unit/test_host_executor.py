@@ -1480,6 +1480,7 @@ def test_a_reused_cgroup_reports_oom_once_and_takes_each_action_s_limits(public_
         (ResourceLimits(memory_bytes=48 << 20), dd.format(200)),
         (ResourceLimits(memory_bytes=48 << 20), "true"),
         (ResourceLimits(memory_bytes=256 << 20), dd.format(150)),
+        (ResourceLimits(memory_bytes=96 << 20), dd.format(50)),  # lower again
         (ResourceLimits(), dd.format(150)),
         (ResourceLimits(max_processes=5), "sleep 1 & " * 4 + "wait"),  # sh and four: allowed
         (ResourceLimits(max_processes=5), "sleep 1 & " * 5 + "wait"),  # one too many
@@ -1501,9 +1502,9 @@ def test_a_reused_cgroup_reports_oom_once_and_takes_each_action_s_limits(public_
     results, in_line, helpers = run(scenario())
     statuses = [(r.outcome.status, r.outcome.exit_code) for r in results]
     assert statuses[0][0] is ExecutionStatus.OOM_KILLED, results[0]
-    assert all(status == (ExecutionStatus.COMPLETED, 0) for status in statuses[1:5]), results
-    assert statuses[5][0] is ExecutionStatus.COMPLETED and b"fork" in results[5].stderr.lower(), results[5]
-    assert b"fork" not in results[4].stderr.lower(), results[4]
+    assert all(status == (ExecutionStatus.COMPLETED, 0) for status in statuses[1:6]), results
+    assert statuses[6][0] is ExecutionStatus.COMPLETED and b"fork" in results[6].stderr.lower(), results[6]
+    assert b"fork" not in results[5].stderr.lower(), results[5]
     cgroups = {_members(r)[0] for r in results}
     assert len(cgroups) == 1 and all(in_line[:-1]), "one cgroup served every action"
     # (the last one's processes, killed at its end, may leave more than RESIDUE_BYTES charged for
