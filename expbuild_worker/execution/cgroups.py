@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ resident helper's own pages (~16 KiB) and kernel objects (~1-1.5 MiB measured af
 processes were killed, much of it freed a moment later, after an RCU grace period). The next
 action's peak memory includes it, so it is kept small; a cgroup holding more (page cache of
 files the action wrote, a tmpfs file) is removed, and the next action gets another."""
+
+RECHECK_SECONDS = 0.02
+"""How long a cgroup that is not clean yet right after its action gets before it is looked at
+once more (and then removed if it still is not)."""
 
 _KILL_PASSES = 16
 """Rounds of read-and-SIGKILL per kill: each round catches processes forked during the previous one."""
@@ -177,22 +182,27 @@ class ActionCgroup:
             return CgroupReading(reading.usage, reading.oom_kills - self.oom_base)
         return reading
 
-    def reset_v1(self, *, swap: bool) -> str:
-        """See ``ActionCgroups.recycle``; raises OSError naming the file that failed."""
+    def left_clean(self) -> str:
+        """Why this (v1) cgroup cannot take another action: a process other than its resident
+        helper, or more than RESIDUE_BYTES charged; '' when it can. Raises OSError naming the
+        file that failed."""
         members = _read_pids(self.procs[0])
         if members != {self.resident}:
-            return (
-                f"it holds processes {sorted(members - {self.resident})}, not only its helper {self.resident}"
-            )
+            others = sorted(members - {self.resident})
+            return f"it holds processes {others}, not only its helper {self.resident}"
         held = _read_int(f"{self._memory}/memory.usage_in_bytes")
         if held is None or held > RESIDUE_BYTES:
             return f"{held} bytes are still charged to it (at most {RESIDUE_BYTES} for reuse)"
+        return ""
+
+    def reset_v1(self, *, swap: bool) -> None:
+        """Start this (v1) cgroup's CPU time and peak memory afresh, and note its OOM kills so
+        far; raises OSError naming the file that failed."""
         _write(f"{self._cpu}/cpuacct.usage", b"0")
         _write(f"{self._memory}/memory.max_usage_in_bytes", b"0")
         if swap:
             _write(f"{self._memory}/memory.memsw.max_usage_in_bytes", b"0")
         self.oom_base = _read_keyed(f"{self._memory}/memory.oom_control").get("oom_kill", 0)
-        return ""
 
     def kill(self) -> int:
         """SIGKILL every process in the cgroup, including those that left the process group;
@@ -569,9 +579,15 @@ class ActionCgroups:
         if self._version != 1 or not leaf.resident:
             return "only a cgroup v1 cgroup with a resident helper is reused"
         try:
-            return leaf.reset_v1(swap=self._memsw)
+            problem = leaf.left_clean()
+            if problem:  # what was just killed may still be exiting, its kernel memory freed
+                time.sleep(RECHECK_SECONDS)  # after an RCU grace period: look once more
+                problem = leaf.left_clean()
+            if not problem:
+                leaf.reset_v1(swap=self._memsw)
         except OSError as err:
             return f"{err.strerror} ({err.filename})"
+        return problem
 
     @contextlib.contextmanager
     def spawning_into(self, leaf: ActionCgroup) -> Iterator[None]:

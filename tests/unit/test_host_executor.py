@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import is_worker_helper, placed_children, wait_gone
+from _support import is_worker_helper, placed_children, wait_gone, wait_until
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
 from expbuild_worker.execution.cgroups import RESIDUE_BYTES, ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
+from expbuild_worker.execution.proc_stat import PARENT, stat_fields
 from expbuild_worker.execution.process import SPARE_CGROUPS, SPARE_CGROUPS_LOW
+from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _runner as process_runner
 from expbuild_worker.execution.process import new_token as _new_token
 from expbuild_worker.execution.process import owner_alive as _owner_alive
@@ -1519,19 +1521,22 @@ def test_a_cgroup_left_holding_memory_is_removed_not_reused(tmp_path: Path) -> N
     residue = Path("/dev/shm") / f"expbuild-residue-{os.getpid()}"
     script = f"{OWN_CGROUP}; head -c {4 * RESIDUE_BYTES} /dev/zero > {residue}"
 
-    async def scenario() -> tuple[Result, bool, Result]:
+    async def scenario() -> tuple[bool, Result, bool, Result]:
         executor = make_executor()
         await executor.start()
+        clean = await execute(sh(tmp_path, OWN_CGROUP), executor=executor)
+        reused = await back_in_line(executor, clean.stdout.decode().strip())
         first = await execute(sh(tmp_path, script), executor=executor)
         own = first.stdout.decode().strip()
         gone = await asyncio.to_thread(cgroup_gone_within, memory_root() / own.lstrip("/"))
         second = await execute(sh(tmp_path, OWN_CGROUP), executor=executor)
-        return first, gone, second
+        return reused, first, gone, second
 
     try:
-        first, gone, second = run(scenario())
+        reused, first, gone, second = run(scenario())
     finally:
         residue.unlink(missing_ok=True)
+    assert reused, "a clean cgroup is reused (the control)"
     assert first.outcome.exit_code == 0, first
     assert gone, "the cgroup holding the file's pages was removed"
     assert second.stdout.decode().strip() != first.stdout.decode().strip()
@@ -1552,5 +1557,120 @@ def test_concurrent_actions_never_share_a_cgroup(tmp_path: Path) -> None:
             rounds.append([r.stdout.decode().strip() for r in results])
         return rounds
 
-    for cgroups in run(scenario()):
+    rounds = run(scenario())
+    for cgroups in rounds:
         assert len(set(cgroups)) == 6, cgroups
+    assert len({cgroup for cgroups in rounds for cgroup in cgroups}) < 18, "later rounds reused cgroups"
+
+
+def _zombie_children() -> set[int]:
+    """This process's children that ended and were never reaped."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and int(fields[PARENT]) == os.getpid() and fields[2] == b"Z":
+                found.add(int(entry))
+    return found
+
+
+@needs_reuse
+def test_a_command_the_resident_helper_cannot_clone_fails_to_start(tmp_path: Path) -> None:
+    """With no process left under pids.max for the command (the helper fills it), the clone
+    fails: FAILED_TO_START naming why, the worker untouched, the next action fine."""
+
+    async def scenario() -> tuple[Result, Result]:
+        executor = make_executor()
+        await executor.start()
+        refused = await execute(
+            command(tmp_path, "/bin/true", limits=ResourceLimits(max_processes=0)), executor=executor
+        )
+        fine = await execute(sh(tmp_path, "echo fine"), executor=executor)
+        return refused, fine
+
+    refused, fine = run(scenario())
+    assert refused.outcome.status is ExecutionStatus.FAILED_TO_START, refused
+    assert "could not start the command" in refused.outcome.message, refused.outcome.message
+    assert fine.stdout == b"fine\n"
+
+
+@needs_reuse
+def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start cancelled after the command went to the resident helper, before its exec was
+    confirmed: the command (once cloned) is killed and reaped, the helper that was asked to end
+    meanwhile ends only after it, and nothing is left unreaped."""
+    real_watch = helper_starter_module._ResidentStart.watch
+    given_up = []
+
+    def watch_then_give_up(self: Any) -> None:
+        real_watch(self)
+        if not given_up:
+            given_up.append(True)
+            self._answer.cancel()  # as a consumer that went away at this very moment
+
+    monkeypatch.setattr(helper_starter_module._ResidentStart, "watch", watch_then_give_up)
+
+    async def scenario() -> tuple[bool, Result]:
+        executor = make_executor()
+        await executor.start()
+        cancelled = False
+        try:
+            await execute(sh(tmp_path, "echo never"), executor=executor)
+        except asyncio.CancelledError:
+            cancelled = True
+        after = await execute(sh(tmp_path, "echo fine"), executor=executor)
+        return cancelled, after
+
+    cancelled, after = run(scenario())
+    assert given_up and cancelled
+    assert after.stdout == b"fine\n"
+    assert wait_until(lambda: not _zombie_children(), 5), _zombie_children()
+
+
+@needs_root
+@needs_reuse
+def test_a_resident_helper_killed_during_an_action_is_replaced_and_its_cgroup_let_go(
+    public_dir: Path,
+) -> None:
+    """The helper dies while its cgroup's action runs: the action still completes, the cgroup is
+    not reused (nothing proves it clean), the next action runs elsewhere, and the dead helper is
+    reaped."""
+    marker = public_dir / "cgroup"
+    script = f"{OWN_CGROUP} > {marker}; sleep 0.5; echo done"
+
+    async def scenario() -> tuple[Result, str, Result]:
+        executor = make_executor(run_as=NOBODY)
+        await executor.start()
+        task = asyncio.ensure_future(execute(sh(public_dir, script), executor=executor))
+        await until_exists(marker)
+        own = marker.read_text().strip()
+        members = {int(pid) for pid in (memory_root() / own.lstrip("/") / "cgroup.procs").read_text().split()}
+        for pid in members:
+            if is_worker_helper(pid):
+                os.kill(pid, signal.SIGKILL)
+        first = await task
+        second = await execute(sh(public_dir, OWN_CGROUP), executor=executor)
+        return first, own, second
+
+    first, own, second = run(scenario())
+    assert first.stdout == b"done\n" and first.outcome.exit_code == 0, first
+    assert second.stdout.decode().strip() != own and second.outcome.exit_code == 0, second
+    assert wait_until(lambda: not _zombie_children(), 5), _zombie_children()
+
+
+@needs_reuse
+def test_commands_in_a_reused_cgroup_keep_the_worker_s_oom_score(tmp_path: Path) -> None:
+    """The resident helper keeps the OOM killer off itself where it may; every command started
+    from it has the score the worker's commands would have, the first and the later ones."""
+    own = Path("/proc/self/oom_score_adj").read_text().strip()
+
+    async def scenario() -> list[Result]:
+        executor = make_executor()
+        await executor.start()
+        return [
+            await execute(sh(tmp_path, "cat /proc/self/oom_score_adj"), executor=executor) for _ in range(3)
+        ]
+
+    assert [r.stdout.decode().strip() for r in run(scenario())] == [own] * 3

@@ -17,8 +17,8 @@
  *
  * 3. `expbuild-agent --resident PARENT CGROUP_PROCS...`: a helper that stays in a host action's
  *    cgroups (which the worker reuses) and, for each RUN as above, clones the command with
- *    CLONE_PARENT (the worker's child, born inside those cgroups: no migration), answers
- *    PID a=pid, and waits for the next (see resident_main).
+ *    CLONE_PARENT (the worker's child, born inside those cgroups: no migration), appends its
+ *    pid to the exec status pipe, and waits for the next (see resident_main).
  *
  * Role 1 starts commands inside a pool container for the worker, without the engine.
  *
@@ -647,12 +647,29 @@ static int placed_main(int argc, char **argv) {
     return 127;
 }
 
+/* A child of the caller's parent (CLONE_PARENT), with its own copy of memory, the caller waiting
+ * until it has exec'd or ended (CLONE_VFORK); fork's return values. The raw system call takes
+ * its arguments in another order on s390. */
+static pid_t clone_for_parent(void) {
+    unsigned long flags = CLONE_PARENT | CLONE_VFORK | SIGCHLD;
+#if defined(__s390__) || defined(__s390x__)
+    return (pid_t)syscall(SYS_clone, 0UL, flags, NULL, NULL, 0UL);
+#else
+    return (pid_t)syscall(SYS_clone, flags, 0UL, NULL, NULL, 0UL);
+#endif
+}
+
 /* Role 3: a resident helper. It stays in its cgroups and starts one command per RUN, cloned
  * with CLONE_PARENT: each command is the worker's own child (reaped there with wait4, its
- * parent-death signal tied to the worker), born inside the cgroups, with no migration. After
- * the clone it answers PID a=pid (a=0: no command, the status pipe says why) and waits for the
- * next RUN; end-of-file on its socket ends it. The OOM killer never picks it (oom_score_adj
- * -1000 where it may lower it); each command gets the helper's original score back. */
+ * parent-death signal tied to the worker), born inside the cgroups, with no migration. With
+ * CLONE_VFORK the helper resumes once the child has exec'd (or ended); it then appends the
+ * child's pid to the exec status pipe as an 8-byte trailer ("pid:" and the pid, 0 when no
+ * command was started) and closes its copies of the command's descriptors. So the pipe reads,
+ * at end-of-file, the child's error (if any) and then the trailer: the worker learns the pid
+ * from the pipe alone, and end-of-file comes at the exec, not whenever this helper is next
+ * scheduled (measured: often only after the command had run to its end). End-of-file on the
+ * socket ends the helper. The OOM killer never picks it (oom_score_adj -1000 where it may
+ * lower it); each command gets the helper's original score back. */
 static int resident_main(int argc, char **argv) {
     pid_t parent;
     const char *placing_path = NULL;
@@ -665,6 +682,7 @@ static int resident_main(int argc, char **argv) {
         (void)!read(score, own_score, sizeof own_score - 1);
         if (pwrite(score, "-1000", 5, 0) != 5)
             own_score[0] = '\0'; /* not allowed to lower it: nothing to give back */
+        close(score);
     }
     for (;;) {
         struct placed_run run;
@@ -673,33 +691,31 @@ static int resident_main(int argc, char **argv) {
         if (got == 0 || (got < 0 && run.status < 0))
             _exit(0);
         pid_t child = 0;
+        if (got > 0 && (child = clone_for_parent()) == 0) {
+            die_with(parent); /* a fork clears the parent-death signal */
+            if (own_score[0] != '\0') { /* the command's own entry, while it may still raise it */
+                int own = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+                if (own >= 0) {
+                    (void)!write(own, own_score, strlen(own_score));
+                    close(own);
+                }
+            }
+            close(control);
+            become_placed(&run, parent);
+        }
         if (got < 0) {
             write_failure(run.status, "subprocess", 0, NULL, problem);
-        } else {
-            /* CLONE_VFORK (with its own copy of memory): this helper resumes once the child has
-             * exec'd (or ended), and closes its copies of the command's pipes right then, so
-             * the status pipe reads end-of-file at the exec, not whenever this helper is next
-             * scheduled (measured: often only after the command had run to its end). */
-            child = (pid_t)syscall(SYS_clone, CLONE_PARENT | CLONE_VFORK | SIGCHLD, NULL, NULL, NULL, 0);
-            if (child == 0) {
-                die_with(parent); /* a fork clears the parent-death signal */
-                if (score >= 0) {
-                    if (own_score[0] != '\0')
-                        (void)!pwrite(score, own_score, strlen(own_score), 0);
-                    close(score);
-                }
-                close(control);
-                become_placed(&run, parent);
-            }
-            if (child < 0) {
-                char text[128];
-                snprintf(text, sizeof text, "could not start the command: %s", strerror(errno));
-                write_failure(run.status, "subprocess", 0, NULL, text);
-                child = 0;
-            }
+        } else if (child < 0) {
+            char text[128];
+            snprintf(text, sizeof text, "could not start the command: %s", strerror(errno));
+            write_failure(run.status, "subprocess", 0, NULL, text);
+            child = 0;
         }
+        char trailer[8] = {'p', 'i', 'd', ':'};
+        int32_t pid = (int32_t)child;
+        memcpy(trailer + 4, &pid, 4); /* little-endian: the only byte order this is built for */
+        (void)!write(run.status, trailer, sizeof trailer);
         free_run(&run);
-        say(MSG_PID, (int32_t)child, 0);
     }
 }
 

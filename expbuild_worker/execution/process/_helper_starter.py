@@ -11,18 +11,20 @@ import errno
 import fcntl
 import functools
 import logging
+import marshal
 import os
 import queue
 import resource
 import signal
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from expbuild_worker.errors import InternalError, UnavailableError
-from expbuild_worker.execution.process._spawner import SpawnRefused, SpawnRequest
+from expbuild_worker.execution.process._spawner import SpawnRefused, SpawnRequest, exec_error
 from expbuild_worker.execution.process._spawner_program import Placed, close_all, discard, forget_dead
 
 _log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ _Key = tuple[str, ...]
 """The ``cgroup.procs`` files a placed helper entered."""
 
 _RUN = 2
-_PID = 4
+_TRAILER = struct.Struct("=4si")
+"""What a resident helper appends to the exec status pipe: b"pid:" and the command's pid (0: none)."""
 _HEADER = struct.Struct("=Iiii")
 _PIECE = 65536
 
@@ -82,6 +85,7 @@ class HelperStarter:
         """Whether its helpers stay in their cgroups: each command is cloned by the helper with
         ``CLONE_PARENT`` (so it is still this process's child, born inside the cgroups, with no
         migration), and the helper waits for the next; ``forget`` ends it."""
+        self._starting: dict[_Key, Placed | None] = {}  # a start in flight -> the helper to end after it
         self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer
         self._placed: dict[_Key, Placed] = {}
         self._pending: dict[_Key, list[Callable[[], None]]] = {}  # being placed -> who waits for it
@@ -105,7 +109,8 @@ class HelperStarter:
         if self._closed:
             return
         with self._lock:
-            forget_dead(self._placed)
+            if not self.resident:  # a resident helper is reaped only when its cgroup is let go:
+                forget_dead(self._placed)  # its pid is spared by the cgroup's kill until then
             keys = [key for key in map(tuple, joins) if key not in self._placed and key not in self._pending]
             for key in keys:
                 self._pending[key] = []
@@ -132,7 +137,7 @@ class HelperStarter:
             if waiters is not None:
                 waiters.append(functools.partial(self.drop, key))
         if placed is not None:
-            discard(placed)
+            self._end(key, placed)
 
     def resident_pid(self, join: Sequence[str]) -> int | None:
         """The resident helper waiting in the cgroups of ``join`` (None when there is none, or
@@ -223,7 +228,23 @@ class HelperStarter:
         with self._lock:
             placed = self._placed.pop(key, None)
         if placed is not None:
-            discard(placed)
+            self._end(key, placed)
+
+    def _end(self, key: _Key, placed: Placed) -> None:
+        """End and reap a placed helper; a resident one starting a command is ended once that
+        start is over (killed in the middle, the command it cloned would be nobody's)."""
+        with self._lock:
+            if key in self._starting and self._starting[key] is None:
+                self._starting[key] = placed
+                return
+        discard(placed)
+
+    def _start_over(self, key: _Key) -> None:
+        """A resident helper's start in ``key`` is over: end the helper if that was asked meanwhile."""
+        with self._lock:
+            doomed = self._starting.pop(key, None)
+        if doomed is not None:
+            discard(doomed)
 
     def _answer(self, answer: asyncio.Future[_Spawned], key: _Key, command: SpawnRequest) -> None:
         if answer.done():
@@ -274,19 +295,20 @@ class HelperStarter:
     def _hand_resident(self, answer: asyncio.Future[_Spawned], key: _Key, command: SpawnRequest) -> None:
         """The command to the resident helper of ``key`` (a new one when none waits, or the one
         that did died). ``answer`` gets (pid, pidfd, exec status) once the command has exec'd,
-        or could not: its helper answers with the clone's pid before the exec status pipe can
-        read end-of-file (the helper's copy of the write end closes after that answer)."""
+        or could not; the pid comes last on the exec status pipe (see ``_ResidentStart``)."""
         for attempt in range(2):
             placed = self._helper_for(key, attempt, take=False)
             try:
-                status = _send_resident(placed, command)
+                status = _send_run(placed, command)
             except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
                 self.drop(key)
                 continue
             except BaseException:
                 self.drop(key)
                 raise
-            _ResidentStart(self, answer, key, placed, status).watch()
+            with self._lock:
+                self._starting[key] = None
+            _ResidentStart(answer, status, functools.partial(self._start_over, key)).watch()
             return
         raise InternalError("two helpers in a row died before they took the command")
 
@@ -325,11 +347,6 @@ def _send(placed: Placed, command: SpawnRequest) -> _Spawned:
     return placed.pid, pidfd, status_r
 
 
-def _send_resident(placed: Placed, command: SpawnRequest) -> int:
-    """The command to a resident helper, which clones it; the exec status pipe's read end."""
-    return _send_run(placed, command)
-
-
 def _send_run(placed: Placed, command: SpawnRequest) -> int:
     """A RUN header with the command's descriptors (and, last, the write end of its exec status
     pipe), then the body; the status pipe's read end."""
@@ -350,27 +367,20 @@ def _send_run(placed: Placed, command: SpawnRequest) -> int:
 
 
 class _ResidentStart:
-    """Waits, on the event loop, for a command handed to a resident helper to exec (its status
-    pipe at end-of-file) and answers with (pid, pidfd, exec status). The pid comes from the
-    helper's PID answer, already there by then. A failure to start is replayed on a fresh pipe
-    for ``started`` to report as it does for a placed helper; an answer given up meanwhile gets
-    its command killed and reaped instead."""
+    """Waits, on the event loop, for a command handed to a resident helper to exec, and answers
+    with (pid, pidfd, exec status). The helper resumes once its clone has exec'd or ended, then
+    appends the pid (``_TRAILER``) to the exec status pipe and closes its end: at end-of-file
+    the pipe holds the child's error, if any, then the trailer. A command that could not start
+    has its error replayed on a fresh pipe for ``started`` to report as a placed helper's; one
+    that was never cloned fails the answer with SpawnRefused (FAILED_TO_START); an answer given
+    up meanwhile gets its command killed and reaped instead. ``over`` is called at the end."""
 
-    __slots__ = ("_answer", "_data", "_key", "_placed", "_starter", "_status", "_watched")
+    __slots__ = ("_answer", "_data", "_over", "_status", "_watched")
 
-    def __init__(
-        self,
-        starter: HelperStarter,
-        answer: asyncio.Future[_Spawned],
-        key: _Key,
-        placed: Placed,
-        status: int,
-    ) -> None:
-        self._starter = starter
+    def __init__(self, answer: asyncio.Future[_Spawned], status: int, over: Callable[[], None]) -> None:
         self._answer = answer
-        self._key = key
-        self._placed = placed
         self._status = status
+        self._over = over
         self._data = bytearray()
         self._watched = False
 
@@ -387,59 +397,55 @@ class _ResidentStart:
                 self._data += chunk
         except BlockingIOError:
             return False
-        except OSError as err:
-            self._finish(InternalError(f"could not read a command's exec status: {err}"))
-            return True
-        self._finish(None)
-        return True
-
-    def _finish(self, error: Exception | None) -> None:
+        except OSError:
+            pass  # taken as the end: without a trailer it reads as a helper that ended
         if self._watched:  # before the close: a vfork child of this process (a helper being
             # started) may hold the pipe a moment longer, and epoll would then keep reporting it
-            # under the number the pidfd is about to get
+            # under the number a new descriptor gets
             asyncio.get_running_loop().remove_reader(self._status)
         os.close(self._status)
-        pid = 0
-        if error is None:
-            pid, error = _resident_answer(self._placed)
+        try:
+            self._answer_with(bytes(self._data))
+        finally:
+            self._over()
+        return True
+
+    def _answer_with(self, data: bytes) -> None:
+        mark, pid = _TRAILER.unpack(data[-_TRAILER.size :]) if len(data) >= _TRAILER.size else (b"", 0)
+        error: Exception | None = None
+        if mark != b"pid:":  # the helper ended before its answer (killed, or out of memory)
+            error = SpawnRefused(
+                subprocess.SubprocessError(
+                    "the helper that starts commands in the action's cgroup ended before it started "
+                    "the command (killed, or out of memory under the action's limit)"
+                )
+            )
+        elif pid <= 0:  # nothing was cloned: the error says why
+            error = SpawnRefused(_unmarshal_error(data[: -_TRAILER.size]))
         if error is not None:
-            self._starter.drop(self._key)
-        pidfd = -1
-        if pid > 0:
-            try:
-                pidfd = os.pidfd_open(pid)  # an unreaped child of ours: its pid cannot be reused
-            except OSError as err:  # out of descriptors: the command cannot be watched, so it ends
-                error = InternalError(f"could not watch process {pid}: {err.strerror}")
-                _kill_and_reap(pid, None)  # an unreaped child of ours: its pid is still its own
-                pid = 0
+            if not self._answer.done():
+                self._answer.set_exception(error)
+            return
+        try:
+            pidfd = os.pidfd_open(pid)  # an unreaped child of ours: its pid cannot be reused
+        except OSError as err:  # out of descriptors: the command cannot be watched, so it ends
+            _kill_and_reap(pid, None)
+            if not self._answer.done():
+                self._answer.set_exception(InternalError(f"could not watch process {pid}: {err.strerror}"))
+            return
         if self._answer.done():  # given up meanwhile: nobody will run this command
-            if pidfd >= 0:
-                _kill_and_reap(pid, pidfd)
+            _kill_and_reap(pid, pidfd)
             return
-        if error is not None:
-            self._answer.set_exception(error)
-            return
-        replay: int | None = None
-        if self._data:  # it could not start: the error, as a placed helper's status pipe has it
-            replay = _replay(bytes(self._data))
-        self._answer.set_result((pid, pidfd, replay))
+        failure = data[: -_TRAILER.size]  # the command could not start: why, for ``started``
+        self._answer.set_result((pid, pidfd, _replay(failure) if failure else None))
 
 
-def _resident_answer(placed: Placed) -> tuple[int, Exception | None]:
-    """The resident helper's PID answer: (pid, None), pid 0 when no command was started (the
-    status pipe says why), or (0, the error) when the helper is gone."""
+def _unmarshal_error(data: bytes) -> BaseException:
+    """The error a helper wrote as a marshal'd (kind, errno, filename, text) tuple."""
     try:
-        data = placed.sock.recv(_HEADER.size, socket.MSG_DONTWAIT)
-    except OSError as err:
-        return 0, InternalError(
-            f"the resident helper {placed.pid} ended before it started the command: {err}"
-        )
-    if len(data) != _HEADER.size:
-        return 0, InternalError(f"the resident helper {placed.pid} ended before it started the command")
-    kind, pid, _, _ = _HEADER.unpack(data)
-    if kind != _PID or pid < 0:
-        return 0, InternalError(f"the resident helper {placed.pid} sent an unexpected answer ({kind}, {pid})")
-    return pid, None
+        return exec_error(marshal.loads(data))
+    except (ValueError, EOFError, TypeError):
+        return subprocess.SubprocessError(f"the native helper sent an unreadable error ({len(data)} bytes)")
 
 
 def _replay(data: bytes) -> int:

@@ -234,6 +234,9 @@ async def _launch(command: SpawnRequest, pipes: CommandPipes, starter: Starter) 
             answer.cancel()
         answer.add_done_callback(functools.partial(_abandon_spawned, starter))  # killed and reaped
         raise
+    if pid <= 0 or pidfd < 0:  # a signal to it, or a reap of it, would reach other processes
+        close_all([fd for fd in (pidfd, status) if fd is not None and fd >= 0])
+        raise InternalError(f"the starter answered process {pid} (pidfd {pidfd}) for {command.argv[0]!r}")
     reap_async = None if starter.reaps_here else functools.partial(starter.reap_async, pid)
     return pipes.child(pid, pidfd, functools.partial(starter.reap, pid), status, reap_async)
 
@@ -393,12 +396,16 @@ def _abandon(child: Child) -> None:
     descriptors, and reap it in the background once it has ended (never blocking the loop).
 
     The signal goes through the pidfd: a placed child may not have its own process group yet;
-    its group too, for what an exec'd command may have started already."""
+    its group too, for what an exec'd command may have started already. Never a pid below 1
+    (``killpg(0)`` would be this worker's own group) or without a pidfd."""
+    close_all([fd for fd in (child.stdout_fd, child.stderr_fd, child.stdin_fd) if fd is not None])
+    if child.pid <= 0 or child.pidfd < 0:  # never so (``_launch`` refuses it); a signal would hit us
+        _log.error("not killing process %d (pidfd %d): not a started command", child.pid, child.pidfd)
+        return
     with contextlib.suppress(OSError):
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(child.pid, signal.SIGKILL)
-    close_all([fd for fd in (child.stdout_fd, child.stderr_fd, child.stdin_fd) if fd is not None])
     task = asyncio.get_running_loop().create_task(_reap_when_ended(child))
     _ABANDONED.add(task)
     task.add_done_callback(_ABANDONED.discard)
