@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expbuild_worker.errors import InternalError, PreconditionError
+from expbuild_worker.execution.proc_stat import STATE, stat_fields
 from expbuild_worker.model import ResourceUsage
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -190,6 +191,10 @@ class ActionCgroup:
         if members != {self.resident}:
             others = sorted(members - {self.resident})
             return f"it holds processes {others}, not only its helper {self.resident}"
+        fields = stat_fields(self.resident)
+        if fields is None or len(fields) <= STATE or fields[STATE] not in (b"S", b"R"):
+            state = fields[STATE].decode() if fields is not None and len(fields) > STATE else "gone"
+            return f"its helper {self.resident} is not waiting for a command (state {state})"
         held = _read_int(f"{self._memory}/memory.usage_in_bytes")
         if held is None or held > RESIDUE_BYTES:
             return f"{held} bytes are still charged to it (at most {RESIDUE_BYTES} for reuse)"

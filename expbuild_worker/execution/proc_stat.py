@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-PARENT, START_TIME = 1, 19
-"""Indexes into ``stat_fields``: proc(5)'s fields 4 (ppid) and 22 (starttime)."""
+STATE, PARENT, START_TIME = 0, 1, 19
+"""Indexes into ``stat_fields``: proc(5)'s fields 3 (state), 4 (ppid) and 22 (starttime)."""
 
 
 def stat_fields(pid: int) -> list[bytes] | None:

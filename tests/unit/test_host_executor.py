@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import is_worker_helper, placed_children, wait_gone, wait_until
+from _support import is_worker_helper, placed_children, wait_gone
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
 from expbuild_worker.execution.cgroups import RESIDUE_BYTES, ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.proc_stat import PARENT, stat_fields
+from expbuild_worker.execution.proc_stat import PARENT, STATE, stat_fields
 from expbuild_worker.execution.process import SPARE_CGROUPS, SPARE_CGROUPS_LOW
 from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _runner as process_runner
@@ -1565,13 +1565,23 @@ def test_concurrent_actions_never_share_a_cgroup(tmp_path: Path) -> None:
 
 def _zombie_children() -> set[int]:
     """This process's children that ended and were never reaped."""
-    found = set()
+    found: set[int] = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = stat_fields(int(entry))
-            if fields is not None and int(fields[PARENT]) == os.getpid() and fields[2] == b"Z":
+            if fields is not None and int(fields[PARENT]) == os.getpid() and fields[STATE] == b"Z":
                 found.add(int(entry))
     return found
+
+
+async def no_zombie_children(before: set[int], seconds: float = 5.0) -> set[int]:
+    """Until this process has no unreaped child but those ``before`` (the executor's clean-ups
+    run on its loop): the others still there after ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if not _zombie_children() - before:
+            break
+        await asyncio.sleep(0.02)
+    return _zombie_children() - before
 
 
 @needs_reuse
@@ -1612,7 +1622,8 @@ def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
 
     monkeypatch.setattr(helper_starter_module._ResidentStart, "watch", watch_then_give_up)
 
-    async def scenario() -> tuple[bool, Result]:
+    async def scenario() -> tuple[bool, Result, set[int]]:
+        before = _zombie_children()  # earlier tests' (whose loops ended before their reaps)
         executor = make_executor()
         await executor.start()
         cancelled = False
@@ -1621,12 +1632,12 @@ def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
         except asyncio.CancelledError:
             cancelled = True
         after = await execute(sh(tmp_path, "echo fine"), executor=executor)
-        return cancelled, after
+        return cancelled, after, await no_zombie_children(before)
 
-    cancelled, after = run(scenario())
+    cancelled, after, unreaped = run(scenario())
     assert given_up and cancelled
     assert after.stdout == b"fine\n"
-    assert wait_until(lambda: not _zombie_children(), 5), _zombie_children()
+    assert not unreaped
 
 
 @needs_root
@@ -1640,7 +1651,8 @@ def test_a_resident_helper_killed_during_an_action_is_replaced_and_its_cgroup_le
     marker = public_dir / "cgroup"
     script = f"{OWN_CGROUP} > {marker}; sleep 0.5; echo done"
 
-    async def scenario() -> tuple[Result, str, Result]:
+    async def scenario() -> tuple[Result, str, Result, set[int]]:
+        before = _zombie_children()  # earlier tests' (whose loops ended before their reaps)
         executor = make_executor(run_as=NOBODY)
         await executor.start()
         task = asyncio.ensure_future(execute(sh(public_dir, script), executor=executor))
@@ -1652,12 +1664,12 @@ def test_a_resident_helper_killed_during_an_action_is_replaced_and_its_cgroup_le
                 os.kill(pid, signal.SIGKILL)
         first = await task
         second = await execute(sh(public_dir, OWN_CGROUP), executor=executor)
-        return first, own, second
+        return first, own, second, await no_zombie_children(before)
 
-    first, own, second = run(scenario())
+    first, own, second, unreaped = run(scenario())
     assert first.stdout == b"done\n" and first.outcome.exit_code == 0, first
     assert second.stdout.decode().strip() != own and second.outcome.exit_code == 0, second
-    assert wait_until(lambda: not _zombie_children(), 5), _zombie_children()
+    assert not unreaped, "the dead helper is reaped once its cgroup is let go"
 
 
 @needs_reuse

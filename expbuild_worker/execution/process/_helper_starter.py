@@ -33,6 +33,10 @@ SEND_TIMEOUT_SECONDS = 10.0
 """How long handing a command to a placed helper may take before the helper is taken for hung
 (it reads as fast as the kernel hands it the body; only a stopped helper takes longer)."""
 
+START_END_SECONDS = 10.0
+"""How long a resident helper asked to end while it starts a command is given to finish that
+start (so the command it cloned is owned) before it is ended anyway."""
+
 PLACER_STOP_SECONDS = 10.0
 """How long ``close`` waits for the placer to finish the helper it is starting."""
 
@@ -234,10 +238,14 @@ class HelperStarter:
         """End and reap a placed helper; a resident one starting a command is ended once that
         start is over (killed in the middle, the command it cloned would be nobody's)."""
         with self._lock:
-            if key in self._starting and self._starting[key] is None:
+            deferred = key in self._starting and self._starting[key] is None
+            if deferred:
                 self._starting[key] = placed
-                return
-        discard(placed)
+        if not deferred:
+            discard(placed)
+            return
+        with contextlib.suppress(RuntimeError):  # a start that never ends (a stopped helper) is cut
+            asyncio.get_running_loop().call_later(START_END_SECONDS, self._start_over, key)
 
     def _start_over(self, key: _Key) -> None:
         """A resident helper's start in ``key`` is over: end the helper if that was asked meanwhile."""

@@ -600,6 +600,8 @@ class ProcessRunner:
         leaf = self._spare_cgroups.popleft()
         placed = leaf.token in self._placed
         self._placed.discard(leaf.token)
+        if self._reuse:  # spared from any kill from now on: it must outlive a start given up
+            leaf.resident = self._starter.resident_pid(leaf.procs) or 0
         try:
             cgroups.set_limits(leaf, memory_bytes=memory_bytes, max_processes=max_processes)
         except InternalError:

@@ -406,6 +406,11 @@ def _abandon(child: Child) -> None:
         signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.killpg(child.pid, signal.SIGKILL)
+    if child.reap_async is None:  # one that failed to start has usually ended already
+        with contextlib.suppress(ChildProcessError):
+            if child.reap() is not None:
+                os.close(child.pidfd)
+                return
     task = asyncio.get_running_loop().create_task(_reap_when_ended(child))
     _ABANDONED.add(task)
     task.add_done_callback(_ABANDONED.discard)
