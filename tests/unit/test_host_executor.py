@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import is_worker_helper, placed_children, wait_gone
+from _support import is_worker_helper, placed_children, wait_gone, wait_until
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
@@ -1604,39 +1604,68 @@ def test_a_command_the_resident_helper_cannot_clone_fails_to_start(tmp_path: Pat
     assert fine.stdout == b"fine\n"
 
 
+def _children() -> set[int]:
+    """This process's children, whatever their state."""
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and int(fields[PARENT]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
 @needs_reuse
+@pytest.mark.parametrize("how", ["cancelled", "executor-closed"])
 def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """A start cancelled after the command went to the resident helper, before its exec was
-    confirmed: the command (once cloned) is killed and reaped, the helper that was asked to end
-    meanwhile ends only after it, and nothing is left unreaped."""
+    """A start given up once the command went to its resident helper (its consumer cancelled, or
+    the executor closed): the command is killed and reaped, the helper ends only after that
+    start is over, and nothing is left unreaped. Whether the exec was confirmed by then is the
+    machine's timing; each action tries both moments (at once, and once the clone exists)."""
     real_watch = helper_starter_module._ResidentStart.watch
-    given_up = []
+    moments: list[str] = []
+    executors: list[HostExecutor] = []
+    closing: list[asyncio.Future[None]] = []
 
     def watch_then_give_up(self: Any) -> None:
+        before = _children()
         real_watch(self)
-        if not given_up:
-            given_up.append(True)
+        if len(moments) >= 2 or (how == "executor-closed" and moments):
+            return
+        if len(moments) == 1:  # the second action: once the clone exists
+            wait_until(lambda: _children() - before, 2, interval=0.001)
+        moments.append("pending" if not self._answer.done() else "confirmed")
+        if how == "cancelled":
             self._answer.cancel()  # as a consumer that went away at this very moment
+        else:
+            closing.append(asyncio.ensure_future(executors[0].close()))
 
     monkeypatch.setattr(helper_starter_module._ResidentStart, "watch", watch_then_give_up)
 
-    async def scenario() -> tuple[bool, Result, set[int]]:
+    async def scenario() -> tuple[list[str], set[int]]:
         before = _zombie_children()  # earlier tests' (whose loops ended before their reaps)
-        executor = make_executor()
-        await executor.start()
-        cancelled = False
-        try:
-            await execute(sh(tmp_path, "echo never"), executor=executor)
-        except asyncio.CancelledError:
-            cancelled = True
-        after = await execute(sh(tmp_path, "echo fine"), executor=executor)
-        return cancelled, after, await no_zombie_children(before)
+        executors.append(make_executor())
+        await executors[0].start()
+        ends = []
+        for _ in range(2 if how == "cancelled" else 1):
+            try:
+                result = await execute(sh(tmp_path, "sleep 0.2; echo never"), executor=executors[0])
+                ends.append(f"{result.outcome.status.value}: {result.outcome.message}")
+            except (asyncio.CancelledError, UnavailableError) as err:
+                ends.append(type(err).__name__)
+        if closing:
+            await closing[0]
+        return ends, await no_zombie_children(before)
 
-    cancelled, after, unreaped = run(scenario())
-    assert given_up and cancelled
-    assert after.stdout == b"fine\n"
+    ends, unreaped = run(scenario())
+    assert moments, "a start was given up"
+    for moment, end in zip(moments, ends, strict=True):
+        if moment == "pending" and how == "cancelled":
+            assert end == "CancelledError", (moment, end)
+        elif how == "executor-closed":
+            assert end.startswith("cancelled:") or end == "UnavailableError", (moment, end)
     assert not unreaped
 
 

@@ -675,6 +675,7 @@ static int resident_main(int argc, char **argv) {
     const char *placing_path = NULL;
     if (take_place(argc, argv, &parent, &placing_path) != 0)
         _exit(1); /* the worker finds no helper there, and starts the command another way */
+    prctl(PR_SET_DUMPABLE, 0); /* a command of the same user can neither trace nor read it */
     signal(SIGPIPE, SIG_IGN);
     char own_score[16] = {0};
     int score = open("/proc/self/oom_score_adj", O_RDWR | O_CLOEXEC);

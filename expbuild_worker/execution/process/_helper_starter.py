@@ -15,11 +15,13 @@ import marshal
 import os
 import queue
 import resource
+import select
 import signal
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +34,9 @@ _log = logging.getLogger(__name__)
 SEND_TIMEOUT_SECONDS = 10.0
 """How long handing a command to a placed helper may take before the helper is taken for hung
 (it reads as fast as the kernel hands it the body; only a stopped helper takes longer)."""
+
+FINISH_SECONDS = 2.0
+"""How long ``close`` waits for a resident helper's start in flight to be over."""
 
 START_END_SECONDS = 10.0
 """How long a resident helper asked to end while it starts a command is given to finish that
@@ -90,6 +95,7 @@ class HelperStarter:
         ``CLONE_PARENT`` (so it is still this process's child, born inside the cgroups, with no
         migration), and the helper waits for the next; ``forget`` ends it."""
         self._starting: dict[_Key, Placed | None] = {}  # a start in flight -> the helper to end after it
+        self._in_flight: dict[_Key, _ResidentStart] = {}  # on the event loop's thread only
         self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer
         self._placed: dict[_Key, Placed] = {}
         self._pending: dict[_Key, list[Callable[[], None]]] = {}  # being placed -> who waits for it
@@ -144,10 +150,13 @@ class HelperStarter:
             self._end(key, placed)
 
     def resident_pid(self, join: Sequence[str]) -> int | None:
-        """The resident helper waiting in the cgroups of ``join`` (None when there is none, or
-        it is not resident); safe from any thread."""
+        """The resident helper in the cgroups of ``join``: waiting there, or kept alive until
+        the start it is making is over (None when there is none, or it is not resident); safe
+        from any thread. A cgroup's kill must spare it: killed mid-start, it would leave the
+        command it cloned unowned."""
+        key = tuple(join)
         with self._lock:
-            placed = self._placed.get(tuple(join)) if self.resident else None
+            placed = (self._placed.get(key) or self._starting.get(key)) if self.resident else None
         return placed.pid if placed is not None else None
 
     def spawn(self, command: SpawnRequest) -> asyncio.Future[_Spawned]:
@@ -186,6 +195,8 @@ class HelperStarter:
         The placer's thread ends here, and with it (their parent-death signal) every command
         that runs in a helper it placed: the runner has stopped its runs before."""
         self._closed = True
+        for start in list(self._in_flight.values()):  # their commands are owned (killed) first
+            start.finish(FINISH_SECONDS)
         placer, self._placer = self._placer, None
         if placer is not None:
             self._requests.put(None)
@@ -249,6 +260,7 @@ class HelperStarter:
 
     def _start_over(self, key: _Key) -> None:
         """A resident helper's start in ``key`` is over: end the helper if that was asked meanwhile."""
+        self._in_flight.pop(key, None)
         with self._lock:
             doomed = self._starting.pop(key, None)
         if doomed is not None:
@@ -311,12 +323,17 @@ class HelperStarter:
             except (BrokenPipeError, ConnectionError):  # it died while it waited: start another
                 self.drop(key)
                 continue
+            except OSError as err:
+                self.drop(key)
+                raise InternalError(f"could not hand the command to its resident helper: {err!r}") from err
             except BaseException:
                 self.drop(key)
                 raise
             with self._lock:
                 self._starting[key] = None
-            _ResidentStart(answer, status, functools.partial(self._start_over, key)).watch()
+            start = _ResidentStart(answer, status, functools.partial(self._start_over, key))
+            self._in_flight[key] = start
+            start.watch()
             return
         raise InternalError("two helpers in a row died before they took the command")
 
@@ -398,6 +415,18 @@ class _ResidentStart:
             asyncio.get_running_loop().add_reader(self._status, self._read)
             self._watched = True
 
+    def finish(self, timeout: float) -> None:
+        """Wait (blocking, at most ``timeout`` seconds) for the end of the pipe and answer, as
+        ``close`` must before it ends the helpers."""
+        if self._status < 0:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._read():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._status], [], [], remaining)[0]:
+                self._conclude()  # without a trailer it reads as a helper that ended
+                return
+
     def _read(self) -> bool:
         """Read what the status pipe has; True once it is at end-of-file and answered."""
         try:
@@ -407,16 +436,25 @@ class _ResidentStart:
             return False
         except OSError:
             pass  # taken as the end: without a trailer it reads as a helper that ended
+        self._conclude()
+        return True
+
+    def _conclude(self) -> None:
         if self._watched:  # before the close: a vfork child of this process (a helper being
             # started) may hold the pipe a moment longer, and epoll would then keep reporting it
             # under the number a new descriptor gets
-            asyncio.get_running_loop().remove_reader(self._status)
+            with contextlib.suppress(RuntimeError):  # close() after the loop has ended
+                asyncio.get_running_loop().remove_reader(self._status)
+            self._watched = False
         os.close(self._status)
+        self._status = -1
         try:
             self._answer_with(bytes(self._data))
+        except Exception as err:  # out of descriptors or threads: never leave the answer pending
+            if not self._answer.done():
+                self._answer.set_exception(InternalError(f"could not take over a started command: {err!r}"))
         finally:
             self._over()
-        return True
 
     def _answer_with(self, data: bytes) -> None:
         mark, pid = _TRAILER.unpack(data[-_TRAILER.size :]) if len(data) >= _TRAILER.size else (b"", 0)
@@ -430,6 +468,10 @@ class _ResidentStart:
             )
         elif pid <= 0:  # nothing was cloned: the error says why
             error = SpawnRefused(_unmarshal_error(data[: -_TRAILER.size]))
+        elif not _is_our_child(pid):  # a trailer that is not the helper's: never touch that process
+            error = InternalError(
+                f"the resident helper named process {pid}, which is not this worker's child"
+            )
         if error is not None:
             if not self._answer.done():
                 self._answer.set_exception(error)
@@ -445,7 +487,21 @@ class _ResidentStart:
             _kill_and_reap(pid, pidfd)
             return
         failure = data[: -_TRAILER.size]  # the command could not start: why, for ``started``
-        self._answer.set_result((pid, pidfd, _replay(failure) if failure else None))
+        try:
+            replay = _replay(failure) if failure else None
+        except BaseException:
+            _kill_and_reap(pid, pidfd)
+            raise
+        self._answer.set_result((pid, pidfd, replay))
+
+
+def _is_our_child(pid: int) -> bool:
+    """Whether ``pid`` is an unreaped child of this process (running or ended), without reaping it."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def _unmarshal_error(data: bytes) -> BaseException:

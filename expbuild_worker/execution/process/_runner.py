@@ -478,6 +478,11 @@ class ProcessRunner:
         forget_stop: Callable[[], None] | None = None
         try:
             run.start()
+            if self.closed:  # close() came while the command was being started: it ends it too
+                run.abort(
+                    ExecutionStatus.CANCELLED,
+                    f"{self._kind} executor {self._name!r} closed while the command started",
+                )
             # Acted on in a callback, so a consumer that is slow to pull events cannot delay the kill.
             forget_stop = stop.on_request(run.request_stop)
             yield Started(at=run.started_at)
@@ -694,7 +699,7 @@ class ProcessRunner:
                 return
             await asyncio.sleep(delay)
             for token, leaf in list(self._leftovers.items()):
-                leaf.kill()
+                self._kill_leftover(leaf)
                 if _remove_quietly(leaf):
                     self._forget_leftover(token)
         for leaf in self._leftovers.values():
@@ -744,6 +749,13 @@ class ProcessRunner:
         else:
             self._dispose(leaf)  # still busy: kill what is left, retry later
 
+    def _kill_leftover(self, leaf: ActionCgroup) -> None:
+        """SIGKILL what is in a cgroup being let go, sparing only a helper still alive there (one
+        that ends once the start it is making is over): never a pid it had before."""
+        if self._reuse:
+            leaf.resident = self._starter.resident_pid(leaf.procs) or 0
+        leaf.kill()
+
     def _dispose(self, leaf: ActionCgroup | None, attempt: int = 0) -> None:
         """Remove an action's cgroup now, or (while SIGKILLed processes are still exiting) a little later."""
         if leaf is None:
@@ -753,7 +765,7 @@ class ProcessRunner:
         if _remove_quietly(leaf):
             self._forget_leftover(leaf.token)
             return
-        leaf.kill()
+        self._kill_leftover(leaf)
         self._leftovers[leaf.token] = leaf
         if attempt < len(_REMOVE_DELAYS):
             with contextlib.suppress(RuntimeError):  # no running loop: close() or the next start removes it
