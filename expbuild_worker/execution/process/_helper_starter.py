@@ -94,8 +94,7 @@ class HelperStarter:
         """Whether its helpers stay in their cgroups: each command is cloned by the helper with
         ``CLONE_PARENT`` (so it is still this process's child, born inside the cgroups, with no
         migration), and the helper waits for the next; ``forget`` ends it."""
-        self._starting: dict[_Key, Placed | None] = {}  # a start in flight -> the helper to end after it
-        self._in_flight: dict[_Key, _ResidentStart] = {}  # on the event loop's thread only
+        self._starts: dict[_Key, _ResidentStart] = {}  # a resident helper's start in flight
         self._lock = threading.Lock()  # guards _placed and _pending, shared with the placer
         self._placed: dict[_Key, Placed] = {}
         self._pending: dict[_Key, list[Callable[[], None]]] = {}  # being placed -> who waits for it
@@ -156,7 +155,8 @@ class HelperStarter:
         command it cloned unowned."""
         key = tuple(join)
         with self._lock:
-            placed = (self._placed.get(key) or self._starting.get(key)) if self.resident else None
+            start = self._starts.get(key)
+            placed = (self._placed.get(key) or (start.doomed if start else None)) if self.resident else None
         return placed.pid if placed is not None else None
 
     def spawn(self, command: SpawnRequest) -> asyncio.Future[_Spawned]:
@@ -195,7 +195,9 @@ class HelperStarter:
         The placer's thread ends here, and with it (their parent-death signal) every command
         that runs in a helper it placed: the runner has stopped its runs before."""
         self._closed = True
-        for start in list(self._in_flight.values()):  # their commands are owned (killed) first
+        with self._lock:
+            starts = list(self._starts.values())
+        for start in starts:  # their commands are owned (killed) first
             start.finish(FINISH_SECONDS)
         placer, self._placer = self._placer, None
         if placer is not None:
@@ -249,20 +251,23 @@ class HelperStarter:
         """End and reap a placed helper; a resident one starting a command is ended once that
         start is over (killed in the middle, the command it cloned would be nobody's)."""
         with self._lock:
-            deferred = key in self._starting and self._starting[key] is None
-            if deferred:
-                self._starting[key] = placed
-        if not deferred:
+            start = self._starts.get(key)
+            deferred = start is not None and start.doomed is None
+            if start is not None and deferred:
+                start.doomed = placed
+        if start is None or not deferred:
             discard(placed)
             return
         with contextlib.suppress(RuntimeError):  # a start that never ends (a stopped helper) is cut
-            asyncio.get_running_loop().call_later(START_END_SECONDS, self._start_over, key)
+            asyncio.get_running_loop().call_later(START_END_SECONDS, self._start_over, key, start)
 
-    def _start_over(self, key: _Key) -> None:
-        """A resident helper's start in ``key`` is over: end the helper if that was asked meanwhile."""
-        self._in_flight.pop(key, None)
+    def _start_over(self, key: _Key, start: _ResidentStart) -> None:
+        """A resident helper's start in ``key`` is over (or cut short): end the helper if that
+        was asked meanwhile. Idempotent; a later start in the same cgroup is not touched."""
         with self._lock:
-            doomed = self._starting.pop(key, None)
+            if self._starts.get(key) is start:
+                del self._starts[key]
+            doomed, start.doomed = start.doomed, None
         if doomed is not None:
             discard(doomed)
 
@@ -329,10 +334,9 @@ class HelperStarter:
             except BaseException:
                 self.drop(key)
                 raise
-            with self._lock:
-                self._starting[key] = None
             start = _ResidentStart(answer, status, functools.partial(self._start_over, key))
-            self._in_flight[key] = start
+            with self._lock:
+                self._starts[key] = start
             start.watch()
             return
         raise InternalError("two helpers in a row died before they took the command")
@@ -400,12 +404,16 @@ class _ResidentStart:
     that was never cloned fails the answer with SpawnRefused (FAILED_TO_START); an answer given
     up meanwhile gets its command killed and reaped instead. ``over`` is called at the end."""
 
-    __slots__ = ("_answer", "_data", "_over", "_status", "_watched")
+    __slots__ = ("_answer", "_data", "_over", "_status", "_watched", "doomed")
 
-    def __init__(self, answer: asyncio.Future[_Spawned], status: int, over: Callable[[], None]) -> None:
+    def __init__(
+        self, answer: asyncio.Future[_Spawned], status: int, over: Callable[[_ResidentStart], None]
+    ) -> None:
         self._answer = answer
         self._status = status
         self._over = over
+        self.doomed: Placed | None = None
+        """Its helper, once asked to end: ended when this start is over."""
         self._data = bytearray()
         self._watched = False
 
@@ -454,7 +462,7 @@ class _ResidentStart:
             if not self._answer.done():
                 self._answer.set_exception(InternalError(f"could not take over a started command: {err!r}"))
         finally:
-            self._over()
+            self._over(self)
 
     def _answer_with(self, data: bytes) -> None:
         mark, pid = _TRAILER.unpack(data[-_TRAILER.size :]) if len(data) >= _TRAILER.size else (b"", 0)

@@ -183,7 +183,7 @@ class ProcessRunner:
         process of the action is gone, so concurrent actions cannot signal each other or enter
         each other's directories. ``reuse_cgroups`` (cgroup v1 with the native helper) keeps
         each action cgroup, with a resident helper in it, for a later action once it is proven
-        clean (see ``_recycle``) instead of removing it."""
+        clean (see ``ActionCgroups.recycle``) instead of removing it."""
         if kill_grace_seconds <= 0:
             raise ConfigError(
                 f"executor {name!r}: kill_grace_seconds must be positive, got {kill_grace_seconds}"
@@ -317,7 +317,7 @@ class ProcessRunner:
                 for leaf in cg.stale(owner_alive):  # a previous run's: kill what runs there, remove
                     leaf.kill()
                     self._dispose(leaf)
-        if not self._reuse and self._starter.resident and isinstance(self._starter, HelperStarter):
+        if not self._reuse:
             self._starter.resident = False  # no cgroup to stay in between commands
         self._activated = True
         self._check_default_limits(processes=True)
@@ -456,8 +456,8 @@ class ProcessRunner:
                 cwd=launch.cwd,
                 working_directory=command.working_directory,
             )
-            if leaf is not None and self._reuse:  # never killed or counted as the action's
-                leaf.resident = self._starter.resident_pid(leaf.procs) or 0
+            if leaf is not None:  # its helper (maybe a new one) is never killed or counted as the action's
+                self._note_resident(leaf)
         except SpawnFailure as failure:
             self._dispose(leaf)
             self._give_back(user, leaf)
@@ -605,8 +605,6 @@ class ProcessRunner:
         leaf = self._spare_cgroups.popleft()
         placed = leaf.token in self._placed
         self._placed.discard(leaf.token)
-        if self._reuse:  # spared from any kill from now on: it must outlive a start given up
-            leaf.resident = self._starter.resident_pid(leaf.procs) or 0
         try:
             cgroups.set_limits(leaf, memory_bytes=memory_bytes, max_processes=max_processes)
         except InternalError:
@@ -706,9 +704,10 @@ class ProcessRunner:
             _log.warning("cgroup %s of executor %r is still busy", leaf.dirs[0], self._name)
 
     def _retire(self, leaf: ActionCgroup | None, user: tuple[int, int] | None) -> None:
-        """At an action's end: remove its cgroup on a thread, then free its uid. On cgroup v1 an
-        rmdir of three directories costs 0.1-1 ms of kernel time under load, which would stall
-        the event loop; until it is done the cgroup counts as a leftover (its uid stays held)."""
+        """At an action's end: on a thread, check its cgroup for reuse (with a resident helper) or
+        remove it, then free its uid. On cgroup v1 an rmdir of three directories costs 0.1-1 ms of
+        kernel time under load, which would stall the event loop; until it is done the cgroup
+        counts as a leftover (its uid stays held)."""
         if leaf is None:
             self._give_back(user, None)
             return
@@ -749,11 +748,16 @@ class ProcessRunner:
         else:
             self._dispose(leaf)  # still busy: kill what is left, retry later
 
-    def _kill_leftover(self, leaf: ActionCgroup) -> None:
-        """SIGKILL what is in a cgroup being let go, sparing only a helper still alive there (one
-        that ends once the start it is making is over): never a pid it had before."""
+    def _note_resident(self, leaf: ActionCgroup) -> None:
+        """Note which helper lives in ``leaf`` now, for its kill and checks to spare: the one
+        waiting there, or one kept until the start it is making is over; never a pid a helper
+        had before."""
         if self._reuse:
             leaf.resident = self._starter.resident_pid(leaf.procs) or 0
+
+    def _kill_leftover(self, leaf: ActionCgroup) -> None:
+        """SIGKILL what is in a cgroup being let go, sparing only a helper still alive there."""
+        self._note_resident(leaf)
         leaf.kill()
 
     def _dispose(self, leaf: ActionCgroup | None, attempt: int = 0) -> None:
