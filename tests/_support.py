@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from expbuild_worker.api.v1 import worker_pb2 as pb
 from expbuild_worker.api.v1 import worker_pb2_grpc as pb_grpc
 from expbuild_worker.engine._workdirs import SPARE_DIRECTORIES
-from expbuild_worker.execution.proc_stat import PARENT, stat_fields
+from expbuild_worker.execution.proc_stat import PARENT, STATE, stat_fields
 from expbuild_worker.execution.process._spawner import PROGRAM as SPAWNER_PROGRAM
 
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
@@ -115,16 +115,21 @@ def is_worker_helper(pid: int) -> bool:
     )
 
 
-def placed_children(parent: int) -> set[int]:
-    """``parent``'s children that wait for a command: native helpers placed ahead of need (the
-    worker's own children), or forks of the spawner (the spawner's)."""
-    found = set()
+def children(parent: int) -> dict[int, bytes]:
+    """``parent``'s children, each with its state (/proc/PID/stat: b"Z" for one never reaped)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = stat_fields(int(entry))
-            if fields is not None and int(fields[PARENT]) == parent and is_worker_helper(int(entry)):
-                found.add(int(entry))
+            if fields is not None and int(fields[PARENT]) == parent:
+                found[int(entry)] = fields[STATE]
     return found
+
+
+def placed_children(parent: int) -> set[int]:
+    """``parent``'s children that wait for a command: native helpers placed ahead of need (the
+    worker's own children), or forks of the spawner (the spawner's)."""
+    return {pid for pid in children(parent) if is_worker_helper(pid)}
 
 
 def wait_until(predicate: Callable[[], Any], seconds: float, interval: float = 0.05) -> bool:

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _support import is_worker_helper, placed_children, wait_gone, wait_until
+from _support import children, is_worker_helper, placed_children, wait_gone, wait_until
 
 from expbuild_worker.config import CgroupMode
 from expbuild_worker.errors import ConfigError, PreconditionError, UnavailableError
 from expbuild_worker.execution.cgroups import RESIDUE_BYTES, ActionCgroups, parse_mountinfo, read_mountinfo
 from expbuild_worker.execution.executor import Command, StopSignal
 from expbuild_worker.execution.host import HostExecutor
-from expbuild_worker.execution.proc_stat import PARENT, STATE, stat_fields
 from expbuild_worker.execution.process import SPARE_CGROUPS, SPARE_CGROUPS_LOW
 from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _runner as process_runner
@@ -1565,13 +1564,7 @@ def test_concurrent_actions_never_share_a_cgroup(tmp_path: Path) -> None:
 
 def _zombie_children() -> set[int]:
     """This process's children that ended and were never reaped."""
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields is not None and int(fields[PARENT]) == os.getpid() and fields[STATE] == b"Z":
-                found.add(int(entry))
-    return found
+    return {pid for pid, state in children(os.getpid()).items() if state == b"Z"}
 
 
 async def no_zombie_children(before: set[int], seconds: float = 5.0) -> set[int]:
@@ -1604,17 +1597,6 @@ def test_a_command_the_resident_helper_cannot_clone_fails_to_start(tmp_path: Pat
     assert fine.stdout == b"fine\n"
 
 
-def _children() -> set[int]:
-    """This process's children, whatever their state."""
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields is not None and int(fields[PARENT]) == os.getpid():
-                found.add(int(entry))
-    return found
-
-
 @needs_reuse
 @pytest.mark.parametrize("how", ["cancelled", "executor-closed"])
 def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
@@ -1630,12 +1612,12 @@ def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
     closing: list[asyncio.Future[None]] = []
 
     def watch_then_give_up(self: Any) -> None:
-        before = _children()
+        before = set(children(os.getpid()))
         real_watch(self)
         if len(moments) >= 2 or (how == "executor-closed" and moments):
             return
         if len(moments) == 1:  # the second action: once the clone exists
-            wait_until(lambda: _children() - before, 2, interval=0.001)
+            wait_until(lambda: set(children(os.getpid())) - before, 2, interval=0.001)
         moments.append("pending" if not self._answer.done() else "confirmed")
         if how == "cancelled":
             self._answer.cancel()  # as a consumer that went away at this very moment
@@ -1649,23 +1631,27 @@ def test_a_start_given_up_during_the_hand_over_leaves_no_process_behind(
         executors.append(make_executor())
         await executors[0].start()
         ends = []
-        for _ in range(2 if how == "cancelled" else 1):
+        for n in range(2 if how == "cancelled" else 1):
             try:
-                result = await execute(sh(tmp_path, "sleep 0.2; echo never"), executor=executors[0])
+                result = await execute(sh(tmp_path, f"sleep 0.2; touch ran-{n}"), executor=executors[0])
                 ends.append(f"{result.outcome.status.value}: {result.outcome.message}")
             except (asyncio.CancelledError, UnavailableError) as err:
                 ends.append(type(err).__name__)
         if closing:
             await closing[0]
+        await asyncio.sleep(0.5)  # a command left running would have written its file by now
         return ends, await no_zombie_children(before)
 
     ends, unreaped = run(scenario())
     assert moments, "a start was given up"
-    for moment, end in zip(moments, ends, strict=True):
-        if moment == "pending" and how == "cancelled":
-            assert end == "CancelledError", (moment, end)
-        elif how == "executor-closed":
-            assert end.startswith("cancelled:") or end == "UnavailableError", (moment, end)
+    for n, (moment, end) in enumerate(zip(moments, ends, strict=True)):
+        ran = (tmp_path / f"ran-{n}").exists()
+        if how == "executor-closed":
+            assert (end.startswith("cancelled:") or end == "UnavailableError") and not ran, (moment, end, ran)
+        elif moment == "pending":
+            assert end == "CancelledError" and not ran, (moment, end, ran)
+        else:  # its exec was confirmed before the cancel: nothing was given up, it ran
+            assert end == "completed: " and ran, (moment, end, ran)
     assert not unreaped
 
 
@@ -1680,7 +1666,7 @@ def test_a_resident_helper_killed_during_an_action_is_replaced_and_its_cgroup_le
     marker = public_dir / "cgroup"
     script = f"{OWN_CGROUP} > {marker}; sleep 0.5; echo done"
 
-    async def scenario() -> tuple[Result, str, Result, set[int]]:
+    async def scenario() -> tuple[Result, str, int, bool, Result, set[int]]:
         before = _zombie_children()  # earlier tests' (whose loops ended before their reaps)
         executor = make_executor(run_as=NOBODY)
         await executor.start()
@@ -1688,15 +1674,18 @@ def test_a_resident_helper_killed_during_an_action_is_replaced_and_its_cgroup_le
         await until_exists(marker)
         own = marker.read_text().strip()
         members = {int(pid) for pid in (memory_root() / own.lstrip("/") / "cgroup.procs").read_text().split()}
-        for pid in members:
-            if is_worker_helper(pid):
-                os.kill(pid, signal.SIGKILL)
+        helpers = [pid for pid in members if is_worker_helper(pid)]
+        for pid in helpers:
+            os.kill(pid, signal.SIGKILL)
         first = await task
+        gone = await asyncio.to_thread(cgroup_gone_within, memory_root() / own.lstrip("/"))
         second = await execute(sh(public_dir, OWN_CGROUP), executor=executor)
-        return first, own, second, await no_zombie_children(before)
+        return first, own, len(helpers), gone, second, await no_zombie_children(before)
 
-    first, own, second, unreaped = run(scenario())
+    first, own, killed, gone, second, unreaped = run(scenario())
+    assert killed == 1, "its one resident helper was killed"
     assert first.stdout == b"done\n" and first.outcome.exit_code == 0, first
+    assert gone, "the cgroup was let go, not reused"
     assert second.stdout.decode().strip() != own and second.outcome.exit_code == 0, second
     assert not unreaped, "the dead helper is reaped once its cgroup is let go"
 
@@ -1710,8 +1699,14 @@ def test_commands_in_a_reused_cgroup_keep_the_worker_s_oom_score(tmp_path: Path)
     async def scenario() -> list[Result]:
         executor = make_executor()
         await executor.start()
-        return [
-            await execute(sh(tmp_path, "cat /proc/self/oom_score_adj"), executor=executor) for _ in range(3)
-        ]
+        results = []
+        for _ in range(3):
+            results.append(
+                await execute(sh(tmp_path, f"{OWN_CGROUP}; cat /proc/self/oom_score_adj"), executor=executor)
+            )
+            await back_in_line(executor, results[-1].stdout.decode().split()[0])
+        return results
 
-    assert [r.stdout.decode().strip() for r in run(scenario())] == [own] * 3
+    lines = [r.stdout.decode().split() for r in run(scenario())]
+    assert len({cgroup for cgroup, _ in lines}) == 1, "one cgroup, one helper, for all three"
+    assert [score for _, score in lines] == [own] * 3

@@ -19,7 +19,7 @@ from _support import placed_children, wait_until
 
 from expbuild_worker.errors import UnavailableError
 from expbuild_worker.execution.agent import bundled_agent, usable_agent
-from expbuild_worker.execution.proc_stat import PARENT, stat_fields
+from expbuild_worker.execution.proc_stat import PARENT, STATE, stat_fields
 from expbuild_worker.execution.process import _helper_starter as helper_starter_module
 from expbuild_worker.execution.process import _spawner as spawner_module
 from expbuild_worker.execution.process._helper_starter import HelperStarter
@@ -163,7 +163,7 @@ def test_a_missing_program_is_named_and_its_child_reaped(starter: Starter, tmp_p
 
 def _state(pid: str) -> str:
     fields = stat_fields(int(pid))
-    return fields[0].decode() if fields else ""
+    return fields[STATE].decode() if fields else ""
 
 
 def _parent_of(pid: str) -> int:
